@@ -1,0 +1,145 @@
+"""The training hot path: uint8 batches by index, augmentation and normalisation on the device.
+
+Kept apart from ``data.py`` (which decodes and caches) because everything here runs every
+step: no PIL, no per-sample Python. Batches are ``(images_uint8, labels, indices)``; the
+sample indices travel with the batch so that augmentation can be derived from them and
+so that tests can record exactly which samples a run has seen.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class IndexedImages(Dataset):
+    """A uint8 image tensor served a whole batch at a time through ``__getitems__``.
+
+    The DataLoader hands ``__getitems__`` the list of indices of one batch, so a batch costs
+    one tensor gather instead of ``batch_size`` Python calls and a collate.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 images of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        dev = idx.to(self.images.device, non_blocking=True)
+        return self.images[dev], self.labels[dev], dev
+
+
+def keep_batch(batch: Batch) -> Batch:
+    """collate_fn: ``__getitems__`` already returns a collated batch (module level so workers can pickle it)."""
+    return batch
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start part-way through.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, never on the number of processes,
+    and is cut to a whole number of global batches, so that Accelerate's batch sharding hands
+    every process a full batch and the global step ``s`` always covers samples
+    ``[s * global_batch, (s + 1) * global_batch)`` of the permutation. Resuming at step ``s``
+    is then ``set_position(epoch, s * global_batch)``: the same samples, none skipped or repeated
+    (Accelerate's ``skip_first_batches`` over a RandomSampler would replay a different order).
+    """
+
+    def __init__(self, num_samples: int, seed: int, global_batch: int = 1, shuffle: bool = True) -> None:
+        if num_samples < global_batch:
+            raise ValueError(f"the training set has {num_samples} images, fewer than one global batch of "
+                             f"{global_batch}: lower --batch-size or --gradient-accumulation-steps, or use more data")
+        self.num_samples, self.seed, self.global_batch, self.shuffle = num_samples, seed, global_batch, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Accelerate's DataLoader wrapper too; starting a new epoch starts at its beginning."""
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.global_batch - self.start
+
+    def __iter__(self) -> Iterator[int]:
+        end = self.steps_per_epoch * self.global_batch
+        yield from self.order(self.epoch)[self.start:end].tolist()
+
+
+def train_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, global_batch: int, seed: int,
+                 num_workers: int = 0, pin_memory: bool = False) -> tuple[DataLoader, EpochSampler]:
+    """A DataLoader of per-process uint8 batches and its sampler (to set the epoch and position)."""
+    sampler = EpochSampler(len(images), seed, global_batch)
+    loader = DataLoader(IndexedImages(images, labels), batch_size=batch_size, sampler=sampler, drop_last=True,
+                        collate_fn=keep_batch, num_workers=num_workers, pin_memory=pin_memory,
+                        persistent_workers=num_workers > 0)
+    return loader, sampler
+
+
+def eval_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> DataLoader:
+    """Every test image once, in order; ``gather_for_metrics`` drops the padding of the last batch."""
+    return DataLoader(IndexedImages(images, labels), batch_size=batch_size, shuffle=False, collate_fn=keep_batch)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 64-bit integer hash (splitmix64's finaliser) on int64 tensors, on any device.
+    Written by hand because torch has no counter-based RNG keyed by sample."""
+    x = x ^ (x >> 31)
+    x = x * 0x7FB5D329728EA185
+    x = x ^ (x >> 27)
+    x = x * -0x7E25210B43D22E0B  # 0x81DADEF4BC2DD44D as a signed int64
+    return x ^ (x >> 33)
+
+
+def augment(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int, pad: int = 4,
+            flip: bool = True) -> torch.Tensor:
+    """Random crop with zero padding ``pad`` and horizontal flip, for a whole uint8 batch at once.
+
+    The random draws are a hash of (seed, epoch, sample index), not of a generator's state, so a
+    sample gets the same crop in a run of 1 process or 8, and a resumed run replays it exactly.
+    """
+    n, c, h, w = images.shape
+    key = _mix(indices.long() + _mix(torch.tensor(seed * 65_537 + epoch, device=indices.device)))
+    span = 2 * pad + 1
+    dy = key.remainder(span)
+    dx = (key >> 16).remainder(span)
+    flipped = ((key >> 32) & 1).bool() if flip else torch.zeros_like(key, dtype=torch.bool)
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    ar_h = torch.arange(h, device=images.device)
+    ar_w = torch.arange(w, device=images.device)
+    rows = dy[:, None] + ar_h                                               # (N, H)
+    cols = dx[:, None] + torch.where(flipped[:, None], w - 1 - ar_w, ar_w)  # (N, W)
+    b = torch.arange(n, device=images.device)[:, None, None, None]
+    ch = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[b, ch, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def normalize(images: torch.Tensor, mean: float, std: float, channels_last: bool = False) -> torch.Tensor:
+    """uint8 -> float in ((x / 255) - mean) / std, the guide's ToTensor + Normalize in one op."""
+    x = images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,0 +1,298 @@
+"""Every knob of a training run: one dataclass, one validation, one command line.
+
+Each field's docstring is its ``--help`` text. Options come from defaults, then an
+optional YAML file (``--config FILE``), then the command line, each overriding the last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import math
+import os
+import textwrap
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from distvgg.models import MODEL_NAMES
+
+REPORT_TO = ("wandb", "tensorboard", "all", "none")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "none")
+COMM_HOOKS = ("none", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """One or more invalid options; the message lists every problem."""
+
+
+@dataclass
+class TrainConfig:
+    # --- data
+    dataset: str = "uoft-cs/cifar10"
+    """Hub dataset name, or a local directory: Hub-layout parquet files, a save_to_disk folder, an image folder
+    (train/<class>/*.png) or torchvision's cifar-10-batches-py."""
+    image_column: Optional[str] = None
+    """Column holding the images (default: the first Image feature)."""
+    label_column: Optional[str] = None
+    """Column holding the labels (default: the first ClassLabel feature)."""
+    cache_dir: Optional[str] = None
+    """Where decoded uint8 tensors are cached (default: $DISTVGG_CACHE or ~/.cache/distvgg)."""
+    train_limit: Optional[int] = None
+    """Train on a seeded, class-balanced subset of this many images (smoke runs)."""
+    eval_limit: Optional[int] = None
+    """Evaluate on a seeded, class-balanced subset of this many test images."""
+    skip_bad_images: bool = False
+    """Drop images that fail to decode (counted and reported) instead of stopping with an error."""
+    augment: bool = True
+    """Random crop (pad 4) and horizontal flip, done on the training device."""
+    mean: float = 0.5
+    """Normalisation mean, for every channel (the guide's 0.5)."""
+    std: float = 0.5
+    """Normalisation standard deviation, for every channel (the guide's 0.5)."""
+    num_workers: int = 0
+    """DataLoader worker processes (batches are sliced from an in-memory tensor, so 0 is usually fastest)."""
+    data_on_device: str = "auto"
+    """Keep the whole uint8 dataset on the training device: auto (on CUDA), yes or no."""
+    # --- model
+    model: str = "vgg3layer"
+    """Network: vgg3layer (the guide's), vgg11, vgg13, vgg16 or vgg19 (all with BatchNorm)."""
+    width: float = 1.0
+    """Multiplier on every layer's width; small values train tiny networks fast (tests)."""
+    dropout: float = 0.5
+    """Dropout probability in the classifier (the guide's nn.Dropout() default)."""
+    channels_last: bool = False
+    """Run convolutions in channels_last memory format."""
+    sync_bn: bool = False
+    """Convert BatchNorm to SyncBatchNorm for multi-GPU runs (CUDA only)."""
+    compile: bool = False
+    """torch.compile the model (compile time is reported apart)."""
+    # --- optimisation
+    epochs: int = 10
+    """Passes over the training set."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides epochs when reached first)."""
+    batch_size: int = 64
+    """Images per process per micro-batch (the guide's 64)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; global batch = batch_size x processes x this."""
+    eval_batch_size: int = 500
+    """Images per process per evaluation batch."""
+    optimizer: str = "sgd"
+    """sgd (with momentum, as in the guide) or adamw."""
+    lr: float = 0.01
+    """Peak learning rate (the guide's 0.01)."""
+    momentum: float = 0.9
+    """SGD momentum (the guide's 0.9)."""
+    nesterov: bool = False
+    """Nesterov momentum for SGD."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    schedule: str = "cosine"
+    """Learning-rate schedule over the run's optimizer steps: cosine, onecycle or none."""
+    warmup_steps: int = 0
+    """Linear warm-up steps before the cosine decay."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss."""
+    max_grad_norm: Optional[float] = None
+    """Clip the gradient norm to this value."""
+    # --- run
+    seed: int = 0
+    """Seed for weights, data order, augmentation and dropout."""
+    output_dir: str = "runs/distvgg"
+    """Where metrics.jsonl, config.yaml, checkpoints and final/ go."""
+    mixed_precision: Optional[str] = None
+    """no, fp16 or bf16 (default: the accelerate config's)."""
+    log_every: int = 100
+    """Print and log the training loss every this many optimizer steps (the guide's 100)."""
+    report_to: str = "wandb"
+    """Trackers: wandb, tensorboard, all or none (metrics.jsonl is always written)."""
+    wandb_project: str = "distvgg"
+    """W&B project."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (team or user)."""
+    wandb_name: Optional[str] = None
+    """W&B run name."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    ddp_timeout: int = 300
+    """Seconds a collective may wait before the job fails (a dead process ends the job, not hangs it)."""
+    ddp_comm_hook: str = "none"
+    """DDP gradient compression: none, fp16 or bf16."""
+
+    def problems(self) -> list[str]:
+        """Every invalid option, one message each."""
+        problems: list[str] = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                problems.append(msg)
+
+        def choice(name: str, options: Sequence[str]) -> None:
+            need(getattr(self, name) in options,
+                 f"--{_flag(name)} must be one of {', '.join(options)}, got {getattr(self, name)!r}")
+
+        choice("model", MODEL_NAMES)
+        choice("optimizer", OPTIMIZERS)
+        choice("schedule", SCHEDULES)
+        choice("report_to", REPORT_TO)
+        choice("ddp_comm_hook", COMM_HOOKS)
+        choice("data_on_device", ("auto", "yes", "no"))
+        if self.mixed_precision is not None:
+            choice("mixed_precision", MIXED_PRECISION)
+        for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every",
+                     "ddp_timeout"):
+            need(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "train_limit", "eval_limit"):
+            v = getattr(self, name)
+            need(v is None or v >= 1, f"--{_flag(name)} must be at least 1, got {v}")
+        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
+        need(self.width > 0, f"--width must be positive, got {self.width}")
+        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        need(self.std > 0, f"--std must be positive, got {self.std}")
+        need(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"--max-grad-norm must be positive, got {self.max_grad_norm}")
+        need(bool(self.output_dir), "--output-dir must not be empty")
+        return problems
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every invalid option at once."""
+        _raise_if(self.problems())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """Each field's attribute docstring (the string literal right after it), for --help."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+    return docs
+
+
+def _base_type(f: dataclasses.Field) -> str:
+    """'int', 'float', 'str', 'bool' or 'list' from the (string) annotation."""
+    t = str(f.type).replace("Optional[", "").rstrip("]")
+    return "list" if t.startswith("list") else t
+
+
+def _parse_value(kind: str, text: str) -> Any:
+    if text.lower() in ("none", "null") and kind != "str":
+        return None
+    return {"int": int, "float": float}.get(kind, str)(text)
+
+
+def build_parser(cls: type = TrainConfig, prog: str = "distvgg.train") -> argparse.ArgumentParser:
+    """An argparse parser with one option per field. Defaults are suppressed so that only what
+    the user typed overrides the YAML file."""
+    parser = argparse.ArgumentParser(prog=prog, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE", help="YAML file of options; the command line overrides it")
+    docs = field_docs(cls)
+    defaults = cls()
+    for f in fields(cls):
+        kind, default = _base_type(f), getattr(defaults, f.name)
+        help_text = f"{docs.get(f.name, '')} (default: {default!r})"
+        if kind == "bool":
+            parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind == "list":
+            parser.add_argument(f"--{_flag(f.name)}", nargs="*", metavar="TAG", help=help_text)
+        else:
+            parser.add_argument(f"--{_flag(f.name)}", type=lambda s, k=kind: _parse_value(k, s),
+                                metavar=f.name.upper(), help=help_text)
+    return parser
+
+
+def load_yaml(path: str | os.PathLike, cls: type = TrainConfig) -> dict[str, Any]:
+    """Options from a YAML mapping; keys may use - or _. Unknown keys are an error."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {p}: expected a mapping of option: value, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"--config {p}: unknown option(s) {', '.join(unknown)}; "
+                          f"see `python -m distvgg.train --help` for the valid names")
+    return data
+
+
+def _coerce(cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Type-check YAML values against the fields; collect problems rather than stop at the first."""
+    kinds = {f.name: _base_type(f) for f in fields(cls)}
+    out, problems = {}, []
+    for name, v in values.items():
+        kind = kinds[name]
+        try:
+            if v is None or kind == "str":
+                out[name] = v if v is None else str(v)
+            elif kind == "bool":
+                if not isinstance(v, bool):
+                    raise TypeError
+                out[name] = v
+            elif kind == "list":
+                out[name] = [str(x) for x in (v if isinstance(v, list) else [v])]
+            elif kind == "int":
+                if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                    raise TypeError
+                out[name] = int(v)
+            else:
+                out[name] = float(v)
+        except (TypeError, ValueError):
+            problems.append(f"{name}: expected {kind}, got {v!r}")
+    return out, problems
+
+
+def parse_config(argv: Sequence[str] | None = None, cls: type = TrainConfig,
+                 prog: str = "distvgg.train") -> TrainConfig:
+    """Defaults < YAML file < command line, then validate."""
+    args = vars(build_parser(cls, prog).parse_args(argv))
+    values: dict[str, Any] = {}
+    config_file = args.pop("config", None)
+    if config_file:
+        values.update(load_yaml(config_file, cls))
+    values.update(args)
+    values, problems = _coerce(cls, values)
+    cfg = cls(**values)
+    _raise_if(problems + cfg.problems())
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+    """The resolved config as YAML (loadable again with --config once ``extra`` is dropped)."""
+    import yaml
+
+    data = cfg.to_dict()
+    text = yaml.safe_dump(data, sort_keys=False)
+    if extra:
+        text += "# run facts (not options):\n" + textwrap.indent(yaml.safe_dump(extra, sort_keys=False), "# ")
+    Path(path).write_text(text)
