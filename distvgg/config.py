@@ -24,6 +24,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "none")
 COMM_HOOKS = ("none", "fp16", "bf16")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,8 @@ class TrainConfig:
     """Convert BatchNorm to SyncBatchNorm for multi-GPU runs (CUDA only)."""
     compile: bool = False
     """torch.compile the model (compile time is reported apart)."""
+    tf32: bool = True
+    """Allow TF32 matmuls and convolutions on CUDA GPUs that have them (no effect on the CPU)."""
     # --- optimisation
     epochs: int = 10
     """Passes over the training set."""
@@ -90,6 +93,9 @@ class TrainConfig:
     """SGD momentum (the guide's 0.9)."""
     nesterov: bool = False
     """Nesterov momentum for SGD."""
+    optimizer_impl: str = "auto"
+    """Optimizer kernels: fused (one kernel for all parameters), foreach, loop (one parameter at a time) or
+    auto (fused: measured fastest on CPU and CUDA)."""
     weight_decay: float = 0.0
     """Weight decay."""
     schedule: str = "cosine"
@@ -98,9 +104,14 @@ class TrainConfig:
     """Linear warm-up steps before the cosine decay."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss."""
+    tta: bool = False
+    """Flip test-time augmentation: evaluate on the mean logits of each test image and its mirror image."""
     max_grad_norm: Optional[float] = None
     """Clip the gradient norm to this value."""
     # --- run
+    recipe: Optional[str] = None
+    """A named recipe shipped with distvgg (fast: the GPU time-to-accuracy recipe) or a YAML file; its options
+    apply first, then --config, then the command line."""
     seed: int = 0
     """Seed for weights, data order, augmentation and dropout."""
     output_dir: str = "runs/distvgg"
@@ -119,10 +130,22 @@ class TrainConfig:
     """W&B run name."""
     wandb_tags: list[str] = field(default_factory=list)
     """W&B tags."""
+    wandb_log_model: bool = False
+    """Upload final/ (weights and model.json) as a W&B model artifact of the run."""
     ddp_timeout: int = 300
     """Seconds a collective may wait before the job fails (a dead process ends the job, not hangs it)."""
     ddp_comm_hook: str = "none"
     """DDP gradient compression: none, fp16 or bf16."""
+    # --- checkpoints (see distvgg/checkpoint.py and the README's "Checkpoints and resume")
+    checkpoint_every: str = "epoch"
+    """Write a checkpoint to OUTPUT_DIR/checkpoints every N optimizer steps, after every epoch (epoch), or
+    never (none; a stop signal still writes one)."""
+    keep_last: int = 3
+    """Keep this many of the newest checkpoints; older ones are deleted once a newer one is complete."""
+    resume: str = "auto"
+    """auto: continue from the latest good checkpoint in --output-dir, or start fresh when there is none; PATH:
+    continue from that checkpoint folder; none: start over (the earlier run's outputs are moved aside, not
+    deleted)."""
 
     def problems(self) -> list[str]:
         """Every invalid option, one message each."""
@@ -142,6 +165,7 @@ class TrainConfig:
         choice("report_to", REPORT_TO)
         choice("ddp_comm_hook", COMM_HOOKS)
         choice("data_on_device", ("auto", "yes", "no"))
+        choice("optimizer_impl", OPTIMIZER_IMPLS)
         if self.mixed_precision is not None:
             choice("mixed_precision", MIXED_PRECISION)
         for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every",
@@ -162,6 +186,11 @@ class TrainConfig:
         need(self.max_grad_norm is None or self.max_grad_norm > 0,
              f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         need(bool(self.output_dir), "--output-dir must not be empty")
+        need(str(self.checkpoint_every).strip().lower() in ("epoch", "none") or
+             (str(self.checkpoint_every).strip().isdigit() and int(self.checkpoint_every) > 0),
+             f"--checkpoint-every must be epoch, none or a positive number of steps, got {self.checkpoint_every!r}")
+        need(self.keep_last >= 1, f"--keep-last must be at least 1, got {self.keep_last}")
+        need(bool(self.resume), "--resume must be auto, none or a checkpoint folder")
         return problems
 
     def validate(self) -> None:
@@ -224,25 +253,50 @@ def build_parser(cls: type = TrainConfig, prog: str = "distvgg.train") -> argpar
     return parser
 
 
-def load_yaml(path: str | os.PathLike, cls: type = TrainConfig) -> dict[str, Any]:
+def load_yaml(path: str | os.PathLike, cls: type = TrainConfig, flag: str = "--config") -> dict[str, Any]:
     """Options from a YAML mapping; keys may use - or _. Unknown keys are an error."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--config: no such file {p}")
+        raise ConfigError(f"{flag}: no such file {p}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config {p}: not valid YAML: {e}") from e
+        raise ConfigError(f"{flag} {p}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {p}: expected a mapping of option: value, got {type(data).__name__}")
+        raise ConfigError(f"{flag} {p}: expected a mapping of option: value, got {type(data).__name__}")
     names = {f.name for f in fields(cls)}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"--config {p}: unknown option(s) {', '.join(unknown)}; "
+        raise ConfigError(f"{flag} {p}: unknown option(s) {', '.join(unknown)}; "
                           f"see `python -m distvgg.train --help` for the valid names")
+    return data
+
+
+def recipe_names() -> list[str]:
+    """The recipes shipped in distvgg/recipes/ (``--recipe NAME``)."""
+    from importlib import resources
+
+    folder = resources.files("distvgg") / "recipes"
+    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml")) if folder.is_dir() else []
+
+
+def load_recipe(name: str, cls: type = TrainConfig) -> dict[str, Any]:
+    """The options of a shipped recipe (by name) or of a YAML file (by path)."""
+    from importlib import resources
+
+    shipped = resources.files("distvgg") / "recipes" / f"{name}.yaml"
+    if shipped.is_file():
+        with resources.as_file(shipped) as path:
+            data = load_yaml(path, cls, flag=f"--recipe {name}")
+    elif Path(name).is_file():
+        data = load_yaml(name, cls, flag="--recipe")
+    else:
+        raise ConfigError(f"--recipe: no recipe named {name!r} and no such file; "
+                          f"shipped recipes: {', '.join(recipe_names()) or 'none'}")
+    data.pop("recipe", None)  # a recipe names itself at most; it does not chain to another
     return data
 
 
@@ -274,12 +328,16 @@ def _coerce(cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], list[str
 
 def parse_config(argv: Sequence[str] | None = None, cls: type = TrainConfig,
                  prog: str = "distvgg.train") -> TrainConfig:
-    """Defaults < YAML file < command line, then validate."""
+    """Defaults < recipe < YAML file < command line, then validate."""
     args = vars(build_parser(cls, prog).parse_args(argv))
     values: dict[str, Any] = {}
     config_file = args.pop("config", None)
-    if config_file:
-        values.update(load_yaml(config_file, cls))
+    file_values = load_yaml(config_file, cls) if config_file else {}
+    recipe = args.get("recipe", file_values.get("recipe"))
+    if recipe:
+        values.update(load_recipe(str(recipe), cls))
+        values["recipe"] = str(recipe)
+    values.update(file_values)
     values.update(args)
     values, problems = _coerce(cls, values)
     cfg = cls(**values)

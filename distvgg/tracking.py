@@ -1,50 +1,144 @@
 """Where a run's numbers go: metrics.jsonl (always), and Accelerate's trackers (W&B, TensorBoard).
 
 Only the main process writes. ``metrics.jsonl`` is the local source of truth: every value
-sent to a tracker is written there too, with the same step.
+sent to a tracker is written there too, with the same step (the global optimizer step).
+Rich W&B objects (confusion-matrix chart, image grid, model artifact) are built from values
+that are also in ``metrics.jsonl`` (the confusion counts) or are pictures of the model's
+predictions, so nothing W&B shows is missing from the local record.
+
+W&B is imported only when a tracker that needs it is used.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import platform
+import secrets
+import string
 import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
 METRICS_FILE = "metrics.jsonl"
+# The W&B run id of the training run in OUTPUT_DIR: a restarted or requeued job reads it back, so it
+# continues the same W&B run even before its first checkpoint exists.
+WANDB_RUN_ID_FILE = "wandb_run_id"
+TENSORBOARD_DIR = "tensorboard"
+GRID_IMAGES = 32
+
+
+class TrackingError(RuntimeError):
+    """A tracker cannot be used as configured (e.g. W&B credentials in an invalid format)."""
 
 
 def trackers_for(report_to: str) -> list[str]:
-    """Accelerate ``log_with`` names for ``--report-to``."""
-    return {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["wandb", "tensorboard"], "none": []}[report_to]
+    """Accelerate ``log_with`` names for ``--report-to``. W&B comes last: Accelerate starts trackers in
+    this order, so if W&B fails to start online, the others are already running and only W&B is retried."""
+    return {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["tensorboard", "wandb"], "none": []}[report_to]
+
+
+# --------------------------------------------------------------------------------------------- W&B mode
+
+
+def _netrc_has_host(host_url: str) -> bool:
+    """Fallback credential check, for wandb versions without ``wandb.sdk.lib.wbauth``."""
+    from urllib.parse import urlsplit
+
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        text = netrc.read_text()
+    except OSError:
+        return False
+    return (urlsplit(host_url).hostname or host_url) in text
 
 
 def wandb_has_credentials() -> bool:
-    """An API key in the environment or a netrc entry for the W&B host (what ``wandb login`` writes)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    """Whether ``wandb.init`` would find credentials without prompting: an API key or identity token in
+    the environment, a netrc entry for the W&B host (what ``wandb login`` writes) or W&B's settings file.
+
+    Asks wandb itself (``authenticate_session(prompt=False)``), so the host (``WANDB_BASE_URL``) and the
+    sources are exactly the ones ``wandb.init`` uses. Raises TrackingError for a key of invalid format.
+    """
+    import wandb
+
     try:
-        return "api.wandb.ai" in netrc.read_text() or bool(os.environ.get("WANDB_BASE_URL") and
-                                                          os.environ["WANDB_BASE_URL"] in netrc.read_text())
-    except OSError:
-        return False
+        from wandb.sdk.lib import wbauth
+    except ImportError:  # another wandb layout: check the usual places ourselves
+        return bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
+                    or _netrc_has_host(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")))
+    settings = wandb.setup().settings
+    try:
+        auth = wbauth.authenticate_session(host=settings.base_url, source="distvgg", prompt=False,
+                                           update_session=False)
+    except wandb.errors.AuthenticationError as e:
+        raise TrackingError(f"W&B credentials are not valid: {str(e).rstrip('.')}. Fix WANDB_API_KEY (or run "
+                            f"`wandb login`), or set WANDB_MODE=offline to track locally.") from None
+    return auth is not None
 
 
 def choose_wandb_mode() -> str:
-    """Go offline on our own when there are no credentials, so a batch job never waits at a login prompt.
-    An explicit WANDB_MODE is respected."""
+    """The W&B mode for this run: ``WANDB_MODE`` when set (online, offline, disabled), else online with
+    credentials and offline without, so that a batch job never waits at a login prompt."""
     mode = os.environ.get("WANDB_MODE")
     if mode:
         return mode
-    mode = "online" if wandb_has_credentials() else "offline"
-    os.environ["WANDB_MODE"] = mode
-    return mode
+    return "online" if wandb_has_credentials() else "offline"
+
+
+# ------------------------------------------------------------------------------------------- W&B run id
+
+
+def read_run_id(output_dir: str | os.PathLike) -> str | None:
+    try:
+        return (Path(output_dir) / WANDB_RUN_ID_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def new_run_id() -> str:
+    """A new id in W&B's format (8 characters of [a-z0-9]). wandb 0.31 no longer exports
+    ``wandb.util.generate_id``; its replacement is private, and this is one line."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def resolve_run_id(output_dir: str | os.PathLike, restored: str | None = None, fresh: bool = False) -> str:
+    """The W&B run id of this training run, written to ``OUTPUT_DIR/wandb_run_id``.
+
+    Order: the id restored from a checkpoint (the training state it belongs to), ``WANDB_RUN_ID``,
+    the id already in OUTPUT_DIR (a restart before the first checkpoint), else a new one. ``fresh``
+    (``--resume none``: start the training over) ignores the stored id and makes a new W&B run.
+    """
+    run_id = restored or os.environ.get("WANDB_RUN_ID") or (None if fresh else read_run_id(output_dir))
+    run_id = run_id or new_run_id()
+    path = Path(output_dir) / WANDB_RUN_ID_FILE
+    if read_run_id(output_dir) != run_id:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, path)  # atomic: a crash leaves the old id or the new one, never half a line
+    return run_id
+
+
+def wandb_init_kwargs(cfg: Any, run_id: str, mode: str | None) -> dict[str, Any]:
+    """``wandb.init`` arguments (Accelerate passes the project). ``resume="allow"`` continues the run
+    with this id when it exists on the server and creates it otherwise."""
+    kwargs: dict[str, Any] = {"dir": os.environ.get("WANDB_DIR", cfg.output_dir), "id": run_id, "resume": "allow"}
+    if mode and not os.environ.get("WANDB_MODE"):
+        kwargs["mode"] = mode
+    for key in ("entity", "name", "tags"):
+        value = getattr(cfg, f"wandb_{key}")
+        if value:
+            kwargs[key] = list(value) if key == "tags" else value
+    return kwargs
+
+
+# --------------------------------------------------------------------------------------------- run facts
 
 
 def git_commit(path: str | os.PathLike) -> str | None:
@@ -86,6 +180,101 @@ def run_facts(accelerator: Any) -> dict[str, Any]:
     }
 
 
+def tensorboard_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """TensorBoard's ``add_hparams`` takes only int, float, str and bool: lists and None become text."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+
+
+# --------------------------------------------------------------------------------------- starting up
+
+
+@dataclass
+class Tracking:
+    """What the trackers of this run are, for logging and for the closing message."""
+
+    accelerator: Any
+    names: list[str]
+    wandb_mode: str | None = None
+    wandb_run_id: str | None = None
+    wandb_root: Path | None = None  # the folder holding wandb/<run dirs>
+    messages: list[str] = field(default_factory=list)
+
+    def wandb_run(self) -> Any | None:
+        """The live ``wandb.Run`` on the main process, else None."""
+        if "wandb" not in self.names or not self.accelerator.is_main_process or self.wandb_mode == "disabled":
+            return None
+        return self.accelerator.get_tracker("wandb", unwrap=True)
+
+    def offline_dirs(self) -> list[str]:
+        """Every offline run folder of this W&B run id: a resumed run writes one per attempt, and
+        ``wandb sync`` uploads them in order of start time into the one run."""
+        if self.wandb_root is None or self.wandb_run_id is None:
+            return []
+        return sorted(glob.glob(str(self.wandb_root / f"offline-run-*-{self.wandb_run_id}")))
+
+    def report(self) -> None:
+        """After the trackers closed: where the offline run is and the command that uploads it."""
+        if not self.accelerator.is_main_process or "wandb" not in self.names:
+            return
+        for message in self.messages:
+            print(message, flush=True)
+        if self.wandb_mode == "offline" and self.offline_dirs():
+            dirs = " ".join(self.offline_dirs())
+            print(f"W&B run {self.wandb_run_id} is saved offline in {dirs}\n"
+                  f"upload it with:  wandb sync {dirs}", flush=True)
+
+
+def start_trackers(accelerator: Any, cfg: Any, config: dict[str, Any], restored_run_id: str | None = None,
+                   fresh: bool = False) -> Tracking:
+    """``accelerator.init_trackers`` with the W&B mode and run id chosen here (main process only: only it
+    creates tracker runs), the config stored in each tracker in the form it accepts, and an offline
+    fallback when W&B cannot start online (server unreachable after ``WANDB_INIT_TIMEOUT`` seconds,
+    credentials refused): tracking problems never cost a training run."""
+    names = trackers_for(cfg.report_to)
+    tracking = Tracking(accelerator, names)
+    if not names:
+        return tracking
+    # TensorBoard writes to logging_dir/<project>: keep its files in one folder of OUTPUT_DIR.
+    accelerator.project_configuration.logging_dir = str(Path(cfg.output_dir) / TENSORBOARD_DIR)
+    init_kwargs: dict[str, Any] = {}
+    if "wandb" in names and accelerator.is_main_process:
+        tracking.wandb_mode = choose_wandb_mode()
+        tracking.wandb_run_id = resolve_run_id(cfg.output_dir, restored_run_id, fresh)
+        init_kwargs["wandb"] = wandb_init_kwargs(cfg, tracking.wandb_run_id, tracking.wandb_mode)
+        if tracking.wandb_mode == "offline" and not os.environ.get("WANDB_MODE"):
+            tracking.messages.append("W&B: no credentials found (WANDB_API_KEY, `wandb login`): logged offline")
+    try:
+        accelerator.init_trackers(cfg.wandb_project, config=None, init_kwargs=init_kwargs)
+    except Exception as e:  # noqa: BLE001 - only W&B errors are handled; anything else is re-raised
+        _restart_wandb_offline(accelerator, tracking, e)
+    for tracker in accelerator.trackers if accelerator.is_main_process else []:
+        tracker.store_init_configuration(tensorboard_hparams(config) if tracker.name == "tensorboard" else config)
+    run = tracking.wandb_run()
+    if run is not None:
+        tracking.wandb_root = Path(run.settings.sync_dir).parent
+        tracking.wandb_mode = "offline" if run.settings._offline else "online"
+    return tracking
+
+
+def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exception) -> None:
+    """W&B failed to start online: start the same run id offline, so it can be synced later."""
+    import wandb
+
+    if not isinstance(error, wandb.errors.Error) or tracking.wandb_mode == "offline":
+        raise error
+    tracker = accelerator.get_tracker("wandb")
+    wandb.teardown()  # the failed attempt keeps the run id "in use" inside W&B's service until it stops
+    tracker.init_kwargs["mode"] = "offline"
+    tracker.start()
+    tracking.wandb_mode = "offline"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    tracking.messages.append(f"W&B could not start online ({first_line}); the run was logged offline instead")
+    print(f"distvgg.train: warning: W&B could not start online ({first_line}); logging offline", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ logging
+
+
 def _jsonable(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         v = v.item() if v.numel() == 1 else v.tolist()
@@ -102,16 +291,104 @@ class RunLogger:
         self.path = Path(output_dir) / METRICS_FILE
 
     def log(self, values: dict[str, Any], step: int, epoch: float | int | None = None) -> None:
+        """Numbers go everywhere; lists (confusion counts) only to metrics.jsonl, whose rich W&B form is
+        logged by ``log_wandb``."""
         if not self.accelerator.is_main_process:
             return
         values = {k: _jsonable(v) for k, v in values.items()}
         record = {"step": step, **({"epoch": epoch} if epoch is not None else {}), **values}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if epoch is not None:
             scalars["epoch"] = epoch
         self.accelerator.log(scalars, step=step)
+
+    def has_tracker(self, name: str) -> bool:
+        return self.accelerator.is_main_process and any(t.name == name for t in self.accelerator.trackers)
+
+    def log_wandb(self, build: Callable[[], dict[str, Any]], step: int) -> None:
+        """W&B-only objects (charts, images), built only when a W&B run is active on this process."""
+        if self.has_tracker("wandb"):
+            self.accelerator.get_tracker("wandb").log(build(), step=step)
+
+
+def confusion_chart(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Any:
+    """W&B's confusion-matrix chart (a table plus a Vega spec, which works offline) from the counts."""
+    import wandb
+
+    counts = torch.as_tensor(confusion, dtype=torch.long)
+    k = counts.shape[0]
+    # wandb.plot.confusion_matrix wants one (true, predicted) pair per image: expand the counts.
+    pairs = torch.arange(k * k).repeat_interleave(counts.flatten())
+    return wandb.plot.confusion_matrix(y_true=(pairs // k).tolist(), preds=(pairs % k).tolist(),
+                                       class_names=list(class_names), title="Test confusion matrix")
+
+
+@torch.no_grad()
+def sample_predictions(model: torch.nn.Module, dataset: Any, prepare_batch: Callable, device: torch.device,
+                       n: int = GRID_IMAGES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same ``n`` test images every evaluation (evenly spread over the split), their labels and the
+    model's predictions. ``model`` must be the unwrapped module: only the main process runs this, and a
+    DDP forward would wait for the other processes."""
+    idx = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist()
+    images, labels, indices = dataset.__getitems__(idx)
+    data, _ = prepare_batch((images.to(device), labels.to(device), indices.to(device)), 0, False)
+    was_training = model.training
+    model.eval()
+    pred = model(data).argmax(1)
+    model.train(was_training)
+    return images.cpu(), labels.cpu(), pred.cpu()
+
+
+def prediction_grid(images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
+                    class_names: Sequence[str], scale: int = 3, nrow: int = 8) -> torch.Tensor:
+    """A uint8 (3, H, W) grid (torchvision's ``make_grid``) of the images, each under a band naming the
+    true and the predicted class, framed green when right and red when wrong."""
+    import torch.nn.functional as F
+    from torchvision.utils import draw_bounding_boxes, make_grid
+
+    big = F.interpolate(images.float(), scale_factor=scale, mode="nearest").to(torch.uint8)
+    big = F.pad(big, (0, 0, 26, 0))  # room above each image for two lines of text
+    h, w = big.shape[-2:]
+    box = torch.tensor([[0, 0, w - 1, h - 1]])
+    tiles = [draw_bounding_boxes(img, box, labels=[f"{class_names[t]}\n> {class_names[p]}"], width=2,
+                                 colors=[(0, 160, 0) if t == p else (210, 0, 0)], label_colors=["white"],
+                                 fill_labels=True)
+             for img, t, p in zip(big, labels.tolist(), preds.tolist())]
+    return make_grid(torch.stack(tiles), nrow=nrow, padding=2)
+
+
+def log_eval_media(logger: RunLogger, result: dict[str, Any], class_names: Sequence[str],
+                   samples: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], step: int) -> None:
+    """The confusion matrix and the grid of predictions, to W&B (and the grid to TensorBoard)."""
+    wants_wandb, wants_tb = logger.has_tracker("wandb"), logger.has_tracker("tensorboard")
+    if not (wants_wandb or wants_tb):
+        return
+    images, labels, preds = samples()
+    grid = prediction_grid(images, labels, preds, class_names)
+    caption = "true > predicted: " + ", ".join(f"{class_names[t]} > {class_names[p]}"
+                                               for t, p in zip(labels.tolist(), preds.tolist()))
+    if wants_wandb:
+        import wandb
+
+        logger.log_wandb(lambda: {"eval/confusion_matrix": confusion_chart(result["confusion"], class_names),
+                                  "eval/predictions": wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption)},
+                         step=step)
+    if wants_tb:
+        logger.accelerator.get_tracker("tensorboard", unwrap=True).add_image("eval/predictions", grid, step)
+
+
+def log_model_artifact(tracking: Tracking, final_dir: str | os.PathLike, metadata: dict[str, Any]) -> None:
+    """``final/`` as a W&B model artifact of this run (uploaded now online, by ``wandb sync`` offline)."""
+    run = tracking.wandb_run()
+    if run is None:
+        return
+    import wandb
+
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=metadata)
+    artifact.add_dir(str(final_dir))
+    run.log_artifact(artifact, aliases=["latest", "final"])
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -1,0 +1,128 @@
+"""Read a W&B run's ``.wandb`` record log back, for tests.
+
+wandb 0.31 has no Python reader any more (``wandb.sdk.internal.datastore`` and ``wandb sync
+--view`` are gone; the Go core ``wandb-core`` writes the file), so this is written by hand.
+The format is LevelDB's log format with W&B's own file header:
+
+- a 7-byte header: ``b":W&B"``, magic ``0xBEE1`` (little-endian uint16), version ``0``;
+- then 32 KiB blocks (the header counts in the first one). Each chunk has a 7-byte header
+  ``<uint32 checksum><uint16 length><uint8 type>`` and ``length`` bytes of data. The checksum
+  is the IEEE CRC-32 (``zlib.crc32``) of the type byte followed by the data. Types: 1 a whole
+  record, 2/3/4 the first/middle/last piece of a record split across blocks. When fewer than
+  7 bytes are left in a block they are zero padding.
+
+Each whole record is a serialized ``wandb.proto.wandb_internal_pb2.Record``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
+BLOCK = 32 * 1024
+CHUNK_HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+class RecordLogError(ValueError):
+    """The file is not a valid W&B record log."""
+
+
+def raw_records(path: str | Path) -> Iterator[bytes]:
+    """The payload of every record, in order, checksums verified."""
+    data = Path(path).read_bytes()
+    if data[:len(HEADER)] != HEADER:
+        raise RecordLogError(f"{path}: not a W&B record log (header {data[:7]!r})")
+    pos, pending = len(HEADER), None
+    while pos + CHUNK_HEADER <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < CHUNK_HEADER:  # block trailer: zero padding
+            pos += left_in_block
+            continue
+        checksum, length, kind = struct.unpack_from("<IHB", data, pos)
+        if kind == 0 and length == 0 and checksum == 0:  # zeroed tail (preallocated, or the writer stopped)
+            break
+        body = data[pos + CHUNK_HEADER:pos + CHUNK_HEADER + length]
+        if len(body) != length:
+            raise RecordLogError(f"{path}: truncated record at byte {pos}")
+        if zlib.crc32(bytes([kind]) + body) != checksum:
+            raise RecordLogError(f"{path}: bad checksum at byte {pos}")
+        pos += CHUNK_HEADER + length
+        if kind == FULL:
+            yield body
+        elif kind == FIRST:
+            pending = bytearray(body)
+        elif kind in (MIDDLE, LAST):
+            if pending is None:
+                raise RecordLogError(f"{path}: continuation chunk without a first chunk at byte {pos}")
+            pending += body
+            if kind == LAST:
+                yield bytes(pending)
+                pending = None
+        else:
+            raise RecordLogError(f"{path}: unknown chunk type {kind} at byte {pos}")
+
+
+def records(path: str | Path) -> Iterator[Any]:
+    """Every record as a ``wandb_internal_pb2.Record``."""
+    from wandb.proto import wandb_internal_pb2
+
+    for payload in raw_records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        yield record
+
+
+def _items(items: Any) -> dict[str, Any]:
+    """``key`` or ``nested_key`` + ``value_json`` items as a dict of decoded JSON values; a nested key
+    (W&B's media objects: ``["eval/predictions", "_type"]``) becomes nested dicts."""
+    out: dict[str, Any] = {}
+    for item in items:
+        path = list(item.nested_key) or [item.key]
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = json.loads(item.value_json)
+    return out
+
+
+def history(path: str | Path) -> list[dict[str, Any]]:
+    """The history rows (what ``run.log`` sent), each with ``_step``."""
+    return [_items(r.history.item) for r in records(path) if r.WhichOneof("record_type") == "history"]
+
+
+def run_record(path: str | Path) -> Any:
+    """The first ``run`` record (id, project, config, ...)."""
+    for r in records(path):
+        if r.WhichOneof("record_type") == "run":
+            return r.run
+    raise RecordLogError(f"{path}: no run record")
+
+
+def config(path: str | Path) -> dict[str, Any]:
+    """The run's config: the run record's config updated by every later ``config`` record."""
+    out: dict[str, Any] = {}
+    for r in records(path):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            out.update(_items(r.run.config.update))
+        elif kind == "config":
+            out.update(_items(r.config.update))
+    return {k: (v["value"] if isinstance(v, dict) and set(v) == {"value"} else v) for k, v in out.items()}
+
+
+def summary(path: str | Path) -> dict[str, Any]:
+    """The last state of the run's summary (summary records' updates, in order)."""
+    out: dict[str, Any] = {}
+    for r in records(path):
+        if r.WhichOneof("record_type") == "summary":
+            out.update(_items(r.summary.update))
+    return out
+
+
+def record_types(path: str | Path) -> list[str]:
+    return [r.WhichOneof("record_type") for r in records(path)]
