@@ -582,8 +582,20 @@ class StopSignals:
         return self
 
     def uninstall(self) -> None:
+        """Restore the previous handlers (unless ``ignore_from_now`` was called)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
+
+    def ignore_from_now(self) -> None:
+        """Ignore the stop signals for the rest of the process: after a preemption checkpoint, the
+        launcher may SIGTERM a worker that is still shutting down (its peer exited first), and a
+        Python handler would not help: Python resets its handlers to the default while it finalises,
+        but leaves an ignored signal ignored. (A hung process is still ended by the launcher's SIGKILL.)"""
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                signal.signal(sig, signal.SIG_IGN)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:

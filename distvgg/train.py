@@ -71,6 +71,7 @@ class Run:
     stop: Any = None  # ckpt.StopSignals: SIGTERM/SIGUSR1 seen, agreed on between steps
     trace: Any = None  # ckpt.SampleTrace when DISTVGG_TRACE_SAMPLES is set
     last_checkpoint: Path | None = None
+    compile_seconds: float | None = None  # the first step under --compile (compilation), timed apart
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -292,6 +293,13 @@ def train_epoch(run: Run, epoch: int, progress: Any) -> None:
             continue
         loss = train_step(run.model, run.criterion, run.optimizer, run.scheduler, acc, micro, cfg.max_grad_norm)
         micro = []
+        if cfg.compile and run.compile_seconds is None:
+            # torch.compile compiles during the first step: time it apart (one host sync), so that the
+            # logged images/s are steady-state figures.
+            loss.item()
+            run.compile_seconds, tick = time.perf_counter() - tick, time.perf_counter()
+            run.logger.log({"train/compile_seconds": run.compile_seconds}, step=run.global_step + 1)
+            acc.print(f"--compile: the first step (compilation) took {run.compile_seconds:.1f} s")
         running += loss
         since_log += 1
         run.global_step += 1
@@ -461,6 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.wandb_log_model:
             log_model_artifact(tracking, final, {"best_accuracy": run.best_accuracy, "global_step": run.global_step})
     except ckpt.Preempted as e:
+        # A launcher that sees one worker exit first sends the others SIGTERM, which must not turn
+        # their exit code 75 into death by signal while they shut down.
+        stop.ignore_from_now()
         if accelerator.is_main_process:
             print(f"distvgg.train: stopped by {e.reason} after step {e.step}; checkpoint {e.folder}. Run the same "
                   f"command again to continue (exit code {ckpt.PREEMPT_EXIT_CODE}: requeue)", file=sys.stderr)

@@ -1,0 +1,193 @@
+"""Interrupted runs resume exactly: 2 gloo processes stopped by SIGUSR1, then one of them killed
+with SIGKILL, end with bitwise the weights, optimizer state, learning rate and data order of an
+uninterrupted run (the 1-process case is in test_checkpoint.py, which shares these helpers).
+
+Runs are tiny (width 0.125, 64 images of 32x32, batch 8 global, 16 steps over 2 epochs, a
+checkpoint every 4 steps); dropout is on, so the RNG states must be restored too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import datagen
+from tests.helpers import REPO, TINY, ok, run_train, train_command
+
+STEPS = 16  # 64 images / global batch 8 = 8 steps per epoch, 2 epochs
+
+
+def tiny_args(dataset: Path, out: Path, nproc: int = 1, *extra: str) -> list[str]:
+    """TINY with a global batch of 8 whatever the number of processes, a checkpoint every 4 steps."""
+    return [*TINY, "--dataset", str(dataset), "--output-dir", str(out), "--batch-size", str(8 // nproc),
+            "--checkpoint-every", "4", "--keep-last", "10", *extra]
+
+
+def traced(out: Path, **env: str) -> dict[str, str]:
+    return {"DISTVGG_TRACE_SAMPLES": str(out / "trace"), **env}
+
+
+# ----------------------------------------------------------------------------------- comparisons
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def checkpoint_file(out: Path, step: int, name: str):
+    return torch.load(out / "checkpoints" / f"step-{step:08d}" / name, weights_only=True)
+
+
+def training_state(folder: Path) -> dict:
+    return json.loads((folder / "training_state.json").read_text())
+
+
+def read_trace(out: Path, rank: int, dedupe: bool = False) -> list[tuple[int, list[int]]]:
+    """(step, sample indices) of every micro-batch process ``rank`` trained on, in order. ``dedupe``:
+    steps that a crashed attempt ran after its last checkpoint, and a later attempt ran again,
+    count once (the later attempt's)."""
+    records = [json.loads(line) for line in (out / f"trace.rank{rank}.jsonl").read_text().splitlines()]
+    pairs = [(r["step"], r["indices"]) for r in records]
+    if not dedupe:
+        return pairs
+    by_step: dict[int, list[int]] = {}
+    for step, indices in pairs:
+        by_step[step] = indices
+    return sorted(by_step.items())
+
+
+def assert_same_run(reference: Path, resumed: Path, nproc: int, dedupe: bool = False) -> None:
+    """Bitwise: final weights, optimizer state and LR schedule at the last step, and the samples seen."""
+    a, b = final_weights(reference), final_weights(resumed)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ: {different}"
+    opt_a, opt_b = checkpoint_file(reference, STEPS, "optimizer.bin"), checkpoint_file(resumed, STEPS, "optimizer.bin")
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
+    for key in opt_a["state"]:
+        for name, value in opt_a["state"][key].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][name])), (key, name)
+    sched_a, sched_b = checkpoint_file(reference, STEPS, "scheduler.bin"), checkpoint_file(resumed, STEPS, "scheduler.bin")
+    assert sched_a == sched_b and sched_a["last_epoch"] == STEPS
+    assert sched_a["_last_lr"] == sched_b["_last_lr"]
+    for rank in range(nproc):
+        ref_trace = read_trace(reference, rank)
+        assert [s for s, _ in ref_trace] == list(range(1, STEPS + 1))
+        assert read_trace(resumed, rank, dedupe) == ref_trace, f"rank {rank} saw other samples"
+
+
+# ------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return datagen.make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=64, n_test=20)
+
+
+@pytest.fixture(scope="module")
+def reference2(dataset, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process run."""
+    out = tmp_path_factory.mktemp("ref2") / "out"
+    output = ok(run_train(tiny_args(dataset, out, 2), nproc=2, env=traced(out)))
+    assert "2 process(es), global batch 8, 16 steps" in output
+    return out
+
+
+def _start(args: list[str], out: Path, **env: str) -> subprocess.Popen:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **traced(out, **env)}
+    return subprocess.Popen(train_command(args, nproc=2), env=full_env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit code {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _trace_steps(out: Path, rank: int) -> list[dict]:
+    path = out / f"trace.rank{rank}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+@pytest.fixture(scope="module")
+def two_process_story(dataset, tmp_path_factory) -> dict:
+    """One 2-process run in three attempts: SIGUSR1 to one rank early in epoch 1; the same command
+    again, whose rank 1 is killed with SIGKILL after its step-12 checkpoint; the same command again."""
+    out = tmp_path_factory.mktemp("story2") / "out"
+    args = tiny_args(dataset, out, 2, "--ddp-timeout", "30")
+    story: dict = {"out": out}
+    # 1. SIGUSR1 (what SLURM's --signal sends) to rank 1 only: rank 0 must learn of it and stop at the
+    #    same step, so that both write their part of one checkpoint and neither waits for the other.
+    slow = {"DISTVGG_TEST_STEP_DELAY": "0.3"}
+    proc = _start(args, out, **slow)
+    _wait_for(lambda: len(_trace_steps(out, 1)) >= 2, proc, "step 2")
+    os.kill(_trace_steps(out, 1)[-1]["pid"], signal.SIGUSR1)
+    story["term_output"] = proc.communicate(timeout=120)[0]
+    story["term_code"] = proc.returncode
+    story["term_checkpoints"] = sorted(p.name for p in (out / "checkpoints").iterdir())
+    story["term_state"] = training_state(out / "checkpoints" / "step-00000008")
+    # 2. The same command again; SIGKILL rank 1 once the step-12 checkpoint is complete.
+    proc = _start(args, out, **slow)
+    _wait_for(lambda: (out / "checkpoints" / "step-00000012" / "COMPLETE").exists(), proc, "checkpoint 12")
+    rank1 = _trace_steps(out, 1)[-1]["pid"]
+    os.kill(rank1, signal.SIGKILL)
+    killed_at = time.monotonic()
+    story["kill_output"] = proc.communicate(timeout=120)[0]
+    story["kill_code"], story["kill_seconds"] = proc.returncode, time.monotonic() - killed_at
+    story["killed_pid"] = rank1
+    # 3. The same command again, to the end.
+    story["final_output"] = ok(run_train(args, nproc=2, env=traced(out)))
+    return story
+
+
+# ----------------------------------------------------------------------------------------- tests
+
+
+def test_stop_signal_to_one_rank_stops_every_rank_after_a_checkpoint(two_process_story):
+    story = two_process_story
+    output = story["term_output"]
+    assert story["term_code"] != 0, output[-3000:]
+    # torchrun reports each worker's exit code: both exited with distvgg's preemption code, none hung
+    # or was killed by the launcher's shutdown timeout.
+    assert output.count("exitcode  : 75") == 2, output[-3000:]
+    assert "stopped by a stop signal to another process after step 8" in output  # rank 0's message
+    # The ranks agree at the first check after the signal: the end of epoch 1 (step 8).
+    assert story["term_checkpoints"] == ["step-00000004", "step-00000008"]
+    state = story["term_state"]
+    assert (state["global_step"], state["epoch"], state["step_in_epoch"]) == (8, 1, 0)
+    assert state["num_processes"] == 2
+
+
+def test_sigkill_of_one_rank_ends_the_job_and_the_same_command_resumes(two_process_story):
+    story = two_process_story
+    assert story["kill_code"] not in (0, None), story["kill_output"][-3000:]
+    assert "resuming from" in story["kill_output"] and "step-00000008" in story["kill_output"]
+    # Bounded: the survivor fails at its next collective, well within the test's timeout.
+    assert story["kill_seconds"] < 120
+    assert "resuming from" in story["final_output"] and "step-00000012" in story["final_output"]
+    assert "step 12 of 16, epoch 2 at sample 32" in story["final_output"]  # mid-epoch
+
+
+def test_exact_resume_two_processes(two_process_story, reference2):
+    out = two_process_story["out"]
+    assert "2 process(es), global batch 8, 16 steps" in two_process_story["final_output"]
+    assert training_state(out / "checkpoints" / f"step-{STEPS:08d}")["num_processes"] == 2
+    assert_same_run(reference2, out, nproc=2, dedupe=True)
