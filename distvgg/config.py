@@ -66,8 +66,8 @@ class TrainConfig:
     """Multiplier on every layer's width; small values train tiny networks fast (tests)."""
     dropout: float = 0.5
     """Dropout probability in the classifier (the guide's nn.Dropout() default)."""
-    channels_last: bool = False
-    """Run convolutions in channels_last memory format."""
+    channels_last: bool = True
+    """Run convolutions in channels_last memory format (measured faster on the CPU; the usual choice on GPUs)."""
     sync_bn: bool = False
     """Convert BatchNorm to SyncBatchNorm for multi-GPU runs (CUDA only)."""
     compile: bool = False

@@ -257,20 +257,6 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
 # Evaluation
 # ---------------------------------------------------------------------------------------------------
 
-class FlipTTA(nn.Module):
-    """Test-time augmentation: the mean of the logits of each image and its horizontal mirror.
-
-    A wrapper rather than a hook in ``train.evaluate``, which then counts it like any model.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.model(x) + self.model(x.flip(-1))) / 2
-
-
 def make_prepare(mean: float, std: float):
     """The ``prepare_batch`` of ``train.evaluate`` for evaluation: normalise, no augmentation."""
     from distvgg import batches
@@ -486,9 +472,8 @@ def _evaluate(args: argparse.Namespace, loaded: LoadedModel, accelerator: Any, t
     batch_size = args.batch_size or int(tc.get("eval_batch_size", 500))
     loader = accelerator.prepare(batches.eval_loader(test.images, test.labels, batch_size))
     model: nn.Module = loaded.model.to(accelerator.device)
-    if args.tta == "flip":
-        model = FlipTTA(model)
-    result = train.evaluate(model, loader, accelerator, make_prepare(loaded.mean, loaded.std), loaded.num_classes)
+    result = train.evaluate(model, loader, accelerator, make_prepare(loaded.mean, loaded.std), loaded.num_classes,
+                            tta=args.tta == "flip")
     if not main_process:
         return 0
     names = loaded.class_names

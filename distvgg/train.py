@@ -30,6 +30,7 @@ from distvgg.models import build_model, model_spec
 from distvgg.tracking import (RunLogger, Tracking, TrackingError, log_eval_media, log_model_artifact, run_facts,
                               sample_predictions, start_trackers, trackers_for)
 
+
 class LaunchError(RuntimeError):
     """The processes of a launch did not form one training job."""
 
@@ -457,8 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_config(cfg, Path(cfg.output_dir) / "config.yaml", extra=facts)
         # The main process picks the W&B mode and run id (restored from a checkpoint, or kept in OUTPUT_DIR).
         tracking = start_trackers(accelerator, cfg, config={**cfg.to_dict(), **facts},
-                                  restored_run_id=getattr(run, "wandb_run_id", None),
-                                  fresh=getattr(cfg, "resume", "auto") == "none")
+                                  restored_run_id=run.wandb_run_id, fresh=cfg.resume == "none")
         if tracking.wandb_run_id:  # set on the main process, which saves the training state
             run.wandb_run_id = tracking.wandb_run_id
         accelerator.print(f"training {cfg.model} on {len(run.sampler.order(0))} images, "

@@ -1,7 +1,5 @@
 """End-to-end runs of distvgg.train: 1 process, 2 gloo processes, evaluation counts, real data."""
 
-import json
-import os
 from pathlib import Path
 
 import pytest
