@@ -1,0 +1,340 @@
+"""The multi-node launch scripts, run for real with bash against fake SLURM and accelerate commands.
+
+``launch/slurm_multinode.sbatch`` is rendered with the variables SLURM sets in a batch job and
+fake ``srun``, ``scontrol``, ``scancel``, ``accelerate`` (and ``python``, which a node uses to
+count its GPUs) on PATH: each fake writes its argv to a file. The fake ``srun`` runs its command
+once per node with that node's ``SLURM_NODEID``, as the real one does, so the test sees the
+exact ``accelerate launch`` line every node would run, through ``launch/torchrun_multinode.sh``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.datagen import make_parquet_dataset
+from tests.helpers import REPO, TINY, free_port
+
+SBATCH = REPO / "launch" / "slurm_multinode.sbatch"
+NODE_SCRIPT = REPO / "launch" / "torchrun_multinode.sh"
+
+FAKES = {
+    # Records its options and environment, then runs the command once per node, like srun does.
+    "srun": r"""
+printf '%s\n' "$@" > "$FAKE_LOG/srun.argv"
+env | grep -E '^(NNODES|MASTER_ADDR|MASTER_PORT|NPROC_PER_NODE|CONFIG|SRUN_CPUS_PER_TASK)=' | sort > "$FAKE_LOG/srun.env"
+while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
+rc=0
+for ((n = 0; n < SLURM_NNODES; n++)); do
+  SLURM_NODEID=$n SLURM_PROCID=$n SLURM_LOCALID=0 "$@" || rc=$?
+done
+exit $rc
+""",
+    "scontrol": r"""
+printf '%s\n' "$*" >> "$FAKE_LOG/scontrol.calls"
+if [ "$1" = show ] && [ "$2" = hostnames ]; then printf '%s\n' $FAKE_HOSTS; fi
+""",
+    "scancel": r"""printf '%s\n' "$*" >> "$FAKE_LOG/scancel.calls"
+""",
+    # The node's launcher: its argv, and whether it ignores SIGUSR1 (bit 10 of SigIgn).
+    "accelerate": r"""
+out="$FAKE_LOG/accelerate.$SLURM_NODEID"
+printf '%s\n' "$@" > "$out"
+mask=$(awk '/^SigIgn/ {print $2}' /proc/$$/status)
+echo $(( (0x$mask >> 9) & 1 )) > "$out.ignores_usr1"
+if [ -n "${FAKE_SIGNAL_PID:-}" ] && [ "$SLURM_NODEID" = 0 ]; then
+  kill -USR1 "$FAKE_SIGNAL_PID"   # SLURM's --signal=B:USR1, while the step runs
+  sleep 1
+fi
+exit "${FAKE_EXIT:-0}"
+""",
+    "python": r"""echo "${FAKE_GPUS:-0}"
+""",
+}
+
+HOSTS = ["gpu-a01", "gpu-a02", "gpu-a07"]
+JOB_ID = 123456
+TRAIN_ARGS = ["--dataset", "/shared/cifar10-jpeg", "--output-dir", "/shared/runs/vgg", "--epochs", "40"]
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """A directory of fake commands and the environment of a 3-node x 4-GPU batch job."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, body in FAKES.items():
+        path = bin_dir / name
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "FAKE_LOG": str(log),
+        "FAKE_HOSTS": " ".join(HOSTS),
+        "SLURM_JOB_ID": str(JOB_ID),
+        "SLURM_JOB_NODELIST": "gpu-a[01-02,07]",
+        "SLURM_NNODES": "3",
+        "SLURM_JOB_NUM_NODES": "3",
+        "SLURM_NODEID": "0",
+        "SLURM_PROCID": "0",
+        "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_CPUS_PER_TASK": "32",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_RESTART_COUNT": "0",
+    }
+    return env, log
+
+
+def run_sbatch(env: dict, args=TRAIN_ARGS, cwd: str | Path = "/", signal_batch: bool = False,
+               timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the batch script as SLURM would: bash, outside the repository (SLURM runs a spooled copy;
+    the script finds the repository through SLURM_SUBMIT_DIR). With ``signal_batch`` the fake launcher
+    of node 0 sends SIGUSR1 to the batch shell while the step runs, as ``--signal=B:USR1`` does: a
+    wrapper exports its own pid and execs the script, so that pid is the batch shell's."""
+    wrapper = f'{"export FAKE_SIGNAL_PID=$$; " if signal_batch else ""}exec bash {SBATCH} "$@"'
+    return subprocess.run(["bash", "-c", wrapper, "_", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def expected_launch(rank: int, nnodes: int = 3, procs_per_node: int = 4,
+                    config: str = "multinode.yaml") -> list[str]:
+    return ["launch", "--config_file", str(REPO / "accelerate_configs" / config),
+            "--num_machines", str(nnodes), "--machine_rank", str(rank),
+            "--main_process_ip", HOSTS[0], "--main_process_port", str(20000 + JOB_ID % 20000),
+            "--num_processes", str(nnodes * procs_per_node),
+            "-m", "distvgg.train", *TRAIN_ARGS]
+
+
+def test_sbatch_header_asks_for_the_signal_the_requeue_and_one_task_per_node():
+    header = [l for l in SBATCH.read_text().splitlines() if l.startswith("#SBATCH")]
+    assert "#SBATCH --signal=B:USR1@120" in header  # the batch shell itself is told (see the script)
+    assert "#SBATCH --requeue" in header
+    assert "#SBATCH --ntasks-per-node=1" in header  # ONE accelerate launch per node
+    assert "#SBATCH --open-mode=append" in header  # a requeued job appends to its log, never truncates it
+    # sbatch stops reading #SBATCH lines at the first command: all of them come before any.
+    body = SBATCH.read_text().splitlines()
+    first_command = next(i for i, l in enumerate(body) if l.strip() and not l.startswith("#"))
+    assert all(body.index(h) < first_command for h in header)
+
+
+def test_sbatch_starts_one_launcher_per_node_with_the_exact_command(fake_slurm):
+    env, log = fake_slurm
+    proc = run_sbatch(env)
+    assert proc.returncode == 0, proc.stderr
+    # scontrol expanded the node list; the first host is the main process.
+    assert f"show hostnames {env['SLURM_JOB_NODELIST']}" in lines(log / "scontrol.calls")
+    assert lines(log / "srun.argv") == [
+        "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=0",
+        "bash", "-c", 'trap "" USR1; NODE_RANK="$SLURM_NODEID" exec "$0" "$@"',
+        str(NODE_SCRIPT), *TRAIN_ARGS]
+    assert lines(log / "srun.env") == sorted([
+        f"CONFIG={REPO / 'accelerate_configs' / 'multinode.yaml'}", f"MASTER_ADDR={HOSTS[0]}",
+        f"MASTER_PORT={20000 + JOB_ID % 20000}", "NNODES=3", "NPROC_PER_NODE=4", "SRUN_CPUS_PER_TASK=32"])
+    for rank in range(3):
+        assert lines(log / f"accelerate.{rank}") == expected_launch(rank), f"node {rank}"
+        # The launcher ignores SIGUSR1 (its default action would kill it before the checkpoint).
+        assert lines(log / f"accelerate.{rank}.ignores_usr1") == ["1"]
+    assert not (log / "accelerate.3").exists()
+    assert not (log / "scancel.calls").exists()
+    assert "requeue" not in (log / "scontrol.calls").read_text()
+    assert "main gpu-a01:23456" in proc.stdout and "exit code 0" in proc.stdout
+
+
+def test_sbatch_on_cpu_nodes_lets_each_node_count_its_processes(fake_slurm):
+    env, log = fake_slurm
+    del env["SLURM_GPUS_ON_NODE"]  # no GPU allocated: each node asks torch (the fake says 0 GPUs)
+    proc = run_sbatch({**env, "MASTER_PORT": "29400"})
+    assert proc.returncode == 0, proc.stderr
+    for rank in range(3):
+        argv = lines(log / f"accelerate.{rank}")
+        assert argv[argv.index("--config_file") + 1] == str(REPO / "accelerate_configs" / "cpu_2machines.yaml")
+        assert argv[argv.index("--num_processes") + 1] == "3"  # one gloo process per node
+        assert argv[argv.index("--main_process_port") + 1] == "29400"
+        assert argv[argv.index("--machine_rank") + 1] == str(rank)
+
+
+def test_sbatch_forwards_the_signal_and_requeues_after_a_preemption(fake_slurm):
+    env, log = fake_slurm
+    # torchrun reports the workers' preemption exit code as 1: the shell requeues because it got
+    # the signal itself.
+    proc = run_sbatch({**env, "FAKE_EXIT": "1"}, signal_batch=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert lines(log / "scancel.calls") == [f"--signal=USR1 {JOB_ID}"]  # to every process of the step
+    assert lines(log / "scontrol.calls")[-1] == f"requeue {JOB_ID}"
+    assert "requeueing job 123456" in proc.stdout
+    # every node's launcher still ran to its end (the signal did not kill the step early)
+    assert all((log / f"accelerate.{rank}").exists() for rank in range(3))
+
+
+def test_sbatch_requeues_on_the_preemption_exit_code(fake_slurm):
+    env, log = fake_slurm
+    proc = run_sbatch({**env, "FAKE_EXIT": "75"})
+    assert proc.returncode == 75
+    assert lines(log / "scontrol.calls")[-1] == f"requeue {JOB_ID}"
+    assert not (log / "scancel.calls").exists()
+
+
+def test_sbatch_does_not_requeue_a_failure_or_a_finished_run(fake_slurm):
+    env, log = fake_slurm
+    proc = run_sbatch({**env, "FAKE_EXIT": "1"})  # a crash, no signal: the job fails
+    assert proc.returncode == 1
+    assert "requeue" not in (log / "scontrol.calls").read_text()
+    (log / "scontrol.calls").unlink()
+    proc = run_sbatch({**env, "FAKE_EXIT": "0"}, signal_batch=True)  # signalled, but training had finished
+    assert proc.returncode == 0
+    assert "requeue" not in (log / "scontrol.calls").read_text()
+
+
+def test_sbatch_stops_requeueing_after_max_requeues(fake_slurm):
+    env, log = fake_slurm
+    proc = run_sbatch({**env, "FAKE_EXIT": "75", "SLURM_RESTART_COUNT": "3", "MAX_REQUEUES": "3"})
+    assert proc.returncode == 75
+    assert "requeue" not in (log / "scontrol.calls").read_text()
+    assert "MAX_REQUEUES" in proc.stderr
+
+
+def test_sbatch_outside_a_job_or_the_repository_is_one_clear_error(fake_slurm, tmp_path):
+    env, log = fake_slurm
+    proc = run_sbatch({**env, "SLURM_SUBMIT_DIR": str(tmp_path)})
+    assert proc.returncode == 2 and "DISTVGG_ROOT" in proc.stderr
+    no_job = {k: v for k, v in env.items() if k not in ("SLURM_NNODES", "SLURM_JOB_NUM_NODES")}
+    proc = run_sbatch(no_job)
+    assert proc.returncode != 0 and "sbatch" in proc.stderr
+    assert not (log / "srun.argv").exists()
+
+
+def node_script(env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    return subprocess.run(["bash", str(NODE_SCRIPT), *TRAIN_ARGS], env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env},
+                          capture_output=True, text=True, timeout=60, cwd="/")
+
+
+def test_node_script_without_slurm(fake_slurm, tmp_path):
+    env, log = fake_slurm
+    base = {"FAKE_LOG": str(log), "SLURM_NODEID": "x", "FAKE_GPUS": "8"}
+    proc = node_script({**base, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1",
+                        "MIXED_PRECISION": "bf16"}, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert lines(log / "accelerate.x") == [
+        "launch", "--config_file", str(REPO / "accelerate_configs" / "multinode.yaml"), "--num_machines", "2",
+        "--machine_rank", "1", "--main_process_ip", "10.0.0.1", "--main_process_port", "29500",
+        "--num_processes", "16", "--mixed_precision", "bf16", "-m", "distvgg.train", *TRAIN_ARGS]
+    assert "machine 1 of 2: accelerate launch" in proc.stderr  # the command is shown before it runs
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NODE_RANK": "0"}, "set NNODES MASTER_ADDR"),
+    ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2 is not in 0..1"),
+    ({"NNODES": "2", "NODE_RANK": "one", "MASTER_ADDR": "h"}, "NODE_RANK=one is not a whole number"),
+    ({"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "h", "NPROC_PER_NODE": "x"}, "NPROC_PER_NODE=x is not"),
+])
+def test_node_script_bad_environment_is_one_clear_error(fake_slurm, tmp_path, env, message):
+    _, log = fake_slurm
+    proc = node_script({"FAKE_LOG": str(log), **env}, tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not list(log.glob("accelerate.*"))
+
+
+@pytest.mark.parametrize("name", ["multinode.yaml", "cpu_2machines.yaml"])
+def test_multinode_configs_load_in_accelerate(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = REPO / "accelerate_configs" / name
+    cfg = load_config_from_file(str(path))
+    raw = yaml.safe_load(path.read_text())
+    assert cfg.distributed_type == "MULTI_GPU" and raw["rdzv_backend"] == "static"
+    assert cfg.num_machines == 2 and cfg.num_processes % cfg.num_machines == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: the batch script, two "nodes" on this box, real accelerate launch and distvgg.train.
+# ------------------------------------------------------------------------------------------------
+
+E2E_FAKES = {
+    # Starts the command on every node at once (both on this box), like srun.
+    "srun": r"""
+printf '%s\n' "$@" > "$FAKE_LOG/srun.argv"
+while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
+echo $$ > "$FAKE_LOG/srun.pid"
+pids=()
+for ((n = 0; n < SLURM_NNODES; n++)); do
+  SLURM_NODEID=$n SLURM_PROCID=$n "$@" & pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || { r=$?; [ "$r" -gt "$rc" ] && rc=$r; }; done
+exit $rc
+""",
+    # scancel --signal=SIG JOB: SLURM signals every process of the job's steps (their cgroup):
+    # here, every descendant of the fake srun.
+    "scancel": r"""
+printf '%s\n' "$*" >> "$FAKE_LOG/scancel.calls"
+sig=${1#--signal=}
+descendants() { for c in $(ps -o pid= --ppid "$1"); do echo "$c"; descendants "$c"; done; }
+for p in $(descendants "$(cat "$FAKE_LOG/srun.pid")"); do kill -s "$sig" "$p" 2>/dev/null; done
+exit 0
+""",
+    "scontrol": FAKES["scontrol"],
+}
+
+
+@pytest.mark.slow
+def test_sbatch_preemption_end_to_end(tmp_path):
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@120 does) mid-run: the shell forwards it to
+    every process of the step, the launchers survive it, the training processes of both nodes write
+    one checkpoint and stop, the shell requeues; the requeued job resumes and finishes."""
+
+    data = make_parquet_dataset(tmp_path / "data", n_train=48, n_test=21)
+    bin_dir, log, out = tmp_path / "bin", tmp_path / "log", tmp_path / "run"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, body in E2E_FAKES.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+           "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FAKE_LOG": str(log), "FAKE_HOSTS": "127.0.0.1",
+           "SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "2",
+           "SLURM_SUBMIT_DIR": str(REPO), "MASTER_PORT": str(free_port()), "SLURM_RESTART_COUNT": "0",
+           "DISTVGG_TEST_STEP_DELAY": "0.3"}
+    args = ["--dataset", str(data), *TINY, "--epochs", "4", "--log-every", "1", "--output-dir", str(out)]
+    job = subprocess.Popen(["bash", str(SBATCH), *args], cwd=tmp_path, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and "train/loss" in (out / "metrics.jsonl").read_text()):
+            assert job.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        job.send_signal(signal.SIGUSR1)
+        text = job.communicate(timeout=120)[0]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+    assert job.returncode == 1, text[-4000:]  # torchrun reports the workers' 75 as 1 ...
+    assert "stopped by SIGUSR1" in text, text[-4000:]
+    assert lines(log / "scancel.calls") == ["--signal=USR1 777"]
+    assert lines(log / "scontrol.calls")[-1] == "requeue 777", text[-4000:]  # ... so the shell requeues itself
+    saved = [p.name for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
+    assert saved, text[-4000:]
+    assert not (out / "final").exists()
+
+    # The requeued job: the same script and arguments, SLURM_RESTART_COUNT=1.
+    again = subprocess.run(["bash", str(SBATCH), *args], cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1",
+                           "DISTVGG_TEST_STEP_DELAY": "0", "MASTER_PORT": str(free_port())},
+                           capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "resum" in (again.stdout + again.stderr).lower()
+    assert (out / "final" / "model.safetensors").exists()
+    assert lines(log / "scontrol.calls").count("requeue 777") == 1

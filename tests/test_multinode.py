@@ -1,0 +1,247 @@
+"""Several machines, on one box: two launchers started as machine 0 and machine 1 (each with one
+gloo CPU process) rendezvous on 127.0.0.1 and train as one job, through the same script users run
+on real machines (``launch/torchrun_multinode.sh`` with ``accelerate_configs/cpu_2machines.yaml``).
+
+Also: data decoded once per machine when processes share a cache, and a dead machine ending the
+job within ``--ddp-timeout`` instead of hanging it.
+
+Run as a module (``python -m tests.test_multinode ARGS``) this file is ``distvgg.train`` with its
+data loading instrumented, so that a 2-process test can see which process decoded the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.datagen import make_parquet_dataset
+from tests.helpers import REPO, TINY, free_port, ok, run_train
+
+NODE_SCRIPT = REPO / "launch" / "torchrun_multinode.sh"
+CPU_2MACHINES = REPO / "accelerate_configs" / "cpu_2machines.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_parquet(tmp_path_factory):
+    return make_parquet_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train=48, n_test=21)
+
+
+def start_machine(rank: int, port: int, args: list[str], tmp: Path, extra_env: dict | None = None) -> subprocess.Popen:
+    """One machine's launcher, as a user starts it on each machine (see the README's Multi-node)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           # the venv's accelerate and python first, as on a machine where the venv is activated
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+           # the package from this checkout even where it is not pip-installed (it runs outside it)
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "NPROC_PER_NODE": "1", "CONFIG": str(CPU_2MACHINES),
+           # node-local disk: each machine has its own data cache
+           "DISTVGG_CACHE": str(tmp / f"cache-machine{rank}"), **(extra_env or {})}
+    return subprocess.Popen(["bash", str(NODE_SCRIPT), *args], env=env, cwd=tmp, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Wait for every launcher (killing all of them if one overruns); return their outputs."""
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+    return outputs
+
+
+def test_two_machines_train_as_one_job(tiny_parquet, tmp_path):
+    out, wandb_dir = tmp_path / "run", tmp_path / "wandb"
+    common = ["--dataset", str(tiny_parquet), *TINY, "--dropout", "0", "--epochs", "2"]
+    args = [*common, "--output-dir", str(out), "--report-to", "wandb"]
+    port = free_port()
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)}
+    wandb_dir.mkdir()
+    machines = [start_machine(rank, port, args, tmp_path, env) for rank in (0, 1)]
+    outputs = finish(machines, timeout=240)
+    for rank, (p, text) in enumerate(zip(machines, outputs)):
+        assert p.returncode == 0, f"machine {rank} exit code {p.returncode}\n{text[-4000:]}"
+        assert f"machine {rank} of 2: accelerate launch" in text
+        assert "2 process(es), global batch 16" in text  # one group of 2, not two jobs of 1
+    facts = yaml.safe_load("\n".join(l.lstrip("# ") for l in (out / "config.yaml").read_text().splitlines()
+                                     if l.startswith("# ") and ":" in l))
+    assert facts["num_processes"] == 2 and facts["num_machines"] == 2
+
+    # One W&B run, one set of outputs (only the main process of machine 0 writes).
+    runs = sorted(p.name for p in (wandb_dir / "wandb").glob("*run-*"))
+    assert len(runs) == 1, runs
+    assert {"config.yaml", "metrics.jsonl", "final"} <= {p.name for p in out.iterdir()}
+    logged = train_records(out)
+    assert [r["step"] for r in logged] == [2, 5, 6]  # every 2 steps within each 3-step epoch, and the last: once each
+    assert not list(tmp_path.glob("runs")), "a machine wrote outputs outside --output-dir"
+    # Each machine decoded the data into its own node-local cache.
+    for rank in (0, 1):
+        assert len(list((tmp_path / f"cache-machine{rank}").glob("*.safetensors"))) == 1
+
+    # The same training as 1 process with 2 accumulated micro-batches of 8 (same global batch 16).
+    one = tmp_path / "one"
+    text = ok(run_train([*common, "--output-dir", str(one), "--gradient-accumulation-steps", "2", "--report-to",
+                         "wandb"], env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-one")}))
+    assert "1 process(es), global batch 16" in text
+    # One set of outputs and checkpoints: the files the 1-process run writes, none per machine; in each
+    # checkpoint, one RNG-state file per process (both machines write into the same folder).
+    per_rank = re.compile(r"random_states_(\d+)\.pkl$")
+    assert [f for f in files_under(out) if not per_rank.search(f)] == \
+        [f for f in files_under(one) if not per_rank.search(f)]
+    checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    assert checkpoints and [c.name for c in checkpoints] == [c.name for c in sorted((one / "checkpoints").glob("step-*"))]
+    for c in checkpoints:
+        assert sorted(p.name for p in c.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert [r["train/loss"] for r in logged] == pytest.approx([r["train/loss"] for r in train_records(one)], rel=1e-4)
+    a, b = load_file(str(out / "final" / "model.safetensors")), load_file(str(one / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    compared = 0
+    for k in a:
+        if "running" in k or "num_batches_tracked" in k:
+            continue  # DDP keeps rank 0's BatchNorm running statistics; accumulation updates them per micro-batch
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"parameter {k} differs")
+        compared += 1
+    assert compared >= 10
+    # Training moved the weights: the comparison is not between two untouched models.
+    before = run_train_init_weights()
+    assert not torch.equal(before["classifier.0.weight"], a["classifier.0.weight"])
+
+
+def train_records(out: Path) -> list[dict]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "train/loss" in r]
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def run_train_init_weights() -> dict:
+    """The initial weights distvgg.train builds for TINY on the 4-class dataset (seed 0)."""
+    from distvgg.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("vgg3layer", 4, width=0.125, dropout=0.0).state_dict()
+
+
+def test_processes_sharing_a_cache_decode_the_data_once(tiny_parquet, tmp_path):
+    """2 processes on one machine, an empty shared cache: the local main process decodes and caches,
+    the other waits (``local_main_process_first``) and reads the cache: no decode race."""
+    cache, events = tmp_path / "cache", tmp_path / "events"
+    events.mkdir()
+    text = ok(run_train(["--dataset", str(tiny_parquet), "--output-dir", str(tmp_path / "run"), *TINY,
+                         "--epochs", "1", "--cache-dir", str(cache)], nproc=2, module="tests.test_multinode",
+                        env={"DISTVGG_TEST_EVENTS": str(events)}, timeout=180))
+    assert "2 process(es)" in text
+    seen = {int(p.stem.split("-")[1]): p.read_text().split() for p in events.glob("rank-*.txt")}
+    assert seen == {0: ["cache-miss", "decode"], 1: ["cache-hit"]}, seen
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    assert not [p.name for p in cache.iterdir() if p.name.startswith(".")]  # no temp file left behind
+
+
+def start_training_pair(tmp_path: Path, data: Path, ddp_timeout: int) -> tuple[list[subprocess.Popen], Path]:
+    """Two machines on a long run; returns once the first steps are logged (both are training)."""
+    out = tmp_path / "run"
+    args = ["--dataset", str(data), *TINY, "--epochs", "2000", "--log-every", "1", "--output-dir", str(out),
+            "--ddp-timeout", str(ddp_timeout)]
+    port = free_port()
+    machines = [start_machine(rank, port, args, tmp_path) for rank in (0, 1)]
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and "train/loss" in (out / "metrics.jsonl").read_text()):
+            assert time.monotonic() < deadline, "training did not start"
+            assert all(p.poll() is None for p in machines), "a launcher ended before training started"
+            time.sleep(0.2)
+    except BaseException:
+        finish(machines, timeout=0.1)
+        raise
+    return machines, out
+
+
+def test_a_dead_machine_ends_the_job(tiny_parquet, tmp_path):
+    """SIGKILL the training process of machine 1: both launchers exit non-zero, none hangs."""
+    machines, _ = start_training_pair(tmp_path, tiny_parquet, ddp_timeout=20)
+    os.kill(training_process_of(machines[1].pid), signal.SIGKILL)
+    killed_at = time.monotonic()
+    # Bounded: at most --ddp-timeout (20 s) plus the launchers' own shutdown, well under this limit.
+    outputs = finish(machines, timeout=20 + 60)
+    for rank, (p, text) in enumerate(zip(machines, outputs)):
+        assert p.returncode not in (0, None), f"machine {rank} exit code {p.returncode}\n{text[-3000:]}"
+    print(f"dead machine: both launchers exited {time.monotonic() - killed_at:.1f} s after the kill, "
+          f"codes {[p.returncode for p in machines]}")
+
+
+def test_a_hung_machine_ends_the_others_within_the_ddp_timeout(tiny_parquet, tmp_path):
+    """SIGSTOP the training process of machine 1 (alive, its sockets open, never answering): machine
+    0's next collective gives up after --ddp-timeout and it exits non-zero, instead of waiting forever.
+    (The stopped process itself is then killed here; under SLURM, the job's time limit would.)"""
+    machines, _ = start_training_pair(tmp_path, tiny_parquet, ddp_timeout=10)
+    worker = training_process_of(machines[1].pid)
+    os.kill(worker, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        text = machines[0].communicate(timeout=10 + 60)[0]
+        waited = time.monotonic() - stopped_at
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        finish(machines, timeout=60)
+    assert machines[0].returncode not in (0, None), text[-3000:]
+    assert "timed out" in text.lower() or "timeout" in text.lower(), text[-3000:]
+    print(f"hung machine: machine 0 exited {waited:.1f} s after machine 1 stopped (--ddp-timeout 10)")
+
+
+def training_process_of(launcher_pid: int) -> int:
+    """The distvgg.train process the launcher (torchrun's agent inside accelerate launch) started."""
+    import psutil
+
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        cmd = child.cmdline()
+        if "distvgg.train" in cmd and "launch" not in cmd:
+            return child.pid
+    raise AssertionError(f"no distvgg.train process under launcher {launcher_pid}")
+
+
+# --------------------------------------------------------------------------------------------------
+# python -m tests.test_multinode: distvgg.train, recording each process's cache hits and decodes.
+# --------------------------------------------------------------------------------------------------
+
+def _instrumented_main(argv: list[str]) -> int:
+    import distvgg.data as data
+    from distvgg.train import main
+
+    record = Path(os.environ["DISTVGG_TEST_EVENTS"]) / f"rank-{os.environ.get('RANK', '0')}.txt"
+    read_cache, decode = data._read_cache, data._decode_dataset_dict
+
+    def read_cache_recorded(*a, **kw):
+        found = read_cache(*a, **kw)
+        with record.open("a") as f:
+            f.write("cache-hit\n" if found is not None else "cache-miss\n")
+        return found
+
+    def decode_recorded(*a, **kw):
+        with record.open("a") as f:
+            f.write("decode\n")
+        return decode(*a, **kw)
+
+    data._read_cache, data._decode_dataset_dict = read_cache_recorded, decode_recorded
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(_instrumented_main(sys.argv[1:]))
