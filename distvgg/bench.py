@@ -287,7 +287,8 @@ def loop_config(args: argparse.Namespace, loop: Loop, out_dir: Path, cache_dir: 
                       mixed_precision=loop.mixed_precision, tf32=loop.precision != "fp32",
                       channels_last=loop.channels_last, compile=loop.compile, train_limit=args.train_limit,
                       eval_limit=min(args.train_limit or 1000, 1000), schedule="none", report_to="none",
-                      output_dir=str(out_dir / loop.name), cache_dir=cache_dir, seed=args.seed, log_every=10**9)
+                      output_dir=str(out_dir / loop.name), cache_dir=cache_dir, seed=args.seed, log_every=10**9,
+                      cpu_threads=torch.get_num_threads())  # the seed loop's threads, for all three loops
     cfg.validate()
     return cfg
 
@@ -469,7 +470,7 @@ def search_best(args: argparse.Namespace, device: torch.device, out_dir: Path, c
 def throughput(args: argparse.Namespace, device: torch.device, out_dir: Path, cache_dir: str | None,
                defaults: dict[str, Any]) -> dict[str, Any]:
     """seed_loop, distvgg_same and distvgg_best, in alternating timed windows."""
-    same = Loop("distvgg_same", GUIDE_BATCH, "fp32")
+    same = Loop("distvgg_same", GUIDE_BATCH, "fp32", channels_last=TrainConfig.channels_last)  # train.py's default
     best, search = best_loop(args), None
     if args.search_best:
         print("searching distvgg_best's settings (one window each):", flush=True)

@@ -57,6 +57,8 @@ class TrainConfig:
     """Normalisation standard deviation, for every channel (the guide's 0.5)."""
     num_workers: int = 0
     """DataLoader worker processes (batches are sliced from an in-memory tensor, so 0 is usually fastest)."""
+    cpu_threads: Optional[int] = None
+    """Threads per process when training on the CPU (default: physical cores / processes on this machine)."""
     data_on_device: str = "auto"
     """Keep the whole uint8 dataset on the training device: auto (on CUDA), yes or no."""
     # --- model
@@ -183,6 +185,8 @@ class TrainConfig:
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         need(self.std > 0, f"--std must be positive, got {self.std}")
         need(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
+        need(self.cpu_threads is None or self.cpu_threads >= 1,
+             f"--cpu-threads must be at least 1, got {self.cpu_threads}")
         need(self.max_grad_norm is None or self.max_grad_norm > 0,
              f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         need(bool(self.output_dir), "--output-dir must not be empty")

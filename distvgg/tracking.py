@@ -171,6 +171,7 @@ def run_facts(accelerator: Any) -> dict[str, Any]:
         "mixed_precision": str(accelerator.mixed_precision),
         "device": str(device),
         "device_name": name,
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "torchvision": str(torchvision.__version__),

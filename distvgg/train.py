@@ -140,10 +140,24 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay, **kernels)
 
 
+def cpu_threads(cfg: TrainConfig) -> int:
+    """``--cpu-threads``, else the machine's physical cores shared by its processes. A plain
+    ``accelerate launch`` (no config) sets OMP_NUM_THREADS=1, which halves a 2-core machine's
+    speed and leaves a laptop's other cores idle; Accelerate's own CPU configs use this rule."""
+    if cfg.cpu_threads:
+        return cfg.cpu_threads
+    import psutil
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (psutil.cpu_count(logical=False) or os.cpu_count() or 1) // local)
+
+
 def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
-    """Process-wide kernel switches for a CUDA run: TF32 matmuls and convolutions (``--tf32``, on by
-    default: fp32 storage with TF32 tensor-core math), and cuDNN's autotuner, since the input shape
-    never changes. Nothing changes on the CPU."""
+    """Process-wide kernel switches: CPU threads on the CPU; on CUDA, TF32 matmuls and convolutions
+    (``--tf32``, on by default: fp32 storage with TF32 tensor-core math), and cuDNN's autotuner,
+    since the input shape never changes."""
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg))
     if device.type != "cuda":
         return
     set_tf32(cfg.tf32)
