@@ -14,6 +14,18 @@ TINY = ["--model", "vgg3layer", "--width", "0.125", "--report-to", "none", "--lo
         "--batch-size", "8", "--eval-batch-size", "7"]
 
 
+def real_cifar10() -> Path | None:
+    """The shared real CIFAR-10 copy: $DISTVGG_REAL_DATA, else ``shared/data/cifar10-jpeg`` beside the
+    checkout or beside one of its parent folders (developers and CI have it at ``../shared``)."""
+    if os.environ.get("DISTVGG_REAL_DATA"):
+        return Path(os.environ["DISTVGG_REAL_DATA"])
+    for parent in REPO.parents:
+        candidate = parent / "shared" / "data" / "cifar10-jpeg"
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

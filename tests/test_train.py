@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from distvgg.models import build_model, load_pretrained
 from distvgg.tracking import read_metrics
 from tests.datagen import class_names, make_cifar_pickle_dataset, make_parquet_dataset
-from tests.helpers import TINY, ok, run_train
+from tests.helpers import TINY, ok, real_cifar10, run_train
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+REAL_DATA = real_cifar10()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_no_network_and_no_local_copy_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="needs ../shared/data/cifar10-jpeg")
+@pytest.mark.skipif(REAL_DATA is None or not REAL_DATA.is_dir(), reason="needs ../shared/data/cifar10-jpeg")
 def test_learns_real_cifar10(tmp_path):
     """Proof that learning happens: a narrow VGG3Layer on real CIFAR-10 beats chance (10%) by far."""
     out = tmp_path / "real"
