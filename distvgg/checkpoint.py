@@ -573,6 +573,8 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
         hook = os.environ.get("DISTVGG_TEST_STOP_AT_STEP", "")
         self._test_stop_at = int(hook) if hook.isdigit() else None
+        # Read once here, not in the per-step hook.
+        self.test_step_delay = float(os.environ.get("DISTVGG_TEST_STEP_DELAY", "0") or 0)
 
     def install(self) -> "StopSignals":
         for name in STOP_SIGNALS:
@@ -684,9 +686,8 @@ def after_step(run: Any, running_loss: torch.Tensor) -> None:
     saved = isinstance(every, int) and run.global_step % every == 0
     if saved:
         checkpoint_run(run, f"every {every} steps", running_loss)
-    delay = float(os.environ.get("DISTVGG_TEST_STEP_DELAY", "0") or 0)
-    if delay:
-        time.sleep(delay)
+    if run.stop is not None and run.stop.test_step_delay:
+        time.sleep(run.stop.test_step_delay)
     if run.global_step < run.total_steps and run.stop is not None and \
             run.stop.should_stop(run.accelerator, run.global_step):
         folder = run.last_checkpoint if saved else checkpoint_run(run, run.stop.reason, running_loss)
