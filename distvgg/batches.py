@@ -8,7 +8,7 @@ so that tests can record exactly which samples a run has seen.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -60,8 +60,10 @@ class EpochSampler(Sampler[int]):
 
     def __init__(self, num_samples: int, seed: int, global_batch: int = 1, shuffle: bool = True) -> None:
         if num_samples < global_batch:
-            raise ValueError(f"the training set has {num_samples} images, fewer than one global batch of "
-                             f"{global_batch}: lower --batch-size or --gradient-accumulation-steps, or use more data")
+            raise ValueError(
+                f"the training set has {num_samples} images, fewer than one global batch of "
+                f"{global_batch}: lower --batch-size or --gradient-accumulation-steps, or use more data"
+            )
         self.num_samples, self.seed, self.global_batch, self.shuffle = num_samples, seed, global_batch, shuffle
         self.epoch, self.start = 0, 0
 
@@ -88,16 +90,30 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         end = self.steps_per_epoch * self.global_batch
-        yield from self.order(self.epoch)[self.start:end].tolist()
+        yield from self.order(self.epoch)[self.start : end].tolist()
 
 
-def train_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, global_batch: int, seed: int,
-                 num_workers: int = 0, pin_memory: bool = False) -> tuple[DataLoader, EpochSampler]:
+def train_loader(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    global_batch: int,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> tuple[DataLoader, EpochSampler]:
     """A DataLoader of per-process uint8 batches and its sampler (to set the epoch and position)."""
     sampler = EpochSampler(len(images), seed, global_batch)
-    loader = DataLoader(IndexedImages(images, labels), batch_size=batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=keep_batch, num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=num_workers > 0)
+    loader = DataLoader(
+        IndexedImages(images, labels),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=keep_batch,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
     return loader, sampler
 
 
@@ -116,8 +132,9 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 33)
 
 
-def augment(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int, pad: int = 4,
-            flip: bool = True) -> torch.Tensor:
+def augment(
+    images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int, pad: int = 4, flip: bool = True
+) -> torch.Tensor:
     """Random crop with zero padding ``pad`` and horizontal flip, for a whole uint8 batch at once.
 
     The random draws are a hash of (seed, epoch, sample index), not of a generator's state, so a
@@ -132,7 +149,7 @@ def augment(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int, 
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     ar_h = torch.arange(h, device=images.device)
     ar_w = torch.arange(w, device=images.device)
-    rows = dy[:, None] + ar_h                                               # (N, H)
+    rows = dy[:, None] + ar_h  # (N, H)
     cols = dx[:, None] + torch.where(flipped[:, None], w - 1 - ar_w, ar_w)  # (N, W)
     b = torch.arange(n, device=images.device)[:, None, None, None]
     ch = torch.arange(c, device=images.device)[None, :, None, None]

@@ -31,9 +31,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -73,8 +74,11 @@ BEST: dict[str, Loop] = {
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m distvgg.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m distvgg.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--dataset", help=f"dataset folder or Hub name (default: {DEFAULT_DATASET} when it exists)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--model", default="vgg3layer")
@@ -82,21 +86,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed steps per window (default: cpu 8, cuda 100; --tiny 2)")
     p.add_argument("--warmup-steps", type=int, help="untimed steps first (default: cpu 2, cuda 20; --tiny 1)")
     p.add_argument("--repeats", type=int, help="timed windows per loop; figures are medians (default 5; --tiny 2)")
-    p.add_argument("--train-limit", type=int,
-                   help=f"train on this many images (default all; --tiny {TINY_TRAIN_IMAGES})")
+    p.add_argument(
+        "--train-limit", type=int, help=f"train on this many images (default all; --tiny {TINY_TRAIN_IMAGES})"
+    )
     p.add_argument("--best-batch-size", type=int, help="distvgg_best's batch (default: this device's BEST)")
     p.add_argument("--best-precision", choices=("fp32", "tf32", "bf16", "fp16"), help="distvgg_best's precision")
     p.add_argument("--best-channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile distvgg_best (compile time reported apart)")
-    p.add_argument("--search-best", action="store_true",
-                   help="time batch x precision x channels_last candidates first; the fastest is distvgg_best")
+    p.add_argument(
+        "--search-best",
+        action="store_true",
+        help="time batch x precision x channels_last candidates first; the fastest is distvgg_best",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--cache-dir", help="decoded-data cache (default: distvgg's)")
-    p.add_argument("--fresh-cache", action="store_true",
-                   help="decode into a temporary cache, so the first load measures a full decode")
-    p.add_argument("--time-to-accuracy", type=float, metavar="TARGET",
-                   help="also train --recipe on the test split and record training seconds until test accuracy "
-                        ">= TARGET (0.88 or 88)")
+    p.add_argument(
+        "--fresh-cache",
+        action="store_true",
+        help="decode into a temporary cache, so the first load measures a full decode",
+    )
+    p.add_argument(
+        "--time-to-accuracy",
+        type=float,
+        metavar="TARGET",
+        help="also train --recipe on the test split and record training seconds until test accuracy "
+        ">= TARGET (0.88 or 88)",
+    )
     p.add_argument("--recipe", default="fast", help="recipe for --time-to-accuracy (default: fast)")
     p.add_argument("--epochs", type=int, help="--time-to-accuracy: override the recipe's epochs")
     p.add_argument("--no-throughput", action="store_true", help="skip the three-loop comparison")
@@ -114,26 +129,35 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError("--device cuda: torch sees no CUDA GPU here; use --device cpu")
     if args.dataset is None:
         if not Path(DEFAULT_DATASET).is_dir():
-            raise ConfigError(f"no --dataset given and {DEFAULT_DATASET} does not exist here; "
-                              f"pass --dataset DIR (a CIFAR-10 copy, see the README's Data section)")
+            raise ConfigError(
+                f"no --dataset given and {DEFAULT_DATASET} does not exist here; "
+                f"pass --dataset DIR (a CIFAR-10 copy, see the README's Data section)"
+            )
         args.dataset = DEFAULT_DATASET
     cpu = args.device == "cpu"
     tiny = args.tiny
-    defaults = {"width": TINY_WIDTH if tiny else 1.0, "steps": 2 if tiny else (8 if cpu else 100),
-                "warmup_steps": 1 if tiny else (2 if cpu else 20), "repeats": 2 if tiny else 5,
-                "train_limit": TINY_TRAIN_IMAGES if tiny else None}
+    defaults = {
+        "width": TINY_WIDTH if tiny else 1.0,
+        "steps": 2 if tiny else (8 if cpu else 100),
+        "warmup_steps": 1 if tiny else (2 if cpu else 20),
+        "repeats": 2 if tiny else 5,
+        "train_limit": TINY_TRAIN_IMAGES if tiny else None,
+    }
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    problems = [f"--{n.replace('_', '-')} must be at least 1, got {getattr(args, n)}"
-                for n in ("steps", "repeats", "train_limit", "best_batch_size", "threads", "epochs")
-                if getattr(args, n) is not None and getattr(args, n) < 1]
+    problems = [
+        f"--{n.replace('_', '-')} must be at least 1, got {getattr(args, n)}"
+        for n in ("steps", "repeats", "train_limit", "best_batch_size", "threads", "epochs")
+        if getattr(args, n) is not None and getattr(args, n) < 1
+    ]
     problems += [f"--warmup-steps must be >= 0, got {args.warmup_steps}"] if args.warmup_steps < 0 else []
     if args.time_to_accuracy is not None:
         target = args.time_to_accuracy / 100 if args.time_to_accuracy > 1 else args.time_to_accuracy
         if not 0 <= target <= 1:
-            problems.append(f"--time-to-accuracy must be an accuracy in [0, 1] or a percentage, got "
-                            f"{args.time_to_accuracy}")
+            problems.append(
+                f"--time-to-accuracy must be an accuracy in [0, 1] or a percentage, got {args.time_to_accuracy}"
+            )
         args.time_to_accuracy = target
     if args.best_precision == "tf32" and cpu:
         problems.append("--best-precision tf32 needs --device cuda (the CPU has no TF32)")
@@ -160,6 +184,7 @@ def best_loop(args: argparse.Namespace) -> Loop:
 # Facts: device, versions, load
 # --------------------------------------------------------------------------------------------------
 
+
 def cpu_name() -> str:
     """The CPU model as /proc/cpuinfo names it (platform's answer elsewhere)."""
     try:
@@ -172,8 +197,12 @@ def cpu_name() -> str:
 
 
 def device_facts(device: torch.device) -> dict[str, Any]:
-    facts: dict[str, Any] = {"type": device.type, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-                             "torch_threads": torch.get_num_threads()}
+    facts: dict[str, Any] = {
+        "type": device.type,
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         facts["name"] = torch.cuda.get_device_name(device)
         facts["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
@@ -214,6 +243,7 @@ def synchronize(device: torch.device) -> None:
 # The guide's loop
 # --------------------------------------------------------------------------------------------------
 
+
 def guide_dataset(images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> Any:
     """torchvision's ``CIFAR10`` over already decoded images, so that its own ``__getitem__`` runs:
     ``Image.fromarray`` on an HWC uint8 array, then the transform, one sample at a time."""
@@ -232,23 +262,27 @@ def guide_dataset(images: torch.Tensor, labels: torch.Tensor, transform: Callabl
 class GuideLoop:
     """The guide's training code, word for word, cut into windows of ``n`` steps."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, args: argparse.Namespace,
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int,
+        args: argparse.Namespace,
+        device: torch.device,
+    ) -> None:
         from torch.utils.data import DataLoader
         from torchvision import transforms
 
         from distvgg.models import build_model
 
-        transform = transforms.Compose([
-            transforms.ToTensor(),
-            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-        ])
+        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
         trainset = guide_dataset(images, labels, transform)
         trainloader = DataLoader(trainset, batch_size=GUIDE_BATCH, shuffle=True)
         torch.manual_seed(args.seed)
         self.device = device
-        self.model = build_model(args.model, num_classes, width=args.width,
-                                 image_size=tuple(images.shape[-2:])).to(device)
+        self.model = build_model(args.model, num_classes, width=args.width, image_size=tuple(images.shape[-2:])).to(
+            device
+        )
         self.criterion = nn.CrossEntropyLoss()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.batches = endless(trainloader)
@@ -268,7 +302,7 @@ class GuideLoop:
             optimizer.step()
             running_loss += loss.item()
             if batch_idx % 100 == 99:
-                print(f'[{1}, {batch_idx + 1:5d}] loss: {running_loss / 100:.3f}', file=self.log)
+                print(f"[{1}, {batch_idx + 1:5d}] loss: {running_loss / 100:.3f}", file=self.log)
                 running_loss = 0.0
 
 
@@ -282,13 +316,27 @@ def endless(loader: Any) -> Iterator[Any]:
 # distvgg's loop: train.setup + train.train_step
 # --------------------------------------------------------------------------------------------------
 
+
 def loop_config(args: argparse.Namespace, loop: Loop, out_dir: Path, cache_dir: str | None) -> TrainConfig:
-    cfg = TrainConfig(dataset=args.dataset, model=args.model, width=args.width, batch_size=loop.batch_size,
-                      mixed_precision=loop.mixed_precision, tf32=loop.precision != "fp32",
-                      channels_last=loop.channels_last, compile=loop.compile, train_limit=args.train_limit,
-                      eval_limit=min(args.train_limit or 1000, 1000), schedule="none", report_to="none",
-                      output_dir=str(out_dir / loop.name), cache_dir=cache_dir, seed=args.seed, log_every=10**9,
-                      cpu_threads=torch.get_num_threads())  # the seed loop's threads, for all three loops
+    cfg = TrainConfig(
+        dataset=args.dataset,
+        model=args.model,
+        width=args.width,
+        batch_size=loop.batch_size,
+        mixed_precision=loop.mixed_precision,
+        tf32=loop.precision != "fp32",
+        channels_last=loop.channels_last,
+        compile=loop.compile,
+        train_limit=args.train_limit,
+        eval_limit=min(args.train_limit or 1000, 1000),
+        schedule="none",
+        report_to="none",
+        output_dir=str(out_dir / loop.name),
+        cache_dir=cache_dir,
+        seed=args.seed,
+        log_every=10**9,
+        cpu_threads=torch.get_num_threads(),
+    )  # the seed loop's threads, for all three loops
     cfg.validate()
     return cfg
 
@@ -312,7 +360,7 @@ class DistvggLoop:
         self.batches = self._batches()
 
     @classmethod
-    def setup(cls, cfg: TrainConfig, accelerator: Any) -> "DistvggLoop":
+    def setup(cls, cfg: TrainConfig, accelerator: Any) -> DistvggLoop:
         started = time.perf_counter()
         run = train.setup(cfg, accelerator)
         return cls(run, time.perf_counter() - started)
@@ -332,8 +380,15 @@ class DistvggLoop:
         loss = None
         for _ in range(n):
             epoch, batch = next(self.batches)
-            loss = train.train_step(run.model, run.criterion, run.optimizer, run.scheduler, run.accelerator,
-                                    [run.prepare_batch(batch, epoch, True)], run.cfg.max_grad_norm)
+            loss = train.train_step(
+                run.model,
+                run.criterion,
+                run.optimizer,
+                run.scheduler,
+                run.accelerator,
+                [run.prepare_batch(batch, epoch, True)],
+                run.cfg.max_grad_norm,
+            )
         if loss is not None:
             loss.item()  # one host sync at the end of the window, as at train_epoch's log points
 
@@ -341,6 +396,7 @@ class DistvggLoop:
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
+
 
 def cuda_flags(defaults: dict[str, Any], tf32: bool | None, benchmark: bool) -> dict[str, Any]:
     """A loop's CUDA switches: TF32 on or off, or torch's defaults (``None``, as the guide runs), and
@@ -404,10 +460,16 @@ class Timed:
         self.windows.append(steps * self.loop.batch_size / self.time_steps(steps, device))
 
     def summary(self) -> dict[str, Any]:
-        return {"images_per_second": round(statistics.median(self.windows), 2), "batch_size": self.loop.batch_size,
-                "precision": self.loop.precision, "channels_last": self.loop.channels_last,
-                "compile": self.loop.compile, "windows_images_per_second": [round(w, 2) for w in self.windows],
-                "setup_seconds": round(self.setup_seconds, 3), "first_step_seconds": round(self.first_step_seconds, 3)}
+        return {
+            "images_per_second": round(statistics.median(self.windows), 2),
+            "batch_size": self.loop.batch_size,
+            "precision": self.loop.precision,
+            "channels_last": self.loop.channels_last,
+            "compile": self.loop.compile,
+            "windows_images_per_second": [round(w, 2) for w in self.windows],
+            "setup_seconds": round(self.setup_seconds, 3),
+            "first_step_seconds": round(self.first_step_seconds, 3),
+        }
 
 
 def paired_ratio(windows: list[float], seed_windows: list[float]) -> float:
@@ -418,6 +480,7 @@ def paired_ratio(windows: list[float], seed_windows: list[float]) -> float:
 # --------------------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------------------
+
 
 def load_timed(dataset: str, cache_dir: str | None) -> dict[str, Any]:
     """Load the data twice through ``distvgg.data``: the first load decodes unless the cache has it, the
@@ -434,13 +497,18 @@ def load_timed(dataset: str, cache_dir: str | None) -> dict[str, Any]:
     decoded = any(" decoded " in line for line in lines)
     for line in lines:
         print(line)
-    return {"data_first_load_seconds": round(first, 3), "data_first_load": "decoded" if decoded else "cache",
-            "data_cached_load_seconds": round(cached, 3), "train_images": len(data.train),
-            "test_images": len(data.test)}
+    return {
+        "data_first_load_seconds": round(first, 3),
+        "data_first_load": "decoded" if decoded else "cache",
+        "data_cached_load_seconds": round(cached, 3),
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+    }
 
 
-def search_best(args: argparse.Namespace, device: torch.device, out_dir: Path, cache_dir: str | None,
-                defaults: dict[str, Any]) -> tuple[Loop, list[dict[str, Any]]]:
+def search_best(
+    args: argparse.Namespace, device: torch.device, out_dir: Path, cache_dir: str | None, defaults: dict[str, Any]
+) -> tuple[Loop, list[dict[str, Any]]]:
     """Time each candidate for one window through distvgg's path and return the fastest."""
     batch_sizes = (64, 128, 256, 512) if device.type == "cpu" else (256, 512, 1024)
     if args.tiny:
@@ -459,16 +527,20 @@ def search_best(args: argparse.Namespace, device: torch.device, out_dir: Path, c
                 timed.warm_up(args.warmup_steps, device)
                 timed.measure(args.steps, device)
                 results.append({**asdict(loop), "images_per_second": round(timed.windows[0], 2)})
-                print(f"  candidate batch {batch_size:4d} {precision} channels_last={channels_last}: "
-                      f"{timed.windows[0]:,.1f} images/s", flush=True)
+                print(
+                    f"  candidate batch {batch_size:4d} {precision} channels_last={channels_last}: "
+                    f"{timed.windows[0]:,.1f} images/s",
+                    flush=True,
+                )
                 del timed
     fastest = max(results, key=lambda r: r["images_per_second"])
     fastest = {k: v for k, v in fastest.items() if k in {f.name for f in fields(Loop)}}
     return Loop(**{**fastest, "name": "distvgg_best"}), results
 
 
-def throughput(args: argparse.Namespace, device: torch.device, out_dir: Path, cache_dir: str | None,
-               defaults: dict[str, Any]) -> dict[str, Any]:
+def throughput(
+    args: argparse.Namespace, device: torch.device, out_dir: Path, cache_dir: str | None, defaults: dict[str, Any]
+) -> dict[str, Any]:
     """seed_loop, distvgg_same and distvgg_best, in alternating timed windows."""
     same = Loop("distvgg_same", GUIDE_BATCH, "fp32", channels_last=TrainConfig.channels_last)  # train.py's default
     best, search = best_loop(args), None
@@ -481,9 +553,12 @@ def throughput(args: argparse.Namespace, device: torch.device, out_dir: Path, ca
     data, train_split, _ = train.load_data(same_cfg, accelerator)
     # The guide's loop sees the very images distvgg trains on (the same --train-limit subset).
     started = time.perf_counter()
-    guide = Timed(Loop("seed_loop", GUIDE_BATCH, "fp32"),
-                  GuideLoop(train_split.images, train_split.labels, data.num_classes, args, device), defaults,
-                  setup_seconds=time.perf_counter() - started)
+    guide = Timed(
+        Loop("seed_loop", GUIDE_BATCH, "fp32"),
+        GuideLoop(train_split.images, train_split.labels, data.num_classes, args, device),
+        defaults,
+        setup_seconds=time.perf_counter() - started,
+    )
     del data, train_split
     # distvgg_same computes in the guide's precision (torch's defaults) with distvgg's cuDNN autotuning.
     loops = [guide, Timed(same, DistvggLoop.setup(same_cfg, accelerator), cuda_flags(defaults, None, True))]
@@ -505,8 +580,10 @@ def throughput(args: argparse.Namespace, device: torch.device, out_dir: Path, ca
     result: dict[str, Any] = {t.loop.name: t.summary() for t in loops}
     result["ratio_same_vs_seed"] = paired_ratio(loops[1].windows, guide.windows)
     result["ratio_best_vs_seed"] = paired_ratio(loops[2].windows, guide.windows)
-    result["ratio_method"] = ("median over the rounds of a loop's images/s over the seed loop's, the loops "
-                              "timed one after another in each round")
+    result["ratio_method"] = (
+        "median over the rounds of a loop's images/s over the seed loop's, the loops "
+        "timed one after another in each round"
+    )
     if search is not None:
         result["best_search"] = search
     return result
@@ -532,14 +609,25 @@ def check_precision(run: train.Run, loop: Loop) -> None:
         raise RuntimeError(f"{loop.name} should compute in {expected} but its first convolution gave {seen}")
 
 
-def time_to_accuracy(args: argparse.Namespace, device: torch.device, out_dir: Path,
-                     cache_dir: str | None) -> dict[str, Any]:
+def time_to_accuracy(
+    args: argparse.Namespace, device: torch.device, out_dir: Path, cache_dir: str | None
+) -> dict[str, Any]:
     """Train ``--recipe`` through ``train.setup``/``train.train_epoch``, evaluate the test split after every
     epoch, and record the training seconds (evaluation excluded) until the accuracy first reaches the target.
     A few warm-up steps run first on the same model and are undone, so compilation and autotuning are
     reported as one-time costs instead of training time."""
-    argv = ["--recipe", args.recipe, "--dataset", args.dataset, "--report-to", "none",
-            "--output-dir", str(out_dir / "time_to_accuracy"), "--seed", str(args.seed)]
+    argv = [
+        "--recipe",
+        args.recipe,
+        "--dataset",
+        args.dataset,
+        "--report-to",
+        "none",
+        "--output-dir",
+        str(out_dir / "time_to_accuracy"),
+        "--seed",
+        str(args.seed),
+    ]
     if cache_dir:
         argv += ["--cache-dir", cache_dir]
     if args.tiny:
@@ -576,26 +664,42 @@ def time_to_accuracy(args: argparse.Namespace, device: torch.device, out_dir: Pa
         synchronize(device)
         train_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = train.evaluate(run.model, run.test_dl, accelerator, run.prepare_batch, len(run.class_names),
-                                tta=cfg.tta)
+        result = train.evaluate(
+            run.model, run.test_dl, accelerator, run.prepare_batch, len(run.class_names), tta=cfg.tta
+        )
         eval_seconds += time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "accuracy": round(result["accuracy"], 4),
-                        "train_seconds": round(train_seconds, 3)})
-        print(f"  epoch {epoch + 1}: test accuracy {100 * result['accuracy']:.2f}% after "
-              f"{train_seconds:.1f} s of training", flush=True)
+        history.append(
+            {"epoch": epoch + 1, "accuracy": round(result["accuracy"], 4), "train_seconds": round(train_seconds, 3)}
+        )
+        print(
+            f"  epoch {epoch + 1}: test accuracy {100 * result['accuracy']:.2f}% after "
+            f"{train_seconds:.1f} s of training",
+            flush=True,
+        )
         if reached is None and result["accuracy"] >= args.time_to_accuracy:
             reached = history[-1]
     accelerator.end_training()
-    return {"target": args.time_to_accuracy, "recipe": args.recipe, "reached": reached is not None,
-            "train_seconds_to_target": reached["train_seconds"] if reached else None,
-            "epochs_to_target": reached["epoch"] if reached else None,
-            "final_accuracy": history[-1]["accuracy"], "best_accuracy": max(h["accuracy"] for h in history),
-            "epochs": len(history), "train_seconds_total": round(train_seconds, 3),
-            "eval_seconds_total": round(eval_seconds, 3), "test_images": result["count"],
-            "images_per_second": round(run.global_step * run.global_batch / train_seconds, 2),
-            "one_time_costs": {"setup_seconds": round(setup_seconds, 3), "warmup_seconds": round(warmup_seconds, 3),
-                               "compile": cfg.compile},
-            "history": history, "config": cfg.to_dict()}
+    return {
+        "target": args.time_to_accuracy,
+        "recipe": args.recipe,
+        "reached": reached is not None,
+        "train_seconds_to_target": reached["train_seconds"] if reached else None,
+        "epochs_to_target": reached["epoch"] if reached else None,
+        "final_accuracy": history[-1]["accuracy"],
+        "best_accuracy": max(h["accuracy"] for h in history),
+        "epochs": len(history),
+        "train_seconds_total": round(train_seconds, 3),
+        "eval_seconds_total": round(eval_seconds, 3),
+        "test_images": result["count"],
+        "images_per_second": round(run.global_step * run.global_batch / train_seconds, 2),
+        "one_time_costs": {
+            "setup_seconds": round(setup_seconds, 3),
+            "warmup_seconds": round(warmup_seconds, 3),
+            "compile": cfg.compile,
+        },
+        "history": history,
+        "config": cfg.to_dict(),
+    }
 
 
 def warm_up_and_restore(run: train.Run, steps: int, device: torch.device) -> float:
@@ -603,8 +707,12 @@ def warm_up_and_restore(run: train.Run, steps: int, device: torch.device) -> flo
     scaler back as they were. Returns the seconds the warm-up took."""
     acc = run.accelerator
     model = acc.unwrap_model(run.model)
-    saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, copy.deepcopy(run.optimizer.state_dict()),
-             copy.deepcopy(run.scheduler.state_dict()), acc.scaler.state_dict() if acc.scaler is not None else None)
+    saved = (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        copy.deepcopy(run.optimizer.state_dict()),
+        copy.deepcopy(run.scheduler.state_dict()),
+        acc.scaler.state_dict() if acc.scaler is not None else None,
+    )
     started = time.perf_counter()
     DistvggLoop(run).steps(steps)
     synchronize(device)
@@ -624,14 +732,19 @@ def warm_up_and_restore(run: train.Run, steps: int, device: torch.device) -> flo
 # Output
 # --------------------------------------------------------------------------------------------------
 
+
 def table(result: dict[str, Any]) -> str:
     rows = [f"{'loop':<14} {'batch':>5}  {'precision':<9} {'images/s':>10}  {'vs seed':>7}"]
-    ratios = {"seed_loop": 1.0, "distvgg_same": result["ratio_same_vs_seed"],
-              "distvgg_best": result["ratio_best_vs_seed"]}
+    ratios = {
+        "seed_loop": 1.0,
+        "distvgg_same": result["ratio_same_vs_seed"],
+        "distvgg_best": result["ratio_best_vs_seed"],
+    }
     for name, ratio in ratios.items():
         r = result[name]
-        rows.append(f"{name:<14} {r['batch_size']:>5}  {r['precision']:<9} {r['images_per_second']:>10,.1f}  "
-                    f"{ratio:>7.2f}")
+        rows.append(
+            f"{name:<14} {r['batch_size']:>5}  {r['precision']:<9} {r['images_per_second']:>10,.1f}  {ratio:>7.2f}"
+        )
     return "\n".join(rows)
 
 
@@ -651,11 +764,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["ACCELERATE_USE_CPU"] = "true"  # Accelerate would otherwise pick a GPU when there is one
     device = torch.device(args.device)
     defaults = backend_flags()
-    result: dict[str, Any] = {"benchmark": "distvgg.bench", "command": "python -m distvgg.bench " + " ".join(argv),
-                              "device": device_facts(device), "versions": versions(), "model": args.model,
-                              "width": args.width, "dataset": args.dataset, "train_limit": args.train_limit,
-                              "steps": args.steps, "warmup_steps": args.warmup_steps, "repeats": args.repeats,
-                              "load_average_start": load_average()}
+    result: dict[str, Any] = {
+        "benchmark": "distvgg.bench",
+        "command": "python -m distvgg.bench " + " ".join(argv),
+        "device": device_facts(device),
+        "versions": versions(),
+        "model": args.model,
+        "width": args.width,
+        "dataset": args.dataset,
+        "train_limit": args.train_limit,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "repeats": args.repeats,
+        "load_average_start": load_average(),
+    }
     try:
         with tempfile.TemporaryDirectory(prefix="distvgg-bench-") as tmp:
             cache_dir = str(Path(tmp) / "cache") if args.fresh_cache else args.cache_dir
@@ -667,9 +789,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.time_to_accuracy is not None:
                 result["time_to_accuracy"] = time_to_accuracy(args, device, Path(tmp), cache_dir)
                 t = result["time_to_accuracy"]
-                print(f"time to {100 * t['target']:.1f}%: " + (f"{t['train_seconds_to_target']:.1f} s of training "
-                      f"(epoch {t['epochs_to_target']})" if t["reached"] else
-                      f"not reached in {t['epochs']} epochs (best {100 * t['best_accuracy']:.2f}%)"))
+                print(
+                    f"time to {100 * t['target']:.1f}%: "
+                    + (
+                        f"{t['train_seconds_to_target']:.1f} s of training (epoch {t['epochs_to_target']})"
+                        if t["reached"]
+                        else f"not reached in {t['epochs']} epochs (best {100 * t['best_accuracy']:.2f}%)"
+                    )
+                )
     except (ConfigError, DataError) as e:
         print(f"distvgg.bench: error: {e}", file=sys.stderr)
         return 1

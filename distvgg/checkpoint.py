@@ -47,9 +47,10 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -108,10 +109,34 @@ def step_folder_name(step: int) -> str:
 # Options that change the numbers a run computes: resuming with any of them changed would not
 # continue the same run (several are also stored inside the optimizer/scheduler state and would be
 # silently overridden by it), so resume refuses and lists the differences.
-EXACT_OPTIONS = ("model", "width", "dropout", "channels_last", "sync_bn", "compile", "epochs", "max_steps",
-                 "optimizer", "optimizer_impl", "lr", "momentum", "nesterov", "weight_decay", "schedule",
-                 "warmup_steps", "label_smoothing", "max_grad_norm", "seed", "augment", "mean", "std",
-                 "train_limit", "ddp_comm_hook", "gradient_accumulation_steps", "tf32")
+EXACT_OPTIONS = (
+    "model",
+    "width",
+    "dropout",
+    "channels_last",
+    "sync_bn",
+    "compile",
+    "epochs",
+    "max_steps",
+    "optimizer",
+    "optimizer_impl",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "schedule",
+    "warmup_steps",
+    "label_smoothing",
+    "max_grad_norm",
+    "seed",
+    "augment",
+    "mean",
+    "std",
+    "train_limit",
+    "ddp_comm_hook",
+    "gradient_accumulation_steps",
+    "tf32",
+)
 
 
 @dataclass
@@ -146,14 +171,16 @@ class TrainingState:
         return json.dumps({**dataclasses.asdict(self), "sample_position": self.sample_position}, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "TrainingState":
+    def from_json(cls, text: str, where: str) -> TrainingState:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{where} is not valid JSON ({e})") from e
         if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{where}: unknown training-state format {data.get('format') if isinstance(data, dict) else data!r}"
-                                  f" (this version of distvgg reads format {FORMAT_VERSION})")
+            raise CheckpointError(
+                f"{where}: unknown training-state format {data.get('format') if isinstance(data, dict) else data!r}"
+                f" (this version of distvgg reads format {FORMAT_VERSION})"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             return cls(**{k: v for k, v in data.items() if k in names})
@@ -281,9 +308,14 @@ def latest_good(output_dir: str | os.PathLike, say: Say) -> Path | None:
         problems.append(f"{folder}: {problem}")
         say(f"warning: ignoring checkpoint {folder}: {problem}")
     if problems:
-        raise CheckpointError("no usable checkpoint in " + str(Path(output_dir) / CHECKPOINTS_DIR) + ":\n  - "
-                              + "\n  - ".join(problems) + "\nMove these folders away (or pass --resume none, which "
-                              "moves the run's outputs aside) to start over, or --resume PATH to use another checkpoint.")
+        raise CheckpointError(
+            "no usable checkpoint in "
+            + str(Path(output_dir) / CHECKPOINTS_DIR)
+            + ":\n  - "
+            + "\n  - ".join(problems)
+            + "\nMove these folders away (or pass --resume none, which "
+            "moves the run's outputs aside) to start over, or --resume PATH to use another checkpoint."
+        )
     return None
 
 
@@ -297,7 +329,7 @@ def rotate(output_dir: str | os.PathLike, keep_last: int, newest_good: Path | No
     marked = [folder for _, folder in step_folders(output_dir) if (folder / MARKER_FILE).is_file()]
     if newest_good is None:
         newest_good = next((f for f in reversed(marked) if verify(f) is None), None)
-    doomed = [f for f in marked[:-max(1, keep_last)] if newest_good is None or f.resolve() != newest_good.resolve()]
+    doomed = [f for f in marked[: -max(1, keep_last)] if newest_good is None or f.resolve() != newest_good.resolve()]
     for folder in doomed:
         shutil.rmtree(folder, ignore_errors=True)
     return doomed
@@ -374,10 +406,13 @@ def check_loadable(folder: str | os.PathLike, process_index: int | None = None) 
                 f"refusing to load {path}: it holds Python objects other than tensors, numbers and "
                 f"containers (torch.load(weights_only=True) refused it: {first}). A checkpoint file that would "
                 f"run code when loaded may have been tampered with: delete {Path(folder)} or resume from "
-                f"another checkpoint with --resume PATH") from e
+                f"another checkpoint with --resume PATH"
+            ) from e
         except Exception as e:  # noqa: BLE001 - any other failure is an unreadable file
-            raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); the checkpoint is damaged: "
-                                  f"delete {Path(folder)} or resume from another one with --resume PATH") from e
+            raise CheckpointError(
+                f"cannot read {path} ({type(e).__name__}: {e}); the checkpoint is damaged: "
+                f"delete {Path(folder)} or resume from another one with --resume PATH"
+            ) from e
 
 
 def restore_rng(folder: str | os.PathLike, process_index: int) -> bool:
@@ -402,8 +437,14 @@ def restore_rng(folder: str | os.PathLike, process_index: int) -> bool:
 # ----------------------------------------------------------------------------------- collective save
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | os.PathLike, state: TrainingState, keep_last: int,
-                    say: Say, previous: Path | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Any,
+    output_dir: str | os.PathLike,
+    state: TrainingState,
+    keep_last: int,
+    say: Say,
+    previous: Path | None = None,
+) -> Path:
     """Write one checkpoint; every process calls this at the same step.
 
     ``accelerator.save_state`` (model in safetensors, optimizer, scheduler, GradScaler, each
@@ -429,8 +470,7 @@ def save_checkpoint(accelerator: Any, output_dir: str | os.PathLike, state: Trai
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(state.to_json())
         if os.environ.get("DISTVGG_TEST_FAIL_CHECKPOINT_AT") == str(state.global_step):
-            raise OSError(f"DISTVGG_TEST_FAIL_CHECKPOINT_AT={state.global_step}: simulated failure while "
-                          f"writing {tmp}")
+            raise OSError(f"DISTVGG_TEST_FAIL_CHECKPOINT_AT={state.global_step}: simulated failure while writing {tmp}")
     accelerator.wait_for_everyone()  # every process's files are in tmp
     if accelerator.is_main_process:
         write_marker(tmp)
@@ -457,9 +497,11 @@ def load_checkpoint(accelerator: Any, folder: str | os.PathLike) -> None:
     except Exception as e:  # noqa: BLE001 - whatever Accelerate/torch raise, say which checkpoint
         raise CheckpointError(f"cannot load checkpoint {folder}: {type(e).__name__}: {e}") from e
     if not restore_rng(folder, accelerator.process_index):
-        raise CheckpointError(f"{folder} has no random_states_{accelerator.process_index}.pkl for process "
-                              f"{accelerator.process_index}: with several machines, OUTPUT_DIR must be on a "
-                              f"filesystem they all share")
+        raise CheckpointError(
+            f"{folder} has no random_states_{accelerator.process_index}.pkl for process "
+            f"{accelerator.process_index}: with several machines, OUTPUT_DIR must be on a "
+            f"filesystem they all share"
+        )
 
 
 # ------------------------------------------------------------------------------ starting or resuming
@@ -484,8 +526,10 @@ def check_writable(output_dir: str | os.PathLike) -> None:
         probe.write_text("ok\n")
         probe.unlink()
     except OSError as e:
-        raise CheckpointError(f"cannot write to --output-dir {path} ({e.strerror or e}): choose a folder you can "
-                              f"write to, or fix its permissions") from e
+        raise CheckpointError(
+            f"cannot write to --output-dir {path} ({e.strerror or e}): choose a folder you can "
+            f"write to, or fix its permissions"
+        ) from e
 
 
 def move_aside(output_dir: str | os.PathLike) -> Path | None:
@@ -512,8 +556,10 @@ def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: Say) 
     if resume not in ("auto", "none"):
         folder = Path(resume).expanduser()
         if not folder.exists():
-            raise CheckpointError(f"--resume {resume}: no such checkpoint folder. Pass a folder such as "
-                                  f"{Path(output_dir) / CHECKPOINTS_DIR / step_folder_name(400)}, or --resume auto")
+            raise CheckpointError(
+                f"--resume {resume}: no such checkpoint folder. Pass a folder such as "
+                f"{Path(output_dir) / CHECKPOINTS_DIR / step_folder_name(400)}, or --resume auto"
+            )
         problem = verify(folder)
         if problem:
             raise CheckpointError(f"--resume {resume} is not a usable checkpoint: {problem}")
@@ -537,9 +583,12 @@ def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: Say) 
 
 
 def _changed_message(where: Path, diff: list[str]) -> str:
-    return (f"this run's settings differ from those of {where}, so it cannot continue it exactly:\n  - "
-            + "\n  - ".join(diff) + "\nRun with the checkpoint's settings to continue it, or start a new run: "
-            "another --output-dir, or --resume none (which moves the earlier outputs aside, deleting nothing).")
+    return (
+        f"this run's settings differ from those of {where}, so it cannot continue it exactly:\n  - "
+        + "\n  - ".join(diff)
+        + "\nRun with the checkpoint's settings to continue it, or start a new run: "
+        "another --output-dir, or --resume none (which moves the earlier outputs aside, deleting nothing)."
+    )
 
 
 def check_compatible(folder: str | os.PathLike, state: TrainingState, now: dict[str, Any]) -> None:
@@ -550,8 +599,11 @@ def check_compatible(folder: str | os.PathLike, state: TrainingState, now: dict[
     sizes = [d for d in diff if d.startswith("image_size:")]
     if sizes:
         old, new = state.exact.get("image_size"), now.get("image_size")
-        diff.insert(0, f"the checkpoint's model was trained on {old[0]}x{old[1]} images but the dataset has "
-                       f"{new[0]}x{new[1]} images: its layers do not fit them (use the dataset it was trained on)")
+        diff.insert(
+            0,
+            f"the checkpoint's model was trained on {old[0]}x{old[1]} images but the dataset has "
+            f"{new[0]}x{new[1]} images: its layers do not fit them (use the dataset it was trained on)",
+        )
     raise CheckpointError(_changed_message(Path(folder), diff))
 
 
@@ -576,7 +628,7 @@ class StopSignals:
         # Read once here, not in the per-step hook.
         self.test_step_delay = float(os.environ.get("DISTVGG_TEST_STEP_DELAY", "0") or 0)
 
-    def install(self) -> "StopSignals":
+    def install(self) -> StopSignals:
         for name in STOP_SIGNALS:
             sig = getattr(signal, name, None)
             if sig is not None:
@@ -644,37 +696,62 @@ def exact_settings(run: Any) -> dict[str, Any]:
     """The options and facts a checkpoint can only be continued with (see EXACT_OPTIONS)."""
     options = run.cfg.to_dict()
     acc = run.accelerator
-    return {**{k: options[k] for k in EXACT_OPTIONS if k in options},
-            "dataset_fingerprint": run.dataset_fingerprint, "image_size": list(run.image_size),
-            "class_names": list(run.class_names), "train_images": run.sampler.num_samples,
-            "global_batch": run.global_batch, "num_processes": acc.num_processes,
-            "mixed_precision": str(acc.mixed_precision)}
+    return {
+        **{k: options[k] for k in EXACT_OPTIONS if k in options},
+        "dataset_fingerprint": run.dataset_fingerprint,
+        "image_size": list(run.image_size),
+        "class_names": list(run.class_names),
+        "train_images": run.sampler.num_samples,
+        "global_batch": run.global_batch,
+        "num_processes": acc.num_processes,
+        "mixed_precision": str(acc.mixed_precision),
+    }
 
 
 def state_of(run: Any, reason: str, finished: bool = False) -> TrainingState:
     return TrainingState(
-        epoch=run.epoch, global_step=run.global_step, step_in_epoch=run.step_in_epoch, total_steps=run.total_steps,
-        steps_per_epoch=run.steps_per_epoch, global_batch=run.global_batch,
-        num_processes=run.accelerator.num_processes, best_accuracy=run.best_accuracy, best_epoch=run.best_epoch,
-        skipped_steps=run.skipped_steps, wandb_run_id=getattr(run, "wandb_run_id", None), seed=run.cfg.seed,
-        reason=reason, finished=finished, exact=exact_settings(run), config=run.cfg.to_dict(),
-        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        epoch=run.epoch,
+        global_step=run.global_step,
+        step_in_epoch=run.step_in_epoch,
+        total_steps=run.total_steps,
+        steps_per_epoch=run.steps_per_epoch,
+        global_batch=run.global_batch,
+        num_processes=run.accelerator.num_processes,
+        best_accuracy=run.best_accuracy,
+        best_epoch=run.best_epoch,
+        skipped_steps=run.skipped_steps,
+        wandb_run_id=getattr(run, "wandb_run_id", None),
+        seed=run.cfg.seed,
+        reason=reason,
+        finished=finished,
+        exact=exact_settings(run),
+        config=run.cfg.to_dict(),
+        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 def checkpoint_run(run: Any, reason: str, running_loss: torch.Tensor | None = None) -> Path:
     """Check that the run is still finite, then write a checkpoint of it (every process)."""
     acc = run.accelerator
     if not all_finite(acc, run.model, running_loss):
-        raise FloatingPointError(f"the loss or the weights are not finite at step {run.global_step}: no checkpoint "
-                                 f"written. Lower --lr, set --max-grad-norm, or use bf16 instead of fp16")
+        raise FloatingPointError(
+            f"the loss or the weights are not finite at step {run.global_step}: no checkpoint "
+            f"written. Lower --lr, set --max-grad-norm, or use bf16 instead of fp16"
+        )
     try:
-        folder = save_checkpoint(acc, run.cfg.output_dir, state_of(run, reason), run.cfg.keep_last, _say(acc),
-                                 previous=run.last_checkpoint)
+        folder = save_checkpoint(
+            acc, run.cfg.output_dir, state_of(run, reason), run.cfg.keep_last, _say(acc), previous=run.last_checkpoint
+        )
     except OSError as e:
-        last = f"the previous checkpoint {run.last_checkpoint} is intact" if run.last_checkpoint else \
-            "there is no earlier checkpoint"
-        raise CheckpointError(f"could not write the checkpoint of step {run.global_step} ({e}); {last}. "
-                              f"Free disk space or fix the folder, then run the same command again") from e
+        last = (
+            f"the previous checkpoint {run.last_checkpoint} is intact"
+            if run.last_checkpoint
+            else "there is no earlier checkpoint"
+        )
+        raise CheckpointError(
+            f"could not write the checkpoint of step {run.global_step} ({e}); {last}. "
+            f"Free disk space or fix the folder, then run the same command again"
+        ) from e
     run.last_checkpoint = folder
     _say(acc)(f"checkpoint: {folder} ({reason})")
     return folder
@@ -688,8 +765,11 @@ def after_step(run: Any, running_loss: torch.Tensor) -> None:
         checkpoint_run(run, f"every {every} steps", running_loss)
     if run.stop is not None and run.stop.test_step_delay:
         time.sleep(run.stop.test_step_delay)
-    if run.global_step < run.total_steps and run.stop is not None and \
-            run.stop.should_stop(run.accelerator, run.global_step):
+    if (
+        run.global_step < run.total_steps
+        and run.stop is not None
+        and run.stop.should_stop(run.accelerator, run.global_step)
+    ):
         folder = run.last_checkpoint if saved else checkpoint_run(run, run.stop.reason, running_loss)
         raise Preempted(run.stop.reason, run.global_step, folder)
 
@@ -701,8 +781,11 @@ def at_epoch_end(run: Any, epoch: int) -> None:
     saved = parse_every(run.cfg.checkpoint_every) == "epoch"
     if saved:
         checkpoint_run(run, "epoch end")
-    if run.global_step < run.total_steps and run.stop is not None and \
-            run.stop.should_stop(run.accelerator, run.global_step, boundary=True):
+    if (
+        run.global_step < run.total_steps
+        and run.stop is not None
+        and run.stop.should_stop(run.accelerator, run.global_step, boundary=True)
+    ):
         folder = run.last_checkpoint if saved else checkpoint_run(run, run.stop.reason)
         raise Preempted(run.stop.reason, run.global_step, folder)
 
@@ -730,10 +813,12 @@ def agree_on_start(accelerator: Any, cfg: Any) -> StartPlan:
 
 def complete_message(output_dir: str, plan: StartPlan) -> str:
     state = TrainingState.from_json(plan.state or "", "final state")
-    return (f"the run in {output_dir} is complete ({state.global_step} of {state.total_steps} steps, best test "
-            f"accuracy {100 * state.best_accuracy:.2f}% at epoch {state.best_epoch}); its model is in "
-            f"{Path(output_dir) / FINAL_DIR}. Nothing to do: pass --resume none to train again (the outputs are "
-            f"moved aside), or use another --output-dir")
+    return (
+        f"the run in {output_dir} is complete ({state.global_step} of {state.total_steps} steps, best test "
+        f"accuracy {100 * state.best_accuracy:.2f}% at epoch {state.best_epoch}); its model is in "
+        f"{Path(output_dir) / FINAL_DIR}. Nothing to do: pass --resume none to train again (the outputs are "
+        f"moved aside), or use another --output-dir"
+    )
 
 
 def resume_run(run: Any, plan: StartPlan) -> None:
@@ -747,8 +832,10 @@ def resume_run(run: Any, plan: StartPlan) -> None:
     run.best_accuracy, run.best_epoch, run.skipped_steps = state.best_accuracy, state.best_epoch, state.skipped_steps
     run.wandb_run_id = state.wandb_run_id
     run.last_checkpoint = folder
-    _say(run.accelerator)(f"resuming from {folder}: step {state.global_step} of {state.total_steps}, epoch "
-                          f"{state.epoch + 1} at sample {state.sample_position} of its data order")
+    _say(run.accelerator)(
+        f"resuming from {folder}: step {state.global_step} of {state.total_steps}, epoch "
+        f"{state.epoch + 1} at sample {state.sample_position} of its data order"
+    )
 
 
 def save_model_folder(run: Any, name: str, spec: dict[str, Any], state: TrainingState | None = None) -> Path:
@@ -774,12 +861,17 @@ class SampleTrace:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def from_env(cls, accelerator: Any) -> "SampleTrace | None":
+    def from_env(cls, accelerator: Any) -> SampleTrace | None:
         prefix = os.environ.get("DISTVGG_TRACE_SAMPLES")
         return cls(prefix, accelerator.process_index) if prefix else None
 
     def __call__(self, step: int, epoch: int, indices: torch.Tensor) -> None:
-        record = {"step": step, "epoch": epoch, "pid": os.getpid(), "indices": indices.tolist(),
-                  "rng": hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12]}
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "pid": os.getpid(),
+            "indices": indices.tolist(),
+            "rng": hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12],
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

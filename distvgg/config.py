@@ -13,9 +13,10 @@ import inspect
 import math
 import os
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from distvgg.models import MODEL_NAMES
 
@@ -158,8 +159,10 @@ class TrainConfig:
                 problems.append(msg)
 
         def choice(name: str, options: Sequence[str]) -> None:
-            need(getattr(self, name) in options,
-                 f"--{_flag(name)} must be one of {', '.join(options)}, got {getattr(self, name)!r}")
+            need(
+                getattr(self, name) in options,
+                f"--{_flag(name)} must be one of {', '.join(options)}, got {getattr(self, name)!r}",
+            )
 
         choice("model", MODEL_NAMES)
         choice("optimizer", OPTIMIZERS)
@@ -170,8 +173,14 @@ class TrainConfig:
         choice("optimizer_impl", OPTIMIZER_IMPLS)
         if self.mixed_precision is not None:
             choice("mixed_precision", MIXED_PRECISION)
-        for name in ("epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every",
-                     "ddp_timeout"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "eval_batch_size",
+            "gradient_accumulation_steps",
+            "log_every",
+            "ddp_timeout",
+        ):
             need(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "train_limit", "eval_limit"):
             v = getattr(self, name)
@@ -185,14 +194,20 @@ class TrainConfig:
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         need(self.std > 0, f"--std must be positive, got {self.std}")
         need(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
-        need(self.cpu_threads is None or self.cpu_threads >= 1,
-             f"--cpu-threads must be at least 1, got {self.cpu_threads}")
-        need(self.max_grad_norm is None or self.max_grad_norm > 0,
-             f"--max-grad-norm must be positive, got {self.max_grad_norm}")
+        need(
+            self.cpu_threads is None or self.cpu_threads >= 1,
+            f"--cpu-threads must be at least 1, got {self.cpu_threads}",
+        )
+        need(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            f"--max-grad-norm must be positive, got {self.max_grad_norm}",
+        )
         need(bool(self.output_dir), "--output-dir must not be empty")
-        need(str(self.checkpoint_every).strip().lower() in ("epoch", "none") or
-             (str(self.checkpoint_every).strip().isdigit() and int(self.checkpoint_every) > 0),
-             f"--checkpoint-every must be epoch, none or a positive number of steps, got {self.checkpoint_every!r}")
+        need(
+            str(self.checkpoint_every).strip().lower() in ("epoch", "none")
+            or (str(self.checkpoint_every).strip().isdigit() and int(self.checkpoint_every) > 0),
+            f"--checkpoint-every must be epoch, none or a positive number of steps, got {self.checkpoint_every!r}",
+        )
         need(self.keep_last >= 1, f"--keep-last must be at least 1, got {self.keep_last}")
         need(bool(self.resume), "--resume must be auto, none or a checkpoint folder")
         return problems
@@ -252,8 +267,9 @@ def build_parser(cls: type = TrainConfig, prog: str = "distvgg.train") -> argpar
         elif kind == "list":
             parser.add_argument(f"--{_flag(f.name)}", nargs="*", metavar="TAG", help=help_text)
         else:
-            parser.add_argument(f"--{_flag(f.name)}", type=lambda s, k=kind: _parse_value(k, s),
-                                metavar=f.name.upper(), help=help_text)
+            parser.add_argument(
+                f"--{_flag(f.name)}", type=lambda s, k=kind: _parse_value(k, s), metavar=f.name.upper(), help=help_text
+            )
     return parser
 
 
@@ -274,8 +290,10 @@ def load_yaml(path: str | os.PathLike, cls: type = TrainConfig, flag: str = "--c
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{flag} {p}: unknown option(s) {', '.join(unknown)}; "
-                          f"see `python -m distvgg.train --help` for the valid names")
+        raise ConfigError(
+            f"{flag} {p}: unknown option(s) {', '.join(unknown)}; "
+            f"see `python -m distvgg.train --help` for the valid names"
+        )
     return data
 
 
@@ -298,8 +316,10 @@ def load_recipe(name: str, cls: type = TrainConfig) -> dict[str, Any]:
     elif Path(name).is_file():
         data = load_yaml(name, cls, flag="--recipe")
     else:
-        raise ConfigError(f"--recipe: no recipe named {name!r} and no such file; "
-                          f"shipped recipes: {', '.join(recipe_names()) or 'none'}")
+        raise ConfigError(
+            f"--recipe: no recipe named {name!r} and no such file; "
+            f"shipped recipes: {', '.join(recipe_names()) or 'none'}"
+        )
     data.pop("recipe", None)  # a recipe names itself at most; it does not chain to another
     return data
 
@@ -330,8 +350,9 @@ def _coerce(cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], list[str
     return out, problems
 
 
-def parse_config(argv: Sequence[str] | None = None, cls: type = TrainConfig,
-                 prog: str = "distvgg.train") -> TrainConfig:
+def parse_config(
+    argv: Sequence[str] | None = None, cls: type = TrainConfig, prog: str = "distvgg.train"
+) -> TrainConfig:
     """Defaults < recipe < YAML file < command line, then validate."""
     args = vars(build_parser(cls, prog).parse_args(argv))
     values: dict[str, Any] = {}

@@ -32,9 +32,10 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -61,8 +62,10 @@ _HUB_PROBE_TIMEOUT_S = 3.0
 _ARROW_BATCH_ROWS = 4096
 _SHOW_ROWS = 5  # how many skipped row numbers to list in the log
 _CACHE_TENSORS = ("train_images", "train_labels", "test_images", "test_labels")
-_LOCAL_HELP = ("pass a local copy with --dataset DIR: a parquet copy such as ../shared/data/cifar10-jpeg, "
-               "or the folder where torchvision downloaded cifar-10-batches-py (e.g. ./data)")
+_LOCAL_HELP = (
+    "pass a local copy with --dataset DIR: a parquet copy such as ../shared/data/cifar10-jpeg, "
+    "or the folder where torchvision downloaded cifar-10-batches-py (e.g. ./data)"
+)
 
 
 class DataError(ValueError):
@@ -110,9 +113,16 @@ def default_cache_dir() -> Path:
 # Entry point
 # --------------------------------------------------------------------------------------------------
 
-def load_image_data(dataset: str, *, image_column: str | None = None, label_column: str | None = None,
-                    cache_dir: str | os.PathLike | None = None, skip_bad_images: bool = False,
-                    log: Callable[[str], None] = print) -> ImageData:
+
+def load_image_data(
+    dataset: str,
+    *,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    skip_bad_images: bool = False,
+    log: Callable[[str], None] = print,
+) -> ImageData:
     """Load ``dataset`` (a local directory or a Hub name) as decoded uint8 tensors, using the cache.
 
     ``image_column``/``label_column`` override column detection (``datasets`` sources only).
@@ -141,8 +151,14 @@ def load_image_data(dataset: str, *, image_column: str | None = None, label_colu
     return _decode_and_cache(source, key, decode, cache_root, log)
 
 
-def _load_hub(source: _Source, image_column: str | None, label_column: str | None, cache_root: Path,
-              skip_bad_images: bool, log: Callable[[str], None]) -> ImageData:
+def _load_hub(
+    source: _Source,
+    image_column: str | None,
+    label_column: str | None,
+    cache_root: Path,
+    skip_bad_images: bool,
+    log: Callable[[str], None],
+) -> ImageData:
     """Hub dataset: fail fast when offline, else load through ``datasets`` and cache by its fingerprint."""
     _require_hub(source.location)
     import datasets
@@ -150,33 +166,55 @@ def _load_hub(source: _Source, image_column: str | None, label_column: str | Non
     try:
         dsd = datasets.load_dataset(source.location)
     except Exception as e:  # datasets raises many types (not found, gated, connection, ...)
-        raise DataError(f"cannot load hub dataset {source.location!r}: {type(e).__name__}: {e}. "
-                        f"Check the name, or {_LOCAL_HELP}") from e
+        raise DataError(
+            f"cannot load hub dataset {source.location!r}: {type(e).__name__}: {e}. Check the name, or {_LOCAL_HELP}"
+        ) from e
     if not isinstance(dsd, datasets.DatasetDict):
         raise DataError(f"hub dataset {source.location!r} did not load as a dict of splits; {_LOCAL_HELP}")
     train_name, test_name = _pick_splits(list(dsd.keys()), source.description)
-    img, lbl = _pick_columns(dsd[train_name].features, dsd[test_name].features, image_column, label_column,
-                             source.description)
-    recipe = {"format": FORMAT_VERSION, "kind": "hub", "name": source.location, "splits": [train_name, test_name],
-              "train": dsd[train_name]._fingerprint, "test": dsd[test_name]._fingerprint,
-              "image_column": img, "label_column": lbl, "skip_bad_images": skip_bad_images}
+    img, lbl = _pick_columns(
+        dsd[train_name].features, dsd[test_name].features, image_column, label_column, source.description
+    )
+    recipe = {
+        "format": FORMAT_VERSION,
+        "kind": "hub",
+        "name": source.location,
+        "splits": [train_name, test_name],
+        "train": dsd[train_name]._fingerprint,
+        "test": dsd[test_name]._fingerprint,
+        "image_column": img,
+        "label_column": lbl,
+        "skip_bad_images": skip_bad_images,
+    }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
     cached = _read_cache(cache_root, key, log)
     if cached is not None:
         return cached
-    return _decode_and_cache(source, key, lambda: _decode_dataset_dict(dsd, source.description, img, lbl,
-                                                                       skip_bad_images, log), cache_root, log)
+    return _decode_and_cache(
+        source,
+        key,
+        lambda: _decode_dataset_dict(dsd, source.description, img, lbl, skip_bad_images, log),
+        cache_root,
+        log,
+    )
 
 
-def _decode_and_cache(source: _Source, key: str, decode: Callable[[], tuple[ImageSplit, ImageSplit, list[str]]],
-                      cache_root: Path, log: Callable[[str], None]) -> ImageData:
+def _decode_and_cache(
+    source: _Source,
+    key: str,
+    decode: Callable[[], tuple[ImageSplit, ImageSplit, list[str]]],
+    cache_root: Path,
+    log: Callable[[str], None],
+) -> ImageData:
     """Run ``decode``, log how long it took, and write the result to the cache."""
     started = time.perf_counter()
     train, test, names = decode()
     data = ImageData(train, test, names, source.description, key)
     h, w = data.image_size
-    log(f"data: decoded {len(data.train):,} train + {len(data.test):,} test images ({h}x{w}, "
-        f"{data.num_classes} classes) from {data.source} in {time.perf_counter() - started:.1f} s")
+    log(
+        f"data: decoded {len(data.train):,} train + {len(data.test):,} test images ({h}x{w}, "
+        f"{data.num_classes} classes) from {data.source} in {time.perf_counter() - started:.1f} s"
+    )
     _write_cache(cache_root, data, log)
     return data
 
@@ -184,6 +222,7 @@ def _decode_and_cache(source: _Source, key: str, decode: Callable[[], tuple[Imag
 # --------------------------------------------------------------------------------------------------
 # Source detection
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Source:
@@ -201,11 +240,22 @@ class _Source:
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 _CIFAR_LAYOUTS: dict[str, dict[str, Any]] = {
-    "cifar-10-batches-py": {"title": "CIFAR-10", "train": [f"data_batch_{i}" for i in range(1, 6)],
-                            "test": ["test_batch"], "meta": "batches.meta",
-                            "labels": "labels", "names": "label_names"},
-    "cifar-100-python": {"title": "CIFAR-100", "train": ["train"], "test": ["test"], "meta": "meta",
-                         "labels": "fine_labels", "names": "fine_label_names"},
+    "cifar-10-batches-py": {
+        "title": "CIFAR-10",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": "batches.meta",
+        "labels": "labels",
+        "names": "label_names",
+    },
+    "cifar-100-python": {
+        "title": "CIFAR-100",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": "meta",
+        "labels": "fine_labels",
+        "names": "fine_label_names",
+    },
 }
 
 
@@ -220,8 +270,10 @@ def _resolve_source(dataset: str) -> _Source:
     if path.exists():
         raise DataError(f"--dataset {dataset!r} is a file, not a directory: pass the directory that holds it")
     if _looks_like_path(dataset):
-        raise DataError(f"no such directory: {dataset!r} (resolved to {path.absolute()}); check the path, "
-                        f"or pass a hub dataset name such as {DEFAULT_DATASET}")
+        raise DataError(
+            f"no such directory: {dataset!r} (resolved to {path.absolute()}); check the path, "
+            f"or pass a hub dataset name such as {DEFAULT_DATASET}"
+        )
     return _Source(kind="hub", location=dataset, description=f"hub dataset {dataset}")
 
 
@@ -241,15 +293,23 @@ def _detect_local_layout(root: Path) -> _Source:
     if (root / "dataset_dict.json").is_file():
         return _Source("save_to_disk", str(root), f"datasets save_to_disk folder {root}", root, _all_files(root))
     if (root / "state.json").is_file() and (root / "dataset_info.json").is_file():
-        raise DataError(f"{root} holds a single split saved with Dataset.save_to_disk; save a DatasetDict with "
-                        f"'train' and 'test' splits instead (DatasetDict({{'train': ..., 'test': ...}}).save_to_disk)")
+        raise DataError(
+            f"{root} holds a single split saved with Dataset.save_to_disk; save a DatasetDict with "
+            f"'train' and 'test' splits instead (DatasetDict({{'train': ..., 'test': ...}}).save_to_disk)"
+        )
     parquet = _find_parquet(root)
     if parquet:
         train_name, test_name = _pick_splits(list(parquet), f"parquet files in {root}")
         chosen = {name: parquet[name] for name in (train_name, test_name)}
         files = tuple(f for fs in chosen.values() for f in fs)
-        return _Source("parquet", str(root), f"parquet files in {root}", root, files,
-                       {"data_files": {k: [str(f) for f in v] for k, v in chosen.items()}})
+        return _Source(
+            "parquet",
+            str(root),
+            f"parquet files in {root}",
+            root,
+            files,
+            {"data_files": {k: [str(f) for f in v] for k, v in chosen.items()}},
+        )
     if (root / "train").is_dir():
         return _Source("imagefolder", str(root), f"image folder {root}", root, _all_files(root))
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
@@ -258,7 +318,8 @@ def _detect_local_layout(root: Path) -> _Source:
         f"{root} matches none of the supported dataset layouts. Looked for: cifar-10-batches-py/ or "
         f"cifar-100-python/ (torchvision CIFAR download), dataset_dict.json (datasets save_to_disk), "
         f"*.parquet or data/*.parquet (Hugging Face Hub parquet layout), train/<class>/<image files> "
-        f"(image folder). Found: {shown}")
+        f"(image folder). Found: {shown}"
+    )
 
 
 def _find_cifar(root: Path) -> _Source | None:
@@ -271,13 +332,21 @@ def _find_cifar(root: Path) -> _Source | None:
                 continue  # not this layout (a partial match in a random folder is not a CIFAR download)
             missing = [n for n in needed if n not in present]
             if missing:
-                raise DataError(f"{cand} looks like a torchvision {layout['title']} download but is missing "
-                                f"{', '.join(missing)}; download it again (torchvision.datasets."
-                                f"{layout['title'].replace('-', '')}(root, download=True))")
+                raise DataError(
+                    f"{cand} looks like a torchvision {layout['title']} download but is missing "
+                    f"{', '.join(missing)}; download it again (torchvision.datasets."
+                    f"{layout['title'].replace('-', '')}(root, download=True))"
+                )
             names = needed + ([layout["meta"]] if (cand / layout["meta"]).is_file() else [])
             # Paths relative to the batches folder: the same key whether DIR or DIR/cifar-10-batches-py is passed.
-            return _Source("cifar-pickle", str(cand), f"{layout['title']} pickle batches in {cand}", cand,
-                           tuple(cand / n for n in names), {"layout": layout, "dir": cand})
+            return _Source(
+                "cifar-pickle",
+                str(cand),
+                f"{layout['title']} pickle batches in {cand}",
+                cand,
+                tuple(cand / n for n in names),
+                {"layout": layout, "dir": cand},
+            )
     return None
 
 
@@ -312,19 +381,27 @@ def _pick_splits(available: Sequence[str], where: str) -> tuple[str, str]:
     for name in TEST_SPLIT_NAMES:
         if name in available:
             return "train", name
-    raise DataError(f"{where} has no test split: need one of {', '.join(TEST_SPLIT_NAMES)} "
-                    f"(splits found: {found}); add or rename the evaluation split")
+    raise DataError(
+        f"{where} has no test split: need one of {', '.join(TEST_SPLIT_NAMES)} "
+        f"(splits found: {found}); add or rename the evaluation split"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Cache key and cache file
 # --------------------------------------------------------------------------------------------------
 
+
 def _local_key(source: _Source, image_column: str | None, label_column: str | None, skip_bad: bool) -> str:
     """sha256 over the data files' relative paths, sizes and mtimes plus the options that shape the result."""
     h = hashlib.sha256()
-    recipe = {"format": FORMAT_VERSION, "kind": source.kind, "image_column": image_column,
-              "label_column": label_column, "skip_bad_images": skip_bad}
+    recipe = {
+        "format": FORMAT_VERSION,
+        "kind": source.kind,
+        "image_column": image_column,
+        "label_column": label_column,
+        "skip_bad_images": skip_bad,
+    }
     h.update(json.dumps(recipe, sort_keys=True).encode())
     root = source.root or Path(source.location)
     for f in source.files:
@@ -354,8 +431,10 @@ def _read_cache(cache_root: Path, key: str, log: Callable[[str], None]) -> Image
     except Exception as e:  # any damage (truncation, bad header, wrong content) means: decode again
         log(f"warning: ignoring damaged cache file {path} ({type(e).__name__}: {e}); decoding again")
         return None
-    log(f"data: loaded {len(data.train):,} train + {len(data.test):,} test images of {data.source} "
-        f"from cache {path} in {time.perf_counter() - started:.2f} s")
+    log(
+        f"data: loaded {len(data.train):,} train + {len(data.test):,} test images of {data.source} "
+        f"from cache {path} in {time.perf_counter() - started:.2f} s"
+    )
     return data
 
 
@@ -388,8 +467,12 @@ def _write_cache(cache_root: Path, data: ImageData, log: Callable[[str], None]) 
         cache_root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_root, prefix=f".{data.fingerprint[:16]}-", suffix=".tmp")
         os.close(fd)
-        tensors = {"train_images": data.train.images, "train_labels": data.train.labels,
-                   "test_images": data.test.images, "test_labels": data.test.labels}
+        tensors = {
+            "train_images": data.train.images,
+            "train_labels": data.train.labels,
+            "test_images": data.test.images,
+            "test_labels": data.test.labels,
+        }
         meta = {"format": FORMAT_VERSION, "class_names": list(data.class_names), "source": data.source}
         save_file(tensors, tmp, metadata={"distvgg": json.dumps(meta)})
         with open(tmp, "rb+") as f:
@@ -398,8 +481,7 @@ def _write_cache(cache_root: Path, data: ImageData, log: Callable[[str], None]) 
         os.replace(tmp, path)
         tmp = None
     except Exception as e:  # OSError, or safetensors' own error type: caching is only an optimisation
-        log(f"warning: could not write the data cache {path} ({type(e).__name__}: {e}); "
-            f"the next run will decode again")
+        log(f"warning: could not write the data cache {path} ({type(e).__name__}: {e}); the next run will decode again")
         return
     finally:
         if tmp is not None:  # failed before the rename: leave no temp file behind
@@ -412,6 +494,7 @@ def _write_cache(cache_root: Path, data: ImageData, log: Callable[[str], None]) 
 # CIFAR pickle batches (torchvision download)
 # --------------------------------------------------------------------------------------------------
 
+
 def _allowed_pickle_globals() -> dict[tuple[str, str], Any]:
     """The only callables a CIFAR batch needs: numpy's array/dtype/scalar rebuilders (under both the
     numpy<2 ``numpy.core`` and numpy>=2 ``numpy._core`` module names) and ``_codecs.encode``, which
@@ -422,8 +505,11 @@ def _allowed_pickle_globals() -> dict[tuple[str, str], Any]:
         from numpy._core import multiarray, numeric
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                                           ("_codecs", "encode"): codecs.encode}
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
     for mod in ("numpy.core", "numpy._core"):
         allowed[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
         allowed[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
@@ -444,9 +530,11 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         obj = self._allowed.get((module, name))
         if obj is None:
-            raise DataError(f"refusing to unpickle {module}.{name} from {self._filename}: CIFAR batches hold "
-                            f"only numpy arrays, lists and dicts, so this file is not a genuine CIFAR batch and "
-                            f"may be malicious; delete the folder and download the dataset again")
+            raise DataError(
+                f"refusing to unpickle {module}.{name} from {self._filename}: CIFAR batches hold "
+                f"only numpy arrays, lists and dicts, so this file is not a genuine CIFAR batch and "
+                f"may be malicious; delete the folder and download the dataset again"
+            )
         return obj
 
 
@@ -458,8 +546,10 @@ def _load_pickle(path: Path) -> dict[str, Any]:
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"cannot read CIFAR batch {path} ({type(e).__name__}: {e}); the file is truncated or not "
-                        f"a CIFAR python pickle; download the dataset again") from e
+        raise DataError(
+            f"cannot read CIFAR batch {path} ({type(e).__name__}: {e}); the file is truncated or not "
+            f"a CIFAR python pickle; download the dataset again"
+        ) from e
     if not isinstance(obj, dict):
         raise DataError(f"CIFAR batch {path} holds a {type(obj).__name__}, expected a dict")
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
@@ -474,8 +564,9 @@ def _read_cifar_files(folder: Path, files: list[str], label_key: str) -> tuple[n
             raise DataError(f"CIFAR batch {folder / name} lacks 'data' or {label_key!r} (keys: {sorted(entry)})")
         data = np.asarray(entry["data"])
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise DataError(f"CIFAR batch {folder / name}: 'data' is {data.dtype} {data.shape}, "
-                            f"expected uint8 (N, 3072)")
+            raise DataError(
+                f"CIFAR batch {folder / name}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)"
+            )
         lab = np.asarray(entry[label_key], dtype=np.int64).reshape(-1)
         if len(lab) != len(data):
             raise DataError(f"CIFAR batch {folder / name}: {len(data)} images but {len(lab)} labels")
@@ -487,8 +578,10 @@ def _read_cifar_files(folder: Path, files: list[str], label_key: str) -> tuple[n
 def _read_cifar(source: _Source) -> tuple[ImageSplit, ImageSplit, list[str]]:
     """Train/test splits and class names from a torchvision CIFAR folder."""
     layout, folder = source.detail["layout"], source.detail["dir"]
-    arrays = {"train": _read_cifar_files(folder, layout["train"], layout["labels"]),
-              "test": _read_cifar_files(folder, layout["test"], layout["labels"])}
+    arrays = {
+        "train": _read_cifar_files(folder, layout["train"], layout["labels"]),
+        "test": _read_cifar_files(folder, layout["test"], layout["labels"]),
+    }
     meta_path = folder / layout["meta"]
     if not meta_path.is_file():
         raise DataError(f"{folder} lacks {layout['meta']} (the class names); download the dataset again")
@@ -505,20 +598,24 @@ def _read_cifar(source: _Source) -> tuple[ImageSplit, ImageSplit, list[str]]:
     return splits[0], splits[1], names
 
 
-def _check_label_range(labels: np.ndarray, num_classes: int, split: str, where: str,
-                       rows: np.ndarray | None = None) -> None:
+def _check_label_range(
+    labels: np.ndarray, num_classes: int, split: str, where: str, rows: np.ndarray | None = None
+) -> None:
     """DataError naming the first row whose label is outside [0, num_classes). ``rows`` maps positions
     to the split's original row numbers when some rows were skipped."""
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
         row = int(rows[bad[0]]) if rows is not None else int(bad[0])
-        raise DataError(f"split {split!r} of {where}: row {row} has label {int(labels[bad[0]])}, outside "
-                        f"[0, {num_classes}) ({len(bad)} such rows); fix the labels or the class list")
+        raise DataError(
+            f"split {split!r} of {where}: row {row} has label {int(labels[bad[0]])}, outside "
+            f"[0, {num_classes}) ({len(bad)} such rows); fix the labels or the class list"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # `datasets` sources: open, pick columns, decode
 # --------------------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _scratch_dir(cache_root: Path) -> Iterator[Path]:
@@ -577,8 +674,9 @@ def _check_parquet_not_empty(source: _Source) -> None:
 
     for split, files in source.detail["data_files"].items():
         if sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
-            raise DataError(f"split {split!r} of {source.description} is empty (0 rows in "
-                            f"{', '.join(Path(f).name for f in files)})")
+            raise DataError(
+                f"split {split!r} of {source.description} is empty (0 rows in {', '.join(Path(f).name for f in files)})"
+            )
 
 
 def _check_saved_splits(source: _Source) -> None:
@@ -588,8 +686,10 @@ def _check_saved_splits(source: _Source) -> None:
     try:
         splits = json.loads((root / "dataset_dict.json").read_text())["splits"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"cannot read {root / 'dataset_dict.json'} ({type(e).__name__}: {e}); save the "
-                        f"dataset again with DatasetDict.save_to_disk") from e
+        raise DataError(
+            f"cannot read {root / 'dataset_dict.json'} ({type(e).__name__}: {e}); save the "
+            f"dataset again with DatasetDict.save_to_disk"
+        ) from e
     for split in _pick_splits([str(s) for s in splits], source.description):
         try:
             shards = json.loads((root / split / "state.json").read_text())["_data_files"]
@@ -616,8 +716,9 @@ def _is_int_value(feature: Any) -> bool:
     return isinstance(feature, datasets.Value) and re.fullmatch(r"u?int(8|16|32|64)", feature.dtype) is not None
 
 
-def _pick_columns(features: Any, test_features: Any, image_column: str | None, label_column: str | None,
-                  where: str) -> tuple[str, str]:
+def _pick_columns(
+    features: Any, test_features: Any, image_column: str | None, label_column: str | None, where: str
+) -> tuple[str, str]:
     """(image column, label column): the named ones, else the first Image and the first ClassLabel
     (or, lacking a ClassLabel, an integer column with a usual label name)."""
     import datasets
@@ -628,31 +729,40 @@ def _pick_columns(features: Any, test_features: Any, image_column: str | None, l
             raise DataError(f"{role} column {given!r} not found in {where}; columns: {listing}")
     img = image_column or next((n for n, f in features.items() if isinstance(f, datasets.Image)), None)
     if img is None:
-        raise DataError(f"no image column (datasets.Image feature) in {where}; columns: {listing}. "
-                        f"Name one with --image-column")
+        raise DataError(
+            f"no image column (datasets.Image feature) in {where}; columns: {listing}. Name one with --image-column"
+        )
     if not isinstance(features[img], datasets.Image) and _describe_feature(features[img]) not in (
-            "Value(binary)", "Value(large_binary)", "Value(string)", "Value(large_string)"):
-        raise DataError(f"column {img!r} of {where} is {_describe_feature(features[img])}, not images; "
-                        f"columns: {listing}")
+        "Value(binary)",
+        "Value(large_binary)",
+        "Value(string)",
+        "Value(large_string)",
+    ):
+        raise DataError(
+            f"column {img!r} of {where} is {_describe_feature(features[img])}, not images; columns: {listing}"
+        )
     lbl = label_column or next((n for n, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
     if lbl is None:
         lbl = next((n for n in _INT_LABEL_NAMES if n in features and _is_int_value(features[n])), None)
     if lbl is None:
-        raise DataError(f"no label column (ClassLabel feature) in {where}; columns: {listing}. "
-                        f"Name one with --label-column")
+        raise DataError(
+            f"no label column (ClassLabel feature) in {where}; columns: {listing}. Name one with --label-column"
+        )
     if not isinstance(features[lbl], datasets.ClassLabel) and not _is_int_value(features[lbl]):
-        raise DataError(f"label column {lbl!r} of {where} is {_describe_feature(features[lbl])}; it must be a "
-                        f"ClassLabel or an integer (convert strings with Dataset.class_encode_column); "
-                        f"columns: {listing}")
+        raise DataError(
+            f"label column {lbl!r} of {where} is {_describe_feature(features[lbl])}; it must be a "
+            f"ClassLabel or an integer (convert strings with Dataset.class_encode_column); "
+            f"columns: {listing}"
+        )
     for col in (img, lbl):
         if col not in test_features:
-            raise DataError(f"the test split of {where} lacks column {col!r} (its columns: "
-                            f"{', '.join(test_features)})")
+            raise DataError(f"the test split of {where} lacks column {col!r} (its columns: {', '.join(test_features)})")
     return img, lbl
 
 
-def _class_names(features: Any, test_features: Any, lbl: str, labels: dict[str, np.ndarray], where: str,
-                 log: Callable[[str], None]) -> list[str]:
+def _class_names(
+    features: Any, test_features: Any, lbl: str, labels: dict[str, np.ndarray], where: str, log: Callable[[str], None]
+) -> list[str]:
     """Names from the ClassLabel; for a plain integer column "0".."K-1" with K = max label + 1."""
     import datasets
 
@@ -660,17 +770,22 @@ def _class_names(features: Any, test_features: Any, lbl: str, labels: dict[str, 
     if isinstance(feature, datasets.ClassLabel):
         other = test_features[lbl]
         if isinstance(other, datasets.ClassLabel) and list(other.names) != list(feature.names):
-            raise DataError(f"train and test splits of {where} have different class names for {lbl!r}: "
-                            f"{feature.names} vs {other.names}")
+            raise DataError(
+                f"train and test splits of {where} have different class names for {lbl!r}: "
+                f"{feature.names} vs {other.names}"
+            )
         return [str(n) for n in feature.names]
     k = int(max(int(a.max()) for a in labels.values())) + 1
-    log(f"warning: label column {lbl!r} of {where} is a plain integer, not a ClassLabel; "
-        f"using class names '0'..'{k - 1}' ({k} classes)")
+    log(
+        f"warning: label column {lbl!r} of {where} is a plain integer, not a ClassLabel; "
+        f"using class names '0'..'{k - 1}' ({k} classes)"
+    )
     return [str(i) for i in range(k)]
 
 
-def _decode_dataset_dict(dsd: Any, where: str, image_column: str | None, label_column: str | None,
-                         skip_bad: bool, log: Callable[[str], None]) -> tuple[ImageSplit, ImageSplit, list[str]]:
+def _decode_dataset_dict(
+    dsd: Any, where: str, image_column: str | None, label_column: str | None, skip_bad: bool, log: Callable[[str], None]
+) -> tuple[ImageSplit, ImageSplit, list[str]]:
     """Pick splits and columns, decode both splits, check labels and sizes."""
     train_name, test_name = _pick_splits(list(dsd.keys()), where)
     features, test_features = dsd[train_name].features, dsd[test_name].features
@@ -683,9 +798,11 @@ def _decode_dataset_dict(dsd: Any, where: str, image_column: str | None, label_c
         _check_label_range(labels, len(names), split, where, rows)
     (train_images, train_labels, _), (test_images, test_labels, _) = decoded[train_name], decoded[test_name]
     if train_images.shape[1:] != test_images.shape[1:]:
-        raise DataError(f"{where}: {train_name!r} images are {train_images.shape[1]}x{train_images.shape[2]} "
-                        f"but {test_name!r} images are {test_images.shape[1]}x{test_images.shape[2]}; "
-                        f"resize the dataset so every image has one size")
+        raise DataError(
+            f"{where}: {train_name!r} images are {train_images.shape[1]}x{train_images.shape[2]} "
+            f"but {test_name!r} images are {test_images.shape[1]}x{test_images.shape[2]}; "
+            f"resize the dataset so every image has one size"
+        )
     return (_to_split(train_images, train_labels), _to_split(test_images, test_labels), names)
 
 
@@ -695,8 +812,9 @@ def _to_split(images_nhwc: np.ndarray, labels: np.ndarray) -> ImageSplit:
     return ImageSplit(images, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
 
 
-def _decode_split(ds: Any, split: str, img: str, lbl: str, skip_bad: bool, where: str,
-                  log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _decode_split(
+    ds: Any, split: str, img: str, lbl: str, skip_bad: bool, where: str, log: Callable[[str], None]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, H, W, 3) uint8 images, int64 labels and original row numbers of the kept rows of one split,
     read from arrow batches (no per-row ``datasets`` decoding: the arrow format hands back the raw
     bytes/paths)."""
@@ -712,7 +830,7 @@ def _decode_split(ds: Any, split: str, img: str, lbl: str, skip_bad: bool, where
     def refs() -> Iterator[tuple[bytes | None, str | None]]:
         row = 0
         for table in table_iter:
-            labels[row:row + table.num_rows] = _labels_from_arrow(table.column(lbl), split, row, where)
+            labels[row : row + table.num_rows] = _labels_from_arrow(table.column(lbl), split, row, where)
             yield from _image_refs(table.column(img), where)
             row += table.num_rows
 
@@ -753,8 +871,9 @@ def _image_refs(column: Any, where: str) -> Iterator[tuple[bytes | None, str | N
     return zip(blobs, paths)
 
 
-def _decode_images(refs: Iterable[tuple[bytes | None, str | None]], n: int, split: str, where: str,
-                   skip_bad: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _decode_images(
+    refs: Iterable[tuple[bytes | None, str | None]], n: int, split: str, where: str, skip_bad: bool
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Decode ``n`` images into one preallocated (n, H, W, 3) array.
 
     Returns (images of the kept rows, boolean keep mask, bad row numbers). A single-process PIL loop
@@ -771,17 +890,21 @@ def _decode_images(refs: Iterable[tuple[bytes | None, str | None]], n: int, spli
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
             if not skip_bad:
                 at = f" (file {path})" if path else ""
-                raise DataError(f"cannot decode the image in split {split!r} row {row}{at} of {where}: "
-                                f"{type(e).__name__}: {e}. Fix or remove that row, or pass "
-                                f"--skip-bad-images (skip_bad_images=True) to drop unreadable images") from e
+                raise DataError(
+                    f"cannot decode the image in split {split!r} row {row}{at} of {where}: "
+                    f"{type(e).__name__}: {e}. Fix or remove that row, or pass "
+                    f"--skip-bad-images (skip_bad_images=True) to drop unreadable images"
+                ) from e
             bad.append(row)
             continue
         if out is None:
             out = np.empty((n, *pixels.shape), dtype=np.uint8)
         elif pixels.shape != out.shape[1:]:
-            raise DataError(f"split {split!r} of {where}: row {row} is {pixels.shape[0]}x{pixels.shape[1]} "
-                            f"(HxW) but earlier images are {out.shape[1]}x{out.shape[2]}; every image must have "
-                            f"one size, so resize the dataset first")
+            raise DataError(
+                f"split {split!r} of {where}: row {row} is {pixels.shape[0]}x{pixels.shape[1]} "
+                f"(HxW) but earlier images are {out.shape[1]}x{out.shape[2]}; every image must have "
+                f"one size, so resize the dataset first"
+            )
         out[row] = pixels
         kept[row] = True
     if out is None:
@@ -806,9 +929,12 @@ def _decode_one(image_module: Any, blob: bytes | None, path: str | None) -> np.n
 # Hub reachability
 # --------------------------------------------------------------------------------------------------
 
+
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _probe(endpoint: str, timeout: float) -> str | None:
@@ -847,14 +973,17 @@ def _require_hub(name: str) -> None:
     if why is None:
         return
     local = f" There is no local directory named {name!r} either." if os.sep in name else ""
-    raise DataError(f"cannot reach the Hugging Face Hub at {endpoint} ({why}), so hub dataset {name!r} "
-                    f"cannot be downloaded.{local} Instead, {_LOCAL_HELP}. If the dataset is already in the "
-                    f"Hugging Face cache, set HF_DATASETS_OFFLINE=1 to use that copy.")
+    raise DataError(
+        f"cannot reach the Hugging Face Hub at {endpoint} ({why}), so hub dataset {name!r} "
+        f"cannot be downloaded.{local} Instead, {_LOCAL_HELP}. If the dataset is already in the "
+        f"Hugging Face cache, set HF_DATASETS_OFFLINE=1 to use that copy."
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Subsets
 # --------------------------------------------------------------------------------------------------
+
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Indices (int64, sorted ascending) of a seeded, class-balanced subset of size min(n, len(labels)):

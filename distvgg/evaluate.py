@@ -15,9 +15,10 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,9 +26,11 @@ import torch.nn as nn
 from distvgg.models import CFGS, MODEL_CONFIG_FILE, MODEL_FILE, VGG, build_model, load_pretrained
 
 PROG = "distvgg.evaluate"
-CHECKPOINT_HELP = ("a training run's OUTPUT_DIR (its final/, else best/, else its newest good checkpoint), "
-                   "OUTPUT_DIR/final, OUTPUT_DIR/best, a checkpoint folder OUTPUT_DIR/checkpoints/step-N, "
-                   "or a model.safetensors file")
+CHECKPOINT_HELP = (
+    "a training run's OUTPUT_DIR (its final/, else best/, else its newest good checkpoint), "
+    "OUTPUT_DIR/final, OUTPUT_DIR/best, a checkpoint folder OUTPUT_DIR/checkpoints/step-N, "
+    "or a model.safetensors file"
+)
 # Prefixes Accelerate's save_state leaves on parameter names: it saves the prepared model without
 # unwrapping it, so DDP adds "module." and torch.compile "_orig_mod.".
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -61,6 +64,7 @@ class LoadedModel:
 # Finding and loading a checkpoint
 # ---------------------------------------------------------------------------------------------------
 
+
 def _weights_in(folder: Path) -> Path | None:
     for name in (MODEL_FILE, _TORCH_WEIGHTS):
         if (folder / name).is_file():
@@ -91,8 +95,10 @@ def _check_complete(folder: Path) -> None:
 
     problem = verify(folder)
     if problem is not None:
-        raise CheckpointError(f"{folder} is not a usable checkpoint: {problem}. Pass an earlier checkpoint, "
-                              f"or the run's final/ or best/ folder")
+        raise CheckpointError(
+            f"{folder} is not a usable checkpoint: {problem}. Pass an earlier checkpoint, "
+            f"or the run's final/ or best/ folder"
+        )
 
 
 def _newest_good_checkpoint(run_dir: Path) -> Path | None:
@@ -106,8 +112,9 @@ def _newest_good_checkpoint(run_dir: Path) -> Path | None:
             return folder
         problems.append(f"{folder.name}: {problem or 'no ' + MODEL_FILE}")
     if problems:
-        raise CheckpointError(f"no final/ or best/ model in {run_dir}, and no usable checkpoint: "
-                              + "; ".join(problems))
+        raise CheckpointError(
+            f"no final/ or best/ model in {run_dir}, and no usable checkpoint: " + "; ".join(problems)
+        )
     return None
 
 
@@ -132,8 +139,10 @@ def find_weights(path: str | Path) -> Path:
     if newest is not None:
         _note(f"no final/ or best/ model in {p} yet: using its newest checkpoint, {newest}")
         return _weights_in(newest)  # type: ignore[return-value]
-    raise CheckpointError(f"no model in {p}: looked for {MODEL_FILE} in it, in its final/ and best/ folders and in "
-                          f"checkpoints/step-N (expected {CHECKPOINT_HELP})")
+    raise CheckpointError(
+        f"no model in {p}: looked for {MODEL_FILE} in it, in its final/ and best/ folders and in "
+        f"checkpoints/step-N (expected {CHECKPOINT_HELP})"
+    )
 
 
 def _read_state(weights: Path) -> dict[str, torch.Tensor]:
@@ -142,10 +151,13 @@ def _read_state(weights: Path) -> dict[str, torch.Tensor]:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         else:
             from safetensors.torch import load_file
+
             state = load_file(str(weights), device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors and torch.load raise many types for a damaged file
-        raise CheckpointError(f"{weights} cannot be read ({type(e).__name__}: {e}); it may be truncated or "
-                              f"corrupt: use another checkpoint (e.g. OUTPUT_DIR/best or an earlier step)") from e
+        raise CheckpointError(
+            f"{weights} cannot be read ({type(e).__name__}: {e}); it may be truncated or "
+            f"corrupt: use another checkpoint (e.g. OUTPUT_DIR/best or an earlier step)"
+        ) from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{weights} does not hold a state dict")
     return {_strip_wrappers(k): v for k, v in state.items()}
@@ -157,7 +169,7 @@ def _strip_wrappers(key: str) -> str:
         changed = False
         for prefix in _WRAPPER_PREFIXES:
             if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
+                key, changed = key[len(prefix) :], True
     return key
 
 
@@ -182,22 +194,35 @@ def _spec_from_config(config_file: Path, state: dict[str, torch.Tensor]) -> dict
     name = cfg.get("model", "vgg3layer")
     if name not in CFGS:
         raise CheckpointError(f"{config_file} names an unknown model {name!r}")
-    linear = sorted((k for k, v in state.items() if k.startswith("classifier.") and k.endswith(".weight")
-                     and v.ndim == 2), key=lambda k: int(k.split(".")[1]))
-    convs = sorted((k for k, v in state.items() if k.startswith("features.") and k.endswith(".weight")
-                    and v.ndim == 4), key=lambda k: int(k.split(".")[1]))
+    linear = sorted(
+        (k for k, v in state.items() if k.startswith("classifier.") and k.endswith(".weight") and v.ndim == 2),
+        key=lambda k: int(k.split(".")[1]),
+    )
+    convs = sorted(
+        (k for k, v in state.items() if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4),
+        key=lambda k: int(k.split(".")[1]),
+    )
     if not linear or not convs:
         raise CheckpointError(f"the weights do not look like a distvgg {name} network (no classifier/features layers)")
     channels = state[convs[-1]].shape[0]
     cells = state[linear[0]].shape[1] // channels
     side = math.isqrt(cells)
     if side * side != cells:
-        raise CheckpointError(f"cannot infer the image size from the weights (non-square feature map); "
-                              f"write the run's final/{MODEL_CONFIG_FILE} or pass a final/ or best/ folder")
+        raise CheckpointError(
+            f"cannot infer the image size from the weights (non-square feature map); "
+            f"write the run's final/{MODEL_CONFIG_FILE} or pass a final/ or best/ folder"
+        )
     size = side * 2 ** CFGS[name].count("M")
-    return {"model": name, "num_classes": int(state[linear[-1]].shape[0]), "width": float(cfg.get("width", 1.0)),
-            "dropout": float(cfg.get("dropout", 0.5)), "image_size": [size, size], "mean": cfg.get("mean", 0.5),
-            "std": cfg.get("std", 0.5), "train_config": cfg}
+    return {
+        "model": name,
+        "num_classes": int(state[linear[-1]].shape[0]),
+        "width": float(cfg.get("width", 1.0)),
+        "dropout": float(cfg.get("dropout", 0.5)),
+        "image_size": [size, size],
+        "mean": cfg.get("mean", 0.5),
+        "std": cfg.get("std", 0.5),
+        "train_config": cfg,
+    }
 
 
 def _find_spec(folder: Path, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], Path]:
@@ -212,15 +237,21 @@ def _find_spec(folder: Path, state: dict[str, torch.Tensor]) -> tuple[dict[str, 
     config_file = run_dir / "config.yaml"
     if config_file.is_file():
         return _spec_from_config(config_file, state), config_file
-    raise CheckpointError(f"{folder} has weights but nothing describes the network: looked for {MODEL_CONFIG_FILE} "
-                          f"beside them, in {run_dir / 'final'} and {run_dir / 'best'}, and for {config_file}")
+    raise CheckpointError(
+        f"{folder} has weights but nothing describes the network: looked for {MODEL_CONFIG_FILE} "
+        f"beside them, in {run_dir / 'final'} and {run_dir / 'best'}, and for {config_file}"
+    )
 
 
 def _build(spec: dict[str, Any], state: dict[str, torch.Tensor], where: Path) -> VGG:
     try:
-        model = build_model(spec["model"], int(spec["num_classes"]), width=float(spec.get("width", 1.0)),
-                            dropout=float(spec.get("dropout", 0.5)),
-                            image_size=tuple(spec.get("image_size", (32, 32))))
+        model = build_model(
+            spec["model"],
+            int(spec["num_classes"]),
+            width=float(spec.get("width", 1.0)),
+            dropout=float(spec.get("dropout", 0.5)),
+            image_size=tuple(spec.get("image_size", (32, 32))),
+        )
         model.load_state_dict(state)
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"the weights do not fit the network described by {where}: {e}") from e
@@ -247,15 +278,23 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     if not known:
         names = [str(i) for i in range(int(spec["num_classes"]))]
     size = tuple(int(x) for x in spec.get("image_size", (32, 32)))
-    return LoadedModel(model=model, weights=weights, spec_source=spec_source, class_names=list(names),
-                       names_known=known, image_size=(size[0], size[-1]),
-                       mean=float(spec.get("mean", train_config.get("mean", 0.5))),
-                       std=float(spec.get("std", train_config.get("std", 0.5))), train_config=dict(train_config))
+    return LoadedModel(
+        model=model,
+        weights=weights,
+        spec_source=spec_source,
+        class_names=list(names),
+        names_known=known,
+        image_size=(size[0], size[-1]),
+        mean=float(spec.get("mean", train_config.get("mean", 0.5))),
+        std=float(spec.get("std", train_config.get("std", 0.5))),
+        train_config=dict(train_config),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------
+
 
 def make_prepare(mean: float, std: float):
     """The ``prepare_batch`` of ``train.evaluate`` for evaluation: normalise, no augmentation."""
@@ -268,9 +307,17 @@ def make_prepare(mean: float, std: float):
     return prepare
 
 
-def load_test_split(dataset: str, loaded: LoadedModel, *, eval_limit: int | None = None,
-                    cache_dir: str | None = None, image_column: str | None = None, label_column: str | None = None,
-                    log=print, warn=None):
+def load_test_split(
+    dataset: str,
+    loaded: LoadedModel,
+    *,
+    eval_limit: int | None = None,
+    cache_dir: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    log=print,
+    warn=None,
+):
     """The test split of ``dataset`` (a seeded class-balanced subset with ``eval_limit``, the one training
     evaluated for the same limit and seed), checked against the model. Returns (split, dataset's class names).
     A model saved without class names takes the dataset's."""
@@ -280,15 +327,21 @@ def load_test_split(dataset: str, loaded: LoadedModel, *, eval_limit: int | None
     test = data.test
     size = (int(test.images.shape[-2]), int(test.images.shape[-1]))
     if size != loaded.image_size:
-        raise DataError(f"the test images of {dataset} are {size[0]}x{size[1]} but the model in "
-                        f"{loaded.weights.parent} was built for {loaded.image_size[0]}x{loaded.image_size[1]}: "
-                        f"evaluate it on the dataset it was trained on, or on images of that size")
+        raise DataError(
+            f"the test images of {dataset} are {size[0]}x{size[1]} but the model in "
+            f"{loaded.weights.parent} was built for {loaded.image_size[0]}x{loaded.image_size[1]}: "
+            f"evaluate it on the dataset it was trained on, or on images of that size"
+        )
     if data.num_classes != loaded.num_classes:
-        raise DataError(f"{dataset} has {data.num_classes} classes but the model predicts {loaded.num_classes}: "
-                        f"evaluate it on a dataset with the same classes")
+        raise DataError(
+            f"{dataset} has {data.num_classes} classes but the model predicts {loaded.num_classes}: "
+            f"evaluate it on a dataset with the same classes"
+        )
     if loaded.names_known and list(data.class_names) != loaded.class_names and warn is not None:
-        warn(f"warning: the class names of {dataset} ({', '.join(data.class_names)}) differ from the model's "
-             f"({', '.join(loaded.class_names)}); the model's names are used")
+        warn(
+            f"warning: the class names of {dataset} ({', '.join(data.class_names)}) differ from the model's "
+            f"({', '.join(loaded.class_names)}); the model's names are used"
+        )
     if not loaded.names_known:  # a checkpoint without class names: name the outputs after the dataset's classes
         loaded.class_names, loaded.names_known = list(data.class_names), True
     if eval_limit:
@@ -299,12 +352,13 @@ def load_test_split(dataset: str, loaded: LoadedModel, *, eval_limit: int | None
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(K, K) counts, rows the true class, columns the predicted one (as ``train.evaluate``)."""
-    return torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    return torch.bincount(target * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Output: tables, JSON, plot
 # ---------------------------------------------------------------------------------------------------
+
 
 def per_class_table(names: Sequence[str], confusion: Sequence[Sequence[int]]) -> str:
     width = max(8, *(len(n) for n in names))
@@ -347,8 +401,9 @@ def plot_confusion(ax: Any, confusion: Sequence[Sequence[int]], names: Sequence[
         for i in range(k):
             for j in range(k):
                 frac = m[i, j] / max(rows[i, 0], 1)
-                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if frac > 0.5 else "black")
+                ax.text(
+                    j, i, str(m[i, j]), ha="center", va="center", fontsize=7, color="white" if frac > 0.5 else "black"
+                )
 
 
 def save_confusion_png(path: str | Path, confusion: Sequence[Sequence[int]], names: Sequence[str], title: str) -> None:
@@ -371,36 +426,60 @@ def _write_json(path: str, result: dict[str, Any]) -> None:
 def summarize(result: dict[str, Any], names: Sequence[str], extra: dict[str, Any]) -> dict[str, Any]:
     """``train.evaluate``'s result with class names attached, as written to --json."""
     confusion = result["confusion"]
-    return {**extra, "count": result["count"], "loss": result["loss"], "accuracy": result["accuracy"],
-            "class_names": list(names),
-            "per_class": {n: {"images": sum(confusion[i]), "correct": confusion[i][i],
-                              "accuracy": result["per_class_accuracy"][i]} for i, n in enumerate(names)},
-            "confusion": confusion}
+    return {
+        **extra,
+        "count": result["count"],
+        "loss": result["loss"],
+        "accuracy": result["accuracy"],
+        "class_names": list(names),
+        "per_class": {
+            n: {"images": sum(confusion[i]), "correct": confusion[i][i], "accuracy": result["per_class_accuracy"][i]}
+            for i, n in enumerate(names)
+        },
+        "confusion": confusion,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Evaluate a saved distvgg model on a dataset's test split: "
-                                "loss, accuracy, per-class accuracy and confusion matrix. Runs under "
-                                "`accelerate launch` with any number of processes; every image counts once.")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Evaluate a saved distvgg model on a dataset's test split: "
+        "loss, accuracy, per-class accuracy and confusion matrix. Runs under "
+        "`accelerate launch` with any number of processes; every image counts once.",
+    )
     p.add_argument("--checkpoint", required=True, help=f"the model: {CHECKPOINT_HELP}")
-    p.add_argument("--dataset", help="dataset whose test split is evaluated, as for distvgg.train "
-                   "(default: the dataset the model was trained on)")
-    p.add_argument("--eval-limit", type=int, help="evaluate a seeded, class-balanced subset of this many test images "
-                   "(the same subset training evaluated with the same --eval-limit)")
+    p.add_argument(
+        "--dataset",
+        help="dataset whose test split is evaluated, as for distvgg.train "
+        "(default: the dataset the model was trained on)",
+    )
+    p.add_argument(
+        "--eval-limit",
+        type=int,
+        help="evaluate a seeded, class-balanced subset of this many test images "
+        "(the same subset training evaluated with the same --eval-limit)",
+    )
     p.add_argument("--batch-size", type=int, help="images per process per batch (default: the run's --eval-batch-size)")
-    p.add_argument("--tta", choices=("none", "flip"), default="none",
-                   help="test-time augmentation: flip averages the logits of each image and its mirror")
+    p.add_argument(
+        "--tta",
+        choices=("none", "flip"),
+        default="none",
+        help="test-time augmentation: flip averages the logits of each image and its mirror",
+    )
     p.add_argument("--json", metavar="OUT.json", help="write all results (per-class, confusion matrix) as JSON")
     p.add_argument("--confusion-png", metavar="OUT.png", help="save the confusion matrix as a PNG")
-    p.add_argument("--cache-dir", help="decoded-dataset cache (default: the run's, else $DISTVGG_CACHE or "
-                   "~/.cache/distvgg)")
+    p.add_argument(
+        "--cache-dir", help="decoded-dataset cache (default: the run's, else $DISTVGG_CACHE or ~/.cache/distvgg)"
+    )
     for kind in ("image", "label"):
-        p.add_argument(f"--{kind}-column", help=f"{kind} column (default: the run's when --dataset is not given, "
-                       f"else detected)")
+        p.add_argument(
+            f"--{kind}-column", help=f"{kind} column (default: the run's when --dataset is not given, else detected)"
+        )
     return p
 
 
@@ -414,8 +493,11 @@ def require_matplotlib(what: str) -> str | None:
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    problems = [f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}"
-                for name in ("eval_limit", "batch_size") if getattr(args, name) is not None and getattr(args, name) < 1]
+    problems = [
+        f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}"
+        for name in ("eval_limit", "batch_size")
+        if getattr(args, name) is not None and getattr(args, name) < 1
+    ]
     if args.confusion_png and (missing := require_matplotlib("--confusion-png")):
         problems.append(missing)
     if problems:
@@ -431,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = load_checkpoint(args.checkpoint)
     except CheckpointError as e:
         import os
+
         if os.environ.get("RANK", "0") == "0":  # before the Accelerator exists: one message per launch, not per process
             print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
@@ -463,29 +546,47 @@ def _evaluate(args: argparse.Namespace, loaded: LoadedModel, accelerator: Any, t
         raise CheckpointError(f"{loaded.spec_source} does not record the training dataset: pass --dataset")
     same = args.dataset is None
     with accelerator.local_main_process_first():
-        test, _ = load_test_split(dataset, loaded, eval_limit=args.eval_limit,
-                                  cache_dir=args.cache_dir or tc.get("cache_dir"),
-                                  image_column=args.image_column or (tc.get("image_column") if same else None),
-                                  label_column=args.label_column or (tc.get("label_column") if same else None),
-                                  log=say if main_process else (lambda *_: None),
-                                  warn=(lambda m: print(m, file=sys.stderr)) if main_process else None)
+        test, _ = load_test_split(
+            dataset,
+            loaded,
+            eval_limit=args.eval_limit,
+            cache_dir=args.cache_dir or tc.get("cache_dir"),
+            image_column=args.image_column or (tc.get("image_column") if same else None),
+            label_column=args.label_column or (tc.get("label_column") if same else None),
+            log=say if main_process else (lambda *_: None),
+            warn=(lambda m: print(m, file=sys.stderr)) if main_process else None,
+        )
     batch_size = args.batch_size or int(tc.get("eval_batch_size", 500))
     loader = accelerator.prepare(batches.eval_loader(test.images, test.labels, batch_size))
     model: nn.Module = loaded.model.to(accelerator.device)
-    result = train.evaluate(model, loader, accelerator, make_prepare(loaded.mean, loaded.std), loaded.num_classes,
-                            tta=args.tta == "flip")
+    result = train.evaluate(
+        model, loader, accelerator, make_prepare(loaded.mean, loaded.std), loaded.num_classes, tta=args.tta == "flip"
+    )
     if not main_process:
         return 0
     names = loaded.class_names
     tta = f", TTA {args.tta}" if args.tta != "none" else ""
     say(f"model: {loaded.weights} ({loaded.image_size[0]}x{loaded.image_size[1]}, {loaded.num_classes} classes)")
-    say(f"test loss: {result['loss']:.4f}  accuracy: {100 * result['accuracy']:.2f}%  "
-        f"({result['count']} images of {dataset}, {accelerator.num_processes} process(es){tta})")
+    say(
+        f"test loss: {result['loss']:.4f}  accuracy: {100 * result['accuracy']:.2f}%  "
+        f"({result['count']} images of {dataset}, {accelerator.num_processes} process(es){tta})"
+    )
     say("\nper-class accuracy:\n" + per_class_table(names, result["confusion"]))
-    say("\nconfusion matrix (rows: true class, columns: predicted class index):\n"
-        + confusion_table(names, result["confusion"]))
-    summary = summarize(result, names, {"checkpoint": str(loaded.weights), "dataset": dataset, "tta": args.tta,
-                                        "eval_limit": args.eval_limit, "num_processes": accelerator.num_processes})
+    say(
+        "\nconfusion matrix (rows: true class, columns: predicted class index):\n"
+        + confusion_table(names, result["confusion"])
+    )
+    summary = summarize(
+        result,
+        names,
+        {
+            "checkpoint": str(loaded.weights),
+            "dataset": dataset,
+            "tta": args.tta,
+            "eval_limit": args.eval_limit,
+            "num_processes": accelerator.num_processes,
+        },
+    )
     if args.json:
         _write_json(args.json, summary)
         say(f"\nwrote {args.json}")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import torch
 import torch.nn as nn
@@ -25,8 +26,7 @@ CFGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-              512, 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 # Width of the two hidden FC layers at width=1.0: the guide uses 4096; the CIFAR VGGs a
 # 512-wide head, since their features are already 512x1x1.
@@ -52,8 +52,11 @@ def make_features(cfg: LayerSpec, in_channels: int = 3, width: float = 1.0) -> n
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
             out = _scaled(int(v), width)
-            layers += [nn.Conv2d(in_channels=channels, out_channels=out, kernel_size=3, padding=1),
-                       nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(in_channels=channels, out_channels=out, kernel_size=3, padding=1),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
             channels = out
     return nn.Sequential(*layers)
 
@@ -69,16 +72,27 @@ def feature_shape(features: nn.Sequential, in_channels: int, image_size: tuple[i
             if isinstance(m, nn.Conv2d):
                 c = m.out_channels
     if h < 1 or w < 1:
-        raise ValueError(f"input of {image_size[0]}x{image_size[1]} is too small for this network: "
-                         f"the feature map shrinks to {h}x{w}")
+        raise ValueError(
+            f"input of {image_size[0]}x{image_size[1]} is too small for this network: "
+            f"the feature map shrinks to {h}x{w}"
+        )
     return c, h, w
 
 
 class VGG(nn.Module):
     """A VGG network: ``features`` from a layer list, then the guide's three-layer classifier."""
 
-    def __init__(self, cfg: LayerSpec, num_classes: int = 1000, *, hidden: int = 4096, width: float = 1.0,
-                 dropout: float = 0.5, in_channels: int = 3, image_size: int | tuple[int, int] = 32) -> None:
+    def __init__(
+        self,
+        cfg: LayerSpec,
+        num_classes: int = 1000,
+        *,
+        hidden: int = 4096,
+        width: float = 1.0,
+        dropout: float = 0.5,
+        in_channels: int = 3,
+        image_size: int | tuple[int, int] = 32,
+    ) -> None:
         super().__init__()
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.features = make_features(cfg, in_channels, width)
@@ -105,21 +119,49 @@ class VGG(nn.Module):
 class VGG3Layer(VGG):
     """The quick guide's network: three conv blocks (64, 128, 256) and a 4096-wide classifier."""
 
-    def __init__(self, num_classes: int = 1000, *, width: float = 1.0, dropout: float = 0.5,
-                 in_channels: int = 3, image_size: int | tuple[int, int] = 32) -> None:
-        super().__init__(CFGS["vgg3layer"], num_classes, hidden=HIDDEN["vgg3layer"], width=width,
-                         dropout=dropout, in_channels=in_channels, image_size=image_size)
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        *,
+        width: float = 1.0,
+        dropout: float = 0.5,
+        in_channels: int = 3,
+        image_size: int | tuple[int, int] = 32,
+    ) -> None:
+        super().__init__(
+            CFGS["vgg3layer"],
+            num_classes,
+            hidden=HIDDEN["vgg3layer"],
+            width=width,
+            dropout=dropout,
+            in_channels=in_channels,
+            image_size=image_size,
+        )
 
 
-def build_model(name: str, num_classes: int, *, width: float = 1.0, dropout: float = 0.5,
-                in_channels: int = 3, image_size: int | tuple[int, int] = 32) -> VGG:
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    width: float = 1.0,
+    dropout: float = 0.5,
+    in_channels: int = 3,
+    image_size: int | tuple[int, int] = 32,
+) -> VGG:
     """The network called ``name`` (one of ``MODEL_NAMES``)."""
     if name not in CFGS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if name == "vgg3layer":
         return VGG3Layer(num_classes, width=width, dropout=dropout, in_channels=in_channels, image_size=image_size)
-    return VGG(CFGS[name], num_classes, hidden=HIDDEN[name], width=width, dropout=dropout,
-               in_channels=in_channels, image_size=image_size)
+    return VGG(
+        CFGS[name],
+        num_classes,
+        hidden=HIDDEN[name],
+        width=width,
+        dropout=dropout,
+        in_channels=in_channels,
+        image_size=image_size,
+    )
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -130,11 +172,25 @@ MODEL_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model.json"
 
 
-def model_spec(name: str, num_classes: int, width: float, dropout: float, image_size: tuple[int, int],
-               class_names: Sequence[str], **extra: Any) -> dict[str, Any]:
+def model_spec(
+    name: str,
+    num_classes: int,
+    width: float,
+    dropout: float,
+    image_size: tuple[int, int],
+    class_names: Sequence[str],
+    **extra: Any,
+) -> dict[str, Any]:
     """What ``load_pretrained`` needs to rebuild a network, saved next to its weights."""
-    return {"model": name, "num_classes": num_classes, "width": width, "dropout": dropout,
-            "image_size": list(image_size), "class_names": list(class_names), **extra}
+    return {
+        "model": name,
+        "num_classes": num_classes,
+        "width": width,
+        "dropout": dropout,
+        "image_size": list(image_size),
+        "class_names": list(class_names),
+        **extra,
+    }
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, spec: dict[str, Any]) -> Path:
@@ -161,8 +217,10 @@ def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
     p = Path(path)
     weights = p if p.suffix == ".safetensors" else p / MODEL_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"no model weights at {weights}: pass a folder written by distvgg "
-                                f"(OUTPUT_DIR/final or OUTPUT_DIR/best) or its {MODEL_FILE}")
+        raise FileNotFoundError(
+            f"no model weights at {weights}: pass a folder written by distvgg "
+            f"(OUTPUT_DIR/final or OUTPUT_DIR/best) or its {MODEL_FILE}"
+        )
     spec_file = weights.with_name(MODEL_CONFIG_FILE)
     try:
         spec = json.loads(spec_file.read_text())
@@ -172,7 +230,12 @@ def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights} is not a readable safetensors file ({e}); it may be truncated") from e
-    model = build_model(spec["model"], int(spec["num_classes"]), width=float(spec.get("width", 1.0)),
-                        dropout=float(spec.get("dropout", 0.5)), image_size=tuple(spec.get("image_size", (32, 32))))
+    model = build_model(
+        spec["model"],
+        int(spec["num_classes"]),
+        width=float(spec.get("width", 1.0)),
+        dropout=float(spec.get("dropout", 0.5)),
+        image_size=tuple(spec.get("image_size", (32, 32))),
+    )
     model.load_state_dict(state)
     return model.eval(), spec

@@ -13,16 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from distvgg.evaluate import CHECKPOINT_HELP, CheckpointError, LoadedModel, load_checkpoint
 
 PROG = "distvgg.predict"
-RESIZE_HELP = ("Each image is converted to RGB and resized to exactly the model's input size (e.g. 32x32) with "
-               "torchvision's resize (bilinear, antialiased): a stretch, not a crop, so the aspect ratio is not kept.")
+RESIZE_HELP = (
+    "Each image is converted to RGB and resized to exactly the model's input size (e.g. 32x32) with "
+    "torchvision's resize (bilinear, antialiased): a stretch, not a crop, so the aspect ratio is not kept."
+)
 
 
 class ImageFileError(ValueError):
@@ -54,15 +57,19 @@ def predict_probabilities(loaded: LoadedModel, images: torch.Tensor, batch_size:
     """Softmax probabilities (N, K) for uint8 images (N, 3, H, W) at the model's input size."""
     from distvgg.batches import normalize
 
-    out = [torch.softmax(loaded.model(normalize(images[i:i + batch_size], loaded.mean, loaded.std)).float(), dim=1)
-           for i in range(0, len(images), batch_size)]
+    out = [
+        torch.softmax(loaded.model(normalize(images[i : i + batch_size], loaded.mean, loaded.std)).float(), dim=1)
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0, loaded.num_classes)
 
 
 def top_k(probs: torch.Tensor, names: Sequence[str], k: int) -> list[list[dict[str, Any]]]:
     values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
-    return [[{"class": names[i], "index": int(i), "probability": float(v)} for v, i in zip(vs.tolist(), ix.tolist())]
-            for vs, ix in zip(values, indices)]
+    return [
+        [{"class": names[i], "index": int(i), "probability": float(v)} for v, i in zip(vs.tolist(), ix.tolist())]
+        for vs, ix in zip(values, indices)
+    ]
 
 
 def format_table(results: list[dict[str, Any]], size: tuple[int, int]) -> str:
@@ -77,12 +84,17 @@ def format_table(results: list[dict[str, Any]], size: tuple[int, int]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Top-k classes with probabilities for each image file. "
-                                + RESIZE_HELP + " Images that are missing or cannot be read are all listed and "
-                                "nothing is predicted (exit code 1).")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Top-k classes with probabilities for each image file. "
+        + RESIZE_HELP
+        + " Images that are missing or cannot be read are all listed and "
+        "nothing is predicted (exit code 1).",
+    )
     p.add_argument("--checkpoint", required=True, help=f"the model: {CHECKPOINT_HELP}")
-    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default 5; at most the number "
-                   "of classes)")
+    p.add_argument(
+        "--top-k", type=int, default=5, help="classes shown per image (default 5; at most the number of classes)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON (a list, one object per image) instead of a table")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ... of any size)")
     return p
@@ -111,12 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if errors:
         for e in errors:
             print(f"{PROG}: error: {e}", file=sys.stderr)
-        print(f"{PROG}: {len(errors)} of {len(args.images)} image(s) could not be read; nothing was predicted",
-              file=sys.stderr)
+        print(
+            f"{PROG}: {len(errors)} of {len(args.images)} image(s) could not be read; nothing was predicted",
+            file=sys.stderr,
+        )
         return 1
     probs = predict_probabilities(loaded, torch.stack(images))
-    results = [{"file": path, "original_size": list(size), "predictions": preds}
-               for path, size, preds in zip(args.images, sizes, top_k(probs, loaded.class_names, args.top_k))]
+    results = [
+        {"file": path, "original_size": list(size), "predictions": preds}
+        for path, size, preds in zip(args.images, sizes, top_k(probs, loaded.class_names, args.top_k))
+    ]
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -15,15 +15,22 @@ import html
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from distvgg.evaluate import (CheckpointError, LoadedModel, confusion_matrix, load_checkpoint, plot_confusion,
-                              require_matplotlib)
+from distvgg.evaluate import (
+    CheckpointError,
+    LoadedModel,
+    confusion_matrix,
+    load_checkpoint,
+    plot_confusion,
+    require_matplotlib,
+)
 
 PROG = "distvgg.report"
 
@@ -36,6 +43,7 @@ class ReportError(ValueError):
 # Inputs
 # ---------------------------------------------------------------------------------------------------
 
+
 def load_metrics(output_dir: Path) -> list[dict[str, Any]]:
     """The records of OUTPUT_DIR/metrics.jsonl (``tracking.read_metrics``).
 
@@ -46,8 +54,10 @@ def load_metrics(output_dir: Path) -> list[dict[str, Any]]:
 
     path = output_dir / METRICS_FILE
     if not path.is_file():
-        raise ReportError(f"no {METRICS_FILE} in {output_dir}: pass the --output-dir of a distvgg.train run "
-                          f"(it writes {METRICS_FILE} as it trains)")
+        raise ReportError(
+            f"no {METRICS_FILE} in {output_dir}: pass the --output-dir of a distvgg.train run "
+            f"(it writes {METRICS_FILE} as it trains)"
+        )
     try:
         return read_metrics(output_dir)
     except json.JSONDecodeError:
@@ -111,20 +121,35 @@ def evaluate_model(loaded: LoadedModel, dataset: str, eval_limit: int | None, ca
     from distvgg.predict import predict_probabilities
 
     warn = lambda m: print(f"{PROG}: {m}", file=sys.stderr)  # noqa: E731
-    test, _ = load_test_split(dataset, loaded, eval_limit=eval_limit, log=print, warn=warn,
-                              cache_dir=cache_dir or loaded.train_config.get("cache_dir"))
+    test, _ = load_test_split(
+        dataset,
+        loaded,
+        eval_limit=eval_limit,
+        log=print,
+        warn=warn,
+        cache_dir=cache_dir or loaded.train_config.get("cache_dir"),
+    )
     probs = predict_probabilities(loaded, test.images)
     pred = probs.argmax(1)
     loss = F.nll_loss(probs.clamp_min(1e-12).log(), test.labels).item() if len(test) else float("nan")
     folder = loaded.weights.parent.name
     label = f"{folder} model" if folder in ("final", "best") else f"checkpoint {folder}"
-    return TestResults(test.images, test.labels, pred, loss, (pred == test.labels).float().mean().item(),
-                       confusion_matrix(pred, test.labels, loaded.num_classes), dataset, label)
+    return TestResults(
+        test.images,
+        test.labels,
+        pred,
+        loss,
+        (pred == test.labels).float().mean().item(),
+        confusion_matrix(pred, test.labels, loaded.num_classes),
+        dataset,
+        label,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # The figure
 # ---------------------------------------------------------------------------------------------------
+
 
 def _empty(ax: Any, title: str, message: str) -> None:
     ax.set_title(title)
@@ -165,8 +190,14 @@ def plot_accuracy(ax: Any, records: list[dict[str, Any]]) -> None:
         return _empty(ax, "test accuracy", "no evaluation logged yet")
     ax.plot(xs, [100 * y for y in ys], "o-", color="tab:green", lw=1.5)
     best = max(range(len(ys)), key=ys.__getitem__)
-    ax.annotate(f"best {100 * ys[best]:.2f}% (epoch {xs[best]:g})", (xs[best], 100 * ys[best]),
-                textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8)
+    ax.annotate(
+        f"best {100 * ys[best]:.2f}% (epoch {xs[best]:g})",
+        (xs[best], 100 * ys[best]),
+        textcoords="offset points",
+        xytext=(0, -14),
+        ha="center",
+        fontsize=8,
+    )
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"test accuracy per epoch (last {100 * ys[-1]:.2f}%)")
@@ -194,15 +225,23 @@ def plot_examples(ax: Any, results: TestResults, names: Sequence[str], count: in
     for n, i in enumerate(idx.tolist()):
         r, c = divmod(n, per_row)
         true, pred = int(results.labels[i]), int(results.pred[i])
-        ax.text(c * (tw + pad) + pad + 2, r * (th + pad) + pad + 2, f"T: {names[true]}\nP: {names[pred]}",
-                va="top", ha="left", fontsize=7, color="darkgreen" if true == pred else "red",
-                bbox={"facecolor": "white", "alpha": 0.75, "pad": 1, "edgecolor": "none"})
+        ax.text(
+            c * (tw + pad) + pad + 2,
+            r * (th + pad) + pad + 2,
+            f"T: {names[true]}\nP: {names[pred]}",
+            va="top",
+            ha="left",
+            fontsize=7,
+            color="darkgreen" if true == pred else "red",
+            bbox={"facecolor": "white", "alpha": 0.75, "pad": 1, "edgecolor": "none"},
+        )
     ax.set_axis_off()
     ax.set_title(f"test images: T = true class, P = predicted (red: wrong) - {len(idx)} of {len(results.labels)}")
 
 
-def render(path: Path, records: list[dict[str, Any]], loaded: LoadedModel | None, results: TestResults | None,
-           title: str) -> None:
+def render(
+    path: Path, records: list[dict[str, Any]], loaded: LoadedModel | None, results: TestResults | None, title: str
+) -> None:
     from matplotlib.figure import Figure  # a Figure without pyplot renders with Agg: no display, no global state
 
     fig = Figure(figsize=(18, 11), layout="constrained")
@@ -212,8 +251,12 @@ def render(path: Path, records: list[dict[str, Any]], loaded: LoadedModel | None
     plot_accuracy(fig.add_subplot(gs[0, 2]), records)
     conf_ax, grid_ax = fig.add_subplot(gs[1, 0]), fig.add_subplot(gs[1, 1:])
     if loaded is not None and results is not None:
-        plot_confusion(conf_ax, results.confusion.tolist(), loaded.class_names,
-                       f"{results.model_label}: {100 * results.accuracy:.2f}% on {len(results.labels)} test images")
+        plot_confusion(
+            conf_ax,
+            results.confusion.tolist(),
+            loaded.class_names,
+            f"{results.model_label}: {100 * results.accuracy:.2f}% on {len(results.labels)} test images",
+        )
         plot_examples(grid_ax, results, loaded.class_names)
     else:
         _empty(conf_ax, "confusion matrix", "no model yet")
@@ -226,6 +269,7 @@ def render(path: Path, records: list[dict[str, Any]], loaded: LoadedModel | None
 # ---------------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------------
+
 
 def _last(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[float, float] | None:
     xs, ys = series(records, key, x)
@@ -240,27 +284,39 @@ def final_numbers(records: list[dict[str, Any]], results: TestResults | None) ->
         rows.append(("optimizer steps", f"{step}"))
     if epoch is not None:
         rows.append(("epochs", f"{epoch:g}"))
-    if (v := _last(records, "train/loss")):
+    if v := _last(records, "train/loss"):
         rows.append(("last training loss", f"{v[1]:.4f} (step {v[0]:g})"))
-    if (v := _last(records, "eval/accuracy", "epoch")):
+    if v := _last(records, "eval/accuracy", "epoch"):
         rows.append(("last test accuracy (logged)", f"{100 * v[1]:.2f}% (epoch {v[0]:g})"))
     xs, ys = series(records, "eval/accuracy", "epoch")
     if ys:
         best = max(range(len(ys)), key=ys.__getitem__)
         rows.append(("best test accuracy (logged)", f"{100 * ys[best]:.2f}% (epoch {xs[best]:g})"))
-    for key, label, fmt in (("summary/train_seconds", "training time (s)", "{:.1f}"),
-                            ("summary/images_per_second", "training images/s", "{:,.0f}")):
+    for key, label, fmt in (
+        ("summary/train_seconds", "training time (s)", "{:.1f}"),
+        ("summary/images_per_second", "training images/s", "{:,.0f}"),
+    ):
         if (v := _last(records, key)) and math.isfinite(v[1]):
             rows.append((label, fmt.format(v[1])))
     if results is not None:
         rows.append((f"{results.model_label}: test loss", f"{results.loss:.4f}"))
-        rows.append((f"{results.model_label}: test accuracy",
-                     f"{100 * results.accuracy:.2f}% of {len(results.labels)} images of {results.dataset}"))
+        rows.append(
+            (
+                f"{results.model_label}: test accuracy",
+                f"{100 * results.accuracy:.2f}% of {len(results.labels)} images of {results.dataset}",
+            )
+        )
     return rows
 
 
-def write_html(path: Path, png: Path, title: str, rows: list[tuple[str, str]], loaded: LoadedModel | None,
-               results: TestResults | None) -> None:
+def write_html(
+    path: Path,
+    png: Path,
+    title: str,
+    rows: list[tuple[str, str]],
+    loaded: LoadedModel | None,
+    results: TestResults | None,
+) -> None:
     import os
 
     e = html.escape
@@ -269,11 +325,15 @@ def write_html(path: Path, png: Path, title: str, rows: list[tuple[str, str]], l
     per_class = ""
     if loaded is not None and results is not None:
         conf = results.confusion
-        body = "\n".join(f"<tr><td>{e(n)}</td><td>{int(conf[i].sum())}</td><td>"
-                         f"{100 * int(conf[i, i]) / max(int(conf[i].sum()), 1):.2f}%</td></tr>"
-                         for i, n in enumerate(loaded.class_names))
-        per_class = (f"<h2>Per-class accuracy ({e(results.model_label)})</h2>\n<table>\n"
-                     f"<tr><th>class</th><th>images</th><th>accuracy</th></tr>\n{body}\n</table>")
+        body = "\n".join(
+            f"<tr><td>{e(n)}</td><td>{int(conf[i].sum())}</td><td>"
+            f"{100 * int(conf[i, i]) / max(int(conf[i].sum()), 1):.2f}%</td></tr>"
+            for i, n in enumerate(loaded.class_names)
+        )
+        per_class = (
+            f"<h2>Per-class accuracy ({e(results.model_label)})</h2>\n<table>\n"
+            f"<tr><th>class</th><th>images</th><th>accuracy</th></tr>\n{body}\n</table>"
+        )
     path.write_text(f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -303,18 +363,30 @@ img {{ max-width: 100%; }}
 # Command line
 # ---------------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Render a run's report: OUT.png (loss and learning-rate "
-                                "curves, test accuracy per epoch, the final model's confusion matrix, test images "
-                                "with true and predicted labels) and OUT.html showing it with a table of the final "
-                                "numbers. Offline: reads OUTPUT_DIR/metrics.jsonl, the final model and the dataset.")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Render a run's report: OUT.png (loss and learning-rate "
+        "curves, test accuracy per epoch, the final model's confusion matrix, test images "
+        "with true and predicted labels) and OUT.html showing it with a table of the final "
+        "numbers. Offline: reads OUTPUT_DIR/metrics.jsonl, the final model and the dataset.",
+    )
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the --output-dir of a distvgg.train run")
-    p.add_argument("--out", help="the PNG to write (default OUTPUT_DIR/report.png); the HTML page goes beside it "
-                   "with the same name and .html")
-    p.add_argument("--checkpoint", help="the model to evaluate (default: OUTPUT_DIR/final, else OUTPUT_DIR/best, "
-                   "else the newest good checkpoint)")
-    p.add_argument("--dataset", help="dataset for the confusion matrix and the images (default: the one recorded "
-                   "in OUTPUT_DIR/config.yaml or the model's training config)")
+    p.add_argument(
+        "--out",
+        help="the PNG to write (default OUTPUT_DIR/report.png); the HTML page goes beside it "
+        "with the same name and .html",
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="the model to evaluate (default: OUTPUT_DIR/final, else OUTPUT_DIR/best, else the newest good checkpoint)",
+    )
+    p.add_argument(
+        "--dataset",
+        help="dataset for the confusion matrix and the images (default: the one recorded "
+        "in OUTPUT_DIR/config.yaml or the model's training config)",
+    )
     p.add_argument("--eval-limit", type=int, help="use a seeded, class-balanced subset of this many test images")
     p.add_argument("--cache-dir", help="decoded-dataset cache (default: the run's, else $DISTVGG_CACHE)")
     return p
@@ -327,8 +399,11 @@ def _load_model(args: argparse.Namespace, output_dir: Path) -> LoadedModel | Non
 
     if (output_dir / "final").is_dir() or (output_dir / "best").is_dir() or step_folders(output_dir):
         return load_checkpoint(output_dir)  # final/, else best/, else the newest good checkpoint
-    print(f"{PROG}: warning: no model in {output_dir} yet (no final/, best/ or checkpoint); the report shows the "
-          f"curves only", file=sys.stderr)
+    print(
+        f"{PROG}: warning: no model in {output_dir} yet (no final/, best/ or checkpoint); the report shows the "
+        f"curves only",
+        file=sys.stderr,
+    )
     return None
 
 
@@ -355,8 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if loaded is not None:
             dataset = args.dataset or recorded_dataset(output_dir, loaded)
             if not dataset:
-                raise ReportError(f"neither {output_dir / 'config.yaml'} nor the model records the dataset: "
-                                  f"pass --dataset")
+                raise ReportError(
+                    f"neither {output_dir / 'config.yaml'} nor the model records the dataset: pass --dataset"
+                )
             results = evaluate_model(loaded, dataset, args.eval_limit, args.cache_dir)
     except (ReportError, CheckpointError, DataError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

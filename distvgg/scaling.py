@@ -38,9 +38,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -78,6 +79,7 @@ INTERCONNECTS = (
 # The formula
 # --------------------------------------------------------------------------------------------------
 
+
 def gradient_bytes(num_params: int, bytes_per_value: int) -> int:
     """Bytes all-reduced per step: every parameter's gradient once."""
     return num_params * bytes_per_value
@@ -103,8 +105,9 @@ def efficiency(compute_seconds: float, step: float) -> float:
     return compute_seconds / step
 
 
-def min_batch_per_gpu(seconds_per_image: float, comm_seconds: float, overlap: float = 0.0,
-                      target: float = TARGET_EFFICIENCY) -> int:
+def min_batch_per_gpu(
+    seconds_per_image: float, comm_seconds: float, overlap: float = 0.0, target: float = TARGET_EFFICIENCY
+) -> int:
     """The smallest batch per GPU whose efficiency reaches ``target``:
     B t / (B t + c) >= e  <=>  B >= e / (1 - e) x c / t."""
     hidden = comm_seconds * (1.0 - overlap)
@@ -116,9 +119,14 @@ def bus_bandwidth_from(n: int, nbytes: float, seconds: float) -> float:
     return ring_allreduce_bytes(n, nbytes) / seconds
 
 
-def predict(num_params: int, seconds_per_image: float, batch_per_gpu: int, overlap: float = 0.0,
-            interconnects: Sequence[Interconnect] = INTERCONNECTS,
-            gpu_counts: Sequence[int] = GPU_COUNTS) -> list[dict[str, Any]]:
+def predict(
+    num_params: int,
+    seconds_per_image: float,
+    batch_per_gpu: int,
+    overlap: float = 0.0,
+    interconnects: Sequence[Interconnect] = INTERCONNECTS,
+    gpu_counts: Sequence[int] = GPU_COUNTS,
+) -> list[dict[str, Any]]:
     """One row per (interconnect, gradient format, number of GPUs)."""
     compute = batch_per_gpu * seconds_per_image
     rows = []
@@ -128,17 +136,27 @@ def predict(num_params: int, seconds_per_image: float, batch_per_gpu: int, overl
             for n in gpu_counts:
                 comm = allreduce_seconds(n, nbytes, link.bus_bandwidth)
                 step = step_seconds(compute, comm, overlap)
-                rows.append({"interconnect": link.name, "bus_bandwidth": link.bus_bandwidth, "gradients": fmt,
-                             "gpus": n, "allreduce_bytes_per_gpu": ring_allreduce_bytes(n, nbytes),
-                             "compute_seconds": compute, "comm_seconds": comm, "step_seconds": step,
-                             "efficiency": efficiency(compute, step),
-                             "images_per_second": n * batch_per_gpu / step,
-                             "min_batch_per_gpu": min_batch_per_gpu(seconds_per_image, comm, overlap)})
+                rows.append(
+                    {
+                        "interconnect": link.name,
+                        "bus_bandwidth": link.bus_bandwidth,
+                        "gradients": fmt,
+                        "gpus": n,
+                        "allreduce_bytes_per_gpu": ring_allreduce_bytes(n, nbytes),
+                        "compute_seconds": compute,
+                        "comm_seconds": comm,
+                        "step_seconds": step,
+                        "efficiency": efficiency(compute, step),
+                        "images_per_second": n * batch_per_gpu / step,
+                        "min_batch_per_gpu": min_batch_per_gpu(seconds_per_image, comm, overlap),
+                    }
+                )
     return rows
 
 
-def recommend(rows: list[dict[str, Any]], batch_per_gpu: int,
-              max_global_batch: int = MAX_GLOBAL_BATCH) -> list[dict[str, Any]]:
+def recommend(
+    rows: list[dict[str, Any]], batch_per_gpu: int, max_global_batch: int = MAX_GLOBAL_BATCH
+) -> list[dict[str, Any]]:
     """Per interconnect and GPU count: the hook and batch per GPU that keep efficiency >= 90%.
 
     The batch you asked for, with no hook if that is enough, else with the bf16 hook; else the
@@ -158,8 +176,16 @@ def recommend(rows: list[dict[str, Any]], batch_per_gpu: int,
                 hook, batch = "bf16", bf16
             if batch * n > max_global_batch and batch > batch_per_gpu:
                 hook, batch = None, None  # only a global batch too large to train well would reach 90%
-            out.append({"interconnect": link, "gpus": n, "min_batch_fp32": fp32, "min_batch_bf16": bf16,
-                        "hook": hook, "batch_per_gpu": batch})
+            out.append(
+                {
+                    "interconnect": link,
+                    "gpus": n,
+                    "min_batch_fp32": fp32,
+                    "min_batch_bf16": bf16,
+                    "hook": hook,
+                    "batch_per_gpu": batch,
+                }
+            )
     return out
 
 
@@ -167,8 +193,10 @@ def advice(recs: list[dict[str, Any]], max_global_batch: int = MAX_GLOBAL_BATCH)
     """One line for one interconnect: the largest GPU count that keeps 90%, and how."""
     good = [r for r in recs if r["hook"] is not None]
     if not good:
-        return (f"below 90% even at {recs[0]['gpus']} GPUs without a global batch over {max_global_batch:,}: "
-                f"use a faster link or fewer machines")
+        return (
+            f"below 90% even at {recs[0]['gpus']} GPUs without a global batch over {max_global_batch:,}: "
+            f"use a faster link or fewer machines"
+        )
     best = good[-1]
     how = "no hook" if best["hook"] == "none" else "--ddp-comm-hook bf16"
     text = f"{how}, batch {best['batch_per_gpu']:,} per GPU: >= 90% up to {best['gpus']} GPUs"
@@ -180,6 +208,7 @@ def advice(recs: list[dict[str, Any]], max_global_batch: int = MAX_GLOBAL_BATCH)
 # --------------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------------
+
 
 def _model_and_optimizer(name: str, num_classes: int, width: float, image_size: int, device: torch.device):
     from distvgg.models import build_model
@@ -216,8 +245,7 @@ def _time_steps(step, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _local_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor,
-                target: torch.Tensor):
+def _local_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: torch.Tensor, target: torch.Tensor):
     """The guide's five steps on one device, no communication."""
     criterion = torch.nn.CrossEntropyLoss()
 
@@ -229,8 +257,15 @@ def _local_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: 
     return step
 
 
-def measure_compute(name: str, batch: int, device: torch.device, steps: int = 3, num_classes: int = 10,
-                    width: float = 1.0, image_size: int = 32) -> float:
+def measure_compute(
+    name: str,
+    batch: int,
+    device: torch.device,
+    steps: int = 3,
+    num_classes: int = 10,
+    width: float = 1.0,
+    image_size: int = 32,
+) -> float:
     """Seconds per image of one training step (forward, backward, SGD step) on ``device``, alone."""
     model, optimizer = _model_and_optimizer(name, num_classes, width, image_size, device)
     step = _local_step(model, optimizer, *_batch(batch, image_size, num_classes, device))
@@ -244,9 +279,17 @@ def _two_process_worker(rank: int, port: int, spec: dict[str, Any], result_file:
     a 2-process ``accelerate launch``) and the same step without its all-reduce (``no_sync``)."""
     import torch.distributed as dist
 
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "OMP_NUM_THREADS": str(spec["threads"])})  # else Accelerate sets it to 1
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": str(spec["threads"]),
+        }
+    )  # else Accelerate sets it to 1
     torch.set_num_threads(spec["threads"])
     from accelerate import Accelerator
 
@@ -270,9 +313,12 @@ def _two_process_worker(rank: int, port: int, spec: dict[str, Any], result_file:
         with accelerator.no_sync(model):
             ddp_step()
 
-    runs = {"compute_alone_seconds": alone if rank == 0 else (lambda: None),
-            "allreduce_seconds": lambda: dist.all_reduce(buffer),
-            "ddp_step_seconds": ddp_step, "no_sync_step_seconds": no_sync_step}
+    runs = {
+        "compute_alone_seconds": alone if rank == 0 else (lambda: None),
+        "allreduce_seconds": lambda: dist.all_reduce(buffer),
+        "ddp_step_seconds": ddp_step,
+        "no_sync_step_seconds": no_sync_step,
+    }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(spec["steps"] + 1):  # round 0 warms up
         for key, fn in runs.items():
@@ -290,21 +336,39 @@ def _two_process_worker(rank: int, port: int, spec: dict[str, Any], result_file:
     accelerator.end_training()
 
 
-def measure_two_processes(name: str, batch: int, steps: int = 3, num_classes: int = 10, width: float = 1.0,
-                          image_size: int = 32, threads: int | None = None) -> dict[str, Any]:
+def measure_two_processes(
+    name: str,
+    batch: int,
+    steps: int = 3,
+    num_classes: int = 10,
+    width: float = 1.0,
+    image_size: int = 32,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Compute, gloo all-reduce and real DDP step times with 2 local CPU processes."""
     import torch.multiprocessing as mp
 
     threads = threads or max(1, (os.cpu_count() or 2) // 2)
-    spec = {"model": name, "batch": batch, "steps": steps, "num_classes": num_classes, "width": width,
-            "image_size": image_size, "threads": threads}
+    spec = {
+        "model": name,
+        "batch": batch,
+        "steps": steps,
+        "num_classes": num_classes,
+        "width": width,
+        "image_size": image_size,
+        "threads": threads,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         mp.spawn(_two_process_worker, args=(_free_port(), spec, str(result)), nprocs=2, join=True)
         measured = json.loads(result.read_text())
     nbytes = gradient_bytes(measured["numel"], 4)
-    measured.update(threads_per_process=threads, batch_per_process=batch, gradient_bytes=nbytes,
-                    bus_bandwidth=bus_bandwidth_from(2, nbytes, measured["allreduce_seconds"]))
+    measured.update(
+        threads_per_process=threads,
+        batch_per_process=batch,
+        gradient_bytes=nbytes,
+        bus_bandwidth=bus_bandwidth_from(2, nbytes, measured["allreduce_seconds"]),
+    )
     return measured
 
 
@@ -316,8 +380,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def check_two_processes(name: str, batch: int, steps: int = 3, num_classes: int = 10, width: float = 1.0,
-                        image_size: int = 32, overlap: float = 0.0) -> dict[str, Any]:
+def check_two_processes(
+    name: str,
+    batch: int,
+    steps: int = 3,
+    num_classes: int = 10,
+    width: float = 1.0,
+    image_size: int = 32,
+    overlap: float = 0.0,
+) -> dict[str, Any]:
     """The model's prediction for 2 local CPU processes against a real 2-process DDP step.
 
     The prediction's inputs are measured apart from the step it predicts: one process's compute
@@ -328,12 +399,18 @@ def check_two_processes(name: str, batch: int, steps: int = 3, num_classes: int 
     compute = measured["compute_alone_seconds"]
     comm = allreduce_seconds(2, measured["gradient_bytes"], measured["bus_bandwidth"])
     predicted = step_seconds(compute, comm, overlap)
-    return {**measured, "predicted_comm_seconds": comm, "predicted_step_seconds": predicted,
-            "contention": measured["no_sync_step_seconds"] / compute,
-            "measured_step_seconds": measured["ddp_step_seconds"],
-            "relative_error": predicted / measured["ddp_step_seconds"] - 1.0, "overlap": overlap,
-            "load_average_before": load_before, "load_average_after": _load_average(),
-            "cpu_count": os.cpu_count()}
+    return {
+        **measured,
+        "predicted_comm_seconds": comm,
+        "predicted_step_seconds": predicted,
+        "contention": measured["no_sync_step_seconds"] / compute,
+        "measured_step_seconds": measured["ddp_step_seconds"],
+        "relative_error": predicted / measured["ddp_step_seconds"] - 1.0,
+        "overlap": overlap,
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def _load_average() -> float | None:
@@ -347,6 +424,7 @@ def _load_average() -> float | None:
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -367,28 +445,42 @@ def model_report(name: str, args: argparse.Namespace, device: torch.device) -> d
     if args.images_per_second:
         per_image, source = 1.0 / args.images_per_second, "given (--images-per-second)"
     else:
-        per_image = measure_compute(name, args.batch_per_gpu, device, args.steps, args.num_classes, args.width,
-                                    args.image_size)
-        source = f"measured on {device_name(device)}, {torch.get_num_threads()} thread(s)" \
-            if device.type == "cpu" else f"measured on {device_name(device)}"
+        per_image = measure_compute(
+            name, args.batch_per_gpu, device, args.steps, args.num_classes, args.width, args.image_size
+        )
+        source = (
+            f"measured on {device_name(device)}, {torch.get_num_threads()} thread(s)"
+            if device.type == "cpu"
+            else f"measured on {device_name(device)}"
+        )
     rows = predict(params, per_image, args.batch_per_gpu, args.overlap)
-    return {"model": name, "parameters": params,
-            "gradient_bytes": {fmt: gradient_bytes(params, w) for fmt, w in GRADIENT_FORMATS.items()},
-            "batch_per_gpu": args.batch_per_gpu, "compute_seconds_per_image": per_image,
-            "compute_images_per_second": 1.0 / per_image, "compute_source": source,
-            "max_global_batch": args.max_global_batch, "predictions": rows,
-            "recommendations": recommend(rows, args.batch_per_gpu, args.max_global_batch)}
+    return {
+        "model": name,
+        "parameters": params,
+        "gradient_bytes": {fmt: gradient_bytes(params, w) for fmt, w in GRADIENT_FORMATS.items()},
+        "batch_per_gpu": args.batch_per_gpu,
+        "compute_seconds_per_image": per_image,
+        "compute_images_per_second": 1.0 / per_image,
+        "compute_source": source,
+        "max_global_batch": args.max_global_batch,
+        "predictions": rows,
+        "recommendations": recommend(rows, args.batch_per_gpu, args.max_global_batch),
+    }
 
 
 def format_model(report: dict[str, Any]) -> str:
     gb = report["gradient_bytes"]
-    lines = [f"{report['model']}: {report['parameters']:,} parameters; gradients all-reduced per step: "
-             f"{gb['fp32'] / 1e6:.1f} MB fp32, {gb['bf16'] / 1e6:.1f} MB with the bf16 hook",
-             f"compute: {report['compute_seconds_per_image'] * 1e3:.3f} ms/image "
-             f"({report['compute_images_per_second']:,.0f} images/s per GPU, {report['compute_source']}); "
-             f"batch per GPU {report['batch_per_gpu']}: t_compute = "
-             f"{report['batch_per_gpu'] * report['compute_seconds_per_image'] * 1e3:.1f} ms", "",
-             "efficiency (step time) at n GPUs:", ""]
+    lines = [
+        f"{report['model']}: {report['parameters']:,} parameters; gradients all-reduced per step: "
+        f"{gb['fp32'] / 1e6:.1f} MB fp32, {gb['bf16'] / 1e6:.1f} MB with the bf16 hook",
+        f"compute: {report['compute_seconds_per_image'] * 1e3:.3f} ms/image "
+        f"({report['compute_images_per_second']:,.0f} images/s per GPU, {report['compute_source']}); "
+        f"batch per GPU {report['batch_per_gpu']}: t_compute = "
+        f"{report['batch_per_gpu'] * report['compute_seconds_per_image'] * 1e3:.1f} ms",
+        "",
+        "efficiency (step time) at n GPUs:",
+        "",
+    ]
     counts = list(dict.fromkeys(r["gpus"] for r in report["predictions"]))
     lines.append("| interconnect | bus GB/s | gradients | " + " | ".join(f"{n} GPUs" for n in counts) + " |")
     lines.append("| --- | --- | --- | " + " | ".join("---" for _ in counts) + " |")
@@ -402,28 +494,39 @@ def format_model(report: dict[str, Any]) -> str:
     lines.append("| --- | " + " | ".join("---" for _ in counts) + " | --- |")
     for link in dict.fromkeys(k[0] for k in keys):
         recs = [r for r in report["recommendations"] if r["interconnect"] == link]
-        lines.append(f"| {link} | " + " | ".join(f"{r['min_batch_fp32']:,} / {r['min_batch_bf16']:,}" for r in recs)
-                     + f" | {advice(recs, report['max_global_batch'])} |")
+        lines.append(
+            f"| {link} | "
+            + " | ".join(f"{r['min_batch_fp32']:,} / {r['min_batch_bf16']:,}" for r in recs)
+            + f" | {advice(recs, report['max_global_batch'])} |"
+        )
     return "\n".join(lines)
 
 
 def format_check(check: dict[str, Any]) -> str:
-    return "\n".join([
-        f"2 local CPU processes (gloo, {check['threads_per_process']} thread(s) each, batch {check['batch_per_process']} "
-        f"per process; load average {_fmt_load(check['load_average_before'])} before, "
-        f"{_fmt_load(check['load_average_after'])} after):",
-        f"  gloo all-reduce of {check['gradient_bytes'] / 1e6:.1f} MB: {_ms(check['allreduce_seconds'])}, "
-        f"bus bandwidth {check['bus_bandwidth'] / 1e9:.2f} GB/s",
-        f"  predicted step: {_ms(check['compute_alone_seconds'])} compute (1 process alone) + "
-        f"{_ms(check['predicted_comm_seconds'])} all-reduce x (1 - {check['overlap']:g}) = "
-        f"{_ms(check['predicted_step_seconds'])}",
-        f"  measured step (distvgg.train.train_step, DDP over gloo): {_ms(check['measured_step_seconds'])} "
-        f"(without the all-reduce, no_sync: {_ms(check['no_sync_step_seconds'])})",
-        f"  prediction / measured - 1 = {100 * check['relative_error']:+.1f}%"]
-        + ([f"  warning: with both processes computing, a step took {check['contention']:.2f}x as long as one "
-            f"process alone: other work on this machine (load average above) or too few cores; the model assumes "
-            f"each process has its cores to itself, so measure again on a quiet machine"]
-           if check["contention"] > CONTENTION_WARNING else []))
+    return "\n".join(
+        [
+            f"2 local CPU processes (gloo, {check['threads_per_process']} thread(s) each, batch {check['batch_per_process']} "
+            f"per process; load average {_fmt_load(check['load_average_before'])} before, "
+            f"{_fmt_load(check['load_average_after'])} after):",
+            f"  gloo all-reduce of {check['gradient_bytes'] / 1e6:.1f} MB: {_ms(check['allreduce_seconds'])}, "
+            f"bus bandwidth {check['bus_bandwidth'] / 1e9:.2f} GB/s",
+            f"  predicted step: {_ms(check['compute_alone_seconds'])} compute (1 process alone) + "
+            f"{_ms(check['predicted_comm_seconds'])} all-reduce x (1 - {check['overlap']:g}) = "
+            f"{_ms(check['predicted_step_seconds'])}",
+            f"  measured step (distvgg.train.train_step, DDP over gloo): {_ms(check['measured_step_seconds'])} "
+            f"(without the all-reduce, no_sync: {_ms(check['no_sync_step_seconds'])})",
+            f"  prediction / measured - 1 = {100 * check['relative_error']:+.1f}%",
+        ]
+        + (
+            [
+                f"  warning: with both processes computing, a step took {check['contention']:.2f}x as long as one "
+                f"process alone: other work on this machine (load average above) or too few cores; the model assumes "
+                f"each process has its cores to itself, so measure again on a quiet machine"
+            ]
+            if check["contention"] > CONTENTION_WARNING
+            else []
+        )
+    )
 
 
 def _ms(seconds: float) -> str:
@@ -438,34 +541,63 @@ def _fmt_load(load: float | None) -> str:
 # Command line
 # --------------------------------------------------------------------------------------------------
 
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from distvgg.models import MODEL_NAMES
 
-    p = argparse.ArgumentParser(prog="python -m distvgg.scaling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", default=["vgg3layer"], choices=[*MODEL_NAMES, "all"],
-                   help="networks to model (default vgg3layer; 'all' for every one)")
+    p = argparse.ArgumentParser(
+        prog="python -m distvgg.scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=["vgg3layer"],
+        choices=[*MODEL_NAMES, "all"],
+        help="networks to model (default vgg3layer; 'all' for every one)",
+    )
     p.add_argument("--batch-per-gpu", type=int, default=512, help="images per GPU per step (default 512)")
-    p.add_argument("--overlap", type=float, default=0.0,
-                   help="fraction of the all-reduce hidden behind backward (default 0: a conservative bound)")
-    p.add_argument("--images-per-second", type=float, default=None,
-                   help="use this training throughput of one GPU instead of measuring on this device")
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=0.0,
+        help="fraction of the all-reduce hidden behind backward (default 0: a conservative bound)",
+    )
+    p.add_argument(
+        "--images-per-second",
+        type=float,
+        default=None,
+        help="use this training throughput of one GPU instead of measuring on this device",
+    )
     p.add_argument("--device", default=None, help="where to measure compute (default: cuda if present, else cpu)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement, after one warm-up (default 3)")
-    p.add_argument("--measure-allreduce", action="store_true",
-                   help="measure this machine's gloo all-reduce bandwidth with 2 local processes and check the "
-                        "model against a real 2-process DDP step")
-    p.add_argument("--check-batch", type=int, default=64,
-                   help="batch per process of the 2-process check (default 64, distvgg.train's --batch-size)")
-    p.add_argument("--max-global-batch", type=int, default=MAX_GLOBAL_BATCH,
-                   help=f"largest global batch a recommendation may use (default {MAX_GLOBAL_BATCH})")
+    p.add_argument(
+        "--measure-allreduce",
+        action="store_true",
+        help="measure this machine's gloo all-reduce bandwidth with 2 local processes and check the "
+        "model against a real 2-process DDP step",
+    )
+    p.add_argument(
+        "--check-batch",
+        type=int,
+        default=64,
+        help="batch per process of the 2-process check (default 64, distvgg.train's --batch-size)",
+    )
+    p.add_argument(
+        "--max-global-batch",
+        type=int,
+        default=MAX_GLOBAL_BATCH,
+        help=f"largest global batch a recommendation may use (default {MAX_GLOBAL_BATCH})",
+    )
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--width", type=float, default=1.0, help="width multiplier of the networks (default 1.0)")
     p.add_argument("--json", type=Path, default=None, help="also write everything as JSON to this file")
     args = p.parse_args(argv)
-    problems = [f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}"
-                for k in ("batch_per_gpu", "steps", "check_batch", "num_classes", "max_global_batch") if getattr(args, k) < 1]
+    problems = [
+        f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}"
+        for k in ("batch_per_gpu", "steps", "check_batch", "num_classes", "max_global_batch")
+        if getattr(args, k) < 1
+    ]
     if not 0.0 <= args.overlap < 1.0:
         problems.append(f"--overlap must be in [0, 1), got {args.overlap}")
     if args.images_per_second is not None and args.images_per_second <= 0:
@@ -481,23 +613,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report: dict[str, Any] = {
-        "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-        "target_efficiency": TARGET_EFFICIENCY, "overlap": args.overlap,
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "target_efficiency": TARGET_EFFICIENCY,
+        "overlap": args.overlap,
         "interconnects": [asdict(i) for i in INTERCONNECTS],
-        "formula": {"allreduce_bytes_per_gpu": "2 (n - 1) / n x gradient bytes",
-                    "comm_seconds": "allreduce_bytes_per_gpu / bus_bandwidth",
-                    "step_seconds": "batch_per_gpu x seconds_per_image + comm_seconds x (1 - overlap)",
-                    "efficiency": "compute_seconds / step_seconds"},
-        "models": []}
-    print(f"scaling model on {report['device_name']} (torch {torch.__version__}); "
-          f"t_step = t_compute + 2(n-1)/n x bytes / bus bandwidth x (1 - {args.overlap:g})\n")
+        "formula": {
+            "allreduce_bytes_per_gpu": "2 (n - 1) / n x gradient bytes",
+            "comm_seconds": "allreduce_bytes_per_gpu / bus_bandwidth",
+            "step_seconds": "batch_per_gpu x seconds_per_image + comm_seconds x (1 - overlap)",
+            "efficiency": "compute_seconds / step_seconds",
+        },
+        "models": [],
+    }
+    print(
+        f"scaling model on {report['device_name']} (torch {torch.__version__}); "
+        f"t_step = t_compute + 2(n-1)/n x bytes / bus bandwidth x (1 - {args.overlap:g})\n"
+    )
     for name in args.model:
         model = model_report(name, args, device)
         report["models"].append(model)
         print(format_model(model) + "\n")
     if args.measure_allreduce:
-        report["check"] = check_two_processes(args.model[0], args.check_batch, args.steps, args.num_classes,
-                                              args.width, args.image_size, args.overlap)
+        report["check"] = check_two_processes(
+            args.model[0], args.check_batch, args.steps, args.num_classes, args.width, args.image_size, args.overlap
+        )
         print(format_check(report["check"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,10 @@ import secrets
 import string
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -71,15 +72,19 @@ def wandb_has_credentials() -> bool:
     try:
         from wandb.sdk.lib import wbauth
     except ImportError:  # another wandb layout: check the usual places ourselves
-        return bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
-                    or _netrc_has_host(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")))
+        return bool(
+            os.environ.get("WANDB_API_KEY")
+            or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
+            or _netrc_has_host(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+        )
     settings = wandb.setup().settings
     try:
-        auth = wbauth.authenticate_session(host=settings.base_url, source="distvgg", prompt=False,
-                                           update_session=False)
+        auth = wbauth.authenticate_session(host=settings.base_url, source="distvgg", prompt=False, update_session=False)
     except wandb.errors.AuthenticationError as e:
-        raise TrackingError(f"W&B credentials are not valid: {str(e).rstrip('.')}. Fix WANDB_API_KEY (or run "
-                            f"`wandb login`), or set WANDB_MODE=offline to track locally.") from None
+        raise TrackingError(
+            f"W&B credentials are not valid: {str(e).rstrip('.')}. Fix WANDB_API_KEY (or run "
+            f"`wandb login`), or set WANDB_MODE=offline to track locally."
+        ) from None
     return auth is not None
 
 
@@ -161,6 +166,7 @@ def run_facts(accelerator: Any) -> dict[str, Any]:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
     try:
         import importlib.metadata as md
+
         versions = {p: md.version(p) for p in ("datasets", "wandb", "safetensors")}
     except Exception:  # noqa: BLE001 - versions are informative only
         versions = {}
@@ -221,12 +227,15 @@ class Tracking:
             print(message, flush=True)
         if self.wandb_mode == "offline" and self.offline_dirs():
             dirs = " ".join(self.offline_dirs())
-            print(f"W&B run {self.wandb_run_id} is saved offline in {dirs}\n"
-                  f"upload it with:  wandb sync {dirs}", flush=True)
+            print(
+                f"W&B run {self.wandb_run_id} is saved offline in {dirs}\nupload it with:  wandb sync {dirs}",
+                flush=True,
+            )
 
 
-def start_trackers(accelerator: Any, cfg: Any, config: dict[str, Any], restored_run_id: str | None = None,
-                   fresh: bool = False) -> Tracking:
+def start_trackers(
+    accelerator: Any, cfg: Any, config: dict[str, Any], restored_run_id: str | None = None, fresh: bool = False
+) -> Tracking:
     """``accelerator.init_trackers`` with the W&B mode and run id chosen here (main process only: only it
     creates tracker runs), the config stored in each tracker in the form it accepts, and an offline
     fallback when W&B cannot start online (server unreachable after ``WANDB_INIT_TIMEOUT`` seconds,
@@ -322,13 +331,18 @@ def confusion_chart(confusion: Sequence[Sequence[int]], class_names: Sequence[st
     k = counts.shape[0]
     # wandb.plot.confusion_matrix wants one (true, predicted) pair per image: expand the counts.
     pairs = torch.arange(k * k).repeat_interleave(counts.flatten())
-    return wandb.plot.confusion_matrix(y_true=(pairs // k).tolist(), preds=(pairs % k).tolist(),
-                                       class_names=list(class_names), title="Test confusion matrix")
+    return wandb.plot.confusion_matrix(
+        y_true=(pairs // k).tolist(),
+        preds=(pairs % k).tolist(),
+        class_names=list(class_names),
+        title="Test confusion matrix",
+    )
 
 
 @torch.no_grad()
-def sample_predictions(model: torch.nn.Module, dataset: Any, prepare_batch: Callable, device: torch.device,
-                       n: int = GRID_IMAGES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_predictions(
+    model: torch.nn.Module, dataset: Any, prepare_batch: Callable, device: torch.device, n: int = GRID_IMAGES
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same ``n`` test images every evaluation (evenly spread over the split), their labels and the
     model's predictions. ``model`` must be the unwrapped module: only the main process runs this, and a
     DDP forward would wait for the other processes."""
@@ -342,8 +356,14 @@ def sample_predictions(model: torch.nn.Module, dataset: Any, prepare_batch: Call
     return images.cpu(), labels.cpu(), pred.cpu()
 
 
-def prediction_grid(images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
-                    class_names: Sequence[str], scale: int = 3, nrow: int = 8) -> torch.Tensor:
+def prediction_grid(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    preds: torch.Tensor,
+    class_names: Sequence[str],
+    scale: int = 3,
+    nrow: int = 8,
+) -> torch.Tensor:
     """A uint8 (3, H, W) grid (torchvision's ``make_grid``) of the images, each under a band naming the
     true and the predicted class, framed green when right and red when wrong."""
     import torch.nn.functional as F
@@ -353,29 +373,47 @@ def prediction_grid(images: torch.Tensor, labels: torch.Tensor, preds: torch.Ten
     big = F.pad(big, (0, 0, 26, 0))  # room above each image for two lines of text
     h, w = big.shape[-2:]
     box = torch.tensor([[0, 0, w - 1, h - 1]])
-    tiles = [draw_bounding_boxes(img, box, labels=[f"{class_names[t]}\n> {class_names[p]}"], width=2,
-                                 colors=[(0, 160, 0) if t == p else (210, 0, 0)], label_colors=["white"],
-                                 fill_labels=True)
-             for img, t, p in zip(big, labels.tolist(), preds.tolist())]
+    tiles = [
+        draw_bounding_boxes(
+            img,
+            box,
+            labels=[f"{class_names[t]}\n> {class_names[p]}"],
+            width=2,
+            colors=[(0, 160, 0) if t == p else (210, 0, 0)],
+            label_colors=["white"],
+            fill_labels=True,
+        )
+        for img, t, p in zip(big, labels.tolist(), preds.tolist())
+    ]
     return make_grid(torch.stack(tiles), nrow=nrow, padding=2)
 
 
-def log_eval_media(logger: RunLogger, result: dict[str, Any], class_names: Sequence[str],
-                   samples: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], step: int) -> None:
+def log_eval_media(
+    logger: RunLogger,
+    result: dict[str, Any],
+    class_names: Sequence[str],
+    samples: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    step: int,
+) -> None:
     """The confusion matrix and the grid of predictions, to W&B (and the grid to TensorBoard)."""
     wants_wandb, wants_tb = logger.has_tracker("wandb"), logger.has_tracker("tensorboard")
     if not (wants_wandb or wants_tb):
         return
     images, labels, preds = samples()
     grid = prediction_grid(images, labels, preds, class_names)
-    caption = "true > predicted: " + ", ".join(f"{class_names[t]} > {class_names[p]}"
-                                               for t, p in zip(labels.tolist(), preds.tolist()))
+    caption = "true > predicted: " + ", ".join(
+        f"{class_names[t]} > {class_names[p]}" for t, p in zip(labels.tolist(), preds.tolist())
+    )
     if wants_wandb:
         import wandb
 
-        logger.log_wandb(lambda: {"eval/confusion_matrix": confusion_chart(result["confusion"], class_names),
-                                  "eval/predictions": wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption)},
-                         step=step)
+        logger.log_wandb(
+            lambda: {
+                "eval/confusion_matrix": confusion_chart(result["confusion"], class_names),
+                "eval/predictions": wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption),
+            },
+            step=step,
+        )
     if wants_tb:
         logger.accelerator.get_tracker("tensorboard", unwrap=True).add_image("eval/predictions", grid, step)
 

@@ -13,11 +13,12 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,8 +28,17 @@ from distvgg import batches
 from distvgg import checkpoint as ckpt
 from distvgg.config import ConfigError, TrainConfig, parse_config, save_config
 from distvgg.models import build_model, model_spec
-from distvgg.tracking import (RunLogger, Tracking, TrackingError, log_eval_media, log_model_artifact, run_facts,
-                              sample_predictions, start_trackers, trackers_for)
+from distvgg.tracking import (
+    RunLogger,
+    Tracking,
+    TrackingError,
+    log_eval_media,
+    log_model_artifact,
+    run_facts,
+    sample_predictions,
+    start_trackers,
+    trackers_for,
+)
 
 
 class LaunchError(RuntimeError):
@@ -84,6 +94,7 @@ def make_accelerator(cfg: TrainConfig):
     ddp = DistributedDataParallelKwargs()
     if cfg.ddp_comm_hook != "none":
         from accelerate.utils import DDPCommunicationHookType
+
         ddp = DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType(cfg.ddp_comm_hook))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # torchrun started several processes but there is no GPU: Accelerate needs cpu=True to join them
@@ -101,9 +112,11 @@ def make_accelerator(cfg: TrainConfig):
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout)), ddp],
     )
     if accelerator.num_processes != launched:
-        raise LaunchError(f"the launcher started {launched} processes (WORLD_SIZE={launched}) but they formed a "
-                          f"group of {accelerator.num_processes}: each would train alone. Check the accelerate "
-                          f"config's distributed_type (see accelerate_configs/ and the README).")
+        raise LaunchError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but they formed a "
+            f"group of {accelerator.num_processes}: each would train alone. Check the accelerate "
+            f"config's distributed_type (see accelerate_configs/ and the README)."
+        )
     return accelerator
 
 
@@ -136,8 +149,14 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     kernels = optimizer_impl_kwargs(cfg.optimizer_impl)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kernels)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay, **kernels)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        **kernels,
+    )
 
 
 def cpu_threads(cfg: TrainConfig) -> int:
@@ -195,8 +214,14 @@ def load_data(cfg: TrainConfig, accelerator: Any):
 
     log = accelerator.print if accelerator.is_main_process else (lambda *_: None)
     with accelerator.local_main_process_first():
-        data = load_image_data(cfg.dataset, image_column=cfg.image_column, label_column=cfg.label_column,
-                               cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images, log=log)
+        data = load_image_data(
+            cfg.dataset,
+            image_column=cfg.image_column,
+            label_column=cfg.label_column,
+            cache_dir=cfg.cache_dir,
+            skip_bad_images=cfg.skip_bad_images,
+            log=log,
+        )
     train, test = data.train, data.test
     if cfg.train_limit:
         idx = balanced_subset(train.labels, cfg.train_limit, cfg.seed)
@@ -219,24 +244,36 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
 
     set_seed(cfg.seed)  # identical initial weights on every process
     try:
-        model = build_model(cfg.model, data.num_classes, width=cfg.width, dropout=cfg.dropout,
-                            image_size=data.image_size)
+        model = build_model(
+            cfg.model, data.num_classes, width=cfg.width, dropout=cfg.dropout, image_size=data.image_size
+        )
     except ValueError as e:  # images too small for the network's pooling stages
         from distvgg.data import DataError
-        raise DataError(f"--dataset {cfg.dataset}: {e}; use larger images, or a --model with fewer pooling "
-                        f"stages") from e
+
+        raise DataError(
+            f"--dataset {cfg.dataset}: {e}; use larger images, or a --model with fewer pooling stages"
+        ) from e
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
         # torch's SyncBatchNorm refuses CPU tensors; say so now rather than at the first forward.
-        raise ConfigError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on the CPU); drop it for CPU "
-                          "runs, or compare against gradient accumulation as the tests do")
+        raise ConfigError(
+            "--sync-bn needs GPUs (torch's SyncBatchNorm does not run on the CPU); drop it for CPU "
+            "runs, or compare against gradient accumulation as the tests do"
+        )
     if cfg.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    train_dl, sampler = batches.train_loader(train.images, train.labels, cfg.batch_size, global_batch, cfg.seed,
-                                             cfg.num_workers, pin_memory=not on_device and accelerator.device.type == "cuda")
+    train_dl, sampler = batches.train_loader(
+        train.images,
+        train.labels,
+        cfg.batch_size,
+        global_batch,
+        cfg.seed,
+        cfg.num_workers,
+        pin_memory=not on_device and accelerator.device.type == "cuda",
+    )
     test_dl = batches.eval_loader(test.images, test.labels, cfg.eval_batch_size)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
@@ -257,17 +294,36 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
     # Different dropout masks on different processes, from here on.
     set_seed(cfg.seed + accelerator.process_index)
 
-    return Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-               criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), train_dl=train_dl,
-               sampler=sampler, test_dl=test_dl, prepare_batch=make_prepare_batch(cfg),
-               class_names=list(data.class_names), image_size=tuple(data.image_size),
-               logger=RunLogger(accelerator, cfg.output_dir), steps_per_epoch=steps_per_epoch,
-               total_steps=total_steps, global_batch=global_batch, dataset_fingerprint=data.fingerprint)
+    return Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        train_dl=train_dl,
+        sampler=sampler,
+        test_dl=test_dl,
+        prepare_batch=make_prepare_batch(cfg),
+        class_names=list(data.class_names),
+        image_size=tuple(data.image_size),
+        logger=RunLogger(accelerator, cfg.output_dir),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        global_batch=global_batch,
+        dataset_fingerprint=data.fingerprint,
+    )
 
 
-def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               accelerator: Any, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-               max_grad_norm: float | None = None) -> torch.Tensor:
+def train_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    accelerator: Any,
+    micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    max_grad_norm: float | None = None,
+) -> torch.Tensor:
     """One optimizer step over one or more micro-batches; returns the mean loss, still on the device.
 
     Gradient accumulation is done here rather than with ``accelerator.accumulate``, whose
@@ -336,20 +392,26 @@ def train_epoch(run: Run, epoch: int, progress: Any) -> None:
 
 def log_train(run: Run, epoch: int, loss: float, images_per_second: float, progress: Any) -> None:
     if not math.isfinite(loss):
-        raise FloatingPointError(f"the training loss is {loss} at step {run.global_step} (epoch {epoch + 1}): "
-                                 f"lower --lr, set --max-grad-norm, or use bf16 instead of fp16")
+        raise FloatingPointError(
+            f"the training loss is {loss} at step {run.global_step} (epoch {epoch + 1}): "
+            f"lower --lr, set --max-grad-norm, or use bf16 instead of fp16"
+        )
     if run.accelerator.is_main_process:
         progress.write(f"[{epoch + 1}, {run.step_in_epoch:5d}] loss: {loss:.3f}")
-    values = {"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0],
-              "train/images_per_second": images_per_second}
+    values = {
+        "train/loss": loss,
+        "train/lr": run.scheduler.get_last_lr()[0],
+        "train/images_per_second": images_per_second,
+    }
     if run.accelerator.mixed_precision == "fp16":
         values["train/skipped_steps"] = run.skipped_steps
     run.logger.log(values, step=run.global_step, epoch=epoch + run.step_in_epoch / run.steps_per_epoch)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, accelerator: Any, prepare_batch: PrepareBatch,
-             num_classes: int, tta: bool = False) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module, loader: Any, accelerator: Any, prepare_batch: PrepareBatch, num_classes: int, tta: bool = False
+) -> dict[str, Any]:
     """Loss, accuracy, per-class accuracy and confusion matrix over the whole test split.
 
     ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch,
@@ -369,29 +431,54 @@ def evaluate(model: nn.Module, loader: Any, accelerator: Any, prepare_batch: Pre
         targets.append(t)
         losses.append(l)
     pred, target, loss = torch.cat(preds).cpu(), torch.cat(targets).cpu(), torch.cat(losses).cpu()
-    confusion = torch.bincount(target * num_classes + pred, minlength=num_classes ** 2).view(num_classes, num_classes)
+    confusion = torch.bincount(target * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
     per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1)
-    return {"loss": loss.mean().item(), "accuracy": (pred == target).float().mean().item(),
-            "count": len(target), "per_class_accuracy": per_class.tolist(), "confusion": confusion.tolist()}
+    return {
+        "loss": loss.mean().item(),
+        "accuracy": (pred == target).float().mean().item(),
+        "count": len(target),
+        "per_class_accuracy": per_class.tolist(),
+        "confusion": confusion.tolist(),
+    }
 
 
 def evaluate_and_log(run: Run, epoch: int) -> dict[str, Any]:
-    result = evaluate(run.model, run.test_dl, run.accelerator, run.prepare_batch, len(run.class_names),
-                      tta=run.cfg.tta)
+    result = evaluate(run.model, run.test_dl, run.accelerator, run.prepare_batch, len(run.class_names), tta=run.cfg.tta)
     if result["accuracy"] > run.best_accuracy:
         run.best_accuracy, run.best_epoch = result["accuracy"], epoch + 1
         if run.accelerator.is_main_process:
-            ckpt.save_model_folder(run, ckpt.BEST_DIR, model_spec_of(run, best_accuracy=run.best_accuracy,
-                                                                     best_epoch=run.best_epoch,
-                                                                     global_step=run.global_step))
+            ckpt.save_model_folder(
+                run,
+                ckpt.BEST_DIR,
+                model_spec_of(
+                    run, best_accuracy=run.best_accuracy, best_epoch=run.best_epoch, global_step=run.global_step
+                ),
+            )
     per_class = {f"eval/accuracy/{name}": acc for name, acc in zip(run.class_names, result["per_class_accuracy"])}
-    run.logger.log({"eval/loss": result["loss"], "eval/accuracy": result["accuracy"], "eval/count": result["count"],
-                    **per_class, "eval/confusion": result["confusion"]}, step=run.global_step, epoch=epoch + 1)
-    log_eval_media(run.logger, result, run.class_names, lambda: sample_predictions(
-        run.accelerator.unwrap_model(run.model), run.test_dl.dataset, run.prepare_batch, run.accelerator.device),
-        step=run.global_step)
-    run.accelerator.print(f"[{epoch + 1}] test loss: {result['loss']:.3f}  accuracy: {100 * result['accuracy']:.2f}% "
-                          f"({result['count']} images)")
+    run.logger.log(
+        {
+            "eval/loss": result["loss"],
+            "eval/accuracy": result["accuracy"],
+            "eval/count": result["count"],
+            **per_class,
+            "eval/confusion": result["confusion"],
+        },
+        step=run.global_step,
+        epoch=epoch + 1,
+    )
+    log_eval_media(
+        run.logger,
+        result,
+        run.class_names,
+        lambda: sample_predictions(
+            run.accelerator.unwrap_model(run.model), run.test_dl.dataset, run.prepare_batch, run.accelerator.device
+        ),
+        step=run.global_step,
+    )
+    run.accelerator.print(
+        f"[{epoch + 1}] test loss: {result['loss']:.3f}  accuracy: {100 * result['accuracy']:.2f}% "
+        f"({result['count']} images)"
+    )
     return result
 
 
@@ -400,8 +487,14 @@ def fit(run: Run) -> None:
     from tqdm.auto import tqdm
 
     acc = run.accelerator
-    progress = tqdm(total=run.total_steps, initial=run.global_step, desc="train", unit="step",
-                    disable=not acc.is_main_process, dynamic_ncols=True)
+    progress = tqdm(
+        total=run.total_steps,
+        initial=run.global_step,
+        desc="train",
+        unit="step",
+        disable=not acc.is_main_process,
+        dynamic_ncols=True,
+    )
     start = time.perf_counter()
     first_epoch = run.epoch
     for epoch in range(first_epoch, math.ceil(run.total_steps / run.steps_per_epoch)):
@@ -414,14 +507,30 @@ def fit(run: Run) -> None:
     progress.close()
     seconds = time.perf_counter() - start
     trained = (run.global_step) * run.global_batch
-    run.logger.log({"summary/best_accuracy": run.best_accuracy, "summary/best_epoch": run.best_epoch,
-                    "summary/train_seconds": seconds, "summary/images_per_second": trained / max(seconds, 1e-9)},
-                   step=run.global_step)
+    run.logger.log(
+        {
+            "summary/best_accuracy": run.best_accuracy,
+            "summary/best_epoch": run.best_epoch,
+            "summary/train_seconds": seconds,
+            "summary/images_per_second": trained / max(seconds, 1e-9),
+        },
+        step=run.global_step,
+    )
 
 
 def model_spec_of(run: Run, **extra: Any) -> dict[str, Any]:
-    return model_spec(run.cfg.model, len(run.class_names), run.cfg.width, run.cfg.dropout, run.image_size,
-                      run.class_names, mean=run.cfg.mean, std=run.cfg.std, train_config=run.cfg.to_dict(), **extra)
+    return model_spec(
+        run.cfg.model,
+        len(run.class_names),
+        run.cfg.width,
+        run.cfg.dropout,
+        run.image_size,
+        run.class_names,
+        mean=run.cfg.mean,
+        std=run.cfg.std,
+        train_config=run.cfg.to_dict(),
+        **extra,
+    )
 
 
 def save_final(run: Run) -> Path:
@@ -471,13 +580,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if accelerator.is_main_process:
             save_config(cfg, Path(cfg.output_dir) / "config.yaml", extra=facts)
         # The main process picks the W&B mode and run id (restored from a checkpoint, or kept in OUTPUT_DIR).
-        tracking = start_trackers(accelerator, cfg, config={**cfg.to_dict(), **facts},
-                                  restored_run_id=run.wandb_run_id, fresh=cfg.resume == "none")
+        tracking = start_trackers(
+            accelerator,
+            cfg,
+            config={**cfg.to_dict(), **facts},
+            restored_run_id=run.wandb_run_id,
+            fresh=cfg.resume == "none",
+        )
         if tracking.wandb_run_id:  # set on the main process, which saves the training state
             run.wandb_run_id = tracking.wandb_run_id
-        accelerator.print(f"training {cfg.model} on {len(run.sampler.order(0))} images, "
-                          f"{accelerator.num_processes} process(es), global batch {run.global_batch}, "
-                          f"{run.total_steps} steps")
+        accelerator.print(
+            f"training {cfg.model} on {len(run.sampler.order(0))} images, "
+            f"{accelerator.num_processes} process(es), global batch {run.global_batch}, "
+            f"{run.total_steps} steps"
+        )
         fit(run)
         final = save_final(run)
         if cfg.wandb_log_model:
@@ -487,20 +603,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         # their exit code 75 into death by signal while they shut down.
         stop.ignore_from_now()
         if accelerator.is_main_process:
-            print(f"distvgg.train: stopped by {e.reason} after step {e.step}; checkpoint {e.folder}. Run the same "
-                  f"command again to continue (exit code {ckpt.PREEMPT_EXIT_CODE}: requeue)", file=sys.stderr)
+            print(
+                f"distvgg.train: stopped by {e.reason} after step {e.step}; checkpoint {e.folder}. Run the same "
+                f"command again to continue (exit code {ckpt.PREEMPT_EXIT_CODE}: requeue)",
+                file=sys.stderr,
+            )
         return ckpt.PREEMPT_EXIT_CODE
     except (ConfigError, DataError, FloatingPointError, TrackingError, ckpt.CheckpointError) as e:
         print(f"distvgg.train: error: {e}", file=sys.stderr)
         if isinstance(e, FloatingPointError) and run is not None:
-            print(f"distvgg.train: the last good checkpoint is {run.last_checkpoint or '(none yet)'}; no checkpoint "
-                  f"is written after a non-finite loss. Resuming with the same options would repeat the same steps:"
-                  f" change them and start over (--resume none moves this run's outputs aside)", file=sys.stderr)
+            print(
+                f"distvgg.train: the last good checkpoint is {run.last_checkpoint or '(none yet)'}; no checkpoint "
+                f"is written after a non-finite loss. Resuming with the same options would repeat the same steps:"
+                f" change them and start over (--resume none moves this run's outputs aside)",
+                file=sys.stderr,
+            )
         return 1
     except KeyboardInterrupt:
         last = run.last_checkpoint if run is not None and run.last_checkpoint else "(none yet)"
-        print(f"distvgg.train: interrupted; the last checkpoint is {last}. Run the same command again to continue "
-              f"from it", file=sys.stderr)
+        print(
+            f"distvgg.train: interrupted; the last checkpoint is {last}. Run the same command again to continue "
+            f"from it",
+            file=sys.stderr,
+        )
         return ckpt.INTERRUPTED_EXIT_CODE
     finally:
         stop.uninstall()

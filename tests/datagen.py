@@ -10,14 +10,27 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 # Ten well-separated colours; more classes reuse them with an offset (see _base_colour).
-_PALETTE = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]], dtype=np.int16)
+_PALETTE = np.array(
+    [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [128, 128, 0],
+        [0, 0, 128],
+    ],
+    dtype=np.int16,
+)
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -29,8 +42,9 @@ def _base_colour(c: int) -> np.ndarray:
     return (_PALETTE[c % len(_PALETTE)] + 37 * (c // len(_PALETTE))) % 256
 
 
-def make_arrays(n: int, num_classes: int = 4, size: int | tuple[int, int] = 32, seed: int = 0,
-                class_ordered: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def make_arrays(
+    n: int, num_classes: int = 4, size: int | tuple[int, int] = 32, seed: int = 0, class_ordered: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (n, H, W, 3), labels int64 (n,)); labels cycle 0..K-1, or are sorted by class
     when ``class_ordered`` (like the real CIFAR-10 parquet copy)."""
     h, w = (size, size) if isinstance(size, int) else size
@@ -43,16 +57,24 @@ def make_arrays(n: int, num_classes: int = 4, size: int | tuple[int, int] = 32, 
     qh, qw = max(1, h // 4), max(1, w // 4)
     for c in range(num_classes):  # a loop over classes, not rows
         top, left = (0 if c % 4 < 2 else h - qh), (0 if c % 2 == 0 else w - qw)
-        images[labels == c, top:top + qh, left:left + qw, :] = 255
+        images[labels == c, top : top + qh, left : left + qw, :] = 255
     return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
-def dataset_arrays(n_train: int = 40, n_test: int = 20, num_classes: int = 4, size: int | tuple[int, int] = 32,
-                   seed: int = 0, class_ordered: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def dataset_arrays(
+    n_train: int = 40,
+    n_test: int = 20,
+    num_classes: int = 4,
+    size: int | tuple[int, int] = 32,
+    seed: int = 0,
+    class_ordered: bool = False,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The ``{"train": (images, labels), "test": (...)}`` arrays that the ``make_*`` functions write
     for the same arguments (test uses ``seed + 1``)."""
-    return {"train": make_arrays(n_train, num_classes, size, seed, class_ordered),
-            "test": make_arrays(n_test, num_classes, size, seed + 1, class_ordered)}
+    return {
+        "train": make_arrays(n_train, num_classes, size, seed, class_ordered),
+        "test": make_arrays(n_test, num_classes, size, seed + 1, class_ordered),
+    }
 
 
 def encode_image(pixels: np.ndarray, fmt: str = "PNG", mode: str = "RGB") -> bytes:
@@ -67,8 +89,14 @@ def encode_image(pixels: np.ndarray, fmt: str = "PNG", mode: str = "RGB") -> byt
     return buf.getvalue()
 
 
-def write_parquet_split(path: str | Path, blobs: Sequence[bytes | None], labels: Sequence[int],
-                        names: Sequence[str] | None, image_column: str = "img", label_column: str = "label") -> Path:
+def write_parquet_split(
+    path: str | Path,
+    blobs: Sequence[bytes | None],
+    labels: Sequence[int],
+    names: Sequence[str] | None,
+    image_column: str = "img",
+    label_column: str = "label",
+) -> Path:
     """One parquet file in the Hub layout: ``image_column`` an ``Image()`` struct of bytes/path and
     ``label_column`` a ``ClassLabel(names)`` (or a plain ``int64`` Value when ``names`` is None).
 
@@ -82,19 +110,33 @@ def write_parquet_split(path: str | Path, blobs: Sequence[bytes | None], labels:
     label_feature = datasets.ClassLabel(names=list(names)) if names is not None else datasets.Value("int64")
     features = datasets.Features({image_column: datasets.Image(), label_column: label_feature})
     table = pa.Table.from_pydict(
-        {image_column: [None if b is None else {"bytes": b, "path": None} for b in blobs],
-         label_column: [int(x) for x in labels]},
-        schema=features.arrow_schema)
+        {
+            image_column: [None if b is None else {"bytes": b, "path": None} for b in blobs],
+            label_column: [int(x) for x in labels],
+        },
+        schema=features.arrow_schema,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path
 
 
-def make_parquet_dataset(root: str | Path, n_train: int = 40, n_test: int = 20, num_classes: int = 4,
-                         size: int | tuple[int, int] = 32, fmt: str = "PNG", image_column: str = "img",
-                         label_column: str = "label", seed: int = 0, test_split: str = "test",
-                         layout: str = "flat", mode: str = "RGB", class_ordered: bool = False) -> Path:
+def make_parquet_dataset(
+    root: str | Path,
+    n_train: int = 40,
+    n_test: int = 20,
+    num_classes: int = 4,
+    size: int | tuple[int, int] = 32,
+    fmt: str = "PNG",
+    image_column: str = "img",
+    label_column: str = "label",
+    seed: int = 0,
+    test_split: str = "test",
+    layout: str = "flat",
+    mode: str = "RGB",
+    class_ordered: bool = False,
+) -> Path:
     """``root/train-00000-of-00001.parquet`` and ``root/<test_split>-00000-of-00001.parquet`` (or under
     ``root/data/`` with ``layout="data"``), like the Hub and the shared CIFAR-10 copy. Returns ``root``."""
     root = Path(root)
@@ -102,14 +144,26 @@ def make_parquet_dataset(root: str | Path, n_train: int = 40, n_test: int = 20, 
     arrays = dataset_arrays(n_train, n_test, num_classes, size, seed, class_ordered)
     for split, file_split in (("train", "train"), ("test", test_split)):
         images, labels = arrays[split]
-        write_parquet_split(folder / f"{file_split}-00000-of-00001.parquet",
-                            [encode_image(im, fmt, mode) for im in images], labels, class_names(num_classes),
-                            image_column, label_column)
+        write_parquet_split(
+            folder / f"{file_split}-00000-of-00001.parquet",
+            [encode_image(im, fmt, mode) for im in images],
+            labels,
+            class_names(num_classes),
+            image_column,
+            label_column,
+        )
     return root
 
 
-def make_cifar_pickle_dataset(root: str | Path, n_train: int = 50, n_test: int = 10, num_classes: int = 10,
-                              seed: int = 0, variant: str = "cifar-10", protocol: int = 2) -> Path:
+def make_cifar_pickle_dataset(
+    root: str | Path,
+    n_train: int = 50,
+    n_test: int = 10,
+    num_classes: int = 10,
+    seed: int = 0,
+    variant: str = "cifar-10",
+    protocol: int = 2,
+) -> Path:
     """torchvision's CIFAR download layout with tiny fake batches (32x32 only). Returns ``root``.
 
     ``variant="cifar-10"``: ``root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``, each
@@ -124,8 +178,9 @@ def make_cifar_pickle_dataset(root: str | Path, n_train: int = 50, n_test: int =
     if variant == "cifar-10":
         folder, label_key = root / "cifar-10-batches-py", b"labels"
         chunks = np.array_split(np.arange(n_train), 5)
-        batches = {f"data_batch_{i + 1}": (rows["train"][0][idx], rows["train"][1][idx])
-                   for i, idx in enumerate(chunks)}
+        batches = {
+            f"data_batch_{i + 1}": (rows["train"][0][idx], rows["train"][1][idx]) for i, idx in enumerate(chunks)
+        }
         batches["test_batch"] = rows["test"]
         meta = {"batches.meta": {b"label_names": names, b"num_cases_per_batch": 10000, b"num_vis": 3072}}
     elif variant == "cifar-100":
@@ -136,8 +191,12 @@ def make_cifar_pickle_dataset(root: str | Path, n_train: int = 50, n_test: int =
         raise ValueError(f"variant must be cifar-10 or cifar-100, got {variant!r}")
     folder.mkdir(parents=True, exist_ok=True)
     for name, (data, labels) in batches.items():
-        entry = {b"batch_label": name.encode(), label_key: [int(x) for x in labels], b"data": data,
-                 b"filenames": [f"{i:05d}.png".encode() for i in range(len(labels))]}
+        entry = {
+            b"batch_label": name.encode(),
+            label_key: [int(x) for x in labels],
+            b"data": data,
+            b"filenames": [f"{i:05d}.png".encode() for i in range(len(labels))],
+        }
         if variant == "cifar-100":
             entry[b"coarse_labels"] = [0] * len(labels)
         (folder / name).write_bytes(pickle.dumps(entry, protocol=protocol))
@@ -146,8 +205,15 @@ def make_cifar_pickle_dataset(root: str | Path, n_train: int = 50, n_test: int =
     return root
 
 
-def make_imagefolder_dataset(root: str | Path, n_train: int = 40, n_test: int = 20, num_classes: int = 4,
-                             size: int | tuple[int, int] = 32, fmt: str = "PNG", seed: int = 0) -> Path:
+def make_imagefolder_dataset(
+    root: str | Path,
+    n_train: int = 40,
+    n_test: int = 20,
+    num_classes: int = 4,
+    size: int | tuple[int, int] = 32,
+    fmt: str = "PNG",
+    seed: int = 0,
+) -> Path:
     """``root/{train,test}/class_XX/NNNNN.png``. Returns ``root``. Row order after loading follows the
     loader's file listing, so compare per class, not row by row."""
     root = Path(root)
@@ -161,20 +227,33 @@ def make_imagefolder_dataset(root: str | Path, n_train: int = 40, n_test: int = 
     return root
 
 
-def make_save_to_disk_dataset(root: str | Path, n_train: int = 40, n_test: int = 20, num_classes: int = 4,
-                              size: int | tuple[int, int] = 32, fmt: str = "PNG", seed: int = 0,
-                              image_column: str = "img", label_column: str = "label") -> Path:
+def make_save_to_disk_dataset(
+    root: str | Path,
+    n_train: int = 40,
+    n_test: int = 20,
+    num_classes: int = 4,
+    size: int | tuple[int, int] = 32,
+    fmt: str = "PNG",
+    seed: int = 0,
+    image_column: str = "img",
+    label_column: str = "label",
+) -> Path:
     """A ``datasets.DatasetDict`` (train/test, ``Image()`` + ``ClassLabel``) saved with ``save_to_disk``
     into ``root``. Returns ``root``."""
     import datasets
 
-    features = datasets.Features({image_column: datasets.Image(),
-                                  label_column: datasets.ClassLabel(names=class_names(num_classes))})
+    features = datasets.Features(
+        {image_column: datasets.Image(), label_column: datasets.ClassLabel(names=class_names(num_classes))}
+    )
     splits = {}
     for split, (images, labels) in dataset_arrays(n_train, n_test, num_classes, size, seed).items():
         splits[split] = datasets.Dataset.from_dict(
-            {image_column: [{"bytes": encode_image(im, fmt), "path": None} for im in images],
-             label_column: labels.tolist()}, features=features)
+            {
+                image_column: [{"bytes": encode_image(im, fmt), "path": None} for im in images],
+                label_column: labels.tolist(),
+            },
+            features=features,
+        )
     root = Path(root)
     datasets.DatasetDict(splits).save_to_disk(str(root))
     return root

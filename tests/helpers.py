@@ -6,12 +6,26 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--model", "vgg3layer", "--width", "0.125", "--report-to", "none", "--log-every", "2", "--epochs", "2",
-        "--batch-size", "8", "--eval-batch-size", "7"]
+TINY = [
+    "--model",
+    "vgg3layer",
+    "--width",
+    "0.125",
+    "--report-to",
+    "none",
+    "--log-every",
+    "2",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--eval-batch-size",
+    "7",
+]
 
 
 def real_cifar10() -> Path | None:
@@ -36,20 +50,46 @@ def train_command(args: Sequence[str], nproc: int = 1, module: str = "distvgg.tr
     """``python -m distvgg.train`` for one process; ``accelerate launch`` with the 2-process CPU config else."""
     if nproc == 1:
         return [sys.executable, "-m", module, *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "accelerate_configs" / "cpu_ddp2.yaml"), "--num_processes", str(nproc),
-            "--main_process_port", str(free_port()), "-m", module, *args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "cpu_ddp2.yaml"),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        module,
+        *args,
+    ]
 
 
-def run_train(args: Sequence[str], nproc: int = 1, env: dict | None = None, timeout: float = 300,
-              module: str = "distvgg.train", **kwargs) -> subprocess.CompletedProcess:
+def run_train(
+    args: Sequence[str],
+    nproc: int = 1,
+    env: dict | None = None,
+    timeout: float = 300,
+    module: str = "distvgg.train",
+    **kwargs,
+) -> subprocess.CompletedProcess:
     """Run to completion and return the CompletedProcess (stdout and stderr as text)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(train_command(args, nproc, module), capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=kwargs.pop("cwd", REPO), **kwargs)
+    return subprocess.run(
+        train_command(args, nproc, module),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=kwargs.pop("cwd", REPO),
+        **kwargs,
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
     """Assert an exit code of exactly 0 (a child killed by a signal has a negative one); return the output."""
-    assert proc.returncode == 0, f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    )
     return proc.stdout + proc.stderr

@@ -68,7 +68,7 @@ def test_augment_is_a_crop_of_the_padded_image_or_its_mirror():
         found = None
         for dy in range(9):
             for dx in range(9):
-                crop = padded[i, :, dy:dy + 32, dx:dx + 32]
+                crop = padded[i, :, dy : dy + 32, dx : dx + 32]
                 if torch.equal(out[i], crop):
                     found = "plain"
                 elif torch.equal(out[i], crop.flip(-1)):

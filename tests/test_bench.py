@@ -50,10 +50,31 @@ def tiny_dataset(tmp_path_factory):
 def tiny_bench(tiny_dataset, tmp_path_factory):
     """One tiny benchmark with --time-to-accuracy: (JSON result, stdout, train_step calls by batch size)."""
     out = tmp_path_factory.mktemp("bench-out") / "bench.json"
-    args = ["--tiny", "--device", "cpu", "--dataset", str(tiny_dataset), "--json", str(out),
-            "--steps", "2", "--repeats", "2", "--warmup-steps", "1", "--time-to-accuracy", "0"]
-    proc = subprocess.run([sys.executable, "-c", COUNTING_RUN, *args], capture_output=True, text=True, timeout=300,
-                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = [
+        "--tiny",
+        "--device",
+        "cpu",
+        "--dataset",
+        str(tiny_dataset),
+        "--json",
+        str(out),
+        "--steps",
+        "2",
+        "--repeats",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--time-to-accuracy",
+        "0",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", COUNTING_RUN, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     text = ok(proc)
     steps_line = [line for line in proc.stdout.splitlines() if line.startswith("TRAIN_STEPS ")][-1]
     return json.loads(out.read_text()), text, {int(k): v for k, v in json.loads(steps_line[12:]).items()}
@@ -119,6 +140,7 @@ def test_bad_options_exit_2_with_a_message(tiny_dataset, capsys):
 
 # ---- the fast recipe and the switches it uses -------------------------------------------------------------
 
+
 def test_recipe_applies_first_then_config_then_command_line(tmp_path):
     cfg = parse_config(["--recipe", "fast"])
     assert (cfg.recipe, cfg.batch_size, cfg.schedule, cfg.nesterov, cfg.tta) == ("fast", 512, "onecycle", True, True)
@@ -168,8 +190,15 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
         assert result["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("impl, flags", [("auto", {"fused": True}), ("fused", {"fused": True}),
-                                         ("foreach", {"foreach": True}), ("loop", {"foreach": False})])
+@pytest.mark.parametrize(
+    "impl, flags",
+    [
+        ("auto", {"fused": True}),
+        ("fused", {"fused": True}),
+        ("foreach", {"foreach": True}),
+        ("loop", {"foreach": False}),
+    ],
+)
 def test_optimizer_impl_selects_torch_kernels(impl, flags):
     model = nn.Linear(4, 2)
     for name in ("sgd", "adamw"):
@@ -220,16 +249,38 @@ def test_each_loop_gets_its_own_cuda_switches():
 @pytest.mark.slow
 def test_gpu_check_script_plumbing_on_the_cpu(tiny_dataset, tmp_path):
     """launch/gpu_check.sh is for a GPU session; CI checks that its steps and its summary work, on the CPU."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEVICE": "cpu", "ACCEL_CONFIG": "accelerate_configs/cpu.yaml",
-           "MIXED_PRECISIONS": "no bf16", "SKIP_COMPILE": "1", "BENCH_ARGS": "--tiny --repeats 1", "TARGET": "0",
-           "EPOCHS": "1", "DATASET": str(tiny_dataset), "PYTHON": sys.executable, "RUNS_DIR": str(tmp_path / "runs"),
-           "TRAIN_ARGS": "--width 0.125 --batch-size 16 --eval-batch-size 20 --log-every 2"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DEVICE": "cpu",
+        "ACCEL_CONFIG": "accelerate_configs/cpu.yaml",
+        "MIXED_PRECISIONS": "no bf16",
+        "SKIP_COMPILE": "1",
+        "BENCH_ARGS": "--tiny --repeats 1",
+        "TARGET": "0",
+        "EPOCHS": "1",
+        "DATASET": str(tiny_dataset),
+        "PYTHON": sys.executable,
+        "RUNS_DIR": str(tmp_path / "runs"),
+        "TRAIN_ARGS": "--width 0.125 --batch-size 16 --eval-batch-size 20 --log-every 2",
+    }
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, env=env)
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch" / "gpu_check.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
     ok(proc)
-    assert sorted(p.name for p in out.iterdir()) == ["bench_cuda.json", "gpu_check.log", "nvidia-smi.txt",
-                                                     "summary.json", "time_to_accuracy.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bench_cuda.json",
+        "gpu_check.log",
+        "nvidia-smi.txt",
+        "summary.json",
+        "time_to_accuracy.json",
+    ]
     summary = json.loads((out / "summary.json").read_text())
     assert [s["exit_code"] for s in summary["steps"]] == ["0"] * 4  # bench, time to accuracy, 2 trainings
     assert summary["time_to_accuracy"]["time_to_accuracy"]["reached"] is True

@@ -227,8 +227,10 @@ def test_a_failed_or_damaged_checkpoint_is_never_used(dataset, reference, tmp_pa
     assert any(n.startswith("step-00000012.bad-") for n in names)
     assert any(n.startswith("step-00000016.bad-") for n in names)
     assert not (out / "checkpoints" / ".tmp-step-00000012").exists()
-    assert torch.equal(torch.cat([w.flatten() for w in final_weights(out).values()]),
-                       torch.cat([w.flatten() for w in final_weights(reference).values()]))
+    assert torch.equal(
+        torch.cat([w.flatten() for w in final_weights(out).values()]),
+        torch.cat([w.flatten() for w in final_weights(reference).values()]),
+    )
 
 
 def test_resume_from_a_given_checkpoint(dataset, reference, tmp_path):
@@ -314,8 +316,9 @@ def _blobs(images) -> list[bytes]:
 def _pair(root: Path, train_blobs, train_labels, names=("a", "b", "c"), test_n: int = 6) -> Path:
     test_images, test_labels = datagen.make_arrays(test_n, len(names), 32, seed=9)
     datagen.write_parquet_split(root / "train-00000-of-00001.parquet", train_blobs, train_labels, list(names))
-    datagen.write_parquet_split(root / "test-00000-of-00001.parquet", _blobs(test_images)[:test_n],
-                                test_labels[:test_n], list(names))
+    datagen.write_parquet_split(
+        root / "test-00000-of-00001.parquet", _blobs(test_images)[:test_n], test_labels[:test_n], list(names)
+    )
     return root
 
 
@@ -334,25 +337,52 @@ def _bad_inputs(tmp: Path, good: Path, reference: Path) -> dict[str, tuple[list[
     datagen.write_parquet_split(empty / "train-0.parquet", _blobs(images), labels, ["a", "b", "c"])
     datagen.write_parquet_split(empty / "test-0.parquet", [], [], ["a", "b", "c"])
     return {
-        "corrupt image": (["--dataset", str(_pair(tmp / "corrupt", corrupt, labels))], 1,
-                          ["split 'train' row 5", "--skip-bad-images"]),
-        "missing label column": (["--dataset", str(good), "--label-column", "fine_label"], 1,
-                                 ["'fine_label' not found", "columns:", "img", "label"]),
-        "label out of range": (["--dataset", str(_pair(tmp / "range", _blobs(images), out_of_range))], 1,
-                               ["row 4 has label 7, outside [0, 3)"]),
+        "corrupt image": (
+            ["--dataset", str(_pair(tmp / "corrupt", corrupt, labels))],
+            1,
+            ["split 'train' row 5", "--skip-bad-images"],
+        ),
+        "missing label column": (
+            ["--dataset", str(good), "--label-column", "fine_label"],
+            1,
+            ["'fine_label' not found", "columns:", "img", "label"],
+        ),
+        "label out of range": (
+            ["--dataset", str(_pair(tmp / "range", _blobs(images), out_of_range))],
+            1,
+            ["row 4 has label 7, outside [0, 3)"],
+        ),
         "empty split": (["--dataset", str(empty)], 1, ["split 'test'", "is empty"]),
-        "images too small": (["--dataset", str(datagen.make_parquet_dataset(tmp / "tiny4", 16, 8, size=4))], 1,
-                             ["input of 4x4 is too small", "use larger images"]),
+        "images too small": (
+            ["--dataset", str(datagen.make_parquet_dataset(tmp / "tiny4", 16, 8, size=4))],
+            1,
+            ["input of 4x4 is too small", "use larger images"],
+        ),
         "image size differs from the checkpoint": (
-            ["--dataset", str(datagen.make_parquet_dataset(tmp / "ds64", 64, 20, size=64)),
-             "--resume", str(reference / "checkpoints" / "step-00000008")], 1,
-            ["trained on 32x32 images but the dataset has 64x64 images", "dataset_fingerprint"]),
-        "unwritable output dir": (["--dataset", str(good), "--output-dir", str(blocker / "out")], 1,
-                                  ["cannot write to --output-dir", str(blocker / "out")]),
-        "unknown YAML key": (["--dataset", str(good), "--config", str(yaml_file)], 2,
-                             ["unknown option(s) learning_rate", "--help"]),
-        "missing --resume folder": (["--dataset", str(good), "--resume", str(tmp / "nowhere")], 1,
-                                    ["--resume", "no such checkpoint folder"]),
+            [
+                "--dataset",
+                str(datagen.make_parquet_dataset(tmp / "ds64", 64, 20, size=64)),
+                "--resume",
+                str(reference / "checkpoints" / "step-00000008"),
+            ],
+            1,
+            ["trained on 32x32 images but the dataset has 64x64 images", "dataset_fingerprint"],
+        ),
+        "unwritable output dir": (
+            ["--dataset", str(good), "--output-dir", str(blocker / "out")],
+            1,
+            ["cannot write to --output-dir", str(blocker / "out")],
+        ),
+        "unknown YAML key": (
+            ["--dataset", str(good), "--config", str(yaml_file)],
+            2,
+            ["unknown option(s) learning_rate", "--help"],
+        ),
+        "missing --resume folder": (
+            ["--dataset", str(good), "--resume", str(tmp / "nowhere")],
+            1,
+            ["--resume", "no such checkpoint folder"],
+        ),
     }
 
 
@@ -370,17 +400,41 @@ def bad_input_runs(dataset, reference, tmp_path_factory) -> dict[str, tuple[subp
         for i, (name, (args, code, phrases)) in enumerate(batch):
             out = tmp / f"out-{len(results) + i}"
             full = [*TINY, "--output-dir", str(out), *args]
-            procs.append((name, code, phrases, subprocess.Popen(train_command(full), cwd=REPO, env=env, text=True,
-                                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+            procs.append(
+                (
+                    name,
+                    code,
+                    phrases,
+                    subprocess.Popen(
+                        train_command(full),
+                        cwd=REPO,
+                        env=env,
+                        text=True,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                    ),
+                )
+            )
         for name, code, phrases, proc in procs:
             stdout, stderr = proc.communicate(timeout=300)
             results[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), code, phrases)
     return results
 
 
-@pytest.mark.parametrize("case", ["corrupt image", "missing label column", "label out of range", "empty split",
-                                  "images too small", "image size differs from the checkpoint",
-                                  "unwritable output dir", "unknown YAML key", "missing --resume folder"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "corrupt image",
+        "missing label column",
+        "label out of range",
+        "empty split",
+        "images too small",
+        "image size differs from the checkpoint",
+        "unwritable output dir",
+        "unknown YAML key",
+        "missing --resume folder",
+    ],
+)
 def test_bad_input_gets_one_clear_error(bad_input_runs, case):
     proc, code, phrases = bad_input_runs[case]
     assert proc.returncode == code, f"exit code {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"

@@ -22,11 +22,23 @@ def test_every_field_has_a_docstring_and_a_flag():
 
 
 def test_help_lists_options_with_defaults():
-    out = subprocess.run([sys.executable, "-m", "distvgg.train", "--help"], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-m", "distvgg.train", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for flag in ("--dataset", "--model", "--epochs", "--max-steps", "--batch-size", "--lr", "--seed",
-                 "--output-dir", "--train-limit", "--eval-limit", "--report-to", "--mixed-precision", "--log-every"):
+    for flag in (
+        "--dataset",
+        "--model",
+        "--epochs",
+        "--max-steps",
+        "--batch-size",
+        "--lr",
+        "--seed",
+        "--output-dir",
+        "--train-limit",
+        "--eval-limit",
+        "--report-to",
+        "--mixed-precision",
+        "--log-every",
+    ):
         assert flag in out.stdout
     assert "(default: 64)" in out.stdout and "(default: 'wandb')" in out.stdout
 
@@ -40,8 +52,20 @@ def test_yaml_then_command_line(tmp_path):
 
 def test_all_problems_reported_at_once():
     with pytest.raises(ConfigError) as e:
-        parse_config(["--lr", "-1", "--batch-size", "0", "--model", "resnet", "--report-to", "mlflow",
-                      "--mixed-precision", "fp8"])
+        parse_config(
+            [
+                "--lr",
+                "-1",
+                "--batch-size",
+                "0",
+                "--model",
+                "resnet",
+                "--report-to",
+                "mlflow",
+                "--mixed-precision",
+                "fp8",
+            ]
+        )
     msg = str(e.value)
     for part in ("--lr", "--batch-size", "--model", "--report-to", "--mixed-precision"):
         assert part in msg
@@ -68,7 +92,11 @@ def test_saved_config_loads_back(tmp_path):
 
 
 def test_train_exits_2_on_bad_config_before_heavy_work():
-    out = subprocess.run([sys.executable, "-m", "distvgg.train", "--lr", "-1", "--epochs", "0"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "distvgg.train", "--lr", "-1", "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "--lr" in out.stderr and "--epochs" in out.stderr

@@ -55,11 +55,14 @@ def assert_exact(loaded: data.ImageData, arrays: dict[str, tuple[np.ndarray, np.
 
 
 def per_class_sorted(images: torch.Tensor, labels: torch.Tensor) -> dict[int, list[bytes]]:
-    return {int(c): sorted(images[labels == c][i].numpy().tobytes() for i in range(int((labels == c).sum())))
-            for c in labels.unique()}
+    return {
+        int(c): sorted(images[labels == c][i].numpy().tobytes() for i in range(int((labels == c).sum())))
+        for c in labels.unique()
+    }
 
 
 # ------------------------------------------------------------------------------------------ sources
+
 
 @pytest.mark.parametrize("layout,test_split", [("flat", "test"), ("data", "validation")])
 def test_parquet_exact_pixels_and_metadata(tmp_path, layout, test_split):
@@ -77,8 +80,9 @@ def test_parquet_exact_pixels_and_metadata(tmp_path, layout, test_split):
 
 
 def test_parquet_jpeg_matches_pil(tmp_path):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     root = datagen.make_parquet_dataset(tmp_path / "ds", fmt="JPEG", n_train=8, n_test=4)
     loaded, _ = load(root, tmp_path / "cache")
@@ -118,8 +122,9 @@ def test_cifar10_pickles(tmp_path, protocol, point_at_subdir):
 
 
 def test_cifar100_pickles(tmp_path):
-    root = datagen.make_cifar_pickle_dataset(tmp_path / "data", n_train=12, n_test=6, num_classes=6,
-                                             variant="cifar-100")
+    root = datagen.make_cifar_pickle_dataset(
+        tmp_path / "data", n_train=12, n_test=6, num_classes=6, variant="cifar-100"
+    )
     loaded, _ = load(root, tmp_path / "cache")
     assert_exact(loaded, datagen.dataset_arrays(n_train=12, n_test=6, num_classes=6))
     assert loaded.class_names == datagen.class_names(6)
@@ -185,6 +190,7 @@ def test_save_to_disk(tmp_path):
 
 # ------------------------------------------------------------------------------------------ cache
 
+
 def _forbid_decoding(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decoded although the cache should have been used")
@@ -210,9 +216,11 @@ def test_second_load_uses_cache(tmp_path, monkeypatch, maker):
 def test_cache_hit_does_not_import_datasets(tmp_path):
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4)
     load(root, tmp_path / "cache")
-    code = ("import sys; from distvgg.data import load_image_data; "
-            f"d = load_image_data({str(root)!r}, cache_dir={str(tmp_path / 'cache')!r}); "
-            "assert 'datasets' not in sys.modules and 'PIL.Image' not in sys.modules, 'imported'; print(len(d.train))")
+    code = (
+        "import sys; from distvgg.data import load_image_data; "
+        f"d = load_image_data({str(root)!r}, cache_dir={str(tmp_path / 'cache')!r}); "
+        "assert 'datasets' not in sys.modules and 'PIL.Image' not in sys.modules, 'imported'; print(len(d.train))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "from cache" in out.stdout and out.stdout.strip().endswith("8")
@@ -248,8 +256,9 @@ def test_damaged_cache_is_ignored_and_rewritten(tmp_path, damage):
     first, _ = load(root, tmp_path / "cache")
     cache_file = tmp_path / "cache" / f"{first.fingerprint}.safetensors"
     content = cache_file.read_bytes()
-    cache_file.write_bytes({"truncate": content[: len(content) // 2], "garbage": b"\x00garbage" * 100,
-                            "empty": b""}[damage])
+    cache_file.write_bytes(
+        {"truncate": content[: len(content) // 2], "garbage": b"\x00garbage" * 100, "empty": b""}[damage]
+    )
     second, log = load(root, tmp_path / "cache")
     assert "warning: ignoring damaged cache file" in log.text() and "decoded" in log.text()
     assert torch.equal(second.train.images, first.train.images)
@@ -275,9 +284,11 @@ def test_default_cache_dir(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ columns
 
+
 def test_detects_renamed_columns_and_accepts_explicit_ones(tmp_path):
-    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4, image_column="picture",
-                                        label_column="target")
+    root = datagen.make_parquet_dataset(
+        tmp_path / "ds", n_train=8, n_test=4, image_column="picture", label_column="target"
+    )
     detected, _ = load(root, tmp_path / "c1")
     explicit, _ = load(root, tmp_path / "c2", image_column="picture", label_column="target")
     assert torch.equal(detected.train.images, explicit.train.images)
@@ -319,6 +330,7 @@ def test_no_image_column(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ bad data
+
 
 def _write_pair(root: Path, train_blobs, train_labels, test_n: int = 3, names=("a", "b", "c")) -> Path:
     test_images, test_labels = datagen.make_arrays(test_n, len(names), 8, seed=9)
@@ -391,9 +403,12 @@ def test_empty_split_save_to_disk(tmp_path):
 
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
     one = {"img": [{"bytes": datagen.encode_image(np.zeros((4, 4, 3), np.uint8)), "path": None}], "label": [0]}
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(one, features=features),
-                          "test": datasets.Dataset.from_dict({"img": [], "label": []}, features=features)}
-                         ).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(one, features=features),
+            "test": datasets.Dataset.from_dict({"img": [], "label": []}, features=features),
+        }
+    ).save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(DataError, match="split 'test' .* is empty"):
         load(tmp_path / "ds", tmp_path / "cache")
 
@@ -418,6 +433,7 @@ def test_missing_test_split_names_found_splits(tmp_path):
 
 # ------------------------------------------------------------------------------------------ names and paths
 
+
 @pytest.mark.parametrize("name", ["./nope", "/definitely/not/here", "~/not-here-either-xyz", "a/b/c"])
 def test_missing_path(tmp_path, name):
     with pytest.raises(DataError, match="no such directory"):
@@ -427,8 +443,11 @@ def test_missing_path(tmp_path, name):
 def test_existing_dir_without_layout(tmp_path):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "notes.txt").write_text("hi")
-    with pytest.raises(DataError, match=r"matches none of the supported .*cifar-10-batches-py.*dataset_dict\.json"
-                                        r".*parquet.*train/<class>.*Found: notes\.txt"):
+    with pytest.raises(
+        DataError,
+        match=r"matches none of the supported .*cifar-10-batches-py.*dataset_dict\.json"
+        r".*parquet.*train/<class>.*Found: notes\.txt",
+    ):
         load(tmp_path / "ds", tmp_path / "cache")
 
 
@@ -484,6 +503,7 @@ def test_hub_dataset_cached_by_datasets_fingerprint(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ balanced_subset
+
 
 def test_balanced_subset_counts_and_order():
     labels = torch.arange(1000) % 10

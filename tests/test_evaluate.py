@@ -46,8 +46,12 @@ def hand_count(final: Path, tta: bool = False) -> dict:
     for t, p in zip(labels.tolist(), pred):
         confusion[t][p] += 1
     correct = sum(int(t == p) for t, p in zip(labels.tolist(), pred))
-    return {"confusion": confusion, "correct": correct, "accuracy": correct / len(labels),
-            "loss": F.cross_entropy(logits, torch.from_numpy(labels)).item()}
+    return {
+        "confusion": confusion,
+        "correct": correct,
+        "accuracy": correct / len(labels),
+        "loss": F.cross_entropy(logits, torch.from_numpy(labels)).item(),
+    }
 
 
 def run_evaluate(args, nproc=1):
@@ -56,8 +60,11 @@ def run_evaluate(args, nproc=1):
 
 def test_numbers_match_a_hand_count(run_dir, tmp_path):
     js, png = tmp_path / "eval.json", tmp_path / "confusion.png"
-    text = ok(run_evaluate(["--checkpoint", str(run_dir), "--batch-size", "4", "--json", str(js),
-                            "--confusion-png", str(png)]))
+    text = ok(
+        run_evaluate(
+            ["--checkpoint", str(run_dir), "--batch-size", "4", "--json", str(js), "--confusion-png", str(png)]
+        )
+    )
     want = hand_count(run_dir / "final")
     got = json.loads(js.read_text())
     assert got["num_processes"] == 1 and got["count"] == N_TEST
@@ -67,8 +74,11 @@ def test_numbers_match_a_hand_count(run_dir, tmp_path):
     assert got["class_names"] == class_names(4)
     for i, name in enumerate(class_names(4)):
         row = want["confusion"][i]
-        assert got["per_class"][name] == {"images": sum(row), "correct": row[i],
-                                          "accuracy": pytest.approx(row[i] / sum(row))}
+        assert got["per_class"][name] == {
+            "images": sum(row),
+            "correct": row[i],
+            "accuracy": pytest.approx(row[i] / sum(row)),
+        }
         # the printed tables: per-class line and the confusion row
         assert f"{name}  {sum(row):>7}  {row[i]:>7}" in text
         assert any(line.split() == [str(i), name, *map(str, row)] for line in text.splitlines())
@@ -81,8 +91,11 @@ def test_numbers_match_a_hand_count(run_dir, tmp_path):
 def test_two_processes_count_every_image_once_with_flip_tta(run_dir, tmp_path):
     js = tmp_path / "eval2.json"
     # 21 images in batches of 4 over 2 processes: Accelerate pads the last round; gather_for_metrics drops it.
-    text = ok(run_evaluate(["--checkpoint", str(run_dir / "final"), "--batch-size", "4", "--tta", "flip",
-                            "--json", str(js)], nproc=2))
+    text = ok(
+        run_evaluate(
+            ["--checkpoint", str(run_dir / "final"), "--batch-size", "4", "--tta", "flip", "--json", str(js)], nproc=2
+        )
+    )
     got = json.loads(js.read_text())
     want = hand_count(run_dir / "final", tta=True)
     assert got["num_processes"] == 2 and "2 process(es)" in text  # one group of 2, not 2 single runs
@@ -101,8 +114,12 @@ def test_eval_limit_takes_the_subset_training_evaluated(run_dir, dataset):
     test, _ = evaluate.load_test_split(str(dataset), loaded, eval_limit=9, log=lambda *_: None)
     labels = torch.from_numpy(dataset_arrays(N_TRAIN, N_TEST)["test"][1])
     assert torch.equal(test.labels, labels[balanced_subset(labels, 9, 0 + 1)])  # train's seed + 1
-    assert len(test) == 9 and torch.bincount(test.labels).tolist() in ([3, 2, 2, 2], [2, 3, 2, 2], [2, 2, 3, 2],
-                                                                       [2, 2, 2, 3])
+    assert len(test) == 9 and torch.bincount(test.labels).tolist() in (
+        [3, 2, 2, 2],
+        [2, 3, 2, 2],
+        [2, 2, 3, 2],
+        [2, 2, 2, 3],
+    )
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -93,28 +93,42 @@ def fake_slurm(tmp_path):
     return env, log
 
 
-def run_sbatch(env: dict, args=TRAIN_ARGS, cwd: str | Path = "/", signal_batch: bool = False,
-               timeout: float = 60) -> subprocess.CompletedProcess:
+def run_sbatch(
+    env: dict, args=TRAIN_ARGS, cwd: str | Path = "/", signal_batch: bool = False, timeout: float = 60
+) -> subprocess.CompletedProcess:
     """Run the batch script as SLURM would: bash, outside the repository (SLURM runs a spooled copy;
     the script finds the repository through SLURM_SUBMIT_DIR). With ``signal_batch`` the fake launcher
     of node 0 sends SIGUSR1 to the batch shell while the step runs, as ``--signal=B:USR1`` does: a
     wrapper exports its own pid and execs the script, so that pid is the batch shell's."""
     wrapper = f'{"export FAKE_SIGNAL_PID=$$; " if signal_batch else ""}exec bash {SBATCH} "$@"'
-    return subprocess.run(["bash", "-c", wrapper, "_", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", "-c", wrapper, "_", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines()
 
 
-def expected_launch(rank: int, nnodes: int = 3, procs_per_node: int = 4,
-                    config: str = "multinode.yaml") -> list[str]:
-    return ["launch", "--config_file", str(REPO / "accelerate_configs" / config),
-            "--num_machines", str(nnodes), "--machine_rank", str(rank),
-            "--main_process_ip", HOSTS[0], "--main_process_port", str(20000 + JOB_ID % 20000),
-            "--num_processes", str(nnodes * procs_per_node),
-            "-m", "distvgg.train", *TRAIN_ARGS]
+def expected_launch(rank: int, nnodes: int = 3, procs_per_node: int = 4, config: str = "multinode.yaml") -> list[str]:
+    return [
+        "launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / config),
+        "--num_machines",
+        str(nnodes),
+        "--machine_rank",
+        str(rank),
+        "--main_process_ip",
+        HOSTS[0],
+        "--main_process_port",
+        str(20000 + JOB_ID % 20000),
+        "--num_processes",
+        str(nnodes * procs_per_node),
+        "-m",
+        "distvgg.train",
+        *TRAIN_ARGS,
+    ]
 
 
 def test_sbatch_header_asks_for_the_signal_the_requeue_and_one_task_per_node():
@@ -136,12 +150,26 @@ def test_sbatch_starts_one_launcher_per_node_with_the_exact_command(fake_slurm):
     # scontrol expanded the node list; the first host is the main process.
     assert f"show hostnames {env['SLURM_JOB_NODELIST']}" in lines(log / "scontrol.calls")
     assert lines(log / "srun.argv") == [
-        "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=0",
-        "bash", "-c", 'trap "" USR1; NODE_RANK="$SLURM_NODEID" exec "$0" "$@"',
-        str(NODE_SCRIPT), *TRAIN_ARGS]
-    assert lines(log / "srun.env") == sorted([
-        f"CONFIG={REPO / 'accelerate_configs' / 'multinode.yaml'}", f"MASTER_ADDR={HOSTS[0]}",
-        f"MASTER_PORT={20000 + JOB_ID % 20000}", "NNODES=3", "NPROC_PER_NODE=4", "SRUN_CPUS_PER_TASK=32"])
+        "--nodes=3",
+        "--ntasks=3",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=0",
+        "bash",
+        "-c",
+        'trap "" USR1; NODE_RANK="$SLURM_NODEID" exec "$0" "$@"',
+        str(NODE_SCRIPT),
+        *TRAIN_ARGS,
+    ]
+    assert lines(log / "srun.env") == sorted(
+        [
+            f"CONFIG={REPO / 'accelerate_configs' / 'multinode.yaml'}",
+            f"MASTER_ADDR={HOSTS[0]}",
+            f"MASTER_PORT={20000 + JOB_ID % 20000}",
+            "NNODES=3",
+            "NPROC_PER_NODE=4",
+            "SRUN_CPUS_PER_TASK=32",
+        ]
+    )
     for rank in range(3):
         assert lines(log / f"accelerate.{rank}") == expected_launch(rank), f"node {rank}"
         # The launcher ignores SIGUSR1 (its default action would kill it before the checkpoint).
@@ -217,29 +245,55 @@ def test_sbatch_outside_a_job_or_the_repository_is_one_clear_error(fake_slurm, t
 
 def node_script(env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
     bin_dir = tmp_path / "bin"
-    return subprocess.run(["bash", str(NODE_SCRIPT), *TRAIN_ARGS], env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env},
-                          capture_output=True, text=True, timeout=60, cwd="/")
+    return subprocess.run(
+        ["bash", str(NODE_SCRIPT), *TRAIN_ARGS],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
 
 
 def test_node_script_without_slurm(fake_slurm, tmp_path):
     env, log = fake_slurm
     base = {"FAKE_LOG": str(log), "SLURM_NODEID": "x", "FAKE_GPUS": "8"}
-    proc = node_script({**base, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1",
-                        "MIXED_PRECISION": "bf16"}, tmp_path)
+    proc = node_script(
+        {**base, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MIXED_PRECISION": "bf16"}, tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert lines(log / "accelerate.x") == [
-        "launch", "--config_file", str(REPO / "accelerate_configs" / "multinode.yaml"), "--num_machines", "2",
-        "--machine_rank", "1", "--main_process_ip", "10.0.0.1", "--main_process_port", "29500",
-        "--num_processes", "16", "--mixed_precision", "bf16", "-m", "distvgg.train", *TRAIN_ARGS]
+        "launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / "multinode.yaml"),
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        "1",
+        "--main_process_ip",
+        "10.0.0.1",
+        "--main_process_port",
+        "29500",
+        "--num_processes",
+        "16",
+        "--mixed_precision",
+        "bf16",
+        "-m",
+        "distvgg.train",
+        *TRAIN_ARGS,
+    ]
     assert "machine 1 of 2: accelerate launch" in proc.stderr  # the command is shown before it runs
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"NODE_RANK": "0"}, "set NNODES MASTER_ADDR"),
-    ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2 is not in 0..1"),
-    ({"NNODES": "2", "NODE_RANK": "one", "MASTER_ADDR": "h"}, "NODE_RANK=one is not a whole number"),
-    ({"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "h", "NPROC_PER_NODE": "x"}, "NPROC_PER_NODE=x is not"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"NODE_RANK": "0"}, "set NNODES MASTER_ADDR"),
+        ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2 is not in 0..1"),
+        ({"NNODES": "2", "NODE_RANK": "one", "MASTER_ADDR": "h"}, "NODE_RANK=one is not a whole number"),
+        ({"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "h", "NPROC_PER_NODE": "x"}, "NPROC_PER_NODE=x is not"),
+    ],
+)
 def test_node_script_bad_environment_is_one_clear_error(fake_slurm, tmp_path, env, message):
     _, log = fake_slurm
     proc = node_script({"FAKE_LOG": str(log), **env}, tmp_path)
@@ -302,15 +356,31 @@ def test_sbatch_preemption_end_to_end(tmp_path):
     for name, body in E2E_FAKES.items():
         (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
         (bin_dir / name).chmod(0o755)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
-           "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FAKE_LOG": str(log), "FAKE_HOSTS": "127.0.0.1",
-           "SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "localhost", "SLURM_NNODES": "2",
-           "SLURM_SUBMIT_DIR": str(REPO), "MASTER_PORT": str(free_port()), "SLURM_RESTART_COUNT": "0",
-           "DISTVGG_TEST_STEP_DELAY": "0.3"}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "FAKE_LOG": str(log),
+        "FAKE_HOSTS": "127.0.0.1",
+        "SLURM_JOB_ID": "777",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NNODES": "2",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "MASTER_PORT": str(free_port()),
+        "SLURM_RESTART_COUNT": "0",
+        "DISTVGG_TEST_STEP_DELAY": "0.3",
+    }
     args = ["--dataset", str(data), *TINY, "--epochs", "4", "--log-every", "1", "--output-dir", str(out)]
-    job = subprocess.Popen(["bash", str(SBATCH), *args], cwd=tmp_path, env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    job = subprocess.Popen(
+        ["bash", str(SBATCH), *args],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not ((out / "metrics.jsonl").exists() and "train/loss" in (out / "metrics.jsonl").read_text()):
@@ -331,9 +401,14 @@ def test_sbatch_preemption_end_to_end(tmp_path):
     assert not (out / "final").exists()
 
     # The requeued job: the same script and arguments, SLURM_RESTART_COUNT=1.
-    again = subprocess.run(["bash", str(SBATCH), *args], cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1",
-                           "DISTVGG_TEST_STEP_DELAY": "0", "MASTER_PORT": str(free_port())},
-                           capture_output=True, text=True, timeout=180)
+    again = subprocess.run(
+        ["bash", str(SBATCH), *args],
+        cwd=tmp_path,
+        env={**env, "SLURM_RESTART_COUNT": "1", "DISTVGG_TEST_STEP_DELAY": "0", "MASTER_PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "resum" in (again.stdout + again.stderr).lower()
     assert (out / "final" / "model.safetensors").exists()

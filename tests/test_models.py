@@ -4,8 +4,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from distvgg.models import (MODEL_NAMES, VGG3Layer, build_model, conv_output_size, count_parameters,
-                            load_pretrained, model_spec, save_pretrained)
+from distvgg.models import (
+    MODEL_NAMES,
+    VGG3Layer,
+    build_model,
+    conv_output_size,
+    count_parameters,
+    load_pretrained,
+    model_spec,
+    save_pretrained,
+)
 
 # The block the quick guide prints for print(VGG3Layer(num_classes=10)), verbatim.
 GUIDE_PRINT = """\
@@ -42,15 +50,28 @@ class GuideVGG3Layer(nn.Module):
     def __init__(self, num_classes=1000):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels=3, out_channels=64, kernel_size=3, padding=1), nn.BatchNorm2d(64),
-            nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=2, stride=2),
-            nn.Conv2d(in_channels=64, out_channels=128, kernel_size=3, padding=1), nn.BatchNorm2d(128),
-            nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=2, stride=2),
-            nn.Conv2d(in_channels=128, out_channels=256, kernel_size=3, padding=1), nn.BatchNorm2d(256),
-            nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=2, stride=2))
+            nn.Conv2d(in_channels=3, out_channels=64, kernel_size=3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.Conv2d(in_channels=64, out_channels=128, kernel_size=3, padding=1),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.Conv2d(in_channels=128, out_channels=256, kernel_size=3, padding=1),
+            nn.BatchNorm2d(256),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        )
         self.classifier = nn.Sequential(
-            nn.Linear(256 * 4 * 4, 4096), nn.ReLU(inplace=True), nn.Dropout(),
-            nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(), nn.Linear(4096, num_classes))
+            nn.Linear(256 * 4 * 4, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(4096, num_classes),
+        )
 
     def forward(self, x):
         x = self.features(x)

@@ -39,17 +39,32 @@ def tiny_parquet(tmp_path_factory):
 
 def start_machine(rank: int, port: int, args: list[str], tmp: Path, extra_env: dict | None = None) -> subprocess.Popen:
     """One machine's launcher, as a user starts it on each machine (see the README's Multi-node)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           # the venv's accelerate and python first, as on a machine where the venv is activated
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-           # the package from this checkout even where it is not pip-installed (it runs outside it)
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "NNODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "NPROC_PER_NODE": "1", "CONFIG": str(CPU_2MACHINES),
-           # node-local disk: each machine has its own data cache
-           "DISTVGG_CACHE": str(tmp / f"cache-machine{rank}"), **(extra_env or {})}
-    return subprocess.Popen(["bash", str(NODE_SCRIPT), *args], env=env, cwd=tmp, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        # the venv's accelerate and python first, as on a machine where the venv is activated
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        # the package from this checkout even where it is not pip-installed (it runs outside it)
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "NNODES": "2",
+        "NODE_RANK": str(rank),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "NPROC_PER_NODE": "1",
+        "CONFIG": str(CPU_2MACHINES),
+        # node-local disk: each machine has its own data cache
+        "DISTVGG_CACHE": str(tmp / f"cache-machine{rank}"),
+        **(extra_env or {}),
+    }
+    return subprocess.Popen(
+        ["bash", str(NODE_SCRIPT), *args],
+        env=env,
+        cwd=tmp,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
@@ -79,8 +94,11 @@ def test_two_machines_train_as_one_job(tiny_parquet, tmp_path):
         assert p.returncode == 0, f"machine {rank} exit code {p.returncode}\n{text[-4000:]}"
         assert f"machine {rank} of 2: accelerate launch" in text
         assert "2 process(es), global batch 16" in text  # one group of 2, not two jobs of 1
-    facts = yaml.safe_load("\n".join(l.lstrip("# ") for l in (out / "config.yaml").read_text().splitlines()
-                                     if l.startswith("# ") and ":" in l))
+    facts = yaml.safe_load(
+        "\n".join(
+            l.lstrip("# ") for l in (out / "config.yaml").read_text().splitlines() if l.startswith("# ") and ":" in l
+        )
+    )
     assert facts["num_processes"] == 2 and facts["num_machines"] == 2
 
     # One W&B run, one set of outputs (only the main process of machine 0 writes).
@@ -96,16 +114,23 @@ def test_two_machines_train_as_one_job(tiny_parquet, tmp_path):
 
     # The same training as 1 process with 2 accumulated micro-batches of 8 (same global batch 16).
     one = tmp_path / "one"
-    text = ok(run_train([*common, "--output-dir", str(one), "--gradient-accumulation-steps", "2", "--report-to",
-                         "wandb"], env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-one")}))
+    text = ok(
+        run_train(
+            [*common, "--output-dir", str(one), "--gradient-accumulation-steps", "2", "--report-to", "wandb"],
+            env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-one")},
+        )
+    )
     assert "1 process(es), global batch 16" in text
     # One set of outputs and checkpoints: the files the 1-process run writes, none per machine; in each
     # checkpoint, one RNG-state file per process (both machines write into the same folder).
     per_rank = re.compile(r"random_states_(\d+)\.pkl$")
-    assert [f for f in files_under(out) if not per_rank.search(f)] == \
-        [f for f in files_under(one) if not per_rank.search(f)]
+    assert [f for f in files_under(out) if not per_rank.search(f)] == [
+        f for f in files_under(one) if not per_rank.search(f)
+    ]
     checkpoints = sorted((out / "checkpoints").glob("step-*"))
-    assert checkpoints and [c.name for c in checkpoints] == [c.name for c in sorted((one / "checkpoints").glob("step-*"))]
+    assert checkpoints and [c.name for c in checkpoints] == [
+        c.name for c in sorted((one / "checkpoints").glob("step-*"))
+    ]
     for c in checkpoints:
         assert sorted(p.name for p in c.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
     assert [r["train/loss"] for r in logged] == pytest.approx([r["train/loss"] for r in train_records(one)], rel=1e-4)
@@ -145,9 +170,25 @@ def test_processes_sharing_a_cache_decode_the_data_once(tiny_parquet, tmp_path):
     the other waits (``local_main_process_first``) and reads the cache: no decode race."""
     cache, events = tmp_path / "cache", tmp_path / "events"
     events.mkdir()
-    text = ok(run_train(["--dataset", str(tiny_parquet), "--output-dir", str(tmp_path / "run"), *TINY,
-                         "--epochs", "1", "--cache-dir", str(cache)], nproc=2, module="tests.test_multinode",
-                        env={"DISTVGG_TEST_EVENTS": str(events)}, timeout=180))
+    text = ok(
+        run_train(
+            [
+                "--dataset",
+                str(tiny_parquet),
+                "--output-dir",
+                str(tmp_path / "run"),
+                *TINY,
+                "--epochs",
+                "1",
+                "--cache-dir",
+                str(cache),
+            ],
+            nproc=2,
+            module="tests.test_multinode",
+            env={"DISTVGG_TEST_EVENTS": str(events)},
+            timeout=180,
+        )
+    )
     assert "2 process(es)" in text
     seen = {int(p.stem.split("-")[1]): p.read_text().split() for p in events.glob("rank-*.txt")}
     assert seen == {0: ["cache-miss", "decode"], 1: ["cache-hit"]}, seen
@@ -158,8 +199,19 @@ def test_processes_sharing_a_cache_decode_the_data_once(tiny_parquet, tmp_path):
 def start_training_pair(tmp_path: Path, data: Path, ddp_timeout: int) -> tuple[list[subprocess.Popen], Path]:
     """Two machines on a long run; returns once the first steps are logged (both are training)."""
     out = tmp_path / "run"
-    args = ["--dataset", str(data), *TINY, "--epochs", "2000", "--log-every", "1", "--output-dir", str(out),
-            "--ddp-timeout", str(ddp_timeout)]
+    args = [
+        "--dataset",
+        str(data),
+        *TINY,
+        "--epochs",
+        "2000",
+        "--log-every",
+        "1",
+        "--output-dir",
+        str(out),
+        "--ddp-timeout",
+        str(ddp_timeout),
+    ]
     port = free_port()
     machines = [start_machine(rank, port, args, tmp_path) for rank in (0, 1)]
     try:
@@ -183,8 +235,10 @@ def test_a_dead_machine_ends_the_job(tiny_parquet, tmp_path):
     outputs = finish(machines, timeout=20 + 60)
     for rank, (p, text) in enumerate(zip(machines, outputs)):
         assert p.returncode not in (0, None), f"machine {rank} exit code {p.returncode}\n{text[-3000:]}"
-    print(f"dead machine: both launchers exited {time.monotonic() - killed_at:.1f} s after the kill, "
-          f"codes {[p.returncode for p in machines]}")
+    print(
+        f"dead machine: both launchers exited {time.monotonic() - killed_at:.1f} s after the kill, "
+        f"codes {[p.returncode for p in machines]}"
+    )
 
 
 def test_a_hung_machine_ends_the_others_within_the_ddp_timeout(tiny_parquet, tmp_path):
@@ -220,6 +274,7 @@ def training_process_of(launcher_pid: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # python -m tests.test_multinode: distvgg.train, recording each process's cache hits and decodes.
 # --------------------------------------------------------------------------------------------------
+
 
 def _instrumented_main(argv: list[str]) -> int:
     import distvgg.data as data

@@ -23,8 +23,11 @@ def model_dir(tmp_path_factory) -> Path:
     model = build_model("vgg3layer", len(NAMES), width=0.125).eval()
     with torch.no_grad():  # spread the logits so that the classes are told apart clearly
         model.classifier[-1].weight.mul_(20)
-    return save_pretrained(model, tmp_path_factory.mktemp("model") / "final",
-                           model_spec("vgg3layer", len(NAMES), 0.125, 0.5, (32, 32), NAMES, mean=MEAN, std=STD))
+    return save_pretrained(
+        model,
+        tmp_path_factory.mktemp("model") / "final",
+        model_spec("vgg3layer", len(NAMES), 0.125, 0.5, (32, 32), NAMES, mean=MEAN, std=STD),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,12 @@ def images(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     files = []
-    for name, (w, h), mode in (("small.png", (32, 32), "RGB"), ("wide.jpg", (50, 40), "RGB"),
-                               ("big.png", (100, 100), "RGBA"), ("grey.jpeg", (64, 48), "L")):
+    for name, (w, h), mode in (
+        ("small.png", (32, 32), "RGB"),
+        ("wide.jpg", (50, 40), "RGB"),
+        ("big.png", (100, 100), "RGBA"),
+        ("grey.jpeg", (64, 48), "L"),
+    ):
         pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
         pixels[: h // 2] //= 3  # some structure, not only noise
         path = root / name
@@ -56,8 +63,11 @@ def expected_probabilities(model_dir: Path, path: Path) -> torch.Tensor:
 
 
 def test_json_probabilities_match_the_model_on_the_resized_image(model_dir, images):
-    proc = run_train(["--checkpoint", str(model_dir), "--top-k", "4", "--json", *map(str, images)],
-                     module="distvgg.predict", timeout=120)
+    proc = run_train(
+        ["--checkpoint", str(model_dir), "--top-k", "4", "--json", *map(str, images)],
+        module="distvgg.predict",
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)
     assert [r["file"] for r in results] == list(map(str, images))
@@ -91,8 +101,11 @@ def test_missing_and_unreadable_files_are_named_and_exit_non_zero(model_dir, ima
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     missing = tmp_path / "missing.png"
-    proc = run_train(["--checkpoint", str(model_dir), str(images[0]), str(missing), str(broken)],
-                     module="distvgg.predict", timeout=120)
+    proc = run_train(
+        ["--checkpoint", str(model_dir), str(images[0]), str(missing), str(broken)],
+        module="distvgg.predict",
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert f"{missing}: no such file" in proc.stderr and f"{broken}: not a readable image" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""  # nothing predicted

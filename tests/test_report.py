@@ -35,8 +35,11 @@ def final_accuracy(run_dir: Path) -> float:
 
 
 def test_report_png_and_html(run_dir):
-    text = ok(run_train([str(run_dir)], module="distvgg.report", timeout=180,
-                        env={"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}))
+    text = ok(
+        run_train(
+            [str(run_dir)], module="distvgg.report", timeout=180, env={"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+        )
+    )
     png, page = run_dir / "report.png", run_dir / "report.html"
     assert f"wrote {png}" in text
     assert png.stat().st_size > 20_000
@@ -98,8 +101,7 @@ def test_run_without_final_model_uses_its_newest_checkpoint(run_dir, tmp_path, c
     assert "using its newest checkpoint" in capsys.readouterr().err
     html = (run / "r.html").read_text()
     # the checkpoint of the last step holds the final weights
-    assert (f"<tr><th>checkpoint step-00000010: test accuracy</th><td>{100 * final_accuracy(run_dir):.2f}%"
-            in html)
+    assert f"<tr><th>checkpoint step-00000010: test accuracy</th><td>{100 * final_accuracy(run_dir):.2f}%" in html
 
 
 def test_corrupt_final_model_is_a_clear_error(run_dir, tmp_path, capsys):

@@ -26,8 +26,20 @@ STEPS = 16  # 64 images / global batch 8 = 8 steps per epoch, 2 epochs
 
 def tiny_args(dataset: Path, out: Path, nproc: int = 1, *extra: str) -> list[str]:
     """TINY with a global batch of 8 whatever the number of processes, a checkpoint every 4 steps."""
-    return [*TINY, "--dataset", str(dataset), "--output-dir", str(out), "--batch-size", str(8 // nproc),
-            "--checkpoint-every", "4", "--keep-last", "10", *extra]
+    return [
+        *TINY,
+        "--dataset",
+        str(dataset),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        str(8 // nproc),
+        "--checkpoint-every",
+        "4",
+        "--keep-last",
+        "10",
+        *extra,
+    ]
 
 
 def traced(out: Path, **env: str) -> dict[str, str]:
@@ -77,7 +89,10 @@ def assert_same_run(reference: Path, resumed: Path, nproc: int, dedupe: bool = F
     for key in opt_a["state"]:
         for name, value in opt_a["state"][key].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][name])), (key, name)
-    sched_a, sched_b = checkpoint_file(reference, STEPS, "scheduler.bin"), checkpoint_file(resumed, STEPS, "scheduler.bin")
+    sched_a, sched_b = (
+        checkpoint_file(reference, STEPS, "scheduler.bin"),
+        checkpoint_file(resumed, STEPS, "scheduler.bin"),
+    )
     assert sched_a == sched_b and sched_a["last_epoch"] == STEPS
     assert sched_a["_last_lr"] == sched_b["_last_lr"]
     for rank in range(nproc):
@@ -105,15 +120,23 @@ def reference2(dataset, tmp_path_factory) -> Path:
 
 def _start(args: list[str], out: Path, **env: str) -> subprocess.Popen:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **traced(out, **env)}
-    return subprocess.Popen(train_command(args, nproc=2), env=full_env, cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        train_command(args, nproc=2),
+        env=full_env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit code {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
+            raise AssertionError(
+                f"the run ended (exit code {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"timed out waiting for {what}")

@@ -75,16 +75,27 @@ def test_recommendation_picks_the_hook_and_batch():
     recs = scaling.recommend(rows, batch_per_gpu=10, max_global_batch=200)
     eth = [r for r in recs if r["interconnect"] == "Ethernet 10G"]
     assert [(r["gpus"], r["hook"], r["batch_per_gpu"]) for r in eth] == [
-        (2, "bf16", 15), (8, None, None), (16, None, None), (64, None, None)]
-    assert scaling.advice(eth, 200) == ("--ddp-comm-hook bf16, batch 15 per GPU: >= 90% up to 2 GPUs "
-                                        "(more would need a global batch over 200)")
+        (2, "bf16", 15),
+        (8, None, None),
+        (16, None, None),
+        (64, None, None),
+    ]
+    assert scaling.advice(eth, 200) == (
+        "--ddp-comm-hook bf16, batch 15 per GPU: >= 90% up to 2 GPUs (more would need a global batch over 200)"
+    )
     assert scaling.advice(eth, 200).startswith("--ddp-comm-hook bf16")
     assert "below 90% even at 2 GPUs" in scaling.advice(scaling.recommend(rows, 10, max_global_batch=20)[-4:], 20)
 
 
 def run_scaling(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distvgg.scaling", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "distvgg.scaling", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_command_output_is_complete(tmp_path):
@@ -106,9 +117,11 @@ def test_command_output_is_complete(tmp_path):
     for row in model["predictions"]:
         assert row["step_seconds"] >= row["compute_seconds"] and 0 < row["efficiency"] <= 1
         assert row["comm_seconds"] == pytest.approx(
-            2 * (row["gpus"] - 1) / row["gpus"] * model["gradient_bytes"][row["gradients"]] / row["bus_bandwidth"])
+            2 * (row["gpus"] - 1) / row["gpus"] * model["gradient_bytes"][row["gradients"]] / row["bus_bandwidth"]
+        )
     assert {(r["interconnect"], r["gpus"]) for r in model["recommendations"]} == {
-        (i.name, n) for i in scaling.INTERCONNECTS for n in scaling.GPU_COUNTS}
+        (i.name, n) for i in scaling.INTERCONNECTS for n in scaling.GPU_COUNTS
+    }
     assert "check" not in report
 
 
@@ -118,35 +131,61 @@ def test_given_throughput_is_used_as_is(tmp_path):
     assert proc.returncode == 0, proc.stderr
     model = json.loads(out.read_text())["models"][0]
     assert model["compute_seconds_per_image"] == pytest.approx(1e-5) and "given" in model["compute_source"]
-    row = next(r for r in model["predictions"] if r["interconnect"] == "InfiniBand 200G" and r["gpus"] == 64
-               and r["gradients"] == "fp32")
+    row = next(
+        r
+        for r in model["predictions"]
+        if r["interconnect"] == "InfiniBand 200G" and r["gpus"] == 64 and r["gradients"] == "fp32"
+    )
     comm = 2 * 63 / 64 * 135_901_224 / 25e9
     assert row["efficiency"] == pytest.approx(5.12e-3 / (5.12e-3 + comm))
 
 
 def test_two_process_check_output_is_complete(tmp_path):
     out = tmp_path / "s.json"
-    proc = run_scaling("--width", "0.125", "--batch-per-gpu", "8", "--check-batch", "8", "--steps", "1",
-                       "--measure-allreduce", "--json", str(out))
+    proc = run_scaling(
+        "--width",
+        "0.125",
+        "--batch-per-gpu",
+        "8",
+        "--check-batch",
+        "8",
+        "--steps",
+        "1",
+        "--measure-allreduce",
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     check = json.loads(out.read_text())["check"]
     params = count_parameters(build_model("vgg3layer", 10, width=0.125))
     assert check["numel"] == params and check["gradient_bytes"] == 4 * params
-    for key in ("allreduce_seconds", "ddp_step_seconds", "no_sync_step_seconds", "compute_alone_seconds",
-                "bus_bandwidth", "predicted_step_seconds", "measured_step_seconds"):
+    for key in (
+        "allreduce_seconds",
+        "ddp_step_seconds",
+        "no_sync_step_seconds",
+        "compute_alone_seconds",
+        "bus_bandwidth",
+        "predicted_step_seconds",
+        "measured_step_seconds",
+    ):
         assert math.isfinite(check[key]) and check[key] > 0, key
     # the prediction is the formula applied to the measured inputs
     assert check["bus_bandwidth"] == pytest.approx(check["gradient_bytes"] / check["allreduce_seconds"])
     assert check["predicted_step_seconds"] == pytest.approx(check["compute_alone_seconds"] + check["allreduce_seconds"])
-    assert check["relative_error"] == pytest.approx(check["predicted_step_seconds"] / check["measured_step_seconds"] - 1)
+    assert check["relative_error"] == pytest.approx(
+        check["predicted_step_seconds"] / check["measured_step_seconds"] - 1
+    )
     assert "prediction / measured - 1" in proc.stdout and "bus bandwidth" in proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--overlap", "1.5"], "--overlap must be in [0, 1)"),
-    (["--batch-per-gpu", "0"], "--batch-per-gpu must be at least 1"),
-    (["--model", "vgg99"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--overlap", "1.5"], "--overlap must be in [0, 1)"),
+        (["--batch-per-gpu", "0"], "--batch-per-gpu must be at least 1"),
+        (["--model", "vgg99"], "invalid choice"),
+    ],
+)
 def test_bad_arguments_are_clear_errors(args, message):
     proc = run_scaling(*args)
     assert proc.returncode == 2 and message in proc.stderr

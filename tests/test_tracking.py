@@ -44,13 +44,21 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_clean(args: list[str], env: dict[str, str], nproc: int = 1,
-              timeout: float = 240) -> subprocess.CompletedProcess:
+def run_clean(
+    args: list[str], env: dict[str, str], nproc: int = 1, timeout: float = 240
+) -> subprocess.CompletedProcess:
     """``run_train`` with exactly ``env`` (no conftest W&B variables inherited) and stdin closed."""
     from tests.helpers import REPO, train_command
 
-    return subprocess.run(train_command(args, nproc), env={**env, "OMP_NUM_THREADS": "1"}, cwd=REPO,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        train_command(args, nproc),
+        env={**env, "OMP_NUM_THREADS": "1"},
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def steps_of(rows: list[dict], key: str) -> dict[int, float]:
@@ -65,10 +73,30 @@ def test_offline_run_holds_what_metrics_jsonl_holds(dataset, tmp_path):
     the media, the summary, the model artifact; the TensorBoard events too; and the fake API key in the
     environment is in no file and in no output."""
     out, wandb_dir = tmp_path / "out", tmp_path / "wandb"
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": FAKE_KEY,
-           "DISTVGG_TEST_TOKEN": "sentinel-env-value-0451"}
-    proc = run_train(["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--report-to", "all",
-                      "--wandb-log-model", "--wandb-tags", "tiny", "ci", "--wandb-name", "tiny-run"], env=env)
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(wandb_dir),
+        "WANDB_API_KEY": FAKE_KEY,
+        "DISTVGG_TEST_TOKEN": "sentinel-env-value-0451",
+    }
+    proc = run_train(
+        [
+            "--dataset",
+            str(dataset),
+            "--output-dir",
+            str(out),
+            *TINY,
+            "--report-to",
+            "all",
+            "--wandb-log-model",
+            "--wandb-tags",
+            "tiny",
+            "ci",
+            "--wandb-name",
+            "tiny-run",
+        ],
+        env=env,
+    )
     text = ok(proc)
 
     files = wandb_files(wandb_dir)
@@ -81,8 +109,15 @@ def test_offline_run_holds_what_metrics_jsonl_holds(dataset, tmp_path):
 
     metrics = tracking.read_metrics(out)
     history = wandb_records.history(files[0])
-    for key in ("train/loss", "train/lr", "train/images_per_second", "eval/loss", "eval/accuracy",
-                "eval/accuracy/class_00", "summary/best_accuracy"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/images_per_second",
+        "eval/loss",
+        "eval/accuracy",
+        "eval/accuracy/class_00",
+        "summary/best_accuracy",
+    ):
         assert steps_of(metrics, key), key
         assert steps_of(history, key) == steps_of(metrics, key), key
     steps = [r["_step"] for r in history]
@@ -105,8 +140,16 @@ def test_offline_run_holds_what_metrics_jsonl_holds(dataset, tmp_path):
     for key, value in TrainConfig(dataset=str(dataset), output_dir=str(out)).to_dict().items():
         assert key in config, key
     assert config["report_to"] == "all" and config["wandb_log_model"] is True and config["width"] == 0.125
-    for fact in ("num_processes", "num_machines", "mixed_precision", "device_name", "torch", "accelerate",
-                 "wandb", "git_commit"):
+    for fact in (
+        "num_processes",
+        "num_machines",
+        "mixed_precision",
+        "device_name",
+        "torch",
+        "accelerate",
+        "wandb",
+        "git_commit",
+    ):
         assert fact in config, fact
     assert config["num_processes"] == 1
 
@@ -135,8 +178,9 @@ def test_offline_run_holds_what_metrics_jsonl_holds(dataset, tmp_path):
     for secret in (FAKE_KEY, "sentinel-env-value-0451"):
         assert secret not in text
         for root in (out, wandb_dir):
-            leaked = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()
-                      and secret.encode() in p.read_bytes()]
+            leaked = [
+                p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and secret.encode() in p.read_bytes()
+            ]
             assert not leaked, (secret, leaked)
 
 
@@ -144,8 +188,9 @@ def test_no_credentials_goes_offline_without_prompting(dataset, tmp_path):
     """WANDB_MODE unset, no key, empty HOME, stdin closed: trains, logs offline into OUTPUT_DIR/wandb,
     and prints the `wandb sync` command."""
     out = tmp_path / "out"
-    proc = run_clean(["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB, "--epochs", "1"],
-                     clean_env(tmp_path))
+    proc = run_clean(
+        ["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB, "--epochs", "1"], clean_env(tmp_path)
+    )
     text = ok(proc)
     files = wandb_files(out / "wandb")
     assert len(files) == 1 and files[0].parent.name.startswith("offline-run-"), files
@@ -169,10 +214,10 @@ def test_unreachable_server_falls_back_to_offline(dataset, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "out"
-    env = clean_env(tmp_path, WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=f"http://127.0.0.1:{port}",
-                    WANDB_INIT_TIMEOUT="2")
-    text = ok(run_clean(["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB, "--epochs", "1"], env,
-                        timeout=180))
+    env = clean_env(tmp_path, WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=f"http://127.0.0.1:{port}", WANDB_INIT_TIMEOUT="2")
+    text = ok(
+        run_clean(["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB, "--epochs", "1"], env, timeout=180)
+    )
     assert "could not start online" in text
     run_id = tracking.read_run_id(out)
     offline = [f for f in wandb_files(out / "wandb") if f.parent.name.startswith("offline-run-")]
@@ -183,13 +228,19 @@ def test_unreachable_server_falls_back_to_offline(dataset, tmp_path):
 
 def test_two_processes_make_one_wandb_run(dataset, tmp_path):
     out, wandb_dir = tmp_path / "out", tmp_path / "wandb"
-    text = ok(run_train(["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB],
-                        nproc=2, env={"WANDB_DIR": str(wandb_dir)}))
+    text = ok(
+        run_train(
+            ["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB],
+            nproc=2,
+            env={"WANDB_DIR": str(wandb_dir)},
+        )
+    )
     assert "2 process(es)" in text
     files = wandb_files(wandb_dir)
     assert len(files) == 1, files
-    assert [p.name for p in (wandb_dir / "wandb").iterdir() if p.name.startswith("offline-run-")] \
-        == [files[0].parent.name]
+    assert [p.name for p in (wandb_dir / "wandb").iterdir() if p.name.startswith("offline-run-")] == [
+        files[0].parent.name
+    ]
     assert wandb_records.config(files[0])["num_processes"] == 2
     metrics = tracking.read_metrics(out)
     history = wandb_records.history(files[0])
@@ -253,8 +304,14 @@ def test_init_kwargs_leave_an_explicit_wandb_mode_to_wandb(tmp_path, monkeypatch
     monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     kw = tracking.wandb_init_kwargs(cfg, "abc", "offline")
-    assert kw == {"dir": str(tmp_path), "id": "abc", "resume": "allow", "mode": "offline", "entity": "team",
-                  "tags": ["a"]}
+    assert kw == {
+        "dir": str(tmp_path),
+        "id": "abc",
+        "resume": "allow",
+        "mode": "offline",
+        "entity": "team",
+        "tags": ["a"],
+    }
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "w"))
     kw = tracking.wandb_init_kwargs(cfg, "abc", "disabled")
@@ -273,8 +330,7 @@ def test_choose_wandb_mode(tmp_path, monkeypatch):
 
 def test_prediction_grid_frames_right_and_wrong():
     images = torch.full((3, 3, 32, 32), 128, dtype=torch.uint8)
-    grid = tracking.prediction_grid(images, torch.tensor([0, 1, 2]), torch.tensor([0, 2, 2]), ["a", "b", "c"],
-                                    nrow=3)
+    grid = tracking.prediction_grid(images, torch.tensor([0, 1, 2]), torch.tensor([0, 2, 2]), ["a", "b", "c"], nrow=3)
     assert grid.dtype == torch.uint8 and grid.shape == (3, 2 + 96 + 26 + 2, 2 + 3 * (96 + 2))
     # the bottom-left frame pixel of each tile: green when right, red when wrong
     y = 2 + 96 + 26 - 1
@@ -292,13 +348,20 @@ def test_confusion_chart_keeps_the_counts():
 
 def test_record_reader_joins_records_split_across_blocks(tmp_path):
     """A logged value larger than a 32 KiB block is written as first/middle/last chunks."""
-    code = ("import wandb\n"
-            "run = wandb.init(project='t', mode='offline', dir=%r)\n"
-            "run.log({'big': 'x' * 100000, 'n': 1}, step=3)\n"
-            "run.log({'n': 2}, step=4)\n"
-            "run.finish()\n" % str(tmp_path))
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True,
-                   env={**os.environ, "WANDB_SILENT": "true"})
+    code = (
+        "import wandb\n"
+        "run = wandb.init(project='t', mode='offline', dir=%r)\n"
+        "run.log({'big': 'x' * 100000, 'n': 1}, step=3)\n"
+        "run.log({'n': 2}, step=4)\n"
+        "run.finish()\n" % str(tmp_path)
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        timeout=120,
+        capture_output=True,
+        env={**os.environ, "WANDB_SILENT": "true"},
+    )
     (path,) = wandb_files(tmp_path)
     rows = wandb_records.history(path)
     assert [r["_step"] for r in rows] == [3, 4]

@@ -78,8 +78,12 @@ def test_two_process_evaluation_counts_every_image_once(tmp_path):
     # 23 test images over 2 processes with an eval batch of 4: the last batch is uneven.
     data = make_parquet_dataset(tmp_path / "d", n_train=32, n_test=23, num_classes=3, seed=5)
     out = tmp_path / "run"
-    ok(run_train(["--dataset", str(data), "--output-dir", str(out), *TINY, "--epochs", "1",
-                  "--eval-batch-size", "4"], nproc=2))
+    ok(
+        run_train(
+            ["--dataset", str(data), "--output-dir", str(out), *TINY, "--epochs", "1", "--eval-batch-size", "4"],
+            nproc=2,
+        )
+    )
     ev = [r for r in read_metrics(out) if "eval/accuracy" in r][-1]
     assert ev["eval/count"] == 23
     # The accuracy equals a hand count with the saved model on the whole test split.
@@ -105,9 +109,11 @@ def test_torchvision_pickle_layout_trains(tmp_path):
 
 
 def test_no_network_and_no_local_copy_is_one_clear_error(tmp_path):
-    proc = run_train(["--output-dir", str(tmp_path / "o"), "--report-to", "none"],
-                     env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"},
-                     timeout=60)
+    proc = run_train(
+        ["--output-dir", str(tmp_path / "o"), "--report-to", "none"],
+        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"},
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "--dataset" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -117,10 +123,40 @@ def test_no_network_and_no_local_copy_is_one_clear_error(tmp_path):
 def test_learns_real_cifar10(tmp_path):
     """Proof that learning happens: a narrow VGG3Layer on real CIFAR-10 beats chance (10%) by far."""
     out = tmp_path / "real"
-    ok(run_train(["--dataset", str(REAL_DATA), "--output-dir", str(out), "--width", "0.25", "--report-to", "none",
-                  "--max-steps", "300", "--epochs", "1", "--batch-size", "64", "--lr", "0.05", "--nesterov",
-                  "--schedule", "onecycle", "--label-smoothing", "0.1", "--dropout", "0.2", "--eval-limit", "2000",
-                  "--log-every", "100"], timeout=600))
+    ok(
+        run_train(
+            [
+                "--dataset",
+                str(REAL_DATA),
+                "--output-dir",
+                str(out),
+                "--width",
+                "0.25",
+                "--report-to",
+                "none",
+                "--max-steps",
+                "300",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "64",
+                "--lr",
+                "0.05",
+                "--nesterov",
+                "--schedule",
+                "onecycle",
+                "--label-smoothing",
+                "0.1",
+                "--dropout",
+                "0.2",
+                "--eval-limit",
+                "2000",
+                "--log-every",
+                "100",
+            ],
+            timeout=600,
+        )
+    )
     acc = [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r][-1]
     print(f"real CIFAR-10, 300 steps: test accuracy {acc:.3f}")
     assert acc >= 0.35, f"test accuracy {acc:.3f} after 300 steps"

@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)
 BLOCK = 32 * 1024
@@ -35,7 +36,7 @@ class RecordLogError(ValueError):
 def raw_records(path: str | Path) -> Iterator[bytes]:
     """The payload of every record, in order, checksums verified."""
     data = Path(path).read_bytes()
-    if data[:len(HEADER)] != HEADER:
+    if data[: len(HEADER)] != HEADER:
         raise RecordLogError(f"{path}: not a W&B record log (header {data[:7]!r})")
     pos, pending = len(HEADER), None
     while pos + CHUNK_HEADER <= len(data):
@@ -46,7 +47,7 @@ def raw_records(path: str | Path) -> Iterator[bytes]:
         checksum, length, kind = struct.unpack_from("<IHB", data, pos)
         if kind == 0 and length == 0 and checksum == 0:  # zeroed tail (preallocated, or the writer stopped)
             break
-        body = data[pos + CHUNK_HEADER:pos + CHUNK_HEADER + length]
+        body = data[pos + CHUNK_HEADER : pos + CHUNK_HEADER + length]
         if len(body) != length:
             raise RecordLogError(f"{path}: truncated record at byte {pos}")
         if zlib.crc32(bytes([kind]) + body) != checksum:
