@@ -1,39 +1,27 @@
 """Load an image-classification dataset as uint8 tensors: decode once, then reuse an on-disk cache.
 
-``load_image_data(dataset)`` accepts, detected in this order:
-
-1. a torchvision CIFAR download (``cifar-10-batches-py/`` or ``cifar-100-python/``, or that folder itself),
-   read with a restricted unpickler that only rebuilds numpy arrays;
-2. a ``datasets`` ``save_to_disk`` folder (has ``dataset_dict.json``);
-3. parquet files in the Hugging Face Hub layout (``train-*.parquet``, ``data/train-*.parquet``, ...);
-4. an image folder (``train/<class>/*.png``, ``test/<class>/...``);
-5. otherwise a Hub dataset name such as ``uoft-cs/cifar10`` (checked for reachability first, so an
-   offline machine gets one clear error within seconds instead of minutes of retries).
-
-Images are decoded with PIL into one ``(N, 3, H, W)`` uint8 tensor per split and stored in
-``<cache_dir>/<key>.safetensors``. For local sources the key is derived from the files' names, sizes
-and mtimes alone, so a cache hit needs neither ``datasets`` nor any decoding.
-
-Nothing here runs at import time, and ``datasets``/PIL/pyarrow are imported lazily (``import datasets``
-is slow, and a cache hit never needs it).
+``load_image_data(dataset)`` takes, in this order of precedence: torchvision's CIFAR download (``cifar-10-batches-py/``
+or ``cifar-100-python/``, or that folder itself), a ``save_to_disk`` folder, parquet files in the Hub's layout
+(``train-*.parquet``, ``data/train-*``, ``train/*``), an image folder (``train/<class>/*.png``), or a Hub dataset name.
+Each split becomes one (N, 3, H, W) uint8 tensor in ``<cache_dir>/<key>.safetensors``; a local source's key comes from
+its files' names, sizes and mtimes alone, so a cache hit imports neither ``datasets`` nor PIL (both imported lazily).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import pickle
 import re
-import shutil
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections import namedtuple
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,35 +29,28 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-__all__ = [
-    "DataError",
-    "ImageSplit",
-    "ImageData",
-    "load_image_data",
-    "balanced_subset",
-    "default_cache_dir",
-    "DEFAULT_DATASET",
-]
-
 DEFAULT_DATASET = "uoft-cs/cifar10"
-# Bump when the cache content or the key recipe changes, so old cache files are never misread.
-FORMAT_VERSION = 1
-# Split names accepted in the "test" role, in order of preference.
-TEST_SPLIT_NAMES = ("test", "validation", "valid", "val")
-# Integer label columns accepted without a ClassLabel when no label column is named.
-_INT_LABEL_NAMES = ("label", "labels", "fine_label", "target", "targets", "class", "y")
-_HUB_PROBE_TIMEOUT_S = 3.0
-_ARROW_BATCH_ROWS = 4096
-_SHOW_ROWS = 5  # how many skipped row numbers to list in the log
-_CACHE_TENSORS = ("train_images", "train_labels", "test_images", "test_labels")
-_LOCAL_HELP = (
-    "pass a local copy with --dataset DIR: a parquet copy such as ../shared/data/cifar10-jpeg, "
-    "or the folder where torchvision downloaded cifar-10-batches-py (e.g. ./data)"
-)
+FORMAT_VERSION = 1  # bump when the cache content changes, so old cache files are never misread
+TEST_SPLIT_NAMES = ("test", "validation", "valid", "val")  # accepted in the test role, in this order
+_INT_LABEL_NAMES = ("label", "labels", "fine_label", "target", "targets", "class", "y")  # int labels, no ClassLabel
+_LOCAL_HELP = "pass --dataset DIR: a local copy in the Hub's parquet layout, or torchvision's cifar-10-batches-py"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
+# torchvision's CIFAR downloads: folder -> batch files, the class-names file, and the keys inside them.
+_Cifar = namedtuple("_Cifar", "title train test meta labels names")
+_CIFAR = {
+    "cifar-10-batches-py": _Cifar(
+        "CIFAR-10", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta", "labels", "label_names"
+    ),
+    "cifar-100-python": _Cifar("CIFAR-100", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
+}
+# A local dataset: kind (cifar-pickle, save_to_disk, parquet, imagefolder) and the files that make its cache key.
+_Source = namedtuple("_Source", "kind root description files cifar", defaults=(None,))
+Log = Callable[[str], None]
+Decoded = tuple["ImageSplit", "ImageSplit", list[str]]
 
 
 class DataError(ValueError):
-    """Bad or unreachable dataset; message says what is wrong and what to do."""
+    """Bad or unreachable dataset; the message says what is wrong and what to do."""
 
 
 @dataclass
@@ -90,16 +71,15 @@ class ImageData:
     train: ImageSplit
     test: ImageSplit
     class_names: list[str]
-    source: str  # human description, e.g. "parquet files in /x/y" or "hub dataset uoft-cs/cifar10"
-    fingerprint: str  # the cache key used
+    source: str  # e.g. "parquet files in /x/y" or "hub dataset uoft-cs/cifar10"
+    fingerprint: str  # the cache key
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        """(H, W) of every image."""
+    def image_size(self) -> tuple[int, int]:  # (H, W) of every image
         return int(self.train.images.shape[-2]), int(self.train.images.shape[-1])
 
 
@@ -109,11 +89,6 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "distvgg"
 
 
-# --------------------------------------------------------------------------------------------------
-# Entry point
-# --------------------------------------------------------------------------------------------------
-
-
 def load_image_data(
     dataset: str,
     *,
@@ -121,520 +96,90 @@ def load_image_data(
     label_column: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     skip_bad_images: bool = False,
-    log: Callable[[str], None] = print,
+    log: Log = print,
 ) -> ImageData:
     """Load ``dataset`` (a local directory or a Hub name) as decoded uint8 tensors, using the cache.
 
     ``image_column``/``label_column`` override column detection (``datasets`` sources only).
     ``skip_bad_images`` drops undecodable images (and logs them) instead of raising ``DataError``.
     """
-    source = _resolve_source(dataset)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if source.kind == "hub":
-        return _load_hub(source, image_column, label_column, cache_root, skip_bad_images, log)
-
-    # The key comes from file stats alone, so a cache hit touches neither `datasets` nor PIL.
-    key = _local_key(source, image_column, label_column, skip_bad_images)
+    options = {"image_column": image_column, "label_column": label_column, "skip_bad_images": skip_bad_images}
+    source = _local_source(dataset)
+    if source is None:  # a Hub dataset: datasets' fingerprints of its splits make our key
+        dsd, where = _open_hub(dataset), f"hub dataset {dataset}"
+        key = _key({"kind": "hub", "name": dataset, **options, "splits": {s: d._fingerprint for s, d in dsd.items()}})
+    else:
+        where, key = source.description, _key({"kind": source.kind, **options}, source.root, source.files)
     cached = _read_cache(cache_root, key, log)
     if cached is not None:
         return cached
-
-    def decode() -> tuple[ImageSplit, ImageSplit, list[str]]:
-        if source.kind == "cifar-pickle":
-            if image_column or label_column:
-                log("warning: image_column/label_column are ignored for CIFAR pickle batches")
-            return _read_cifar(source)
-        with _scratch_dir(cache_root) as scratch, _quiet_datasets():
-            dsd = _open_local_with_datasets(source, scratch)
-            return _decode_dataset_dict(dsd, source.description, image_column, label_column, skip_bad_images, log)
-
-    return _decode_and_cache(source, key, decode, cache_root, log)
-
-
-def _load_hub(
-    source: _Source,
-    image_column: str | None,
-    label_column: str | None,
-    cache_root: Path,
-    skip_bad_images: bool,
-    log: Callable[[str], None],
-) -> ImageData:
-    """Hub dataset: fail fast when offline, else load through ``datasets`` and cache by its fingerprint."""
-    _require_hub(source.location)
-    import datasets
-
-    try:
-        dsd = datasets.load_dataset(source.location)
-    except Exception as e:  # datasets raises many types (not found, gated, connection, ...)
-        raise DataError(
-            f"cannot load hub dataset {source.location!r}: {type(e).__name__}: {e}. Check the name, or {_LOCAL_HELP}"
-        ) from e
-    if not isinstance(dsd, datasets.DatasetDict):
-        raise DataError(f"hub dataset {source.location!r} did not load as a dict of splits; {_LOCAL_HELP}")
-    train_name, test_name = _pick_splits(list(dsd.keys()), source.description)
-    img, lbl = _pick_columns(
-        dsd[train_name].features, dsd[test_name].features, image_column, label_column, source.description
-    )
-    recipe = {
-        "format": FORMAT_VERSION,
-        "kind": "hub",
-        "name": source.location,
-        "splits": [train_name, test_name],
-        "train": dsd[train_name]._fingerprint,
-        "test": dsd[test_name]._fingerprint,
-        "image_column": img,
-        "label_column": lbl,
-        "skip_bad_images": skip_bad_images,
-    }
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-    cached = _read_cache(cache_root, key, log)
-    if cached is not None:
-        return cached
-    return _decode_and_cache(
-        source,
-        key,
-        lambda: _decode_dataset_dict(dsd, source.description, img, lbl, skip_bad_images, log),
-        cache_root,
-        log,
-    )
-
-
-def _decode_and_cache(
-    source: _Source,
-    key: str,
-    decode: Callable[[], tuple[ImageSplit, ImageSplit, list[str]]],
-    cache_root: Path,
-    log: Callable[[str], None],
-) -> ImageData:
-    """Run ``decode``, log how long it took, and write the result to the cache."""
     started = time.perf_counter()
-    train, test, names = decode()
-    data = ImageData(train, test, names, source.description, key)
-    h, w = data.image_size
-    log(
-        f"data: decoded {len(data.train):,} train + {len(data.test):,} test images ({h}x{w}, "
-        f"{data.num_classes} classes) from {data.source} in {time.perf_counter() - started:.1f} s"
-    )
+    if source is None:
+        decoded = _decode_dataset_dict(dsd, where, log, **options)
+    elif source.kind != "cifar-pickle":
+        decoded = _decode_local(source, cache_root, options, log)
+    else:
+        if image_column or label_column:
+            log("warning: image_column/label_column are ignored for CIFAR pickle batches")
+        decoded = _read_cifar(source)
+    data, (h, w) = ImageData(*decoded, where, key), decoded[0].images.shape[2:]
+    n, secs = f"{len(data.train):,} train + {len(data.test):,} test images", time.perf_counter() - started
+    log(f"data: decoded {n} ({h}x{w}, {data.num_classes} classes) from {where} in {secs:.1f} s")
     _write_cache(cache_root, data, log)
     return data
 
 
-# --------------------------------------------------------------------------------------------------
-# Source detection
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Source:
-    """Where the data is and how to read it."""
-
-    kind: str  # "cifar-pickle" | "save_to_disk" | "parquet" | "imagefolder" | "hub"
-    location: str  # absolute directory, or the Hub name
-    description: str
-    root: Path | None = None  # the directory file paths in the fingerprint are relative to
-    files: tuple[Path, ...] = ()  # the files whose stat identifies the data (local sources)
-    detail: dict[str, Any] = field(default_factory=dict)  # kind-specific: parquet data_files, CIFAR layout
-
-
-# A Hub repo id: "name" or "owner/name" (one slash), letters, digits, '-', '_', '.'.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-_CIFAR_LAYOUTS: dict[str, dict[str, Any]] = {
-    "cifar-10-batches-py": {
-        "title": "CIFAR-10",
-        "train": [f"data_batch_{i}" for i in range(1, 6)],
-        "test": ["test_batch"],
-        "meta": "batches.meta",
-        "labels": "labels",
-        "names": "label_names",
-    },
-    "cifar-100-python": {
-        "title": "CIFAR-100",
-        "train": ["train"],
-        "test": ["test"],
-        "meta": "meta",
-        "labels": "fine_labels",
-        "names": "fine_label_names",
-    },
-}
-
-
-def _resolve_source(dataset: str) -> _Source:
-    """Classify ``dataset`` as one of the local layouts or a Hub name (see the module docstring)."""
-    if not dataset or not str(dataset).strip():
-        raise DataError(f"empty dataset name; pass a directory or a hub dataset name such as {DEFAULT_DATASET}")
-    dataset = os.fspath(dataset)
-    path = Path(os.path.expanduser(dataset))
-    if path.is_dir():
-        return _detect_local_layout(path.resolve())
-    if path.exists():
-        raise DataError(f"--dataset {dataset!r} is a file, not a directory: pass the directory that holds it")
-    if _looks_like_path(dataset):
-        raise DataError(
-            f"no such directory: {dataset!r} (resolved to {path.absolute()}); check the path, "
-            f"or pass a hub dataset name such as {DEFAULT_DATASET}"
-        )
-    return _Source(kind="hub", location=dataset, description=f"hub dataset {dataset}")
-
-
-def _looks_like_path(name: str) -> bool:
-    """True for things a user meant as a path. "owner/name" contains os.sep but is a Hub id."""
-    if name.startswith((".", "/", "~")):
-        return True
-    has_sep = os.sep in name or (os.altsep is not None and os.altsep in name)
-    return has_sep and not _HUB_ID.fullmatch(name)
-
-
-def _detect_local_layout(root: Path) -> _Source:
-    """The first layout that ``root`` matches, or a DataError saying what was looked for."""
+def _local_source(dataset: str) -> _Source | None:
+    """The local layout ``dataset`` names (see the module docstring), None for a Hub name, or a DataError.
+    Told apart here, not by ``datasets``: the cache key needs it, and a cache hit must not import ``datasets``."""
+    dataset, path = os.fspath(dataset), Path(dataset).expanduser()
+    if not dataset.strip() or path.is_file():
+        raise DataError(f"--dataset {dataset!r} is no directory; pass one, or a hub name such as {DEFAULT_DATASET}")
+    if not path.is_dir():  # a Hub name, unless meant as a path ("owner/name" holds a "/" but is a Hub id)
+        if dataset.startswith((".", "/", "~")) or ("/" in dataset and not _HUB_ID.fullmatch(dataset)):
+            raise DataError(f"no such directory: {path.absolute()}; or pass a hub name such as {DEFAULT_DATASET}")
+        return None
+    root = path.resolve()
     cifar = _find_cifar(root)
     if cifar is not None:
         return cifar
+    files = tuple(sorted(p for p in root.rglob("*") if p.is_file()))
     if (root / "dataset_dict.json").is_file():
-        return _Source("save_to_disk", str(root), f"datasets save_to_disk folder {root}", root, _all_files(root))
-    if (root / "state.json").is_file() and (root / "dataset_info.json").is_file():
-        raise DataError(
-            f"{root} holds a single split saved with Dataset.save_to_disk; save a DatasetDict with "
-            f"'train' and 'test' splits instead (DatasetDict({{'train': ..., 'test': ...}}).save_to_disk)"
-        )
-    parquet = _find_parquet(root)
-    if parquet:
-        train_name, test_name = _pick_splits(list(parquet), f"parquet files in {root}")
-        chosen = {name: parquet[name] for name in (train_name, test_name)}
-        files = tuple(f for fs in chosen.values() for f in fs)
-        return _Source(
-            "parquet",
-            str(root),
-            f"parquet files in {root}",
-            root,
-            files,
-            {"data_files": {k: [str(f) for f in v] for k, v in chosen.items()}},
-        )
+        return _Source("save_to_disk", root, f"datasets save_to_disk folder {root}", files)
+    if any(f.suffix == ".parquet" for f in files):
+        return _Source("parquet", root, f"parquet files in {root}", files)
     if (root / "train").is_dir():
-        return _Source("imagefolder", str(root), f"image folder {root}", root, _all_files(root))
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
-    shown = ", ".join(found[:15]) + (", ..." if len(found) > 15 else "") if found else "nothing (empty)"
+        return _Source("imagefolder", root, f"image folder {root}", files)
+    found = sorted(p.name + "/" * p.is_dir() for p in root.iterdir())
     raise DataError(
-        f"{root} matches none of the supported dataset layouts. Looked for: cifar-10-batches-py/ or "
-        f"cifar-100-python/ (torchvision CIFAR download), dataset_dict.json (datasets save_to_disk), "
-        f"*.parquet or data/*.parquet (Hugging Face Hub parquet layout), train/<class>/<image files> "
-        f"(image folder). Found: {shown}"
+        f"{root} matches none of the supported dataset layouts: cifar-10-batches-py/ or cifar-100-python/ "
+        f"(torchvision), dataset_dict.json (save_to_disk), *.parquet or data/*.parquet (the Hub's layout), "
+        f"train/<class>/*.png (image folder). Found: {', '.join(found[:15]) + ', ...' * (len(found) > 15) or 'nothing'}"
     )
 
 
 def _find_cifar(root: Path) -> _Source | None:
-    """A torchvision CIFAR layout at ``root/<name>`` or at ``root`` itself; DataError when incomplete."""
-    for dirname, layout in _CIFAR_LAYOUTS.items():
-        for cand in (root / dirname, root):
-            needed = layout["train"] + layout["test"]
+    """torchvision's CIFAR layout at ``root/<folder>`` or at ``root`` itself; DataError when incomplete."""
+    for folder, layout in _CIFAR.items():
+        for cand in (root / folder, root):
+            needed = layout.train + layout.test
             present = [n for n in needed if (cand / n).is_file()]
-            if not present or (cand == root and root.name != dirname and len(present) < len(needed)):
-                continue  # not this layout (a partial match in a random folder is not a CIFAR download)
-            missing = [n for n in needed if n not in present]
+            if not present or (cand == root and root.name != folder and len(present) < len(needed)):
+                continue  # not this layout: a partial match in a folder named otherwise is no CIFAR download
+            missing = ", ".join(n for n in needed if n not in present)
             if missing:
-                raise DataError(
-                    f"{cand} looks like a torchvision {layout['title']} download but is missing "
-                    f"{', '.join(missing)}; download it again (torchvision.datasets."
-                    f"{layout['title'].replace('-', '')}(root, download=True))"
-                )
-            names = needed + ([layout["meta"]] if (cand / layout["meta"]).is_file() else [])
-            # Paths relative to the batches folder: the same key whether DIR or DIR/cifar-10-batches-py is passed.
-            return _Source(
-                "cifar-pickle",
-                str(cand),
-                f"{layout['title']} pickle batches in {cand}",
-                cand,
-                tuple(cand / n for n in names),
-                {"layout": layout, "dir": cand},
-            )
+                download = f"torchvision.datasets.{layout.title.replace('-', '')}(root, download=True)"
+                raise DataError(f"{cand} looks like a {layout.title} download but is missing {missing}; run {download}")
+            # Files relative to the batches folder: DIR and DIR/cifar-10-batches-py share one cache key.
+            files = tuple(cand / n for n in needed + [layout.meta] * (cand / layout.meta).is_file())
+            return _Source("cifar-pickle", cand, f"{layout.title} pickle batches in {cand}", files, layout)
     return None
 
 
-def _find_parquet(root: Path) -> dict[str, list[Path]]:
-    """Parquet files by split: ``<split>-*.parquet`` in root or root/data, else ``<split>/*.parquet``."""
-    found: dict[str, list[Path]] = {}
-    for f in sorted(root.glob("*.parquet")) + sorted((root / "data").glob("*.parquet")):
-        # Hub shard names: "train-00000-of-00001.parquet", "test-00000-of-00001-<hash>.parquet", "train.parquet".
-        found.setdefault(f.stem.split("-")[0], []).append(f)
-    if not found:
-        for d in sorted(p for p in root.iterdir() if p.is_dir()):
-            files = sorted(d.glob("*.parquet"))  # the Hub's converted layout: <split>/0000.parquet
-            if files:
-                found[d.name] = files
-    return found
-
-
-def _all_files(root: Path) -> tuple[Path, ...]:
-    """Every file under ``root``, sorted: what a save_to_disk folder or an image folder is made of."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        out.extend(Path(dirpath) / f for f in sorted(filenames))
-    return tuple(out)
-
-
-def _pick_splits(available: Sequence[str], where: str) -> tuple[str, str]:
-    """(train split, test-role split) among ``available``; DataError naming what was found."""
-    found = ", ".join(repr(s) for s in available) or "none"
-    if "train" not in available:
-        raise DataError(f"{where} has no 'train' split (splits found: {found}); rename or add the training split")
-    for name in TEST_SPLIT_NAMES:
-        if name in available:
-            return "train", name
-    raise DataError(
-        f"{where} has no test split: need one of {', '.join(TEST_SPLIT_NAMES)} "
-        f"(splits found: {found}); add or rename the evaluation split"
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Cache key and cache file
-# --------------------------------------------------------------------------------------------------
-
-
-def _local_key(source: _Source, image_column: str | None, label_column: str | None, skip_bad: bool) -> str:
-    """sha256 over the data files' relative paths, sizes and mtimes plus the options that shape the result."""
-    h = hashlib.sha256()
-    recipe = {
-        "format": FORMAT_VERSION,
-        "kind": source.kind,
-        "image_column": image_column,
-        "label_column": label_column,
-        "skip_bad_images": skip_bad,
-    }
-    h.update(json.dumps(recipe, sort_keys=True).encode())
-    root = source.root or Path(source.location)
-    for f in source.files:
-        st = f.stat()
-        # Relative paths: the key names the data, not where it was mounted (mtimes catch copies).
-        h.update(f"\n{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
-def _cache_file(cache_root: Path, key: str) -> Path:
-    return cache_root / f"{key}.safetensors"
-
-
-def _read_cache(cache_root: Path, key: str, log: Callable[[str], None]) -> ImageData | None:
-    """The cached ImageData for ``key``, or None when absent; a damaged file is reported and ignored."""
-    path = _cache_file(cache_root, key)
-    if not path.is_file():
-        return None
-    started = time.perf_counter()
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["distvgg"])
-            tensors = {name: f.get_tensor(name) for name in _CACHE_TENSORS}
-        data = _data_from_cache(tensors, meta, key)
-    except Exception as e:  # any damage (truncation, bad header, wrong content) means: decode again
-        log(f"warning: ignoring damaged cache file {path} ({type(e).__name__}: {e}); decoding again")
-        return None
-    log(
-        f"data: loaded {len(data.train):,} train + {len(data.test):,} test images of {data.source} "
-        f"from cache {path} in {time.perf_counter() - started:.2f} s"
-    )
-    return data
-
-
-def _data_from_cache(tensors: dict[str, torch.Tensor], meta: dict[str, Any], key: str) -> ImageData:
-    """Check that the cached tensors are what this module writes, then wrap them."""
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"cache format {meta.get('format')} != {FORMAT_VERSION}")
-    names = [str(n) for n in meta["class_names"]]
-    splits = []
-    for split in ("train", "test"):
-        images, labels = tensors[f"{split}_images"], tensors[f"{split}_labels"]
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"{split}_images is {images.dtype} {tuple(images.shape)}, expected uint8 (N, 3, H, W)")
-        if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-            raise ValueError(f"{split}_labels is {labels.dtype} {tuple(labels.shape)}, expected int64 (N,)")
-        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(names)):
-            raise ValueError(f"{split}_labels outside [0, {len(names)})")
-        splits.append(ImageSplit(images.contiguous(), labels.contiguous()))
-    return ImageData(splits[0], splits[1], names, str(meta["source"]), key)
-
-
-def _write_cache(cache_root: Path, data: ImageData, log: Callable[[str], None]) -> None:
-    """Write atomically (temp file in the same dir, fsync, rename): concurrent processes and crashes
-    never leave a half-written file under the final name. A failure to write only costs a warning."""
-    from safetensors.torch import save_file
-
-    path = _cache_file(cache_root, data.fingerprint)
-    tmp: str | None = None
-    try:
-        cache_root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_root, prefix=f".{data.fingerprint[:16]}-", suffix=".tmp")
-        os.close(fd)
-        tensors = {
-            "train_images": data.train.images,
-            "train_labels": data.train.labels,
-            "test_images": data.test.images,
-            "test_labels": data.test.labels,
-        }
-        meta = {"format": FORMAT_VERSION, "class_names": list(data.class_names), "source": data.source}
-        save_file(tensors, tmp, metadata={"distvgg": json.dumps(meta)})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; other users of a shared cache dir may read it
-        os.replace(tmp, path)
-        tmp = None
-    except Exception as e:  # OSError, or safetensors' own error type: caching is only an optimisation
-        log(f"warning: could not write the data cache {path} ({type(e).__name__}: {e}); the next run will decode again")
-        return
-    finally:
-        if tmp is not None:  # failed before the rename: leave no temp file behind
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    log(f"data: cached decoded images in {path}")
-
-
-# --------------------------------------------------------------------------------------------------
-# CIFAR pickle batches (torchvision download)
-# --------------------------------------------------------------------------------------------------
-
-
-def _allowed_pickle_globals() -> dict[tuple[str, str], Any]:
-    """The only callables a CIFAR batch needs: numpy's array/dtype/scalar rebuilders (under both the
-    numpy<2 ``numpy.core`` and numpy>=2 ``numpy._core`` module names) and ``_codecs.encode``, which
-    protocol-2 pickles written by Python 3 use for bytes. None of these can run arbitrary code."""
-    import codecs
-
-    try:  # numpy >= 2
-        from numpy._core import multiarray, numeric
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,
-    }
-    for mod in ("numpy.core", "numpy._core"):
-        allowed[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer
-    return allowed
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that refuses every global except numpy's array rebuilders: a pickle can otherwise run
-    any code (e.g. ``os.system``) while loading, and dataset folders come from anywhere."""
-
-    def __init__(self, file: Any, filename: str) -> None:
-        # latin1 lets Python-2 pickles (the original CIFAR files) load, numpy buffers included.
-        super().__init__(file, encoding="latin1")
-        self._filename = filename
-        self._allowed = _allowed_pickle_globals()
-
-    def find_class(self, module: str, name: str) -> Any:
-        obj = self._allowed.get((module, name))
-        if obj is None:
-            raise DataError(
-                f"refusing to unpickle {module}.{name} from {self._filename}: CIFAR batches hold "
-                f"only numpy arrays, lists and dicts, so this file is not a genuine CIFAR batch and "
-                f"may be malicious; delete the folder and download the dataset again"
-            )
-        return obj
-
-
-def _load_pickle(path: Path) -> dict[str, Any]:
-    """One CIFAR pickle as a dict with str keys (Python-3-written files have bytes keys)."""
-    try:
-        with open(path, "rb") as f:
-            obj = _NumpyOnlyUnpickler(f, str(path)).load()
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(
-            f"cannot read CIFAR batch {path} ({type(e).__name__}: {e}); the file is truncated or not "
-            f"a CIFAR python pickle; download the dataset again"
-        ) from e
-    if not isinstance(obj, dict):
-        raise DataError(f"CIFAR batch {path} holds a {type(obj).__name__}, expected a dict")
-    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
-
-
-def _read_cifar_files(folder: Path, files: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate batches into (N, 3, 32, 32) uint8 images (rows are 3072 bytes, CHW) and int64 labels."""
-    images, labels = [], []
-    for name in files:
-        entry = _load_pickle(folder / name)
-        if "data" not in entry or label_key not in entry:
-            raise DataError(f"CIFAR batch {folder / name} lacks 'data' or {label_key!r} (keys: {sorted(entry)})")
-        data = np.asarray(entry["data"])
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise DataError(
-                f"CIFAR batch {folder / name}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)"
-            )
-        lab = np.asarray(entry[label_key], dtype=np.int64).reshape(-1)
-        if len(lab) != len(data):
-            raise DataError(f"CIFAR batch {folder / name}: {len(data)} images but {len(lab)} labels")
-        images.append(data.reshape(-1, 3, 32, 32))
-        labels.append(lab)
-    return np.concatenate(images), np.concatenate(labels)
-
-
-def _read_cifar(source: _Source) -> tuple[ImageSplit, ImageSplit, list[str]]:
-    """Train/test splits and class names from a torchvision CIFAR folder."""
-    layout, folder = source.detail["layout"], source.detail["dir"]
-    arrays = {
-        "train": _read_cifar_files(folder, layout["train"], layout["labels"]),
-        "test": _read_cifar_files(folder, layout["test"], layout["labels"]),
-    }
-    meta_path = folder / layout["meta"]
-    if not meta_path.is_file():
-        raise DataError(f"{folder} lacks {layout['meta']} (the class names); download the dataset again")
-    raw = _load_pickle(meta_path).get(layout["names"])
-    if raw is None:
-        raise DataError(f"{meta_path} has no {layout['names']!r} entry; download the dataset again")
-    names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in raw]
-    splits = []
-    for split, (images, labels) in arrays.items():
-        if len(labels) == 0:
-            raise DataError(f"split {split!r} of {source.description} is empty")
-        _check_label_range(labels, len(names), split, source.description)
-        splits.append(ImageSplit(torch.from_numpy(images).contiguous(), torch.from_numpy(labels)))
-    return splits[0], splits[1], names
-
-
-def _check_label_range(
-    labels: np.ndarray, num_classes: int, split: str, where: str, rows: np.ndarray | None = None
-) -> None:
-    """DataError naming the first row whose label is outside [0, num_classes). ``rows`` maps positions
-    to the split's original row numbers when some rows were skipped."""
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if len(bad):
-        row = int(rows[bad[0]]) if rows is not None else int(bad[0])
-        raise DataError(
-            f"split {split!r} of {where}: row {row} has label {int(labels[bad[0]])}, outside "
-            f"[0, {num_classes}) ({len(bad)} such rows); fix the labels or the class list"
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# `datasets` sources: open, pick columns, decode
-# --------------------------------------------------------------------------------------------------
-
-
 @contextlib.contextmanager
-def _scratch_dir(cache_root: Path) -> Iterator[Path]:
-    """A throwaway ``datasets`` cache dir for local sources: their arrow copies are only needed until
-    decoding ends (our own cache replaces them), so they never pile up in ~/.cache/huggingface."""
-    try:
-        cache_root.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix=".hf-scratch-", dir=cache_root))
-    except OSError:  # read-only cache dir: still decode, in the system temp dir
-        path = Path(tempfile.mkdtemp(prefix="distvgg-hf-scratch-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """Hide datasets' per-split progress bars for local sources (they take a second; the log says more)."""
+def quiet_datasets() -> Iterator[None]:
+    """No ``datasets`` progress bars: in a log file they are carriage-return frames (we log one line instead)."""
     import datasets
 
     was_disabled = datasets.are_progress_bars_disabled()
@@ -646,343 +191,265 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _open_local_with_datasets(source: _Source, scratch: Path) -> Any:
-    """A DatasetDict for a save_to_disk, parquet or image-folder source."""
+def _open_hub(name: str, timeout: float = 3.0) -> Any:
+    """The Hub dataset's DatasetDict; a DataError within seconds, not after minutes of ``datasets``' retries, when
+    no TCP connection to the Hub opens (unless offline mode has ``datasets`` use its local cache)."""
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url, why = urlsplit(endpoint), [f"no answer within {timeout:.0f} s"]
+
+    def connect() -> None:  # in a daemon thread: name resolution ignores socket timeouts and can hang
+        try:
+            address = (url.hostname or "", url.port or (80 if url.scheme == "http" else 443))
+            socket.create_connection(address, timeout).close()
+            why[0] = ""
+        except (OSError, ValueError) as e:  # ValueError: a bad port in the endpoint
+            why[0] = f"{type(e).__name__}: {e}"
+
+    flags = {os.environ.get(v, "").lower() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    if not flags & {"1", "true", "yes", "on"}:  # not in offline mode: probe the Hub
+        thread = threading.Thread(target=connect, name="distvgg-hub-probe", daemon=True)
+        thread.start()
+        thread.join(timeout + 1.0)
+        if why[0]:
+            raise DataError(
+                f"cannot reach the Hugging Face Hub at {endpoint} ({why[0]}), so hub dataset {name!r} cannot be "
+                f"downloaded. Instead, {_LOCAL_HELP}; or set HF_DATASETS_OFFLINE=1 to use the Hugging Face cache."
+            )
     import datasets
 
     try:
-        if source.kind == "save_to_disk":
-            _check_saved_splits(source)
-            dsd = datasets.load_from_disk(source.location)
-        elif source.kind == "parquet":
-            _check_parquet_not_empty(source)
-            dsd = datasets.load_dataset("parquet", data_files=source.detail["data_files"], cache_dir=str(scratch))
-        else:
-            dsd = datasets.load_dataset("imagefolder", data_dir=source.location, cache_dir=str(scratch))
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"cannot read {source.description}: {type(e).__name__}: {e}") from e
-    if not isinstance(dsd, datasets.DatasetDict):
-        raise DataError(f"{source.description} did not load as a dict of splits (got {type(dsd).__name__})")
-    return dsd
+        with quiet_datasets():
+            return datasets.load_dataset(name)
+    except Exception as e:  # not found, gated, offline, ...: datasets raises many types
+        raise DataError(f"cannot load hub dataset {name!r}: {type(e).__name__}: {e}. Or {_LOCAL_HELP}") from e
 
 
-def _check_parquet_not_empty(source: _Source) -> None:
-    """Name an empty split here: ``datasets`` fails on a row-less parquet file with a generic error."""
+def _key(recipe: dict[str, Any], root: Path | None = None, files: tuple[Path, ...] = ()) -> str:
+    """sha256 of the recipe and of each file's size, mtime and path relative to ``root`` (not where it is mounted)."""
+    h = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **recipe}, sort_keys=True).encode())
+    for f in files:
+        h.update(f"\n{f.relative_to(root).as_posix()}\0{f.stat().st_size}\0{f.stat().st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _read_cache(cache_root: Path, key: str, log: Log) -> ImageData | None:
+    """The cached ImageData for ``key``, or None when absent; a damaged file is reported and ignored."""
+    path, started = cache_root / f"{key}.safetensors", time.perf_counter()
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["distvgg"])
+            if meta.get("format") != FORMAT_VERSION:
+                raise ValueError(f"cache format {meta.get('format')} != {FORMAT_VERSION}")
+            splits = [ImageSplit(f.get_tensor(f"{s}_images"), f.get_tensor(f"{s}_labels")) for s in ("train", "test")]
+        data = ImageData(*splits, [str(n) for n in meta["class_names"]], str(meta["source"]), key)
+    except Exception as e:  # any damage (truncation, bad header, wrong content) means: decode again
+        log(f"warning: ignoring damaged cache file {path} ({type(e).__name__}: {e}); decoding again")
+        return None
+    n = f"{len(data.train):,} train + {len(data.test):,} test images"
+    log(f"data: loaded {n} of {data.source} from cache {path} in {time.perf_counter() - started:.2f} s")
+    return data
+
+
+def _write_cache(cache_root: Path, data: ImageData, log: Log) -> None:
+    """Write atomically (temp file, fsync, rename): no reader ever sees half a file. Failing costs only a warning."""
+    from safetensors.torch import save_file
+
+    path = cache_root / f"{data.fingerprint}.safetensors"
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")  # one writer per name
+    tensors = {f"{s}_{t}": getattr(getattr(data, s), t) for s in ("train", "test") for t in ("images", "labels")}
+    meta = {"format": FORMAT_VERSION, "class_names": list(data.class_names), "source": data.source}
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"distvgg": json.dumps(meta)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:  # OSError, or safetensors' own error type: caching is only an optimisation
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        log(f"warning: could not write the data cache {path} ({type(e).__name__}: {e}); the next run will decode again")
+        return
+    log(f"data: cached decoded images in {path}")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Refuses all globals but numpy's array rebuilders (and ``_codecs.encode``, for bytes): a pickle can run any code.
+    Hand-written: ``datasets`` has no loader for torchvision's CIFAR pickles that refuses arbitrary pickles."""
+
+    ALLOWED = {"numpy": {"ndarray", "dtype"}, "numpy._core.multiarray": {"_reconstruct", "scalar"}}
+    ALLOWED |= {"numpy._core.numeric": {"_frombuffer"}, "_codecs": {"encode"}}
+
+    def find_class(self, module: str, name: str) -> Any:
+        module = re.sub(r"^numpy\.core\b", "numpy._core", module)  # numpy<2's name, used by the CIFAR originals
+        if name not in self.ALLOWED.get(module, ()):
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: CIFAR batches hold only numpy arrays")
+        core = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
+        return super().find_class(module.replace("numpy._core", core), name)
+
+
+def _read_cifar(source: _Source) -> Decoded:
+    """Train/test splits and class names from torchvision's CIFAR batches (rows of 3072 bytes, CHW order)."""
+
+    def load(path: Path) -> dict[str, Any]:  # one pickle as a dict with str keys (Python 3 writes bytes keys)
+        try:
+            with open(path, "rb") as f:
+                obj = dict(_NumpyOnlyUnpickler(f, encoding="latin1").load())  # latin1: Python-2 pickles load too
+        except Exception as e:  # a refused global (a malicious file?), a truncated or damaged one, or no dict
+            raise DataError(f"cannot read CIFAR batch {path} ({type(e).__name__}: {e}); download it again") from e
+        return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+
+    layout = source.cifar
+    names = load(source.root / layout.meta).get(layout.names, [])
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    splits = []
+    for split, files in (("train", layout.train), ("test", layout.test)):
+        images, labels = [], []
+        for name in files:
+            entry = load(source.root / name)
+            x, y = np.asarray(entry.get("data")), np.asarray(entry.get(layout.labels, []), dtype=np.int64).reshape(-1)
+            if x.dtype != np.uint8 or x.shape[1:] != (3072,) or len(y) != len(x):
+                raise DataError(f"CIFAR batch {source.root / name} holds no uint8 rows of 3072 bytes with a label each")
+            images.append(x.reshape(-1, 3, 32, 32))
+            labels.append(y)
+        _check_labels(np.concatenate(labels), len(names), split, source.description)
+        splits.append(ImageSplit(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))))
+    return splits[0], splits[1], names
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, split: str, where: str) -> None:
+    """DataError naming the first row whose label is outside [0, num_classes) (-1 is a missing label)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise DataError(
+            f"split {split!r} of {where}: row {int(bad[0])} has label {int(labels[bad[0]])}, outside "
+            f"[0, {num_classes}) ({len(bad)} such rows; -1 is a missing label); fix the labels or the class list"
+        )
+
+
+def _decode_local(source: _Source, cache_root: Path, options: dict[str, Any], log: Log) -> Decoded:
+    """A save_to_disk, parquet or image-folder source, decoded; ``datasets``' own loaders find its files and splits."""
+    import datasets
     import pyarrow.parquet as pq
 
-    for split, files in source.detail["data_files"].items():
-        if sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
-            raise DataError(
-                f"split {split!r} of {source.description} is empty (0 rows in {', '.join(Path(f).name for f in files)})"
-            )
-
-
-def _check_saved_splits(source: _Source) -> None:
-    """Pick splits and name an empty one from the save_to_disk metadata: ``load_from_disk`` fails on a
-    split saved with zero rows (no arrow shards) with a bare IndexError."""
-    root = Path(source.location)
-    try:
-        splits = json.loads((root / "dataset_dict.json").read_text())["splits"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(
-            f"cannot read {root / 'dataset_dict.json'} ({type(e).__name__}: {e}); save the "
-            f"dataset again with DatasetDict.save_to_disk"
-        ) from e
-    for split in _pick_splits([str(s) for s in splits], source.description):
+    root, where = source.root, source.description
+    with contextlib.suppress(OSError):
+        cache_root.mkdir(parents=True, exist_ok=True)
+    # datasets' arrow copies are throwaway (our cache replaces them): beside our cache, not in ~/.cache/huggingface.
+    parent = cache_root if os.access(cache_root, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix=".hf-scratch-", dir=parent, ignore_cleanup_errors=True) as scratch:
         try:
-            shards = json.loads((root / split / "state.json").read_text())["_data_files"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # let load_from_disk report a damaged split in its own words
-        if not shards:
-            raise DataError(f"split {split!r} of {source.description} is empty (it has no data files)")
+            if source.kind == "save_to_disk":  # name an empty split: load_from_disk fails on one with an IndexError
+                for split in json.loads((root / "dataset_dict.json").read_text())["splits"]:
+                    if not json.loads((root / split / "state.json").read_text()).get("_data_files"):
+                        raise DataError(f"split {split!r} of {where} is empty (it has no data files)")
+                dsd = datasets.load_from_disk(str(root))
+            else:
+                builder = datasets.load_dataset_builder(source.kind, data_dir=str(root), cache_dir=scratch)
+                for split, files in builder.config.data_files.items():  # the builder fails on an empty parquet split
+                    if source.kind == "parquet" and sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
+                        raise DataError(f"split {str(split)!r} of {where} is empty (0 rows in {', '.join(files)})")
+                with quiet_datasets():
+                    builder.download_and_prepare()
+                dsd = builder.as_dataset()
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"cannot read {where}: {type(e).__name__}: {e}") from e
+        return _decode_dataset_dict(dsd, where, log, **options)
 
 
-def _describe_feature(feature: Any) -> str:
-    """Short type name for error messages: Image, ClassLabel(10 classes), Value(int64), ..."""
-    import datasets
-
-    if isinstance(feature, datasets.ClassLabel):
-        return f"ClassLabel({feature.num_classes} classes)"
-    if isinstance(feature, datasets.Value):
-        return f"Value({feature.dtype})"
-    return type(feature).__name__
-
-
-def _is_int_value(feature: Any) -> bool:
-    import datasets
-
-    return isinstance(feature, datasets.Value) and re.fullmatch(r"u?int(8|16|32|64)", feature.dtype) is not None
-
-
-def _pick_columns(
-    features: Any, test_features: Any, image_column: str | None, label_column: str | None, where: str
-) -> tuple[str, str]:
-    """(image column, label column): the named ones, else the first Image and the first ClassLabel
-    (or, lacking a ClassLabel, an integer column with a usual label name)."""
-    import datasets
-
-    listing = ", ".join(f"{n} ({_describe_feature(f)})" for n, f in features.items()) or "none"
-    for given, role in ((image_column, "image"), (label_column, "label")):
+def _pick_columns(features: Any, test: Any, image: str | None, label: str | None, where: str) -> tuple[str, str]:
+    """(image, label) columns: the named ones, else the first Image and ClassLabel (or int column named as a label)."""
+    kinds = {n: type(f).__name__ for n, f in features.items()}
+    kinds |= {n: f"ClassLabel({f.num_classes} classes)" for n, f in features.items() if kinds[n] == "ClassLabel"}
+    kinds |= {n: f"Value({f.dtype})" for n, f in features.items() if kinds[n] == "Value"}
+    listing = ", ".join(f"{n} ({k})" for n, k in kinds.items()) or "none"
+    for given, role in ((image, "image"), (label, "label")):
         if given is not None and given not in features:
             raise DataError(f"{role} column {given!r} not found in {where}; columns: {listing}")
-    img = image_column or next((n for n, f in features.items() if isinstance(f, datasets.Image)), None)
-    if img is None:
-        raise DataError(
-            f"no image column (datasets.Image feature) in {where}; columns: {listing}. Name one with --image-column"
-        )
-    if not isinstance(features[img], datasets.Image) and _describe_feature(features[img]) not in (
-        "Value(binary)",
-        "Value(large_binary)",
-        "Value(string)",
-        "Value(large_string)",
-    ):
-        raise DataError(
-            f"column {img!r} of {where} is {_describe_feature(features[img])}, not images; columns: {listing}"
-        )
-    lbl = label_column or next((n for n, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
-    if lbl is None:
-        lbl = next((n for n in _INT_LABEL_NAMES if n in features and _is_int_value(features[n])), None)
-    if lbl is None:
-        raise DataError(
-            f"no label column (ClassLabel feature) in {where}; columns: {listing}. Name one with --label-column"
-        )
-    if not isinstance(features[lbl], datasets.ClassLabel) and not _is_int_value(features[lbl]):
-        raise DataError(
-            f"label column {lbl!r} of {where} is {_describe_feature(features[lbl])}; it must be a "
-            f"ClassLabel or an integer (convert strings with Dataset.class_encode_column); "
-            f"columns: {listing}"
-        )
-    for col in (img, lbl):
-        if col not in test_features:
-            raise DataError(f"the test split of {where} lacks column {col!r} (its columns: {', '.join(test_features)})")
-    return img, lbl
-
-
-def _class_names(
-    features: Any, test_features: Any, lbl: str, labels: dict[str, np.ndarray], where: str, log: Callable[[str], None]
-) -> list[str]:
-    """Names from the ClassLabel; for a plain integer column "0".."K-1" with K = max label + 1."""
-    import datasets
-
-    feature = features[lbl]
-    if isinstance(feature, datasets.ClassLabel):
-        other = test_features[lbl]
-        if isinstance(other, datasets.ClassLabel) and list(other.names) != list(feature.names):
-            raise DataError(
-                f"train and test splits of {where} have different class names for {lbl!r}: "
-                f"{feature.names} vs {other.names}"
-            )
-        return [str(n) for n in feature.names]
-    k = int(max(int(a.max()) for a in labels.values())) + 1
-    log(
-        f"warning: label column {lbl!r} of {where} is a plain integer, not a ClassLabel; "
-        f"using class names '0'..'{k - 1}' ({k} classes)"
-    )
-    return [str(i) for i in range(k)]
+    ints = r"ClassLabel.*|Value\(u?int\d+\)"  # what a label column may be
+    image = image or next((n for n, k in kinds.items() if k == "Image"), None)
+    label = label or next((n for n, k in kinds.items() if k.startswith("ClassLabel")), None)
+    label = label or next((n for n in _INT_LABEL_NAMES if re.fullmatch(ints, kinds.get(n, ""))), None)
+    for col, role, types in ((image, "image", r"Image|Value\((large_)?(binary|string)\)"), (label, "label", ints)):
+        if col is None:
+            raise DataError(f"no {role} column in {where}; columns: {listing}. Name one with --{role}-column")
+        if not re.fullmatch(types, kinds[col]):
+            what = "images (bytes or paths)" if role == "image" else "labels (a ClassLabel or integers)"
+            raise DataError(f"{role} column {col!r} of {where} is {kinds[col]}, not {what}; columns: {listing}")
+    if image not in test or label not in test:
+        raise DataError(f"the test split of {where} lacks {image!r} or {label!r}; it has {', '.join(test)}")
+    return image, label
 
 
 def _decode_dataset_dict(
-    dsd: Any, where: str, image_column: str | None, label_column: str | None, skip_bad: bool, log: Callable[[str], None]
-) -> tuple[ImageSplit, ImageSplit, list[str]]:
-    """Pick splits and columns, decode both splits, check labels and sizes."""
-    train_name, test_name = _pick_splits(list(dsd.keys()), where)
-    features, test_features = dsd[train_name].features, dsd[test_name].features
-    img, lbl = _pick_columns(features, test_features, image_column, label_column, where)
-    decoded = {}
-    for split in (train_name, test_name):
-        decoded[split] = _decode_split(dsd[split], split, img, lbl, skip_bad, where, log)
-    names = _class_names(features, test_features, lbl, {s: lab for s, (_, lab, _) in decoded.items()}, where, log)
-    for split, (_, labels, rows) in decoded.items():
-        _check_label_range(labels, len(names), split, where, rows)
-    (train_images, train_labels, _), (test_images, test_labels, _) = decoded[train_name], decoded[test_name]
-    if train_images.shape[1:] != test_images.shape[1:]:
-        raise DataError(
-            f"{where}: {train_name!r} images are {train_images.shape[1]}x{train_images.shape[2]} "
-            f"but {test_name!r} images are {test_images.shape[1]}x{test_images.shape[2]}; "
-            f"resize the dataset so every image has one size"
-        )
-    return (_to_split(train_images, train_labels), _to_split(test_images, test_labels), names)
+    dsd: Any, where: str, log: Log, image_column: str | None, label_column: str | None, skip_bad_images: bool
+) -> Decoded:
+    """Pick splits and columns, check the labels, decode both splits."""
+    splits = ("train", next((s for s in TEST_SPLIT_NAMES if s in dsd), None))
+    if not all(s in dsd for s in splits):
+        found = ", ".join(repr(str(s)) for s in dsd) or "none"
+        raise DataError(f"{where} needs a 'train' and a {'/'.join(TEST_SPLIT_NAMES)} split; splits found: {found}")
+    train, test = dsd[splits[0]].features, dsd[splits[1]].features
+    img, lbl = _pick_columns(train, test, image_column, label_column, where)
+    names = getattr(train[lbl], "names", None)
+    if names is not None and names != getattr(test[lbl], "names", names):
+        raise DataError(f"the train and test splits of {where} have different class names in column {lbl!r}")
+    labels = []
+    for split in splits:
+        if len(dsd[split]) == 0:
+            raise DataError(f"split {split!r} of {where} is empty")
+        column = dsd[split].with_format("arrow", columns=[lbl])[:].column(lbl)
+        labels.append(np.array(column.fill_null(-1).to_numpy(), dtype=np.int64))  # a writable copy; -1: missing
+    if names is None:
+        names = [str(i) for i in range(max(int(y.max()) for y in labels) + 1)]
+        log(f"warning: label column {lbl!r} of {where} is not a ClassLabel; using class names 0..{len(names) - 1}")
+    out: list[ImageSplit] = []
+    for split, y in zip(splits, labels):
+        _check_labels(y, len(names), split, where)
+        size = tuple(out[0].images.shape[2:]) if out else None  # the test images must match the train images
+        images, keep = _decode_images(dsd[split], split, img, where, size, skip_bad_images, log)
+        out.append(ImageSplit(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y[keep])))
+    return out[0], out[1], [str(n) for n in names]
 
 
-def _to_split(images_nhwc: np.ndarray, labels: np.ndarray) -> ImageSplit:
-    """NHWC numpy -> contiguous NCHW uint8 tensor (the layout the model and the cache use)."""
-    images = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2).contiguous()
-    return ImageSplit(images, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
-
-
-def _decode_split(
-    ds: Any, split: str, img: str, lbl: str, skip_bad: bool, where: str, log: Callable[[str], None]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, H, W, 3) uint8 images, int64 labels and original row numbers of the kept rows of one split,
-    read from arrow batches (no per-row ``datasets`` decoding: the arrow format hands back the raw
-    bytes/paths)."""
+def _decode_images(ds: Any, split: str, img: str, where: str, size: tuple | None, skip_bad: bool, log: Log) -> tuple:
+    """(N, H, W, 3) uint8 pixels of a split's decodable rows, and their mask. Our loop over ``datasets``' one-image
+    decoder, not its batch formatting: that stops at a bad image, neither naming nor skipping its row, and is slower."""
     import datasets
 
-    if len(ds) == 0:
-        raise DataError(f"split {split!r} of {where} is empty")
-    if isinstance(ds.features[img], datasets.Image):
-        ds = ds.cast_column(img, datasets.Image(decode=False))
-    table_iter = ds.with_format("arrow", columns=[img, lbl]).iter(batch_size=_ARROW_BATCH_ROWS)
-    labels = np.empty(len(ds), dtype=np.int64)
-
-    def refs() -> Iterator[tuple[bytes | None, str | None]]:
-        row = 0
-        for table in table_iter:
-            labels[row : row + table.num_rows] = _labels_from_arrow(table.column(lbl), split, row, where)
-            yield from _image_refs(table.column(img), where)
-            row += table.num_rows
-
-    images, kept, bad = _decode_images(refs(), len(ds), split, where, skip_bad)
-    if bad:
-        shown = ", ".join(str(r) for r in bad[:_SHOW_ROWS]) + (", ..." if len(bad) > _SHOW_ROWS else "")
-        log(f"warning: skipped {len(bad)} unreadable image(s) in split {split!r} of {where} (rows {shown})")
-    return images, labels[kept], np.flatnonzero(kept)
-
-
-def _labels_from_arrow(column: Any, split: str, row0: int, where: str) -> np.ndarray:
-    """int64 labels of one arrow batch; a missing label is an error naming the row."""
-    if column.null_count:
-        first = row0 + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"split {split!r} of {where}: row {first} has no label; fill or drop unlabeled rows")
-    return column.to_numpy().astype(np.int64, copy=False)
-
-
-def _image_refs(column: Any, where: str) -> Iterator[tuple[bytes | None, str | None]]:
-    """(bytes, path) per row of an image column stored as struct<bytes, path>, binary or string."""
-    import pyarrow as pa
-
-    col = column.combine_chunks()
-    n = len(col)
-    if pa.types.is_struct(col.type):
-        fields = {col.type.field(i).name for i in range(col.type.num_fields)}
-        blobs = col.field("bytes").to_pylist() if "bytes" in fields else [None] * n
-        paths = col.field("path").to_pylist() if "path" in fields else [None] * n
-        if col.null_count:  # .field() ignores the struct's own null bitmap
-            for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)):
-                blobs[i] = paths[i] = None
-    elif pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
-        blobs, paths = col.to_pylist(), [None] * n
-    elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        blobs, paths = [None] * n, col.to_pylist()
-    else:
-        raise DataError(f"image column of {where} is stored as {col.type}; expected image bytes or paths")
-    return zip(blobs, paths)
-
-
-def _decode_images(
-    refs: Iterable[tuple[bytes | None, str | None]], n: int, split: str, where: str, skip_bad: bool
-) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Decode ``n`` images into one preallocated (n, H, W, 3) array.
-
-    Returns (images of the kept rows, boolean keep mask, bad row numbers). A single-process PIL loop
-    decodes CIFAR-sized JPEGs at ~12k/s on one core, well inside the time budget, so no process pool.
-    """
-    from PIL import Image
-
-    out: np.ndarray | None = None
-    kept = np.zeros(n, dtype=bool)
-    bad: list[int] = []
-    for row, (blob, path) in enumerate(refs):
+    ds = ds.cast_column(img, datasets.Image(decode=False))  # also a binary or path-string column: bytes and path
+    rgb, out, keep, bad = datasets.Image(mode="RGB"), None, np.zeros(len(ds), dtype=bool), []
+    batches = ds.with_format("arrow", columns=[img]).iter(batch_size=4096)
+    for row, ref in enumerate(r or {"bytes": None, "path": None} for t in batches for r in t.column(img).to_pylist()):
         try:
-            pixels = _decode_one(Image, blob, path)
+            pixels = np.asarray(rgb.decode_example(ref))
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
             if not skip_bad:
-                at = f" (file {path})" if path else ""
+                at = f"row {row} (file {ref['path']})" if ref["path"] else f"row {row}"
                 raise DataError(
-                    f"cannot decode the image in split {split!r} row {row}{at} of {where}: "
-                    f"{type(e).__name__}: {e}. Fix or remove that row, or pass "
-                    f"--skip-bad-images (skip_bad_images=True) to drop unreadable images"
+                    f"cannot decode the image in split {split!r} {at} of {where}: {type(e).__name__}: {e}. "
+                    f"Fix or remove that row, or pass --skip-bad-images to drop unreadable images"
                 ) from e
             bad.append(row)
             continue
-        if out is None:
-            out = np.empty((n, *pixels.shape), dtype=np.uint8)
-        elif pixels.shape != out.shape[1:]:
+        out = np.empty((len(ds), *(size or pixels.shape[:2]), 3), dtype=np.uint8) if out is None else out
+        if pixels.shape[:2] != out.shape[1:3]:
             raise DataError(
-                f"split {split!r} of {where}: row {row} is {pixels.shape[0]}x{pixels.shape[1]} "
-                f"(HxW) but earlier images are {out.shape[1]}x{out.shape[2]}; every image must have "
-                f"one size, so resize the dataset first"
+                f"split {split!r} of {where}: row {row} is {pixels.shape[0]}x{pixels.shape[1]} (HxW) but "
+                f"{'the train' if size else 'earlier'} images are {out.shape[1]}x{out.shape[2]}; resize to one size"
             )
-        out[row] = pixels
-        kept[row] = True
+        out[row], keep[row] = pixels, True
     if out is None:
         raise DataError(f"split {split!r} of {where} has no readable images ({len(bad)} unreadable)")
-    return (out[kept] if bad else out), kept, bad
-
-
-def _decode_one(image_module: Any, blob: bytes | None, path: str | None) -> np.ndarray:
-    """(H, W, 3) uint8 pixels of one image from its bytes (preferred) or its file path."""
-    if blob is None and not path:
-        raise ValueError("the image is missing (neither bytes nor a path)")
-    with image_module.open(io.BytesIO(blob) if blob is not None else path) as im:
-        if im.mode != "RGB":
-            # Palette images with a transparent colour must go through RGBA, or PIL warns and guesses.
-            if im.mode == "P" and "transparency" in im.info:
-                im = im.convert("RGBA")
-            im = im.convert("RGB")  # L, LA, RGBA (alpha dropped), CMYK, I;16, ... -> RGB
-        return np.asarray(im)
-
-
-# --------------------------------------------------------------------------------------------------
-# Hub reachability
-# --------------------------------------------------------------------------------------------------
-
-
-def _hub_offline() -> bool:
-    return any(
-        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-
-
-def _probe(endpoint: str, timeout: float) -> str | None:
-    """None if a TCP connection to the endpoint opens within ``timeout`` seconds, else why not.
-    Runs in a daemon thread because name resolution ignores socket timeouts and can hang."""
-    parts = urlsplit(endpoint)
-    host = parts.hostname
-    if not host:
-        return f"cannot parse the endpoint {endpoint!r}"
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as e:
-        return f"bad port in {endpoint!r}: {e}"
-    result: dict[str, str | None] = {}
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result["error"] = None
-        except OSError as e:
-            result["error"] = f"{type(e).__name__}: {e}"
-
-    thread = threading.Thread(target=connect, name="distvgg-hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    return result.get("error", f"no answer within {timeout:.0f} s")
-
-
-def _require_hub(name: str) -> None:
-    """DataError within seconds when the Hub cannot be reached (unless the user asked for offline mode,
-    in which case ``datasets`` serves its local cache)."""
-    if _hub_offline():
-        return
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    why = _probe(endpoint, _HUB_PROBE_TIMEOUT_S)
-    if why is None:
-        return
-    local = f" There is no local directory named {name!r} either." if os.sep in name else ""
-    raise DataError(
-        f"cannot reach the Hugging Face Hub at {endpoint} ({why}), so hub dataset {name!r} "
-        f"cannot be downloaded.{local} Instead, {_LOCAL_HELP}. If the dataset is already in the "
-        f"Hugging Face cache, set HF_DATASETS_OFFLINE=1 to use that copy."
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Subsets
-# --------------------------------------------------------------------------------------------------
+    if bad:
+        rows = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        log(f"warning: skipped {len(bad)} unreadable image(s) in split {split!r} of {where} (rows {rows})")
+    return (out[keep] if bad else out), keep
 
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -1013,3 +480,16 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     slot = torch.randperm(k, generator=g)[grouped]
     take = torch.argsort(rank * k + slot)[:n]  # keys are unique, so no ties
     return torch.sort(perm[order[take]]).values
+
+
+def limited(
+    train: ImageSplit, test: ImageSplit, train_limit: int | None, eval_limit: int | None, seed: int
+) -> tuple[ImageSplit, ImageSplit]:
+    """``train`` and ``test`` cut to seeded class-balanced subsets of ``train_limit`` and ``eval_limit`` rows (None:
+    all): training and evaluation both call this, so for one limit and seed they evaluate the same test subset."""
+    out = []
+    # The test subset is drawn with seed + 1 so that its draw is independent of the train subset's.
+    for split, n, split_seed in ((train, train_limit, seed), (test, eval_limit, seed + 1)):
+        idx = None if n is None or n >= len(split) else balanced_subset(split.labels, n, split_seed)
+        out.append(split if idx is None else ImageSplit(split.images[idx], split.labels[idx]))
+    return out[0], out[1]

@@ -98,7 +98,8 @@ def write_parquet_split(
     label_column: str = "label",
 ) -> Path:
     """One parquet file in the Hub layout: ``image_column`` an ``Image()`` struct of bytes/path and
-    ``label_column`` a ``ClassLabel(names)`` (or a plain ``int64`` Value when ``names`` is None).
+    ``label_column`` a ``ClassLabel(names)`` (or a plain ``int64`` Value when ``names`` is None); a None
+    label is stored as a missing one.
 
     Written with pyarrow plus the ``huggingface`` schema metadata that ``datasets`` reads back, so a
     test can store anything, including corrupt bytes and out-of-range labels that ``datasets``'s own
@@ -112,7 +113,7 @@ def write_parquet_split(
     table = pa.Table.from_pydict(
         {
             image_column: [None if b is None else {"bytes": b, "path": None} for b in blobs],
-            label_column: [int(x) for x in labels],
+            label_column: [None if x is None else int(x) for x in labels],
         },
         schema=features.arrow_schema,
     )
@@ -120,6 +121,16 @@ def write_parquet_split(
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path
+
+
+# Where the Hub keeps a split's parquet files: at the top, under data/, under the split's name (the Hub's
+# parquet conversion), or under a config's folder (uoft-cs/cifar10 itself).
+PARQUET_LAYOUTS = {
+    "flat": "{split}-00000-of-00001.parquet",
+    "data": "data/{split}-00000-of-00001.parquet",
+    "dirs": "{split}/0000.parquet",
+    "config": "plain_text/{split}-00000-of-00001.parquet",
+}
 
 
 def make_parquet_dataset(
@@ -137,15 +148,14 @@ def make_parquet_dataset(
     mode: str = "RGB",
     class_ordered: bool = False,
 ) -> Path:
-    """``root/train-00000-of-00001.parquet`` and ``root/<test_split>-00000-of-00001.parquet`` (or under
-    ``root/data/`` with ``layout="data"``), like the Hub and the shared CIFAR-10 copy. Returns ``root``."""
+    """``root/train-00000-of-00001.parquet`` and ``root/<test_split>-00000-of-00001.parquet``, like the Hub and
+    the real CIFAR-10 copy, or another of the Hub's layouts (see ``PARQUET_LAYOUTS``). Returns ``root``."""
     root = Path(root)
-    folder = root / "data" if layout == "data" else root
     arrays = dataset_arrays(n_train, n_test, num_classes, size, seed, class_ordered)
     for split, file_split in (("train", "train"), ("test", test_split)):
         images, labels = arrays[split]
         write_parquet_split(
-            folder / f"{file_split}-00000-of-00001.parquet",
+            root / PARQUET_LAYOUTS[layout].format(split=file_split),
             [encode_image(im, fmt, mode) for im in images],
             labels,
             class_names(num_classes),
