@@ -4,8 +4,8 @@
 
 Each file (PNG, JPEG or anything else PIL reads, of any size) is converted to RGB and resized to
 exactly the model's input size (H, W) with ``torchvision.transforms.functional.resize``, bilinear
-with antialiasing. This is a stretch, not a crop: the aspect ratio is not kept, so the whole image
-is seen. It is then normalised with the model's mean and std, as in training.
+with antialiasing: a stretch, not a crop, so the whole image is seen. It is then normalised with
+the model's mean and std, as in training.
 """
 
 from __future__ import annotations
@@ -15,24 +15,20 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from distvgg.evaluate import CHECKPOINT_HELP, CheckpointError, LoadedModel, load_checkpoint
+from distvgg.evaluate import positive
+from distvgg.models import MODEL_PATH_HELP, ModelLoadError, load_model
 
 PROG = "distvgg.predict"
-RESIZE_HELP = (
-    "Each image is converted to RGB and resized to exactly the model's input size (e.g. 32x32) with "
-    "torchvision's resize (bilinear, antialiased): a stretch, not a crop, so the aspect ratio is not kept."
-)
 
 
 class ImageFileError(ValueError):
     """An image file that does not exist or cannot be decoded."""
 
 
-def read_image(path: str | Path, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+def read_image(path: str, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
     """(uint8 (3, H, W) tensor at the model's ``size``, the file's original (width, height))."""
     import torchvision.transforms.functional as TF
     from PIL import Image
@@ -42,8 +38,7 @@ def read_image(path: str | Path, size: tuple[int, int]) -> tuple[torch.Tensor, t
         raise ImageFileError(f"{p}: {'is a directory' if p.is_dir() else 'no such file'}")
     try:
         with Image.open(p) as im:
-            original = im.size
-            rgb = im.convert("RGB")  # decodes the whole file: truncated data fails here
+            original, rgb = im.size, im.convert("RGB")  # convert decodes the whole file: truncated data fails here
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageFileError(f"{p}: not a readable image ({type(e).__name__}: {e})") from e
     x = TF.pil_to_tensor(rgb)
@@ -52,91 +47,55 @@ def read_image(path: str | Path, size: tuple[int, int]) -> tuple[torch.Tensor, t
     return x, original
 
 
-@torch.no_grad()
-def predict_probabilities(loaded: LoadedModel, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Softmax probabilities (N, K) for uint8 images (N, 3, H, W) at the model's input size."""
-    from distvgg.batches import normalize
-
-    out = [
-        torch.softmax(loaded.model(normalize(images[i : i + batch_size], loaded.mean, loaded.std)).float(), dim=1)
-        for i in range(0, len(images), batch_size)
-    ]
-    return torch.cat(out) if out else torch.empty(0, loaded.num_classes)
-
-
-def top_k(probs: torch.Tensor, names: Sequence[str], k: int) -> list[list[dict[str, Any]]]:
-    values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
-    return [
-        [{"class": names[i], "index": int(i), "probability": float(v)} for v, i in zip(vs.tolist(), ix.tolist())]
-        for vs, ix in zip(values, indices)
-    ]
-
-
-def format_table(results: list[dict[str, Any]], size: tuple[int, int]) -> str:
-    lines = []
-    width = max((len(p["class"]) for r in results for p in r["predictions"]), default=5)
-    for r in results:
-        w, h = r["original_size"]
-        lines.append(f"{r['file']} ({w}x{h} -> {size[1]}x{size[0]})")
-        for rank, p in enumerate(r["predictions"], 1):
-            lines.append(f"  {rank}. {p['class']:<{width}}  {100 * p['probability']:6.2f}%")
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Top-k classes with probabilities for each image file. "
-        + RESIZE_HELP
-        + " Images that are missing or cannot be read are all listed and "
-        "nothing is predicted (exit code 1).",
+        description="Top-k classes with probabilities for each image file. Each image is converted to RGB and "
+        "resized to exactly the model's input size (e.g. 32x32) with torchvision's resize (bilinear, antialiased): "
+        "a stretch, not a crop. Images that are missing or cannot be read are all listed and nothing is predicted.",
     )
-    p.add_argument("--checkpoint", required=True, help=f"the model: {CHECKPOINT_HELP}")
-    p.add_argument(
-        "--top-k", type=int, default=5, help="classes shown per image (default 5; at most the number of classes)"
-    )
+    p.add_argument("--checkpoint", required=True, help=f"the model: {MODEL_PATH_HELP}")
+    p.add_argument("--top-k", type=positive, default=5, help="classes shown per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON (a list, one object per image) instead of a table")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ... of any size)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Predict and print; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.top_k < 1:
-        parser.error(f"--top-k must be at least 1, got {args.top_k}")
+    """Predict and print; returns the process exit code (1 for a bad checkpoint or image)."""
+    from distvgg.batches import normalize
+
+    args = build_parser().parse_args(argv)
     try:
-        loaded = load_checkpoint(args.checkpoint)
-    except CheckpointError as e:
+        loaded = load_model(args.checkpoint)
+    except ModelLoadError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    images, sizes, errors = [], [], []
+    images, errors = [], []
     for path in args.images:
         try:
-            x, original = read_image(path, loaded.image_size)
+            images.append(read_image(path, loaded.image_size))
         except ImageFileError as e:
-            errors.append(str(e))
-            continue
-        images.append(x)
-        sizes.append(original)
+            errors.append(f"{PROG}: error: {e}")
     if errors:
-        for e in errors:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-        print(
-            f"{PROG}: {len(errors)} of {len(args.images)} image(s) could not be read; nothing was predicted",
-            file=sys.stderr,
-        )
+        errors.append(f"{PROG}: {len(errors)} of {len(args.images)} image(s) could not be read; nothing was predicted")
+        print(*errors, sep="\n", file=sys.stderr)
         return 1
-    probs = predict_probabilities(loaded, torch.stack(images))
-    results = [
-        {"file": path, "original_size": list(size), "predictions": preds}
-        for path, size, preds in zip(args.images, sizes, top_k(probs, loaded.class_names, args.top_k))
-    ]
+    with torch.no_grad():
+        logits = loaded.model(normalize(torch.stack([x for x, _ in images]), loaded.mean, loaded.std))
+    values, indices = torch.softmax(logits.float(), 1).topk(min(args.top_k, loaded.num_classes), dim=1)
+    results, names = [], loaded.class_names
+    for path, (_, size), vs, ix in zip(args.images, images, values.tolist(), indices.tolist()):
+        preds = [{"class": names[i], "index": i, "probability": v} for v, i in zip(vs, ix)]
+        results.append({"file": path, "original_size": list(size), "predictions": preds})
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        print(format_table(results, loaded.image_size))
+        return 0
+    width, (h, w) = max(len(n) for n in names), loaded.image_size
+    for r in results:
+        print(f"{r['file']} ({r['original_size'][0]}x{r['original_size'][1]} -> {w}x{h})")
+        for rank, p in enumerate(r["predictions"], 1):
+            print(f"  {rank}. {p['class']:<{width}}  {100 * p['probability']:6.2f}%")
     return 0
 
 

@@ -1,18 +1,32 @@
+import json
 import re
+import shutil
 
 import pytest
 import torch
 import torch.nn as nn
 
+from distvgg.files import step_folders
 from distvgg.models import (
     MODEL_NAMES,
+    ModelLoadError,
     VGG3Layer,
     build_model,
     conv_output_size,
     count_parameters,
-    load_pretrained,
+    load_model,
     model_spec,
     save_pretrained,
+)
+from tests.fixtures_run import (  # noqa: F401
+    MEAN,
+    NAMES,
+    STD,
+    copy_run,
+    random_model,
+    saved_run_fixture,
+    tiny_dataset_fixture,
+    trained_run_fixture,
 )
 
 # The block the quick guide prints for print(VGG3Layer(num_classes=10)), verbatim.
@@ -139,22 +153,82 @@ def test_unknown_model():
         build_model("resnet", 10)
 
 
-def test_save_and_load_pretrained_roundtrip(tmp_path):
-    m = build_model("vgg11", 5, width=0.125, image_size=32).eval()
-    spec = model_spec("vgg11", 5, 0.125, 0.5, (32, 32), ["a", "b", "c", "d", "e"])
-    save_pretrained(m, tmp_path / "final", spec)
-    loaded, got = load_pretrained(tmp_path / "final")
-    assert got["class_names"] == ["a", "b", "c", "d", "e"]
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(loaded(x), m(x))
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_load_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no model weights"):
-        load_pretrained(tmp_path)
-    m = build_model("vgg3layer", 3, width=0.125)
-    save_pretrained(m, tmp_path, model_spec("vgg3layer", 3, 0.125, 0.5, (32, 32), ["x", "y", "z"]))
-    f = tmp_path / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:1000])  # truncated
-    with pytest.raises(ValueError, match="truncated"):
-        load_pretrained(tmp_path)
+def test_save_pretrained_and_load_model_roundtrip(tmp_path):
+    m = build_model("vgg11", 5, width=0.125, image_size=(32, 64)).eval()
+    save_pretrained(m, tmp_path / "final", model_spec("vgg11", 5, 0.125, 0.5, (32, 64), "abcde", mean=0.4, std=0.3))
+    x = torch.randn(2, 3, 32, 64)
+    for path in (tmp_path / "final", tmp_path / "final" / "model.safetensors"):
+        loaded = load_model(path)
+        torch.testing.assert_close(loaded.model(x), m(x))
+        assert not loaded.model.training and loaded.weights == tmp_path / "final" / "model.safetensors"
+        assert loaded.class_names == list("abcde") and loaded.num_classes == 5 and loaded.image_size == (32, 64)
+        assert (loaded.mean, loaded.std, loaded.train_config) == (0.4, 0.3, {})
+
+
+def test_output_dir_takes_final_then_best_then_the_newest_complete_checkpoint(saved_run, tmp_path):
+    out = copy_run(saved_run, tmp_path / "run")
+    step2, step4 = out / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000004"
+    assert same_weights(load_model(out).model, random_model(0)) and load_model(out).weights.parent == out / "final"
+    shutil.rmtree(out / "final")
+    assert same_weights(load_model(out).model, random_model(1)) and load_model(out).weights.parent == out / "best"
+    shutil.rmtree(out / "best")
+    notes = []
+    loaded = load_model(out, warn=notes.append)
+    assert notes == [f"no final/ or best/ model in {out} yet: using its newest complete checkpoint, {step4}"]
+    # step-4 was saved with DDP's "module." names; its description comes from its training_state.json
+    assert same_weights(loaded.model, random_model(3)) and loaded.weights == step4 / "model.safetensors"
+    assert (loaded.class_names, loaded.image_size, loaded.mean, loaded.std) == (NAMES, (32, 32), MEAN, STD)
+    assert loaded.train_config == json.loads((step4 / "training_state.json").read_text())["config"]
+    # A checkpoint whose files do not match its COMPLETE marker is refused, and OUTPUT_DIR skips it.
+    weights = step4 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ModelLoadError, match=r"step-00000004 is not a usable checkpoint: model.safetensors has \d+ b"):
+        load_model(step4)
+    assert same_weights(load_model(out).model, random_model(2))
+    (step2 / "COMPLETE").unlink()
+    with pytest.raises(ModelLoadError, match="not a usable checkpoint: no COMPLETE marker"):
+        load_model(step2 / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="no usable checkpoint: step-00000004: .*; step-00000002: no COMPLETE"):
+        load_model(out)
+
+
+def test_load_model_errors_name_the_path_and_the_problem(saved_run, tmp_path):
+    with pytest.raises(ModelLoadError, match=f"{tmp_path / 'nowhere'} does not exist: expected .*OUTPUT_DIR/final"):
+        load_model(tmp_path / "nowhere")
+    with pytest.raises(ModelLoadError, match=f"no model in {tmp_path}: .*final/ and best/"):
+        load_model(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelLoadError, match="notes.txt is not a .safetensors file"):
+        load_model(tmp_path / "notes.txt")
+    lonely = tmp_path / "lonely"  # weights with nothing that describes them
+    lonely.mkdir()
+    shutil.copy(saved_run / "final" / "model.safetensors", lonely)
+    with pytest.raises(ModelLoadError, match=f"{lonely} is not a usable checkpoint: no COMPLETE marker"):
+        load_model(lonely)
+    cut = copy_run(saved_run / "final", tmp_path / "cut")
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match=f"{cut / 'model.safetensors'} cannot be read .* truncated"):
+        load_model(cut)
+    wrong = copy_run(saved_run / "final", tmp_path / "wrong")
+    spec = json.loads((wrong / "model.json").read_text())
+    (wrong / "model.json").write_text(json.dumps({**spec, "num_classes": 7}))
+    with pytest.raises(ModelLoadError, match="do not fit the network described beside them"):
+        load_model(wrong)
+
+
+@pytest.mark.slow
+def test_every_form_of_a_trained_run_loads_the_same_network(trained_run):
+    final = load_model(trained_run / "final")
+    steps = step_folders(trained_run)
+    assert [s for s, _ in steps] == [2, 4]
+    for path in (trained_run, trained_run / "final" / "model.safetensors", steps[-1][1]):
+        loaded = load_model(path)
+        assert same_weights(loaded.model, final.model)  # the last checkpoint holds the final weights
+        assert (loaded.class_names, loaded.image_size, loaded.mean, loaded.std) == (NAMES, (32, 32), 0.5, 0.5)
+        assert loaded.train_config["width"] == 0.125
+    assert not same_weights(load_model(steps[0][1]).model, final.model)

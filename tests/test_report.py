@@ -1,115 +1,99 @@
-"""distvgg.report: a PNG and an HTML page from a real (tiny) run, offline; clear errors."""
+"""distvgg.report: a PNG and an HTML page of a run, offline; clear errors."""
 
 import re
 import shutil
-from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from distvgg import report
-from distvgg.models import load_pretrained
-from distvgg.tracking import read_metrics
-from tests.datagen import dataset_arrays, make_parquet_dataset
-from tests.helpers import TINY, ok, run_train
-
-N_TRAIN, N_TEST = 40, 21
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("report")
-    data = make_parquet_dataset(root / "data", n_train=N_TRAIN, n_test=N_TEST)
-    out = root / "run"
-    ok(run_train(["--dataset", str(data), "--output-dir", str(out), *TINY]))  # 2 epochs, W&B off
-    return out
+from tests.fixtures_run import (  # noqa: F401
+    N_TEST,
+    copy_run,
+    hand_count,
+    saved_run_fixture,
+    tiny_dataset_fixture,
+    trained_run_fixture,
+)
+from tests.helpers import ok, run_train
 
 
-def final_accuracy(run_dir: Path) -> float:
-    model, spec = load_pretrained(run_dir / "final")
-    images, labels = dataset_arrays(N_TRAIN, N_TEST)["test"]
-    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - spec["mean"]) / spec["std"]
-    with torch.no_grad():
-        return (model(x).argmax(1) == torch.from_numpy(labels)).float().mean().item()
-
-
-def test_report_png_and_html(run_dir):
-    text = ok(
-        run_train(
-            [str(run_dir)], module="distvgg.report", timeout=180, env={"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-        )
-    )
-    png, page = run_dir / "report.png", run_dir / "report.html"
-    assert f"wrote {png}" in text
-    assert png.stat().st_size > 20_000
-    with Image.open(png) as im:
+def check_png(path, min_bytes=20_000) -> None:
+    assert path.stat().st_size > min_bytes
+    with Image.open(path) as im:
         im.verify()
-    with Image.open(png) as im:
+    with Image.open(path) as im:
         assert im.format == "PNG" and im.width >= 800 and im.height >= 500
+
+
+@pytest.mark.slow
+def test_report_of_a_trained_run(trained_run, tmp_path):
+    """The real command line; the PNG and HTML go into OUTPUT_DIR by default."""
+    run = copy_run(trained_run, tmp_path / "run")
+    text = ok(run_train([str(run)], module="distvgg.report", timeout=180, env={"HF_HUB_OFFLINE": "1"}))
+    png, page = run / "report.png", run / "report.html"
+    assert f"wrote {png} and {page}" in text
+    check_png(png)
     html = page.read_text()
-    assert '<img src="report.png"' in html
-    evals = [r for r in read_metrics(run_dir) if "eval/accuracy" in r]
-    assert len(evals) == 2  # one point per epoch in the accuracy panel
-    assert f"{100 * evals[-1]['eval/accuracy']:.2f}% (epoch 2)" in html
-    assert f"<tr><th>final model: test accuracy</th><td>{100 * final_accuracy(run_dir):.2f}% of {N_TEST} images" in html
-    last_loss = [r for r in read_metrics(run_dir) if "train/loss" in r][-1]
-    assert f"{last_loss['train/loss']:.4f} (step {last_loss['step']})" in html
-    assert html.count("<tr><td>class_0") == 4  # the per-class table
+    assert '<img src="report.png"' in html and html.count(" class_0") == 8  # the per-class and confusion tables
+    accuracy = f"{100 * hand_count(run / 'final')['accuracy']:.2f}% of {N_TEST} images"
+    assert f"<tr><th>final model: test accuracy</th><td>{accuracy}" in html
 
 
-def test_out_elsewhere_references_the_png_relatively(run_dir, tmp_path, capsys):
+def test_numbers_per_class_table_and_out_elsewhere(saved_run, tmp_path, capsys):
     out = tmp_path / "pictures" / "mine.png"
-    assert report.main([str(run_dir), "--out", str(out), "--eval-limit", "8"]) == 0
+    assert report.main([str(saved_run), "--out", str(out)]) == 0
+    check_png(out)
     html = out.with_suffix(".html").read_text()
-    assert '<img src="mine.png"' in html and "of 8 images" in html
-    with Image.open(out) as im:
-        assert im.width >= 800
+    assert '<img src="mine.png"' in html
+    assert "<tr><th>last training loss</th><td>1.0000 (step 4)</td></tr>" in html
+    assert "<tr><th>last test accuracy (logged)</th><td>60.00% (epoch 2)</td></tr>" in html
+    want = hand_count(saved_run / "final")
+    assert f"<tr><th>final model: test loss</th><td>{want['loss']:.4f}</td></tr>" in html
+    assert f"<tr><th>final model: test accuracy</th><td>{100 * want['accuracy']:.2f}% of {N_TEST} images" in html
+    for i, row in enumerate(want["confusion"]):  # evaluate's tables: per class, and the confusion row
+        assert f"class_0{i}  {sum(row):>7}  {row[i]:>7}  {100 * row[i] / sum(row):7.2f}%" in html
+        assert any(line.split() == [str(i), f"class_0{i}", *map(str, row)] for line in html.splitlines())
+    assert report.main([str(saved_run), "--out", str(out), "--eval-limit", "8"]) == 0
+    assert "of 8 images" in out.with_suffix(".html").read_text()
 
 
-def test_missing_metrics_is_a_clear_error(run_dir, tmp_path, capsys):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    proc = run_train([str(empty)], module="distvgg.report", timeout=120)
-    assert proc.returncode == 1
-    assert f"no metrics.jsonl in {empty}" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (empty / "report.png").exists()
+def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 1
+    assert f"error: no metrics.jsonl in {tmp_path}" in capsys.readouterr().err
+    assert not (tmp_path / "report.png").exists()
     assert report.main([str(tmp_path / "nowhere")]) == 1
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_unfinished_run_shows_curves_and_skips_a_torn_line(run_dir, tmp_path, capsys):
-    """A run still training (or killed while writing): no final/ yet, a truncated last metrics line."""
+def test_unfinished_run_shows_curves_and_skips_a_torn_line(saved_run, tmp_path, capsys):
+    """A run still training (or killed while writing): no model yet, a truncated last metrics line."""
     run = tmp_path / "run"
     run.mkdir()
-    shutil.copy(run_dir / "config.yaml", run)
-    lines = (run_dir / "metrics.jsonl").read_text()
-    (run / "metrics.jsonl").write_text(lines + '{"step": 12, "train/lo')
+    (run / "metrics.jsonl").write_text((saved_run / "metrics.jsonl").read_text() + '{"step": 12, "train/lo')
     assert report.main([str(run)]) == 0
     err = capsys.readouterr().err
-    assert "no model in" in err and "the curves only" in err and re.search(r"skipped unreadable line\(s\) \d+ of", err)
+    assert "no model in" in err and "the curves only" in err and re.search(r"skipped unreadable line\(s\) 7 of", err)
     html = (run / "report.html").read_text()
     assert "test accuracy</th>" not in html and "Per-class" not in html and "last training loss" in html
-    with Image.open(run / "report.png") as im:
-        assert im.width >= 800
+    check_png(run / "report.png")
 
 
-def test_run_without_final_model_uses_its_newest_checkpoint(run_dir, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report*", "final", "best"))
-    assert report.main([str(run), "--out", str(run / "r.png")]) == 0
-    assert "using its newest checkpoint" in capsys.readouterr().err
-    html = (run / "r.html").read_text()
-    # the checkpoint of the last step holds the final weights
-    assert f"<tr><th>checkpoint step-00000010: test accuracy</th><td>{100 * final_accuracy(run_dir):.2f}%" in html
+def test_run_without_final_or_best_uses_its_newest_checkpoint(saved_run, tmp_path, capsys):
+    run = copy_run(saved_run, tmp_path / "run", "final", "best")
+    assert report.main([str(run)]) == 0
+    assert "using its newest complete checkpoint" in capsys.readouterr().err
+    accuracy = f"{100 * hand_count(run / 'checkpoints' / 'step-00000004')['accuracy']:.2f}%"
+    assert f"<tr><th>checkpoint step-00000004: test accuracy</th><td>{accuracy}" in (run / "report.html").read_text()
 
 
-def test_corrupt_final_model_is_a_clear_error(run_dir, tmp_path, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("report*"))
+def test_corrupt_model_is_a_clear_error(saved_run, tmp_path, capsys):
+    run = copy_run(saved_run, tmp_path / "run")
     weights = run / "final" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:2000])
     assert report.main([str(run)]) == 1
     err = capsys.readouterr().err
-    assert str(weights) in err and "truncated" in err
-    assert not (run / "report.png").exists()
+    assert str(weights) in err and "truncated" in err and not (run / "report.png").exists()
+    shutil.rmtree(run / "final")
+    assert report.main([str(run), "--checkpoint", str(run / "final")]) == 1  # asked for explicitly: an error
+    assert f"{run / 'final'} does not exist" in capsys.readouterr().err
