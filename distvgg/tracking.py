@@ -15,7 +15,6 @@ import glob
 import json
 import math
 import os
-import platform
 import secrets
 import string
 import subprocess
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from distvgg import machine
 
 METRICS_FILE = "metrics.jsonl"
 # The W&B run id of the training run in OUTPUT_DIR: a restarted or requeued job reads it back, so it
@@ -48,53 +49,29 @@ def trackers_for(report_to: str) -> list[str]:
 # --------------------------------------------------------------------------------------------- W&B mode
 
 
-def _netrc_has_host(host_url: str) -> bool:
-    """Fallback credential check, for wandb versions without ``wandb.sdk.lib.wbauth``."""
+def wandb_has_credentials() -> bool:
+    """Whether ``wandb.init`` finds credentials without prompting: an API key (``WANDB_API_KEY`` or W&B's settings
+    file), an identity token file, or a netrc entry for the W&B host (what ``wandb login`` writes). A key in an
+    invalid format is refused by ``wandb.init`` itself (``start_trackers`` then stops the run)."""
+    import netrc
     from urllib.parse import urlsplit
 
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        text = netrc.read_text()
-    except OSError:
-        return False
-    return (urlsplit(host_url).hostname or host_url) in text
-
-
-def wandb_has_credentials() -> bool:
-    """Whether ``wandb.init`` would find credentials without prompting: an API key or identity token in
-    the environment, a netrc entry for the W&B host (what ``wandb login`` writes) or W&B's settings file.
-
-    Asks wandb itself (``authenticate_session(prompt=False)``), so the host (``WANDB_BASE_URL``) and the
-    sources are exactly the ones ``wandb.init`` uses. Raises TrackingError for a key of invalid format.
-    """
     import wandb
 
+    settings = wandb.setup().settings  # the settings wandb.init uses: environment, settings files, WANDB_BASE_URL
+    if settings.api_key or settings.identity_token_file:
+        return True
     try:
-        from wandb.sdk.lib import wbauth
-    except ImportError:  # another wandb layout: check the usual places ourselves
-        return bool(
-            os.environ.get("WANDB_API_KEY")
-            or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
-            or _netrc_has_host(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-        )
-    settings = wandb.setup().settings
-    try:
-        auth = wbauth.authenticate_session(host=settings.base_url, source="distvgg", prompt=False, update_session=False)
-    except wandb.errors.AuthenticationError as e:
-        raise TrackingError(
-            f"W&B credentials are not valid: {str(e).rstrip('.')}. Fix WANDB_API_KEY (or run "
-            f"`wandb login`), or set WANDB_MODE=offline to track locally."
-        ) from None
-    return auth is not None
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(urlsplit(settings.base_url).hostname or "")
+    except (OSError, netrc.NetrcParseError):  # no netrc file, or one that is not valid netrc
+        return False
+    return entry is not None
 
 
 def choose_wandb_mode() -> str:
     """The W&B mode for this run: ``WANDB_MODE`` when set (online, offline, disabled), else online with
     credentials and offline without, so that a batch job never waits at a login prompt."""
-    mode = os.environ.get("WANDB_MODE")
-    if mode:
-        return mode
-    return "online" if wandb_has_credentials() else "offline"
+    return os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
 
 
 # ------------------------------------------------------------------------------------------- W&B run id
@@ -157,32 +134,17 @@ def git_commit(path: str | os.PathLike) -> str | None:
 
 def run_facts(accelerator: Any) -> dict[str, Any]:
     """Facts about where the run ran, recorded with its config (no environment values: they may hold secrets)."""
-    import accelerate
-    import torchvision
-
-    device = accelerator.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    num_processes = accelerator.num_processes
+    device, num_processes = accelerator.device, accelerator.num_processes
     local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
-    try:
-        import importlib.metadata as md
-
-        versions = {p: md.version(p) for p in ("datasets", "wandb", "safetensors")}
-    except Exception:  # noqa: BLE001 - versions are informative only
-        versions = {}
     return {
         "num_processes": num_processes,
         "num_machines": max(1, num_processes // max(1, local)),
         "distributed_type": str(accelerator.distributed_type),
         "mixed_precision": str(accelerator.mixed_precision),
         "device": str(device),
-        "device_name": name,
+        "device_name": machine.device_name(device),
         "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "python": platform.python_version(),
-        "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
-        "accelerate": str(accelerate.__version__),
-        **versions,
+        **machine.package_versions(("torch", "torchvision", "accelerate", "datasets", "wandb", "safetensors")),
         "git_commit": git_commit(Path(__file__).resolve().parent),
     }
 
@@ -262,14 +224,20 @@ def start_trackers(
     run = tracking.wandb_run()
     if run is not None:
         tracking.wandb_root = Path(run.settings.sync_dir).parent
-        tracking.wandb_mode = "offline" if run.settings._offline else "online"
+        tracking.wandb_mode = "offline" if run.offline else "online"
     return tracking
 
 
 def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exception) -> None:
-    """W&B failed to start online: start the same run id offline, so it can be synced later."""
+    """W&B failed to start online: start the same run id offline, so it can be synced later. Credentials that
+    W&B refuses (a key in an invalid format, say) stop the run instead, before any training."""
     import wandb
 
+    if isinstance(error, wandb.errors.AuthenticationError):
+        raise TrackingError(
+            f"W&B refused the credentials: {str(error).rstrip('.')}. Fix WANDB_API_KEY (or run `wandb login`), "
+            f"or set WANDB_MODE=offline to track locally."
+        ) from None
     if not isinstance(error, wandb.errors.Error) or tracking.wandb_mode == "offline":
         raise error
     tracker = accelerator.get_tracker("wandb")

@@ -1,20 +1,22 @@
-"""distvgg.bench in its tiny CI mode: complete, well-formed output through train.py's own step; no timing asserts.
-Also the pieces the benchmark's fast recipe relies on: --recipe, flip TTA in evaluate, optimizer kernels, TF32."""
+"""distvgg.bench: its choices and pieces in process, and its tiny CI mode end to end (no timing asserts);
+also distvgg.machine, whose facts the bench records, and --recipe, which its time to accuracy trains."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
-from distvgg import bench, train
+from distvgg import bench, machine
 from distvgg.config import ConfigError, TrainConfig, parse_config
 from tests.datagen import make_parquet_dataset
 from tests.helpers import REPO, ok
@@ -36,109 +38,135 @@ COUNTING_RUN = textwrap.dedent("""
     sys.exit(code)
 """)
 
+X86_FLAGS = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512f {}\n\nprocessor\t: 1\n"
+ARM_FEATURES = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd {}\nCPU part\t: 0xd40\n"
+
 
 def positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    return make_parquet_dataset(tmp_path_factory.mktemp("bench") / "tiny", n_train=160, n_test=40, num_classes=4)
+# ---- distvgg.machine ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_bench(tiny_dataset, tmp_path_factory):
-    """One tiny benchmark with --time-to-accuracy: (JSON result, stdout, train_step calls by batch size)."""
-    out = tmp_path_factory.mktemp("bench-out") / "bench.json"
-    args = [
-        "--tiny",
-        "--device",
-        "cpu",
-        "--dataset",
-        str(tiny_dataset),
-        "--json",
-        str(out),
-        "--steps",
-        "2",
-        "--repeats",
-        "2",
-        "--warmup-steps",
-        "1",
-        "--time-to-accuracy",
-        "0",
-    ]
-    proc = subprocess.run(
-        [sys.executable, "-c", COUNTING_RUN, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    text = ok(proc)
-    steps_line = [line for line in proc.stdout.splitlines() if line.startswith("TRAIN_STEPS ")][-1]
-    return json.loads(out.read_text()), text, {int(k): v for k, v in json.loads(steps_line[12:]).items()}
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (X86_FLAGS.format("avx512_bf16"), True),
+        (X86_FLAGS.format("amx_bf16 amx_tile"), True),
+        (X86_FLAGS.format("avx512_vnni"), False),  # AVX-512 without its bf16 extension
+        (X86_FLAGS.format("bf16"), False),  # arm's flag name means nothing on an x86 flags line
+        (ARM_FEATURES.format("bf16 i8mm"), True),
+        (ARM_FEATURES.format("sve2"), False),
+        ("", False),  # no /proc/cpuinfo: unknown
+    ],
+)
+def test_cpu_has_bf16_reads_the_flags_of_cpuinfo(text, expected):
+    assert machine.cpu_has_bf16(text) is expected
 
 
-def test_json_is_complete_and_well_formed(tiny_bench):
-    result, _, _ = tiny_bench
-    for name in LOOPS:
-        loop = result[name]
-        assert positive(loop["images_per_second"]), (name, loop)
-        assert isinstance(loop["batch_size"], int) and loop["batch_size"] >= 1
-        assert loop["precision"] in ("fp32", "tf32", "bf16", "fp16")
-        assert len(loop["windows_images_per_second"]) >= 2 and all(map(positive, loop["windows_images_per_second"]))
-        assert loop["first_step_seconds"] >= 0 and loop["setup_seconds"] >= 0
-    assert positive(result["ratio_same_vs_seed"]) and positive(result["ratio_best_vs_seed"])
-    # the two loops the issue fixes: the guide's settings for the seed loop and for distvgg_same
-    for name in ("seed_loop", "distvgg_same"):
-        assert (result[name]["batch_size"], result[name]["precision"]) == (64, "fp32")
-    assert isinstance(result["device"]["name"], str) and result["device"]["name"]
-    assert result["device"]["type"] == "cpu"
-    for pkg in ("python", "torch", "torchvision", "accelerate", "distvgg"):
-        assert result["versions"][pkg] and result["versions"][pkg] != "not installed"
-    costs = result["one_time_costs"]
-    assert costs["data_first_load"] in ("decoded", "cache")
-    assert costs["data_first_load_seconds"] >= 0 and costs["data_cached_load_seconds"] >= 0
-    assert (costs["train_images"], costs["test_images"]) == (160, 40)
+def test_machine_facts_of_this_machine():
+    assert machine.cpu_name(X86_FLAGS.format("")) == "Some CPU"
+    assert machine.device_name("cpu") == machine.cpu_name() and machine.cpu_name()
+    assert isinstance(machine.cpu_has_bf16(), bool)
+    load = machine.load_average()
+    assert load is None or (len(load) == 3 and all(x >= 0 for x in load))
+    versions = machine.package_versions(["torch", "surely-not-a-package-name"])
+    assert versions["torch"].split("+")[0] == torch.__version__.split("+")[0] and versions["python"].count(".") == 2
+    assert versions["surely-not-a-package-name"] == "not installed"
 
 
-def test_time_to_accuracy_fields(tiny_bench):
-    t = tiny_bench[0]["time_to_accuracy"]
-    assert t["recipe"] == "fast" and t["target"] == 0.0
-    assert t["reached"] is True and t["epochs_to_target"] == 1  # any accuracy is >= 0 after the first epoch
-    assert positive(t["train_seconds_to_target"]) and positive(t["train_seconds_total"])
-    assert t["train_seconds_to_target"] <= t["train_seconds_total"]
-    assert t["epochs"] == len(t["history"]) >= 1 and t["test_images"] == 40
-    assert 0 <= t["best_accuracy"] <= 1 and 0 <= t["final_accuracy"] <= 1
-    assert positive(t["images_per_second"]) and t["eval_seconds_total"] > 0
-    assert t["one_time_costs"]["warmup_seconds"] > 0 and t["one_time_costs"]["setup_seconds"] > 0
-    assert t["config"]["recipe"] == "fast" and t["config"]["tta"] is True  # the recipe was applied
+# ---- bench, in process ------------------------------------------------------------------------------------------
 
 
-def test_distvgg_loops_go_through_train_step(tiny_bench):
-    """distvgg_same (batch 64) and distvgg_best run train.train_step for every warm-up and timed step;
-    the time-to-accuracy run (tiny: batch 32) trains through it too."""
-    result, text, steps = tiny_bench
-    per_loop = 1 + 2 * 2  # --warmup-steps 1, --steps 2 x --repeats 2
-    best = result["distvgg_best"]["batch_size"]
-    assert best != 64
-    assert steps.get(64, 0) == per_loop
-    assert steps.get(best, 0) == per_loop
-    assert steps.get(32, 0) > 0
-    assert "seed_loop" in text and "distvgg_best" in text  # the printed table
+def cpu_args(*argv: str) -> argparse.Namespace:
+    return bench.parse_args(["--device", "cpu", *argv])
 
 
-def test_bad_options_exit_2_with_a_message(tiny_dataset, capsys):
-    assert bench.main(["--dataset", str(tiny_dataset), "--steps", "0", "--time-to-accuracy", "150"]) == 2
+@pytest.mark.parametrize("has_bf16, precision", [(True, "bf16"), (False, "fp32")])
+def test_best_cpu_settings_use_bf16_only_where_the_cpu_has_it(monkeypatch, tmp_path, has_bf16, precision):
+    """Emulated bf16 (an AVX2-only CPU) runs many times slower than fp32: the best settings are fp32 there."""
+    monkeypatch.setattr(machine, "cpu_has_bf16", lambda cpuinfo=None: has_bf16)
+    best = bench.best_loop(cpu_args())
+    assert (best.precision, best.mixed_precision) == (precision, precision if has_bf16 else "no")
+    assert best.batch_size == bench.BEST["cpu"].batch_size and best.channels_last
+    assert bench.best_loop(cpu_args("--tiny")).batch_size == 128  # half of the tiny mode's 256 images
+    assert bench.loop_config(cpu_args(), best, tmp_path, None).mixed_precision == best.mixed_precision
+
+
+def test_defaults_follow_the_mode_and_training():
+    args = cpu_args()
+    assert (args.width, args.steps, args.warmup_steps, args.repeats, args.train_limit) == (1.0, 8, 2, 5, None)
+    assert args.dataset == TrainConfig().dataset == "uoft-cs/cifar10"  # the same default as training
+    tiny = cpu_args("--tiny", "--steps", "3")
+    assert (tiny.width, tiny.steps, tiny.warmup_steps, tiny.repeats, tiny.train_limit) == (0.125, 3, 1, 2, 256)
+    assert cpu_args("--time-to-accuracy", "88").time_to_accuracy == pytest.approx(0.88)
+
+
+def test_bad_options_exit_2_with_a_message(capsys):
+    assert bench.main(["--steps", "0", "--warmup-steps", "-1", "--time-to-accuracy", "150"]) == 2
     err = capsys.readouterr().err
-    assert "--steps must be at least 1" in err and "--time-to-accuracy" in err
+    assert "--steps must be at least 1" in err and "--warmup-steps must be at least 0" in err
+    assert "--time-to-accuracy" in err
     if not torch.cuda.is_available():
-        assert bench.main(["--dataset", str(tiny_dataset), "--device", "cuda"]) == 2
+        assert bench.main(["--device", "cuda"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
 
 
-# ---- the fast recipe and the switches it uses -------------------------------------------------------------
+def test_new_accelerator_gives_each_loop_its_own_precision(tmp_path, monkeypatch):
+    """Accelerate keeps one mixed precision per process; the bench resets that state between loops, through
+    its one private access, which must keep working: this fails loudly when Accelerate changes it. What an
+    earlier Accelerator prepared keeps its own precision."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    models = []
+    for mp in ("no", "bf16", "no"):
+        accelerator = bench.new_accelerator(TrainConfig(mixed_precision=mp, report_to="none", output_dir=str(tmp_path)))
+        assert accelerator.mixed_precision == mp
+        models.append(accelerator.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2))))
+    seen = []
+    for model in models:
+        hook = model[0].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+        with torch.no_grad():
+            model(torch.randn(2, 3, 4, 4))
+        hook.remove()
+    assert seen == [torch.float32, torch.bfloat16, torch.float32]
+
+
+def test_eval_accuracy_counts_each_image_once_with_flip_tta():
+    """bench's own accuracy count (it uses train's setup/train_step only) averages an image's and its mirror's
+    logits with --tta, as training evaluates."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(12, 3, 4, 4), torch.randint(0, 3, (12,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))  # not mirror-symmetric
+    batches = [(images[i : i + 5], labels[i : i + 5]) for i in range(0, 12, 5)]
+    with torch.no_grad():
+        plain, mirrored = model(images), model(images.flip(-1))
+    for tta, logits in ((False, plain), (True, plain + mirrored)):
+        run = SimpleNamespace(
+            model=model,
+            test_dl=batches,
+            prepare_batch=lambda batch, _epoch, _train: batch,
+            cfg=SimpleNamespace(tta=tta),
+            accelerator=SimpleNamespace(gather_for_metrics=lambda x: x),
+        )
+        accuracy, count = bench.eval_accuracy(run)
+        assert count == 12 and accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+        assert model.training  # left in training mode
+
+
+def test_each_loop_gets_its_own_cuda_switches():
+    """seed_loop keeps torch's defaults, distvgg_same adds cuDNN autotuning, distvgg_best TF32 too; the switches
+    are process-wide (build.setup sets them), so they are set again before each timed window."""
+    saved = bench.backend_flags()
+    try:
+        on, off = bench.backend_flags(True), bench.backend_flags(False)
+        assert (on["matmul"], on["cudnn.allow_tf32"], on["cudnn.benchmark"]) == ("high", True, True)
+        assert (off["matmul"], off["cudnn.allow_tf32"]) == ("highest", False)
+        for flags in (on, off, saved):
+            bench.set_backend_flags(flags)
+            assert bench.backend_flags() == flags
+    finally:
+        bench.set_backend_flags(saved)
 
 
 def test_recipe_applies_first_then_config_then_command_line(tmp_path):
@@ -163,128 +191,78 @@ def test_recipe_from_a_file_and_unknown_names(tmp_path):
         parse_config(["--recipe", str(mine)])
 
 
-class _OneProcess:
-    """The part of an Accelerator that evaluate uses, for one process."""
-
-    @staticmethod
-    def gather_for_metrics(x):
-        return x
+# ---- bench end to end (tiny) -----------------------------------------------------------------------------------
 
 
-def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
-    from distvgg import batches
-
-    torch.manual_seed(0)
-    images = torch.randint(0, 256, (12, 3, 4, 4), dtype=torch.uint8)
-    labels = torch.randint(0, 3, (12,))
-    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))  # not mirror-symmetric
-    prepare = train.make_prepare_batch(TrainConfig(augment=False))
-    loader = batches.eval_loader(images, labels, 5)
-    x = batches.normalize(images, 0.5, 0.5)
-    with torch.no_grad():
-        plain, mirrored = model(x), model(x.flip(-1))
-    for tta, logits in ((False, plain), (True, (plain + mirrored) / 2)):
-        result = train.evaluate(model, loader, _OneProcess(), prepare, 3, tta=tta)
-        expected = torch.bincount(labels * 3 + logits.argmax(1), minlength=9).view(3, 3)
-        assert result["confusion"] == expected.tolist()
-        assert result["loss"] == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
-
-
-@pytest.mark.parametrize(
-    "impl, flags",
-    [
-        ("auto", {"fused": True}),
-        ("fused", {"fused": True}),
-        ("foreach", {"foreach": True}),
-        ("loop", {"foreach": False}),
-    ],
-)
-def test_optimizer_impl_selects_torch_kernels(impl, flags):
-    model = nn.Linear(4, 2)
-    for name in ("sgd", "adamw"):
-        opt = train.make_optimizer(TrainConfig(optimizer=name, optimizer_impl=impl), model)
-        assert {k: opt.defaults[k] for k in flags} == flags
-        model(torch.randn(3, 4)).sum().backward()
-        before = model.weight.detach().clone()
-        opt.step()  # the kernel runs on this device
-        assert not torch.equal(before, model.weight)
-
-
-def test_optimizer_impl_is_validated():
-    with pytest.raises(ConfigError, match="--optimizer-impl must be one of auto, fused, foreach, loop"):
-        parse_config(["--optimizer-impl", "fast"])
-
-
-def test_set_tf32_switches_cuda_matmul_and_conv():
-    saved = bench.backend_flags()
-    try:
-        train.set_tf32(True)
-        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32",) * 2
-        train.set_tf32(False)
-        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee",) * 2
-    finally:
-        bench.restore_backend_flags(saved)
-    assert bench.backend_flags() == saved
-
-
-def test_each_loop_gets_its_own_cuda_switches():
-    """seed_loop keeps torch's defaults, distvgg_same adds only cuDNN autotuning, distvgg_best TF32 too;
-    the switches are process-wide, so they are set again before each timed window."""
-    saved = bench.backend_flags()
-    try:
-        defaults = {**saved, "matmul": "none", "conv": "tf32", "cudnn.benchmark": False}
-        same = bench.cuda_flags(defaults, None, True)
-        best = bench.cuda_flags(defaults, True, True)
-        assert same == {**defaults, "cudnn.benchmark": True}
-        assert (best["matmul"], best["conv"], best["cudnn.benchmark"]) == ("tf32", "tf32", True)
-        assert bench.cuda_flags(defaults, False, True)["matmul"] == "ieee"
-        bench.restore_backend_flags(best)
-        assert bench.backend_flags() == best
-        bench.restore_backend_flags(defaults)
-        assert bench.backend_flags() == defaults
-    finally:
-        bench.restore_backend_flags(saved)
-
-
-@pytest.mark.slow
-def test_gpu_check_script_plumbing_on_the_cpu(tiny_dataset, tmp_path):
-    """launch/gpu_check.sh is for a GPU session; CI checks that its steps and its summary work, on the CPU."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "DEVICE": "cpu",
-        "ACCEL_CONFIG": "accelerate_configs/cpu.yaml",
-        "MIXED_PRECISIONS": "no bf16",
-        "SKIP_COMPILE": "1",
-        "BENCH_ARGS": "--tiny --repeats 1",
-        "TARGET": "0",
-        "EPOCHS": "1",
-        "DATASET": str(tiny_dataset),
-        "PYTHON": sys.executable,
-        "RUNS_DIR": str(tmp_path / "runs"),
-        "TRAIN_ARGS": "--width 0.125 --batch-size 16 --eval-batch-size 20 --log-every 2",
-    }
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """One tiny benchmark with --time-to-accuracy: (JSON result, output, train_step calls by batch size)."""
+    dataset = make_parquet_dataset(tmp_path_factory.mktemp("bench") / "tiny", n_train=160, n_test=40, num_classes=4)
+    out = tmp_path_factory.mktemp("bench-out") / "bench.json"
+    args = ["--tiny", "--device", "cpu", "--dataset", str(dataset), "--json", str(out), "--time-to-accuracy", "0"]
     proc = subprocess.run(
-        ["bash", str(REPO / "launch" / "gpu_check.sh"), str(out)],
+        [sys.executable, "-c", COUNTING_RUN, *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=REPO,
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    ok(proc)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "bench_cuda.json",
-        "gpu_check.log",
-        "nvidia-smi.txt",
-        "summary.json",
-        "time_to_accuracy.json",
-    ]
-    summary = json.loads((out / "summary.json").read_text())
-    assert [s["exit_code"] for s in summary["steps"]] == ["0"] * 4  # bench, time to accuracy, 2 trainings
-    assert summary["time_to_accuracy"]["time_to_accuracy"]["reached"] is True
-    for mp in ("no", "bf16"):
-        run = summary[f"train_{mp}"]
-        assert run["final_model"] is True and run["epochs_evaluated"] == 1 and run["checkpoints"]
-        assert 0 <= run["eval_accuracy"] <= 1
+    text = ok(proc)
+    steps_line = [line for line in proc.stdout.splitlines() if line.startswith("TRAIN_STEPS ")][-1]
+    return json.loads(out.read_text()), text, {int(k): v for k, v in json.loads(steps_line[12:]).items()}
+
+
+@pytest.mark.slow
+def test_json_is_complete_and_well_formed(tiny_bench):
+    result, _, _ = tiny_bench
+    for name in LOOPS:
+        loop = result[name]
+        assert positive(loop["images_per_second"]), (name, loop)
+        assert isinstance(loop["batch_size"], int) and loop["batch_size"] >= 1
+        assert loop["precision"] in ("fp32", "tf32", "bf16", "fp16")
+        assert len(loop["windows_images_per_second"]) == 2 and all(map(positive, loop["windows_images_per_second"]))
+        assert loop["first_step_seconds"] >= 0 and loop["setup_seconds"] >= 0
+    assert positive(result["ratio_same_vs_seed"]) and positive(result["ratio_best_vs_seed"])
+    for name in ("seed_loop", "distvgg_same"):  # the guide's settings
+        assert (result[name]["batch_size"], result[name]["precision"]) == (64, "fp32")
+    expected_best = "bf16" if machine.cpu_has_bf16() else "fp32"
+    assert result["distvgg_best"]["precision"] == expected_best
+    device = result["device"]
+    assert device["type"] == "cpu" and device["name"] == machine.cpu_name() and device["cpu_bf16"] is not None
+    for pkg in ("python", "torch", "torchvision", "accelerate", "distvgg"):
+        assert result["versions"][pkg] and result["versions"][pkg] != "not installed"
+    costs = result["one_time_costs"]
+    assert costs["data_first_load"] in ("decoded", "cache")
+    assert costs["data_first_load_seconds"] >= 0 and costs["data_cached_load_seconds"] >= 0
+    assert (costs["train_images"], costs["test_images"]) == (160, 40)
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_fields(tiny_bench):
+    t = tiny_bench[0]["time_to_accuracy"]
+    assert t["recipe"] == "fast" and t["target"] == 0.0
+    assert t["reached"] is True and t["epochs_to_target"] == 1  # any accuracy is >= 0 after the first epoch
+    assert positive(t["train_seconds_to_target"]) and positive(t["train_seconds_total"])
+    assert t["train_seconds_to_target"] <= t["train_seconds_total"]
+    assert t["epochs"] == len(t["history"]) == 2 and t["test_images"] == 40
+    assert 0 <= t["best_accuracy"] <= 1 and 0 <= t["final_accuracy"] <= 1
+    assert positive(t["images_per_second"]) and t["eval_seconds_total"] > 0
+    assert t["one_time_costs"]["warmup_seconds"] > 0 and t["one_time_costs"]["setup_seconds"] > 0
+    assert t["config"]["recipe"] == "fast" and t["config"]["tta"] is True  # the recipe was applied
+
+
+@pytest.mark.slow
+def test_distvgg_loops_go_through_train_step_and_show_progress(tiny_bench):
+    """distvgg_same (batch 64) and distvgg_best run train.train_step for every warm-up and timed step; the time to
+    accuracy run (tiny: batch 32) trains through it too. Each timed window prints a line as it ends."""
+    result, text, steps = tiny_bench
+    per_loop = 1 + 2 * 2  # --warmup-steps 1, --steps 2 x --repeats 2
+    best = result["distvgg_best"]["batch_size"]
+    assert best != 64
+    assert steps.get(64, 0) == per_loop and steps.get(best, 0) == per_loop
+    assert steps.get(32, 0) == 1 + 2 * (160 // 32)  # one warm-up step, then 2 epochs of 5 steps
+    for r in (1, 2):
+        for name in LOOPS:
+            assert f"round {r}/2 {name}" in text
+    assert "epoch 2: test accuracy" in text and "time to 0.0%" in text

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from distvgg import scaling
 from distvgg.models import build_model, count_parameters
 from tests.helpers import REPO
 
 
-def test_vgg3layer_gradient_bytes_are_the_issues_figures():
+def test_vgg3layer_gradient_bytes():
     params = count_parameters(build_model("vgg3layer", 10))
     assert params == 33_975_306  # "34M parameters"
     assert scaling.gradient_bytes(params, 4) == 135_901_224  # about 136 MB in fp32
@@ -87,28 +90,21 @@ def test_recommendation_picks_the_hook_and_batch():
     assert "below 90% even at 2 GPUs" in scaling.advice(scaling.recommend(rows, 10, max_global_batch=20)[-4:], 20)
 
 
-def run_scaling(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distvgg.scaling", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-    )
+def run_scaling(*args: str, capsys: pytest.CaptureFixture) -> str:
+    """``python -m distvgg.scaling ARGS`` in this process; its output."""
+    assert scaling.main(list(args)) == 0
+    return capsys.readouterr().out
 
 
-def test_command_output_is_complete(tmp_path):
+def test_command_output_is_complete(tmp_path, capsys):
     out = tmp_path / "scaling.json"
-    proc = run_scaling("--width", "0.125", "--batch-per-gpu", "8", "--steps", "1", "--json", str(out))
-    assert proc.returncode == 0, proc.stderr
-    text = proc.stdout
+    text = run_scaling("--width", "0.125", "--batch-per-gpu", "8", "--steps", "1", "--json", str(out), capsys=capsys)
     assert "2(n-1)/n" in text and "vgg3layer:" in text and "ms/image" in text
     for link in scaling.INTERCONNECTS:
         assert text.count(f"| {link.name} |") == 3  # fp32 row, bf16 row, recommendation row
     assert "| 2 GPUs | 8 GPUs | 16 GPUs | 64 GPUs |" in text
     report = json.loads(out.read_text())
-    assert report["device"] == "cpu" and report["device_name"]
+    assert report["device"] == "cpu" and report["device_name"].startswith(scaling.machine.cpu_name())
     (model,) = report["models"]
     params = count_parameters(build_model("vgg3layer", 10, width=0.125))
     assert model["parameters"] == params and model["gradient_bytes"] == {"fp32": 4 * params, "bf16": 2 * params}
@@ -125,10 +121,9 @@ def test_command_output_is_complete(tmp_path):
     assert "check" not in report
 
 
-def test_given_throughput_is_used_as_is(tmp_path):
+def test_given_throughput_is_used_as_is(tmp_path, capsys):
     out = tmp_path / "s.json"
-    proc = run_scaling("--images-per-second", "100000", "--batch-per-gpu", "512", "--json", str(out))
-    assert proc.returncode == 0, proc.stderr
+    run_scaling("--images-per-second", "100000", "--batch-per-gpu", "512", "--json", str(out), capsys=capsys)
     model = json.loads(out.read_text())["models"][0]
     assert model["compute_seconds_per_image"] == pytest.approx(1e-5) and "given" in model["compute_source"]
     row = next(
@@ -140,22 +135,63 @@ def test_given_throughput_is_used_as_is(tmp_path):
     assert row["efficiency"] == pytest.approx(5.12e-3 / (5.12e-3 + comm))
 
 
+def test_a_failing_worker_still_destroys_its_process_group(monkeypatch):
+    """Each process of the 2-process check destroys its gloo group whatever happens: one left alive at
+    interpreter exit can abort the process."""
+    for key in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "OMP_NUM_THREADS",
+    ):
+        monkeypatch.setenv(key, os.environ.get(key, ""))  # restored after the test
+
+    def failing_rounds(rank, work, steps):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        raise RuntimeError("failed mid-way")
+
+    monkeypatch.setattr(scaling, "_two_process_rounds", failing_rounds)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="failed mid-way"):
+            scaling._two_process_worker(0, 0, scaling.Workload("vgg3layer", 2), 1, threads, "unused.json")
+    finally:
+        torch.set_num_threads(threads)
+    assert not dist.is_initialized()
+
+
+@pytest.mark.slow
 def test_two_process_check_output_is_complete(tmp_path):
+    """``python -m distvgg.scaling --measure-allreduce`` as users run it: 2 gloo processes, which both exit
+    cleanly (a process aborted at exit would fail the command)."""
     out = tmp_path / "s.json"
-    proc = run_scaling(
-        "--width",
-        "0.125",
-        "--batch-per-gpu",
-        "8",
-        "--check-batch",
-        "8",
-        "--steps",
-        "1",
-        "--measure-allreduce",
-        "--json",
-        str(out),
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distvgg.scaling",
+            "--width",
+            "0.125",
+            "--batch-per-gpu",
+            "8",
+            "--check-batch",
+            "8",
+            "--steps",
+            "1",
+            "--measure-allreduce",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr
     check = json.loads(out.read_text())["check"]
     params = count_parameters(build_model("vgg3layer", 10, width=0.125))
     assert check["numel"] == params and check["gradient_bytes"] == 4 * params
@@ -186,6 +222,7 @@ def test_two_process_check_output_is_complete(tmp_path):
         (["--model", "vgg99"], "invalid choice"),
     ],
 )
-def test_bad_arguments_are_clear_errors(args, message):
-    proc = run_scaling(*args)
-    assert proc.returncode == 2 and message in proc.stderr
+def test_bad_arguments_are_clear_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        scaling.main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

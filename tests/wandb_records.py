@@ -123,7 +123,3 @@ def summary(path: str | Path) -> dict[str, Any]:
         if r.WhichOneof("record_type") == "summary":
             out.update(_items(r.summary.update))
     return out
-
-
-def record_types(path: str | Path) -> list[str]:
-    return [r.WhichOneof("record_type") for r in records(path)]
