@@ -8,12 +8,13 @@ so that tests can record exactly which samples a run has seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+PrepareBatch = Callable[[Batch, int, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
 class IndexedImages(Dataset):
@@ -38,6 +39,8 @@ class IndexedImages(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         idx = torch.as_tensor(indices, dtype=torch.long)
+        if self.images.is_cuda:  # a copy from pageable memory would block the host: pin it first
+            idx = idx.pin_memory()
         dev = idx.to(self.images.device, non_blocking=True)
         return self.images[dev], self.labels[dev], dev
 
@@ -141,7 +144,9 @@ def augment(
     sample gets the same crop in a run of 1 process or 8, and a resumed run replays it exactly.
     """
     n, c, h, w = images.shape
-    key = _mix(indices.long() + _mix(torch.tensor(seed * 65_537 + epoch, device=indices.device)))
+    # The (seed, epoch) part is hashed on the host: a tensor made on the GPU every step would be a blocking copy.
+    base = int(_mix(torch.tensor(seed * 65_537 + epoch)))
+    key = _mix(indices.long() + base)
     span = 2 * pad + 1
     dy = key.remainder(span)
     dx = (key >> 16).remainder(span)
@@ -160,3 +165,15 @@ def normalize(images: torch.Tensor, mean: float, std: float, channels_last: bool
     """uint8 -> float in ((x / 255) - mean) / std, the guide's ToTensor + Normalize in one op."""
     x = images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def make_prepare(augmented: bool, seed: int, mean: float, std: float, channels_last: bool) -> PrepareBatch:
+    """``prepare(batch, epoch, train)``: uint8 batch on the device -> (augmented, normalised images, labels)."""
+
+    def prepare(batch: Batch, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, indices = batch
+        if train and augmented:
+            images = augment(images, indices, seed, epoch)
+        return normalize(images, mean, std, channels_last), labels
+
+    return prepare

@@ -77,6 +77,9 @@ class TrainConfig:
     """torch.compile the model (compile time is reported apart)."""
     tf32: bool = True
     """Allow TF32 matmuls and convolutions on CUDA GPUs that have them (no effect on the CPU)."""
+    deterministic: bool = False
+    """Deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning, a fixed cuBLAS workspace),
+    so that a resumed GPU run repeats bitwise; slower on GPUs."""
     # --- optimisation
     epochs: int = 10
     """Passes over the training set."""
@@ -91,7 +94,10 @@ class TrainConfig:
     optimizer: str = "sgd"
     """sgd (with momentum, as in the guide) or adamw."""
     lr: float = 0.01
-    """Peak learning rate (the guide's 0.01)."""
+    """Peak learning rate (the guide's 0.01), for a global batch of --lr-reference-batch when that is set."""
+    lr_reference_batch: Optional[int] = None
+    """Scale the learning rate with the global batch: lr x global batch / this (the linear scaling rule); unset,
+    --lr is used as it is for any number of processes."""
     momentum: float = 0.9
     """SGD momentum (the guide's 0.9)."""
     nesterov: bool = False
@@ -135,7 +141,7 @@ class TrainConfig:
     """W&B tags."""
     wandb_log_model: bool = False
     """Upload final/ (weights and model.json) as a W&B model artifact of the run."""
-    ddp_timeout: int = 300
+    ddp_timeout: int = 1800
     """Seconds a collective may wait before the job fails (a dead process ends the job, not hangs it)."""
     ddp_comm_hook: str = "none"
     """DDP gradient compression: none, fp16 or bf16."""
@@ -182,7 +188,7 @@ class TrainConfig:
             "ddp_timeout",
         ):
             need(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "train_limit", "eval_limit"):
+        for name in ("max_steps", "train_limit", "eval_limit", "lr_reference_batch"):
             v = getattr(self, name)
             need(v is None or v >= 1, f"--{_flag(name)} must be at least 1, got {v}")
         need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")

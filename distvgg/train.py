@@ -1,22 +1,16 @@
-"""Train a VGG on an image-classification dataset with one Accelerate loop.
+"""``accelerate launch -m distvgg.train``: one Accelerate loop for one CPU, one GPU, many GPUs and many machines.
 
-    accelerate launch -m distvgg.train --dataset ../shared/data/cifar10-jpeg
-
-The same loop runs on one CPU, one GPU, many GPUs and many machines: Accelerate wraps
-the model, optimizer, DataLoaders and scheduler; this file keeps the guide's five steps
-(zero_grad, forward, loss, backward, step) in the guide's order.
+Read it top to bottom: ``build.setup`` makes the run; ``fit`` runs epochs of ``train_epoch`` (the guide's five steps
+are in ``train_step``), each followed by ``validate``; the decisions to log, checkpoint and stop are inline.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,295 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distvgg import batches
+from distvgg import batches, build, start, tracking
 from distvgg import checkpoint as ckpt
+from distvgg.build import make_accelerator
 from distvgg.config import ConfigError, TrainConfig, parse_config, save_config
-from distvgg.models import build_model, model_spec
-from distvgg.tracking import (
-    RunLogger,
-    Tracking,
-    TrackingError,
-    log_eval_media,
-    log_model_artifact,
-    run_facts,
-    sample_predictions,
-    start_trackers,
-    trackers_for,
-)
-
-
-class LaunchError(RuntimeError):
-    """The processes of a launch did not form one training job."""
-
-
-PrepareBatch = Callable[[batches.Batch, int, bool], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class Run:
-    """Everything ``fit`` needs, built once by ``setup``."""
-
-    cfg: TrainConfig
-    accelerator: Any
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    criterion: nn.Module
-    train_dl: Any
-    sampler: batches.EpochSampler
-    test_dl: Any
-    prepare_batch: PrepareBatch
-    class_names: list[str]
-    image_size: tuple[int, int]
-    logger: RunLogger
-    steps_per_epoch: int
-    total_steps: int
-    global_batch: int
-    # progress, saved with checkpoints
-    epoch: int = 0
-    global_step: int = 0
-    step_in_epoch: int = 0
-    best_accuracy: float = -1.0
-    best_epoch: int = -1
-    skipped_steps: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    # checkpoints and resume (distvgg/checkpoint.py)
-    wandb_run_id: str | None = None  # restored from a checkpoint before the trackers start
-    dataset_fingerprint: str = ""
-    stop: Any = None  # ckpt.StopSignals: SIGTERM/SIGUSR1 seen, agreed on between steps
-    trace: Any = None  # ckpt.SampleTrace when DISTVGG_TRACE_SAMPLES is set
-    last_checkpoint: Path | None = None
-    compile_seconds: float | None = None  # the first step under --compile (compilation), timed apart
-
-
-def make_accelerator(cfg: TrainConfig):
-    """The Accelerator for this run; the launch (accelerate config, torchrun) decides the processes."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    log_with = trackers_for(cfg.report_to)
-    ddp = DistributedDataParallelKwargs()
-    if cfg.ddp_comm_hook != "none":
-        from accelerate.utils import DDPCommunicationHookType
-
-        ddp = DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType(cfg.ddp_comm_hook))
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    # torchrun started several processes but there is no GPU: Accelerate needs cpu=True to join them
-    # with gloo (otherwise each process silently trains alone, as in a MULTI_GPU config with use_cpu).
-    cpu = launched > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=cfg.mixed_precision,
-        log_with=log_with or None,
-        project_dir=cfg.output_dir,
-        # We step the scheduler once per optimizer step ourselves; Accelerate's default would
-        # step it num_processes times, which makes the schedule depend on the launch.
-        step_scheduler_with_optimizer=False,
-        # A dead peer must end the job within --ddp-timeout instead of hanging it forever.
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout)), ddp],
-    )
-    if accelerator.num_processes != launched:
-        raise LaunchError(
-            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but they formed a "
-            f"group of {accelerator.num_processes}: each would train alone. Check the accelerate "
-            f"config's distributed_type (see accelerate_configs/ and the README)."
-        )
-    return accelerator
-
-
-def make_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """LR over optimizer steps; defined on global steps, so it is the same for any number of processes."""
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 2))
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.schedule == "none":
-            return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def optimizer_impl_kwargs(impl: str) -> dict[str, bool]:
-    """torch.optim kernel choice for ``--optimizer-impl``. ``auto`` is fused: on 2 CPU cores one fused SGD
-    step over VGG3Layer's 34M parameters took 15 ms against 85 ms (foreach) and 120-270 ms (loop), and
-    fused is the fastest on CUDA too (and works with Accelerate's fp16 GradScaler)."""
-    if impl in ("auto", "fused"):
-        return {"fused": True}
-    return {"foreach": impl == "foreach"}
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    kernels = optimizer_impl_kwargs(cfg.optimizer_impl)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kernels)
-    return torch.optim.SGD(
-        model.parameters(),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-        **kernels,
-    )
-
-
-def cpu_threads(cfg: TrainConfig) -> int:
-    """``--cpu-threads``, else the machine's physical cores shared by its processes. A plain
-    ``accelerate launch`` (no config) sets OMP_NUM_THREADS=1, which halves a 2-core machine's
-    speed and leaves a laptop's other cores idle; Accelerate's own CPU configs use this rule."""
-    if cfg.cpu_threads:
-        return cfg.cpu_threads
-    import psutil
-
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, (psutil.cpu_count(logical=False) or os.cpu_count() or 1) // local)
-
-
-def configure_backends(cfg: TrainConfig, device: torch.device) -> None:
-    """Process-wide kernel switches: CPU threads on the CPU; on CUDA, TF32 matmuls and convolutions
-    (``--tf32``, on by default: fp32 storage with TF32 tensor-core math), and cuDNN's autotuner,
-    since the input shape never changes."""
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(cfg))
-    if device.type != "cuda":
-        return
-    set_tf32(cfg.tf32)
-    torch.backends.cudnn.benchmark = True
-
-
-def set_tf32(enabled: bool) -> None:
-    """TF32 (or strict IEEE fp32) for CUDA matmuls and convolutions. torch >= 2.9 raises if its new
-    ``fp32_precision`` switches and the legacy ``allow_tf32`` ones are mixed, so use the new ones when present."""
-    mode = "tf32" if enabled else "ieee"
-    try:
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
-    except AttributeError:  # torch < 2.9
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
-
-
-def make_prepare_batch(cfg: TrainConfig) -> PrepareBatch:
-    """uint8 batch on the device -> (augmented, normalised float images, labels)."""
-
-    def prepare(batch: batches.Batch, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels, indices = batch
-        if train and cfg.augment:
-            images = batches.augment(images, indices, cfg.seed, epoch)
-        return batches.normalize(images, cfg.mean, cfg.std, cfg.channels_last), labels
-
-    return prepare
-
-
-def load_data(cfg: TrainConfig, accelerator: Any):
-    """Decoded uint8 tensors, subset by the limits. The main process of each machine decodes and
-    caches first; the others then read its cache, so there is no N-way decode race."""
-    from distvgg.data import balanced_subset, load_image_data
-
-    log = accelerator.print if accelerator.is_main_process else (lambda *_: None)
-    with accelerator.local_main_process_first():
-        data = load_image_data(
-            cfg.dataset,
-            image_column=cfg.image_column,
-            label_column=cfg.label_column,
-            cache_dir=cfg.cache_dir,
-            skip_bad_images=cfg.skip_bad_images,
-            log=log,
-        )
-    train, test = data.train, data.test
-    if cfg.train_limit:
-        idx = balanced_subset(train.labels, cfg.train_limit, cfg.seed)
-        train = type(train)(train.images[idx], train.labels[idx])
-    if cfg.eval_limit:
-        idx = balanced_subset(test.labels, cfg.eval_limit, cfg.seed + 1)
-        test = type(test)(test.images[idx], test.labels[idx])
-    return data, train, test
-
-
-def setup(cfg: TrainConfig, accelerator: Any) -> Run:
-    """Data, model, optimizer, schedule and loaders, all wrapped by ``accelerator.prepare``."""
-    from accelerate.utils import set_seed
-
-    configure_backends(cfg, accelerator.device)
-    data, train, test = load_data(cfg, accelerator)
-    on_device = cfg.data_on_device == "yes" or (cfg.data_on_device == "auto" and accelerator.device.type == "cuda")
-    if on_device:
-        train.images, train.labels = train.images.to(accelerator.device), train.labels.to(accelerator.device)
-
-    set_seed(cfg.seed)  # identical initial weights on every process
-    try:
-        model = build_model(
-            cfg.model, data.num_classes, width=cfg.width, dropout=cfg.dropout, image_size=data.image_size
-        )
-    except ValueError as e:  # images too small for the network's pooling stages
-        from distvgg.data import DataError
-
-        raise DataError(
-            f"--dataset {cfg.dataset}: {e}; use larger images, or a --model with fewer pooling stages"
-        ) from e
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.sync_bn and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
-        # torch's SyncBatchNorm refuses CPU tensors; say so now rather than at the first forward.
-        raise ConfigError(
-            "--sync-bn needs GPUs (torch's SyncBatchNorm does not run on the CPU); drop it for CPU "
-            "runs, or compare against gradient accumulation as the tests do"
-        )
-    if cfg.sync_bn and accelerator.num_processes > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-    global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    train_dl, sampler = batches.train_loader(
-        train.images,
-        train.labels,
-        cfg.batch_size,
-        global_batch,
-        cfg.seed,
-        cfg.num_workers,
-        pin_memory=not on_device and accelerator.device.type == "cuda",
-    )
-    test_dl = batches.eval_loader(test.images, test.labels, cfg.eval_batch_size)
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_schedule(cfg, optimizer, total_steps)
-    model, optimizer, train_dl, test_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, test_dl, scheduler)
-    # Starting to iterate a DataLoader draws a seed from the global torch RNG unless the loader has its
-    # own generator; a run resumed mid-epoch would then draw once more than an uninterrupted one and
-    # shift every later dropout mask. Own generators keep the global RNG for dropout alone (set on the
-    # torch DataLoader that Accelerate's wrapper iterates).
-    for loader in (train_dl, test_dl):
-        getattr(loader, "base_dataloader", loader).generator = torch.Generator().manual_seed(cfg.seed)
-    if cfg.compile:
-        model = torch.compile(model)
-    # Different dropout masks on different processes, from here on.
-    set_seed(cfg.seed + accelerator.process_index)
-
-    return Run(
-        cfg=cfg,
-        accelerator=accelerator,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-        train_dl=train_dl,
-        sampler=sampler,
-        test_dl=test_dl,
-        prepare_batch=make_prepare_batch(cfg),
-        class_names=list(data.class_names),
-        image_size=tuple(data.image_size),
-        logger=RunLogger(accelerator, cfg.output_dir),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        global_batch=global_batch,
-        dataset_fingerprint=data.fingerprint,
-    )
+from distvgg.files import BEST_DIR, FINAL_DIR, STATE_FILE
+from distvgg.models import model_spec
+from distvgg.preemption import INTERRUPTED_EXIT_CODE, PREEMPT_EXIT_CODE, Preempted, StopSignals
 
 
 def train_step(
@@ -323,8 +35,9 @@ def train_step(
     accelerator: Any,
     micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     max_grad_norm: float | None = None,
-) -> torch.Tensor:
-    """One optimizer step over one or more micro-batches; returns the mean loss, still on the device.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over one or more micro-batches: the guide's five steps. Returns the mean loss
+    and whether the fp16 gradient scaler skipped the step, both still on the device.
 
     Gradient accumulation is done here rather than with ``accelerator.accumulate``, whose
     ``zero_grad`` only acts on the last micro-batch and so cannot come first, as in the guide.
@@ -333,64 +46,66 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     for i, (data, target) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        # Skip the gradient all-reduce on all but the last micro-batch.
-        with nullcontext() if last else accelerator.no_sync(model):
+        with nullcontext() if last else accelerator.no_sync(model):  # all-reduce only on the last micro-batch
             output = model(data)
             loss = criterion(output, target)
             accelerator.backward(loss / len(micro_batches))
         total += loss.detach()
     if max_grad_norm:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    scale = build.loss_scale(accelerator.scaler)
+    before = scale.clone() if scale is not None else None
     optimizer.step()
     scheduler.step()
-    return total / len(micro_batches)
+    # The scaler lowers its scale exactly when it skipped a step (with fused SGD the kernel skips it itself,
+    # so Accelerate's optimizer_step_was_skipped stays False); compared on the device, without a host sync.
+    skipped = (scale < before) if before is not None else torch.zeros((), dtype=torch.bool, device=total.device)
+    return total / len(micro_batches), skipped
 
 
-def train_epoch(run: Run, epoch: int, progress: Any) -> None:
+def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals) -> None:
     """One pass over the training set (or the rest of it, after a resume mid-epoch)."""
     cfg, acc = run.cfg, run.accelerator
     if run.step_in_epoch >= run.steps_per_epoch or run.global_step >= run.total_steps:
         return  # resumed from a checkpoint written after this epoch's last step, before its evaluation
+    every = ckpt.parse_every(cfg.checkpoint_every)
     run.model.train()
     run.train_dl.set_epoch(epoch)
     run.sampler.set_position(epoch, run.step_in_epoch * run.global_batch)
     running, since_log = torch.zeros((), device=acc.device), 0
     tick, micro = time.perf_counter(), []
     for batch in run.train_dl:
-        if run.trace:
-            run.trace(run.global_step + 1, epoch, batch[2])
         micro.append(run.prepare_batch(batch, epoch, True))
         if len(micro) < cfg.gradient_accumulation_steps:
             continue
-        loss = train_step(run.model, run.criterion, run.optimizer, run.scheduler, acc, micro, cfg.max_grad_norm)
+        loss, skipped = train_step(
+            run.model, run.criterion, run.optimizer, run.scheduler, acc, micro, cfg.max_grad_norm
+        )
         micro = []
         if cfg.compile and run.compile_seconds is None:
-            # torch.compile compiles during the first step: time it apart (one host sync), so that the
-            # logged images/s are steady-state figures.
-            loss.item()
+            loss.item()  # note: a host sync, once: the first step compiles, and is timed apart from the rest
             run.compile_seconds, tick = time.perf_counter() - tick, time.perf_counter()
-            run.logger.log({"train/compile_seconds": run.compile_seconds}, step=run.global_step + 1)
             acc.print(f"--compile: the first step (compilation) took {run.compile_seconds:.1f} s")
         running += loss
-        since_log += 1
-        run.global_step += 1
-        run.step_in_epoch += 1
-        if acc.optimizer_step_was_skipped:
-            run.skipped_steps += 1
+        run.skipped_steps += skipped
+        since_log, run.global_step, run.step_in_epoch = since_log + 1, run.global_step + 1, run.step_in_epoch + 1
         progress.update(1)
         if run.step_in_epoch % cfg.log_every == 0 or run.global_step == run.total_steps:
-            # The only host sync of the loop: the loss averaged over processes, at log points.
+            # note: the loop's only host sync, at log points: the loss averaged over processes
             mean_loss = acc.reduce(running / since_log, reduction="mean").item()
-            elapsed = time.perf_counter() - tick
-            log_train(run, epoch, mean_loss, since_log * run.global_batch / elapsed, progress)
+            log_train(run, epoch, mean_loss, since_log * run.global_batch / (time.perf_counter() - tick), progress)
             running.zero_()
             since_log, tick = 0, time.perf_counter()
-        ckpt.after_step(run, running)  # the periodic checkpoint; stop here after a SIGTERM/SIGUSR1
+        saved = isinstance(every, int) and run.global_step % every == 0
+        if saved:
+            save_checkpoint(run, f"every {every} steps", running)
+        if run.global_step < run.total_steps and stop.should_stop(acc, run.global_step):
+            preempt(run, stop.reason, saved, running)  # SIGTERM/SIGUSR1: checkpoint, then exit 75
         if run.global_step >= run.total_steps:
             return
 
 
-def log_train(run: Run, epoch: int, loss: float, images_per_second: float, progress: Any) -> None:
+def log_train(run: build.Run, epoch: int, loss: float, images_per_second: float, progress: Any) -> None:
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"the training loss is {loss} at step {run.global_step} (epoch {epoch + 1}): "
@@ -403,14 +118,16 @@ def log_train(run: Run, epoch: int, loss: float, images_per_second: float, progr
         "train/lr": run.scheduler.get_last_lr()[0],
         "train/images_per_second": images_per_second,
     }
+    if run.compile_seconds is not None:
+        values["train/compile_seconds"] = run.compile_seconds
     if run.accelerator.mixed_precision == "fp16":
-        values["train/skipped_steps"] = run.skipped_steps
+        values["train/skipped_steps"] = int(run.skipped_steps)
     run.logger.log(values, step=run.global_step, epoch=epoch + run.step_in_epoch / run.steps_per_epoch)
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Any, accelerator: Any, prepare_batch: PrepareBatch, num_classes: int, tta: bool = False
+    model: nn.Module, loader: Any, accelerator: Any, num_classes: int, *, mean: float, std: float, tta: bool = False
 ) -> dict[str, Any]:
     """Loss, accuracy, per-class accuracy and confusion matrix over the whole test split.
 
@@ -420,16 +137,16 @@ def evaluate(
     """
     model.eval()
     preds, targets, losses = [], [], []
-    for batch in loader:
-        data, target = prepare_batch(batch, 0, False)
+    for images, target, _ in loader:
+        data = batches.normalize(images, mean, std)
         output = model(data).float()
         if tta:
             output = (output + model(data.flip(-1)).float()) / 2
         loss = F.cross_entropy(output, target, reduction="none")
-        p, t, l = accelerator.gather_for_metrics((output.argmax(1), target, loss))
-        preds.append(p)
-        targets.append(t)
-        losses.append(l)
+        pred, target, loss = accelerator.gather_for_metrics((output.argmax(1), target, loss))
+        preds.append(pred)
+        targets.append(target)
+        losses.append(loss)
     pred, target, loss = torch.cat(preds).cpu(), torch.cat(targets).cpu(), torch.cat(losses).cpu()
     confusion = torch.bincount(target * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
     per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1)
@@ -442,197 +159,254 @@ def evaluate(
     }
 
 
-def evaluate_and_log(run: Run, epoch: int) -> dict[str, Any]:
-    result = evaluate(run.model, run.test_dl, run.accelerator, run.prepare_batch, len(run.class_names), tta=run.cfg.tta)
+def validate(run: build.Run, epoch: int) -> dict[str, Any]:
+    """Evaluate the test split, log it, and save ``best/`` when the accuracy improved."""
+    cfg, acc = run.cfg, run.accelerator
+    result = evaluate(run.model, run.test_dl, acc, len(run.class_names), mean=cfg.mean, std=cfg.std, tta=cfg.tta)
     if result["accuracy"] > run.best_accuracy:
         run.best_accuracy, run.best_epoch = result["accuracy"], epoch + 1
-        if run.accelerator.is_main_process:
-            ckpt.save_model_folder(
-                run,
-                ckpt.BEST_DIR,
-                model_spec_of(
-                    run, best_accuracy=run.best_accuracy, best_epoch=run.best_epoch, global_step=run.global_step
-                ),
-            )
-    per_class = {f"eval/accuracy/{name}": acc for name, acc in zip(run.class_names, result["per_class_accuracy"])}
+        save_model(run, BEST_DIR)
+    per_class = {f"eval/accuracy/{name}": a for name, a in zip(run.class_names, result["per_class_accuracy"])}
+    values = {"eval/loss": result["loss"], "eval/accuracy": result["accuracy"], "eval/count": result["count"]}
     run.logger.log(
-        {
-            "eval/loss": result["loss"],
-            "eval/accuracy": result["accuracy"],
-            "eval/count": result["count"],
-            **per_class,
-            "eval/confusion": result["confusion"],
-        },
-        step=run.global_step,
-        epoch=epoch + 1,
+        {**values, **per_class, "eval/confusion": result["confusion"]}, step=run.global_step, epoch=epoch + 1
     )
-    log_eval_media(
+    model = acc.unwrap_model(run.model)
+    tracking.log_eval_media(
         run.logger,
         result,
         run.class_names,
-        lambda: sample_predictions(
-            run.accelerator.unwrap_model(run.model), run.test_dl.dataset, run.prepare_batch, run.accelerator.device
-        ),
+        lambda: tracking.sample_predictions(model, run.test_dl.dataset, run.prepare_batch, acc.device),
         step=run.global_step,
     )
-    run.accelerator.print(
+    acc.print(
         f"[{epoch + 1}] test loss: {result['loss']:.3f}  accuracy: {100 * result['accuracy']:.2f}% "
         f"({result['count']} images)"
     )
     return result
 
 
-def fit(run: Run) -> None:
-    """Epochs of training, each followed by an evaluation of the test split."""
+def fit(run: build.Run, stop: StopSignals) -> None:
+    """Epochs of training, each followed by an evaluation of the test split and the epoch's checkpoint."""
     from tqdm.auto import tqdm
 
     acc = run.accelerator
+    every = ckpt.parse_every(run.cfg.checkpoint_every)
+    # A live bar only on a terminal: in a log file (SLURM, > train.log) its frames would be carriage returns.
     progress = tqdm(
         total=run.total_steps,
         initial=run.global_step,
         desc="train",
         unit="step",
-        disable=not acc.is_main_process,
         dynamic_ncols=True,
+        disable=not acc.is_main_process or not sys.stderr.isatty(),
     )
     start = time.perf_counter()
-    first_epoch = run.epoch
-    for epoch in range(first_epoch, math.ceil(run.total_steps / run.steps_per_epoch)):
+    for epoch in range(run.epoch, math.ceil(run.total_steps / run.steps_per_epoch)):
         run.epoch = epoch
-        train_epoch(run, epoch, progress)
-        evaluate_and_log(run, epoch)
-        ckpt.at_epoch_end(run, epoch)  # next epoch; the epoch checkpoint; stop here after a signal
+        train_epoch(run, epoch, progress, stop)
+        validate(run, epoch)
+        if run.step_in_epoch >= run.steps_per_epoch:  # not when --max-steps ended the run mid-epoch
+            run.epoch, run.step_in_epoch = epoch + 1, 0
+        if every == "epoch":
+            save_checkpoint(run, "epoch end")
+        if run.global_step < run.total_steps and stop.should_stop(acc, run.global_step, boundary=True):
+            preempt(run, stop.reason, every == "epoch")
         if run.global_step >= run.total_steps:
             break
     progress.close()
     seconds = time.perf_counter() - start
-    trained = (run.global_step) * run.global_batch
-    run.logger.log(
-        {
-            "summary/best_accuracy": run.best_accuracy,
-            "summary/best_epoch": run.best_epoch,
-            "summary/train_seconds": seconds,
-            "summary/images_per_second": trained / max(seconds, 1e-9),
-        },
-        step=run.global_step,
+    summary = {
+        "summary/best_accuracy": run.best_accuracy,
+        "summary/best_epoch": run.best_epoch,
+        "summary/train_seconds": seconds,
+        "summary/images_per_second": run.global_step * run.global_batch / max(seconds, 1e-9),
+    }
+    run.logger.log(summary, step=run.global_step)
+
+
+# ------------------------------------------------------------- checkpoints of the run (checkpoint.py writes the files)
+
+
+def exact_settings(run: build.Run) -> dict[str, Any]:
+    """The options and facts a checkpoint can only be continued with (see ckpt.EXACT_OPTIONS)."""
+    options, acc = run.cfg.to_dict(), run.accelerator
+    return {
+        **{k: options[k] for k in ckpt.EXACT_OPTIONS if k in options},
+        "dataset_fingerprint": run.dataset_fingerprint,
+        "image_size": list(run.image_size),
+        "class_names": list(run.class_names),
+        "train_images": run.sampler.num_samples,
+        "global_batch": run.global_batch,
+        "num_processes": acc.num_processes,
+        "mixed_precision": str(acc.mixed_precision),
+    }
+
+
+def training_state(run: build.Run, reason: str, finished: bool = False) -> ckpt.TrainingState:
+    counters = "epoch global_step step_in_epoch total_steps steps_per_epoch global_batch best_accuracy best_epoch"
+    return ckpt.TrainingState(
+        **{name: getattr(run, name) for name in counters.split()},
+        num_processes=run.accelerator.num_processes,
+        skipped_steps=int(run.skipped_steps),
+        wandb_run_id=run.wandb_run_id,
+        seed=run.cfg.seed,
+        reason=reason,
+        finished=finished,
+        exact=exact_settings(run),
+        config=run.cfg.to_dict(),
+        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
 
 
-def model_spec_of(run: Run, **extra: Any) -> dict[str, Any]:
-    return model_spec(
-        run.cfg.model,
-        len(run.class_names),
-        run.cfg.width,
-        run.cfg.dropout,
-        run.image_size,
-        run.class_names,
-        mean=run.cfg.mean,
-        std=run.cfg.std,
-        train_config=run.cfg.to_dict(),
-        **extra,
-    )
-
-
-def save_final(run: Run) -> Path:
-    """``OUTPUT_DIR/final``: safetensors weights and what is needed to rebuild the network, plus the
-    finished training state (how a later start of the same command knows the run is complete);
-    written to a temporary folder and swapped in, so a crash never leaves a half-written final/."""
+def save_checkpoint(run: build.Run, reason: str, running_loss: torch.Tensor | None = None) -> Path:
+    """Check that the run is still finite, then write a checkpoint of it (every process)."""
     acc = run.accelerator
-    acc.wait_for_everyone()
-    final = Path(run.cfg.output_dir) / ckpt.FINAL_DIR
-    if acc.is_main_process:
-        ckpt.save_model_folder(run, ckpt.FINAL_DIR, model_spec_of(run), ckpt.state_of(run, "final", finished=True))
-        acc.print(f"saved the final model to {final}")
-    acc.wait_for_everyone()
-    return final
+    if not ckpt.all_finite(acc, run.model, running_loss):
+        raise FloatingPointError(
+            f"the loss or the weights are not finite at step {run.global_step}: no checkpoint "
+            f"written. Lower --lr, set --max-grad-norm, or use bf16 instead of fp16"
+        )
+    state = training_state(run, reason)
+    folder = ckpt.save_checkpoint(
+        acc,
+        run.cfg.output_dir,
+        state,
+        run.cfg.keep_last,
+        previous=run.last_checkpoint,
+        size=lambda: ckpt.tensor_bytes(run.model.state_dict(), run.optimizer.state_dict()),
+    )
+    run.last_checkpoint = folder
+    acc.print(f"checkpoint: {folder} ({reason})")
+    return folder
+
+
+def preempt(run: build.Run, reason: str | None, saved: bool, running_loss: torch.Tensor | None = None) -> None:
+    """A stop signal: the checkpoint of this step (unless just written), then ``Preempted`` (exit 75)."""
+    folder = run.last_checkpoint if saved else save_checkpoint(run, str(reason), running_loss)
+    raise Preempted(str(reason), run.global_step, folder)
+
+
+def resume(run: build.Run, plan: start.StartPlan) -> None:
+    """Check the checkpoint fits this run, load it, restore the counters (and the W&B run id)."""
+    folder = Path(plan.folder or "")
+    state = ckpt.TrainingState.from_json(plan.state or "", str(folder / STATE_FILE))
+    ckpt.check_compatible(folder, state, exact_settings(run))
+    ckpt.load_checkpoint(run.accelerator, folder)
+    run.epoch, run.global_step, run.step_in_epoch = state.epoch, state.global_step, state.step_in_epoch
+    run.best_accuracy, run.best_epoch, run.skipped_steps = state.best_accuracy, state.best_epoch, state.skipped_steps
+    run.wandb_run_id, run.last_checkpoint = state.wandb_run_id, folder
+    run.accelerator.print(
+        f"resuming from {folder}: step {state.global_step} of {state.total_steps}, epoch "
+        f"{state.epoch + 1} at sample {state.sample_position} of its data order"
+    )
+
+
+def save_model(run: build.Run, name: str, state: ckpt.TrainingState | None = None) -> Path:
+    """``OUTPUT_DIR/<name>`` (best/, final/): weights and model.json, replaced atomically (main process)."""
+    cfg, folder = run.cfg, Path(run.cfg.output_dir) / name
+    if run.accelerator.is_main_process:
+        progress = {"best_accuracy": run.best_accuracy, "best_epoch": run.best_epoch, "global_step": run.global_step}
+        spec = model_spec(cfg.model, len(run.class_names), cfg.width, cfg.dropout, run.image_size, run.class_names)
+        spec.update(mean=cfg.mean, std=cfg.std, train_config=cfg.to_dict(), **progress)
+        ckpt.save_model_folder(folder, run.accelerator.unwrap_model(run.model), spec, state)
+    return folder
+
+
+def train(
+    cfg: TrainConfig, accelerator: Any, stop: StopSignals, lock: start.OutputLock, started: list[tracking.Tracking]
+) -> None:
+    """Plan the start (fresh, resume or complete), set up, fit, save ``final/``. ``started`` receives the
+    trackers, so that the caller can report where an offline W&B run is however the run ends."""
+    # Before any training time is spent: a writable --output-dir, and what to resume from.
+    plan = start.agree_on_start(accelerator, cfg.output_dir, cfg.resume, cfg.to_dict(), lock)
+    if plan.mode == "complete":
+        accelerator.print(start.complete_message(cfg.output_dir, plan))
+        return
+    if plan.note:
+        accelerator.print(plan.note)
+    run = build.setup(cfg, accelerator)
+    if plan.mode == "resume":
+        resume(run, plan)  # restores run.wandb_run_id, before the trackers start
+    facts = {**tracking.run_facts(accelerator), "global_batch": run.global_batch, "lr": run.lr}
+    if accelerator.is_main_process:
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml", extra=facts)
+    # The main process picks the W&B mode and run id (restored from a checkpoint, or kept in OUTPUT_DIR).
+    trackers = tracking.start_trackers(
+        accelerator,
+        cfg,
+        config={**cfg.to_dict(), **facts},
+        restored_run_id=run.wandb_run_id,
+        fresh=cfg.resume == "none",
+    )
+    started.append(trackers)
+    run.wandb_run_id = trackers.wandb_run_id or run.wandb_run_id
+    accelerator.print(
+        f"training {cfg.model} on {run.sampler.num_samples} images, {accelerator.num_processes} "
+        f"process(es), global batch {run.global_batch}, lr {run.lr:g}, {run.total_steps} steps"
+    )
+    try:
+        fit(run, stop)
+    except FloatingPointError as e:
+        raise FloatingPointError(
+            f"{e}\nthe last good checkpoint is {run.last_checkpoint or '(none yet)'}; no checkpoint is written after "
+            f"a non-finite loss, and resuming with the same options would repeat the same steps: change them and "
+            f"start over (--resume none moves this run's outputs aside)"
+        ) from None
+    accelerator.wait_for_everyone()
+    final = save_model(run, FINAL_DIR, training_state(run, "final", finished=True))
+    accelerator.print(f"saved the final model to {final}")
+    if cfg.wandb_log_model:
+        tracking.log_model_artifact(
+            trackers, final, {"best_accuracy": run.best_accuracy, "global_step": run.global_step}
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, set up, fit, save. Returns the process exit code."""
     try:
         cfg = parse_config(argv)
-    except ConfigError as e:
-        print(f"distvgg.train: {e}", file=sys.stderr)
-        return 2
-    try:
         accelerator = make_accelerator(cfg)
-    except LaunchError as e:
+    except (ConfigError, build.LaunchError) as e:
         print(f"distvgg.train: error: {e}", file=sys.stderr)
         return 2
     from distvgg.data import DataError
 
-    tracking: Tracking | None = None
-    run: Run | None = None
-    stop = ckpt.StopSignals().install()  # SIGTERM/SIGUSR1: checkpoint after the current step, then exit 75
+    started: list[tracking.Tracking] = []
+    lock = start.OutputLock(cfg.output_dir)  # one job per --output-dir, held by the main process
+    stop = StopSignals().install()  # SIGTERM/SIGUSR1: checkpoint after the current step, then exit 75
     try:
-        # Before any training time is spent: a writable --output-dir, and what to resume from.
-        plan = ckpt.agree_on_start(accelerator, cfg)
-        if plan.mode == "complete":
-            accelerator.print(ckpt.complete_message(cfg.output_dir, plan))
-            return 0
-        if plan.note:
-            accelerator.print(plan.note)
-        run = setup(cfg, accelerator)
-        run.stop, run.trace = stop, ckpt.SampleTrace.from_env(accelerator)
-        if plan.mode == "resume":
-            ckpt.resume_run(run, plan)  # restores run.wandb_run_id, before the trackers start
-        facts = run_facts(accelerator)
-        if accelerator.is_main_process:
-            save_config(cfg, Path(cfg.output_dir) / "config.yaml", extra=facts)
-        # The main process picks the W&B mode and run id (restored from a checkpoint, or kept in OUTPUT_DIR).
-        tracking = start_trackers(
-            accelerator,
-            cfg,
-            config={**cfg.to_dict(), **facts},
-            restored_run_id=run.wandb_run_id,
-            fresh=cfg.resume == "none",
-        )
-        if tracking.wandb_run_id:  # set on the main process, which saves the training state
-            run.wandb_run_id = tracking.wandb_run_id
-        accelerator.print(
-            f"training {cfg.model} on {len(run.sampler.order(0))} images, "
-            f"{accelerator.num_processes} process(es), global batch {run.global_batch}, "
-            f"{run.total_steps} steps"
-        )
-        fit(run)
-        final = save_final(run)
-        if cfg.wandb_log_model:
-            log_model_artifact(tracking, final, {"best_accuracy": run.best_accuracy, "global_step": run.global_step})
-    except ckpt.Preempted as e:
+        train(cfg, accelerator, stop, lock, started)
+    except Preempted as e:
         # A launcher that sees one worker exit first sends the others SIGTERM, which must not turn
         # their exit code 75 into death by signal while they shut down.
         stop.ignore_from_now()
         if accelerator.is_main_process:
             print(
                 f"distvgg.train: stopped by {e.reason} after step {e.step}; checkpoint {e.folder}. Run the same "
-                f"command again to continue (exit code {ckpt.PREEMPT_EXIT_CODE}: requeue)",
+                f"command again to continue (exit code {PREEMPT_EXIT_CODE}: requeue)",
                 file=sys.stderr,
             )
-        return ckpt.PREEMPT_EXIT_CODE
-    except (ConfigError, DataError, FloatingPointError, TrackingError, ckpt.CheckpointError) as e:
-        print(f"distvgg.train: error: {e}", file=sys.stderr)
-        if isinstance(e, FloatingPointError) and run is not None:
-            print(
-                f"distvgg.train: the last good checkpoint is {run.last_checkpoint or '(none yet)'}; no checkpoint "
-                f"is written after a non-finite loss. Resuming with the same options would repeat the same steps:"
-                f" change them and start over (--resume none moves this run's outputs aside)",
-                file=sys.stderr,
-            )
+        return PREEMPT_EXIT_CODE
+    except (ConfigError, DataError, FloatingPointError, tracking.TrackingError, ckpt.CheckpointError) as e:
+        if accelerator.is_main_process or not getattr(e, "reported_by_main", False):
+            print(f"distvgg.train: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        last = run.last_checkpoint if run is not None and run.last_checkpoint else "(none yet)"
         print(
-            f"distvgg.train: interrupted; the last checkpoint is {last}. Run the same command again to continue "
-            f"from it",
+            "distvgg.train: interrupted; run the same command again to continue from the last checkpoint",
             file=sys.stderr,
         )
-        return ckpt.INTERRUPTED_EXIT_CODE
+        return INTERRUPTED_EXIT_CODE
     finally:
         stop.uninstall()
-        # Destroys the process group too: without it multi-process runs may abort at exit.
+        # The DDP model holds the process group: free it first, so that end_training destroys the group (and joins
+        # its threads) while Python still runs; otherwise processes may abort at exit ("terminate called ...").
+        accelerator.free_memory()
         accelerator.end_training()
-        if tracking is not None:
-            tracking.report()  # where an offline W&B run is, and the `wandb sync` command
+        lock.release()
+        for trackers in started:
+            trackers.report()  # where an offline W&B run is, and the `wandb sync` command
     return 0
 
 

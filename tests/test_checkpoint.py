@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from distvgg import checkpoint as ckpt
+from distvgg import files, preemption
 from distvgg.config import ConfigError, parse_config
 from tests import datagen
 from tests.helpers import REPO, TINY, ok, run_train, train_command
@@ -31,23 +32,23 @@ def _fake_checkpoint(folder: Path, step: int = 1) -> Path:
     folder.mkdir(parents=True)
     torch.save({"state": {0: {"momentum_buffer": torch.ones(3)}}, "param_groups": []}, folder / "optimizer.bin")
     (folder / "model.safetensors").write_bytes(b"x" * 100)
-    (folder / ckpt.STATE_FILE).write_text(json.dumps({"global_step": step}))
-    ckpt.write_marker(folder)
+    (folder / files.STATE_FILE).write_text(json.dumps({"global_step": step}))
+    files.write_marker(folder)
     return folder
 
 
 def test_marker_names_what_is_wrong(tmp_path):
     folder = _fake_checkpoint(tmp_path / "step-00000001")
-    assert ckpt.verify(folder) is None
+    assert files.verify(folder) is None
     weights = folder / "model.safetensors"
     weights.write_bytes(b"x" * 60)
-    assert "model.safetensors has 60 bytes, 100 expected" in ckpt.verify(folder)
+    assert "model.safetensors has 60 bytes, 100 expected" in files.verify(folder)
     weights.write_bytes(b"y" + b"x" * 99)  # same size, other bytes
-    assert "model.safetensors does not match its sha256" in ckpt.verify(folder)
+    assert "model.safetensors does not match its sha256" in files.verify(folder)
     weights.unlink()
-    assert ckpt.verify(folder) == "model.safetensors is missing"
-    (folder / ckpt.MARKER_FILE).unlink()
-    assert "no COMPLETE marker" in ckpt.verify(folder)
+    assert files.verify(folder) == "model.safetensors is missing"
+    (folder / files.MARKER_FILE).unlink()
+    assert "no COMPLETE marker" in files.verify(folder)
 
 
 def test_latest_good_falls_back_and_rotation_keeps_the_newest_good(tmp_path):
@@ -56,7 +57,7 @@ def test_latest_good_falls_back_and_rotation_keeps_the_newest_good(tmp_path):
         _fake_checkpoint(out / "checkpoints" / f"step-{step:08d}", step)
     (out / "checkpoints" / ".tmp-step-00000020").mkdir()  # a save that never finished
     (out / "checkpoints" / "step-00000016" / "optimizer.bin").write_bytes(b"truncated")
-    (out / "checkpoints" / "step-00000012" / ckpt.MARKER_FILE).unlink()
+    (out / "checkpoints" / "step-00000012" / files.MARKER_FILE).unlink()
     said: list[str] = []
     assert ckpt.latest_good(out, said.append) == out / "checkpoints" / "step-00000008"
     assert "ignoring checkpoint" in said[0] and "step-00000016" in said[0] and "optimizer.bin has 9 bytes" in said[0]
@@ -64,7 +65,7 @@ def test_latest_good_falls_back_and_rotation_keeps_the_newest_good(tmp_path):
     # keep_last=1 would keep only step-16 (it has a marker), but it is not good: step-8 must survive.
     deleted = ckpt.rotate(out, keep_last=1)
     assert [p.name for p in deleted] == ["step-00000004"]
-    assert ckpt.verify(out / "checkpoints" / "step-00000008") is None
+    assert files.verify(out / "checkpoints" / "step-00000008") is None
     # No usable checkpoint at all: a clear error, not a fresh start over the user's folders.
     shutil.rmtree(out / "checkpoints" / "step-00000008")
     with pytest.raises(ckpt.CheckpointError, match="(?s)no usable checkpoint .*--resume none"):
@@ -73,21 +74,21 @@ def test_latest_good_falls_back_and_rotation_keeps_the_newest_good(tmp_path):
 
 def test_replace_folder_never_leaves_a_half_written_folder(tmp_path):
     target = tmp_path / "best"
-    ckpt.replace_folder(target, lambda d: (d / "w").write_text("old"))
+    files.replace_folder(target, lambda d: (d / "w").write_text("old"))
 
     def fail(d: Path) -> None:
         (d / "w").write_text("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        ckpt.replace_folder(target, fail)
+        files.replace_folder(target, fail)
     assert (target / "w").read_text() == "old"
     # A crash between the two renames leaves the old folder at .best.old: the next call restores it.
     (tmp_path / "best").rename(tmp_path / ".best.old")
     with pytest.raises(OSError):
-        ckpt.replace_folder(target, fail)
+        files.replace_folder(target, fail)
     assert (target / "w").read_text() == "old"
-    ckpt.replace_folder(target, lambda d: (d / "w").write_text("new"))
+    files.replace_folder(target, lambda d: (d / "w").write_text("new"))
     assert (target / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
@@ -126,7 +127,7 @@ class _FakeAccelerator:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_sets_a_flag_and_is_agreed_without_a_sync_per_step(sig):
-    stop = ckpt.StopSignals().install()
+    stop = preemption.StopSignals().install()
     try:
         assert not stop.should_stop(_FakeAccelerator(1), 1)
         os.kill(os.getpid(), sig)
@@ -136,9 +137,9 @@ def test_stop_signal_sets_a_flag_and_is_agreed_without_a_sync_per_step(sig):
         stop.uninstall()
     assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)
     # Several processes: one all-reduce every SIGNAL_CHECK_EVERY steps, and at epoch ends.
-    quiet, acc = ckpt.StopSignals(), _FakeAccelerator(2, others_signalled=True)
+    quiet, acc = preemption.StopSignals(), _FakeAccelerator(2, others_signalled=True)
     decisions = [quiet.should_stop(acc, step) for step in range(1, 25)]
-    assert len(acc.reduces) == 2 and decisions.index(True) == ckpt.SIGNAL_CHECK_EVERY - 1
+    assert len(acc.reduces) == 2 and decisions.index(True) == preemption.SIGNAL_CHECK_EVERY - 1
     assert quiet.should_stop(acc, 25, boundary=True) and len(acc.reduces) == 3
     assert quiet.reason == "a stop signal to another process"
 
@@ -189,10 +190,10 @@ def copy_run(reference: Path, dest: Path, keep_final: bool = False) -> Path:
 def test_exact_resume_mid_epoch_one_process(dataset, reference, tmp_path):
     out = tmp_path / "out"
     args = tiny_args(dataset, out)
-    # Stopped as by a SIGTERM during step 6 (of 8 in epoch 1): exit 75 after writing step-6.
-    stopped = run_train(args, env=traced(out, DISTVGG_TEST_STOP_AT_STEP="6"))
-    assert stopped.returncode == ckpt.PREEMPT_EXIT_CODE, stopped.stderr[-3000:]
-    assert "stopped by DISTVGG_TEST_STOP_AT_STEP=6 after step 6" in stopped.stderr
+    # Stopped by a SIGUSR1 during step 6 (of 8 in epoch 1): exit 75 after writing step-6.
+    stopped = run_train(args, env=traced(out, HOOK_SIGNAL_AT_STEP="6"))
+    assert stopped.returncode == preemption.PREEMPT_EXIT_CODE, stopped.stderr[-3000:]
+    assert "stopped by SIGUSR1 after step 6" in stopped.stderr
     assert "Run the same command again" in stopped.stderr and "Traceback" not in stopped.stderr
     state = training_state(out / "checkpoints" / "step-00000006")
     assert (state["epoch"], state["global_step"], state["step_in_epoch"], state["sample_position"]) == (0, 6, 6, 48)
@@ -207,17 +208,18 @@ def test_a_failed_or_damaged_checkpoint_is_never_used(dataset, reference, tmp_pa
     args = tiny_args(dataset, out)
     with open(out / "checkpoints" / "step-00000016" / "optimizer.bin", "r+b") as f:
         f.truncate(1000)
-    (out / "checkpoints" / "step-00000012" / ckpt.MARKER_FILE).unlink()  # as if killed before the marker
+    (out / "checkpoints" / "step-00000012" / files.MARKER_FILE).unlink()  # as if killed before the marker
     # The save of step 12 fails half-way (files written, no marker).
-    failed = run_train(args, env={"DISTVGG_TEST_FAIL_CHECKPOINT_AT": "12"})
+    failed = run_train(args, env={"HOOK_FAIL_CHECKPOINT_AT": "12"})
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
     output = failed.stdout + failed.stderr
     assert "ignoring checkpoint" in output and "optimizer.bin has 1000 bytes" in output
     assert "no COMPLETE marker" in output and "resuming from" in output and "step-00000008" in output
     assert "could not write the checkpoint of step 12" in failed.stderr
+    assert "No space left on device; the checkpoint needs about" in failed.stderr
     assert f"the previous checkpoint {out / 'checkpoints' / 'step-00000008'} is intact" in failed.stderr
     assert (out / "checkpoints" / ".tmp-step-00000012").is_dir()  # the partial save, never used
-    assert ckpt.verify(out / "checkpoints" / "step-00000008") is None
+    assert files.verify(out / "checkpoints" / "step-00000008") is None
     # The same command again (keeping 2 checkpoints): it falls back to step 8 again and ends as the
     # uninterrupted run. The bad folders it meets on the way are renamed, not reused or deleted.
     output = ok(run_train([*args, "--keep-last", "2"], env=traced(out)))
@@ -246,7 +248,7 @@ def test_tampered_checkpoint_does_not_run_code(dataset, reference, tmp_path):
     folder = out / "checkpoints" / "step-00000016"
     marker = tmp_path / "pwned"
     torch.save(_RunsCode(marker), folder / "optimizer.bin")
-    ckpt.write_marker(folder)  # the attacker rewrites the marker too: only the load path stands in the way
+    files.write_marker(folder)  # the attacker rewrites the marker too: only the load path stands in the way
     proc = run_train(tiny_args(dataset, out))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"refusing to load {folder / 'optimizer.bin'}" in proc.stderr
@@ -255,10 +257,14 @@ def test_tampered_checkpoint_does_not_run_code(dataset, reference, tmp_path):
 
 def test_finished_run_reports_complete(dataset, reference, tmp_path):
     out = copy_run(reference, tmp_path / "out", keep_final=True)
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    def written():  # every file but the job lock, which each job rewrites with its own host and pid
+        return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != ".lock"}
+
+    before = written()
     output = ok(run_train(tiny_args(dataset, out)))
     assert f"the run in {out} is complete (16 of 16 steps" in output
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing trained or written
+    assert written() == before  # nothing trained or written
     # best/ holds the model of the best evaluation, in the format final/ has.
     from distvgg.models import load_pretrained
     from distvgg.tracking import read_metrics
@@ -300,7 +306,7 @@ def test_nan_stops_the_run_and_the_last_checkpoint_stays_good(dataset, tmp_path)
     folders = sorted((out / "checkpoints").glob("step-*"))
     assert folders, "expected a checkpoint before the fault"
     for folder in folders:
-        assert ckpt.verify(folder) is None
+        assert files.verify(folder) is None
         weights = load_file(str(folder / "model.safetensors"))
         assert all(torch.isfinite(w).all() for w in weights.values()), folder
     assert not (out / "final").exists()

@@ -29,7 +29,8 @@ FAKES = {
     # Records its options and environment, then runs the command once per node, like srun does.
     "srun": r"""
 printf '%s\n' "$@" > "$FAKE_LOG/srun.argv"
-env | grep -E '^(NNODES|MASTER_ADDR|MASTER_PORT|NPROC_PER_NODE|CONFIG|SRUN_CPUS_PER_TASK)=' | sort > "$FAKE_LOG/srun.env"
+env | grep -E '^(NNODES|MASTER_ADDR|MASTER_PORT|NPROC_PER_NODE|CONFIG|SRUN_CPUS_PER_TASK)=' \
+  | sort > "$FAKE_LOG/srun.env"
 while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
 rc=0
 for ((n = 0; n < SLURM_NNODES; n++)); do
@@ -55,7 +56,7 @@ if [ -n "${FAKE_SIGNAL_PID:-}" ] && [ "$SLURM_NODEID" = 0 ]; then
 fi
 exit "${FAKE_EXIT:-0}"
 """,
-    "python": r"""echo "${FAKE_GPUS:-0}"
+    "python3": r"""echo "${FAKE_GPUS:-0}"
 """,
 }
 
@@ -132,14 +133,14 @@ def expected_launch(rank: int, nnodes: int = 3, procs_per_node: int = 4, config:
 
 
 def test_sbatch_header_asks_for_the_signal_the_requeue_and_one_task_per_node():
-    header = [l for l in SBATCH.read_text().splitlines() if l.startswith("#SBATCH")]
+    header = [line for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")]
     assert "#SBATCH --signal=B:USR1@120" in header  # the batch shell itself is told (see the script)
     assert "#SBATCH --requeue" in header
     assert "#SBATCH --ntasks-per-node=1" in header  # ONE accelerate launch per node
     assert "#SBATCH --open-mode=append" in header  # a requeued job appends to its log, never truncates it
     # sbatch stops reading #SBATCH lines at the first command: all of them come before any.
     body = SBATCH.read_text().splitlines()
-    first_command = next(i for i, l in enumerate(body) if l.strip() and not l.startswith("#"))
+    first_command = next(i for i, line in enumerate(body) if line.strip() and not line.startswith("#"))
     assert all(body.index(h) < first_command for h in header)
 
 
@@ -369,7 +370,8 @@ def test_sbatch_preemption_end_to_end(tmp_path):
         "SLURM_SUBMIT_DIR": str(REPO),
         "MASTER_PORT": str(free_port()),
         "SLURM_RESTART_COUNT": "0",
-        "DISTVGG_TEST_STEP_DELAY": "0.3",
+        "HOOK_STEP_DELAY": "0.3",
+        "MODULE": "tests.hooked_train",
     }
     args = ["--dataset", str(data), *TINY, "--epochs", "4", "--log-every", "1", "--output-dir", str(out)]
     job = subprocess.Popen(
@@ -404,7 +406,7 @@ def test_sbatch_preemption_end_to_end(tmp_path):
     again = subprocess.run(
         ["bash", str(SBATCH), *args],
         cwd=tmp_path,
-        env={**env, "SLURM_RESTART_COUNT": "1", "DISTVGG_TEST_STEP_DELAY": "0", "MASTER_PORT": str(free_port())},
+        env={**env, "SLURM_RESTART_COUNT": "1", "HOOK_STEP_DELAY": "0", "MASTER_PORT": str(free_port())},
         capture_output=True,
         text=True,
         timeout=180,

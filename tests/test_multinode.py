@@ -96,7 +96,9 @@ def test_two_machines_train_as_one_job(tiny_parquet, tmp_path):
         assert "2 process(es), global batch 16" in text  # one group of 2, not two jobs of 1
     facts = yaml.safe_load(
         "\n".join(
-            l.lstrip("# ") for l in (out / "config.yaml").read_text().splitlines() if l.startswith("# ") and ":" in l
+            line.lstrip("# ")
+            for line in (out / "config.yaml").read_text().splitlines()
+            if line.startswith("# ") and ":" in line
         )
     )
     assert facts["num_processes"] == 2 and facts["num_machines"] == 2

@@ -1,9 +1,9 @@
-"""The README's promises that can be checked mechanically."""
+"""The README's promises that can be checked mechanically, and what the product must never say."""
 
 import re
 from pathlib import Path
 
-from distvgg.config import TrainConfig
+from distvgg.config import TrainConfig, build_parser, field_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -20,10 +20,42 @@ def test_two_commands_at_the_top_and_ci_runs_the_test_command():
     train, test = blocks
     assert "distvgg.train" in train and "pip install" in train
     assert "pytest" in test and "pip install" in test
+    assert 'python -m pytest -m "not slow"' in top  # the quick tier
     ci = (ROOT / ".ci" / "run").read_text()
     assert test in ci.splitlines(), ".ci/run must run the README's test command verbatim"
+    assert "ruff check" in ci and "ruff format --check" in ci
 
 
-def test_every_option_is_documented():
+def test_readme_is_short_and_its_links_exist():
+    assert len(README.splitlines()) <= 200
+    for link in re.findall(r"\]\(([^)#]+)\)", README):
+        assert (ROOT / link).exists(), f"the README links to {link}, which does not exist"
+
+
+def test_every_option_has_help():
+    """--help is the option reference: every field has its docstring, shown by the parser."""
+    docs = field_docs(TrainConfig)
+    help_text = " ".join(build_parser().format_help().split())
     for name in TrainConfig.__dataclass_fields__:
-        assert f"--{name.replace('_', '-')}" in README, f"--{name} is missing from the README"
+        assert docs.get(name), f"--{name} has no docstring"
+        assert f"--{name.replace('_', '-')}" in help_text
+
+
+FORBIDDEN = [r"\.\./shared", r"\bsession\b", r"\bissue \d+", r"DESIGN\.md", r"DISTVGG_TEST_"]
+
+
+def test_the_product_speaks_only_of_itself():
+    """No file users get mentions how it was built or paths outside the repository."""
+    files = [ROOT / "README.md", ROOT / "pyproject.toml"]
+    for folder in ("distvgg", "docs", "launch", "accelerate_configs"):
+        files += [
+            p
+            for p in (ROOT / folder).rglob("*")
+            if p.is_file() and p.suffix in (".py", ".md", ".sh", ".yaml", ".sbatch", "")
+        ]
+    assert len(files) > 20
+    for path in files:
+        text = path.read_text(errors="replace")
+        for pattern in FORBIDDEN:
+            match = re.search(pattern, text, flags=re.I)
+            assert match is None, f"{path.relative_to(ROOT)} says {match.group(0)!r}"

@@ -43,7 +43,7 @@ def tiny_args(dataset: Path, out: Path, nproc: int = 1, *extra: str) -> list[str
 
 
 def traced(out: Path, **env: str) -> dict[str, str]:
-    return {"DISTVGG_TRACE_SAMPLES": str(out / "trace"), **env}
+    return {"HOOK_TRACE": str(out / "trace"), **env}
 
 
 # ----------------------------------------------------------------------------------- comparisons
@@ -114,14 +114,14 @@ def reference2(dataset, tmp_path_factory) -> Path:
     """An uninterrupted 2-process run."""
     out = tmp_path_factory.mktemp("ref2") / "out"
     output = ok(run_train(tiny_args(dataset, out, 2), nproc=2, env=traced(out)))
-    assert "2 process(es), global batch 8, 16 steps" in output
+    assert "2 process(es), global batch 8, lr 0.01, 16 steps" in output
     return out
 
 
 def _start(args: list[str], out: Path, **env: str) -> subprocess.Popen:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **traced(out, **env)}
     return subprocess.Popen(
-        train_command(args, nproc=2),
+        train_command(args, nproc=2, module="tests.hooked_train"),
         env=full_env,
         cwd=REPO,
         text=True,
@@ -159,7 +159,7 @@ def two_process_story(dataset, tmp_path_factory) -> dict:
     story: dict = {"out": out}
     # 1. SIGUSR1 (what SLURM's --signal sends) to rank 1 only: rank 0 must learn of it and stop at the
     #    same step, so that both write their part of one checkpoint and neither waits for the other.
-    slow = {"DISTVGG_TEST_STEP_DELAY": "0.3"}
+    slow = {"HOOK_STEP_DELAY": "0.3"}
     proc = _start(args, out, **slow)
     _wait_for(lambda: len(_trace_steps(out, 1)) >= 2, proc, "step 2")
     os.kill(_trace_steps(out, 1)[-1]["pid"], signal.SIGUSR1)
@@ -211,6 +211,6 @@ def test_sigkill_of_one_rank_ends_the_job_and_the_same_command_resumes(two_proce
 
 def test_exact_resume_two_processes(two_process_story, reference2):
     out = two_process_story["out"]
-    assert "2 process(es), global batch 8, 16 steps" in two_process_story["final_output"]
+    assert "2 process(es), global batch 8, lr 0.01, 16 steps" in two_process_story["final_output"]
     assert training_state(out / "checkpoints" / f"step-{STEPS:08d}")["num_processes"] == 2
     assert_same_run(reference2, out, nproc=2, dedupe=True)

@@ -1,5 +1,7 @@
 """End-to-end runs of distvgg.train: 1 process, 2 gloo processes, evaluation counts, real data."""
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from safetensors.torch import load_file
 from distvgg.models import build_model, load_pretrained
 from distvgg.tracking import read_metrics
 from tests.datagen import class_names, make_cifar_pickle_dataset, make_parquet_dataset
-from tests.helpers import TINY, ok, real_cifar10, run_train
+from tests.helpers import REPO, TINY, ok, real_cifar10, run_train, train_command
 
 REAL_DATA = real_cifar10()
 
@@ -28,9 +30,13 @@ def final_weights(out: Path) -> dict:
 def test_one_process_end_to_end(tiny_parquet, tmp_path):
     out = tmp_path / "run"
     text = ok(run_train(["--dataset", str(tiny_parquet), "--output-dir", str(out), *TINY]))
-    # The guide's loss lines, the progress bar, and the evaluation line.
-    assert "[1,     2] loss:" in text and "[2,     6] loss:" in text
-    assert "train:" in text and "step" in text
+    # The guide's loss lines and the evaluation lines, each on a line of its own: output to a file (here a
+    # pipe) has no progress-bar frames, so no carriage returns.
+    lines = text.splitlines()
+    assert "\r" not in text
+    assert any(line.startswith("[1,     2] loss:") for line in lines)
+    assert any(line.startswith("[2,     6] loss:") for line in lines)
+    assert sum(line.startswith("[1] test loss:") or line.startswith("[2] test loss:") for line in lines) == 2
     assert "1 process(es)" in text and "(21 images)" in text
     records = read_metrics(out)
     train = [r for r in records if "train/loss" in r]
@@ -44,6 +50,39 @@ def test_one_process_end_to_end(tiny_parquet, tmp_path):
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["dataset"] == str(tiny_parquet) and saved["width"] == 0.125
+
+
+def test_a_terminal_gets_the_live_progress_bar(tiny_parquet, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    args = ["--dataset", str(tiny_parquet), "--output-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
+    proc = subprocess.run(
+        train_command(args),
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    os.close(follower)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal is closed once everything was read
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(leader)
+    assert proc.returncode == 0, terminal.decode()[-3000:]
+    assert b"\r" in terminal and b"train:" in terminal  # tqdm's live bar, redrawn in place
+    assert b"loss:" in proc.stdout  # the loss lines still go to stdout
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_parquet, tmp_path):

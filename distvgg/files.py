@@ -1,0 +1,145 @@
+"""What a run writes in OUTPUT_DIR, and how a folder is written so that a crash never leaves half of one.
+
+A folder is complete when its ``COMPLETE`` marker, written last, lists the size and sha256 of every
+other file; ``verify`` checks that. ``replace_folder`` swaps a new folder in for an old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+FINAL_DIR = "final"
+STATE_FILE = "training_state.json"
+MARKER_FILE = "COMPLETE"
+MARKER_FORMAT = 1
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (POSIX: fsync the directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not support fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def files_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER_FILE)
+
+
+def write_marker(folder: Path) -> None:
+    """Flush every file of ``folder`` to disk, then write ``COMPLETE`` (sizes and sha256) last."""
+    files = {}
+    for p in files_in(folder):
+        fsync_file(p)
+        files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256(p)}
+    with open(folder / MARKER_FILE, "w") as f:
+        json.dump({"format": MARKER_FORMAT, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
+def verify(folder: str | os.PathLike, required: str = STATE_FILE) -> str | None:
+    """None when ``folder`` is complete; else what is wrong with it, in words."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "no such folder"
+    marker = folder / MARKER_FILE
+    if not marker.is_file():
+        return f"no {MARKER_FILE} marker (the save did not finish)"
+    try:
+        listed = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {MARKER_FILE} marker ({type(e).__name__}: {e})"
+    if required not in listed:
+        return f"the marker does not list {required}"
+    for name, expected in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected.get("size"):
+            return f"{name} has {size} bytes, {expected.get('size')} expected (truncated or changed)"
+        if sha256(path) != expected.get("sha256"):
+            return f"{name} does not match its sha256 in {MARKER_FILE} (corrupted or changed)"
+    return None
+
+
+def stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def unused_name(path: Path, suffix: str) -> Path:
+    """``path`` with ``<suffix>-<UTC time>`` appended, and a counter if that exists too."""
+    dest, n = path.with_name(f"{path.name}{suffix}-{stamp()}"), 1
+    while dest.exists():
+        dest, n = path.with_name(f"{path.name}{suffix}-{stamp()}-{n}"), n + 1
+    return dest
+
+
+def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a folder with ``write(tmp)`` and put it at ``target`` in place of the old one.
+
+    A directory cannot be replaced by one atomic rename, so: write ``.NAME.tmp``, fsync it, rename
+    the old folder to ``.NAME.old``, rename the new one into place, delete the old one. A crash
+    leaves either the old or the new folder at ``target``, or (between the two renames) the old one
+    at ``.NAME.old``, which the next call puts back first.
+    """
+    target = Path(target)
+    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+    if old.exists() and not target.exists():
+        old.rename(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    for p in files_in(tmp):
+        fsync_file(p)
+    fsync_dir(tmp)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def step_folder_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def step_folders(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``checkpoints/step-XXXXXXXX`` (good or not), oldest first."""
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name)]
+    return sorted(found)

@@ -1,0 +1,83 @@
+"""Preemption: SIGTERM/SIGUSR1 (SLURM, Kubernetes, a user) stop a run after a checkpoint, with exit code 75."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# sysexits.h EX_TEMPFAIL ("temporary failure, try again later"): the run stopped on a signal after
+# writing a checkpoint; running the same command again continues it. Launch scripts requeue on it.
+PREEMPT_EXIT_CODE = 75
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C, as a shell reports SIGINT
+# With several processes, whether any of them got a stop signal is agreed on with an all-reduce
+# every this many steps (and at every epoch end, which is a sync point anyway): an all-reduce every
+# step would be a host-device sync per step on GPUs.
+SIGNAL_CHECK_EVERY = 10
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class Preempted(Exception):
+    """A stop signal arrived: a checkpoint was written and the run should exit with PREEMPT_EXIT_CODE."""
+
+    def __init__(self, reason: str, step: int, folder: Path | None) -> None:
+        super().__init__(f"stopped by {reason} after step {step}")
+        self.reason, self.step, self.folder = reason, step, folder
+
+
+class StopSignals:
+    """SIGTERM/SIGUSR1 set a flag; the training loop checks it between steps.
+
+    The handler only records the signal (nothing else is safe in a signal handler). Every process
+    of a SLURM job gets the signal, but ranks may see it at different steps, so the decision to stop
+    is an all-reduce of the flags: every step with one process (no communication needed), every
+    ``SIGNAL_CHECK_EVERY`` steps and at epoch ends with several. Repeated signals are ignored: the
+    launcher (torchrun) forwards SIGTERM to its workers, which SLURM may have signalled already.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopSignals:
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the previous handlers (unless ``ignore_from_now`` was called)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def ignore_from_now(self) -> None:
+        """Ignore the stop signals for the rest of the process: after a preemption checkpoint, the
+        launcher may SIGTERM a worker that is still shutting down (its peer exited first), and a
+        Python handler would not help: Python resets its handlers to the default while it finalises,
+        but leaves an ignored signal ignored. (A hung process is still ended by the launcher's SIGKILL.)"""
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                signal.signal(sig, signal.SIG_IGN)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+
+    def should_stop(self, accelerator: Any, step: int, boundary: bool = False) -> bool:
+        """Whether every process stops after ``step``; the same answer on every process.
+        ``boundary``: an epoch end (always agreed on)."""
+        if accelerator.num_processes == 1:
+            return self.reason is not None
+        if not boundary and step % SIGNAL_CHECK_EVERY != 0:
+            return False
+        flag = torch.tensor([1.0 if self.reason else 0.0], device=accelerator.device)
+        stop = accelerator.reduce(flag, reduction="sum").item() > 0
+        if stop and self.reason is None:
+            self.reason = "a stop signal to another process"
+        return stop

@@ -1,0 +1,83 @@
+"""``python -m tests.hooked_train ARGS``: distvgg.train.main with test-only behaviour patched in, in process.
+
+The package has no test switches; the tests that need one start this module instead, and it reads its own
+environment variables (all off unless set):
+
+- ``HOOK_TRACE=PREFIX``: each process appends (step, epoch, sample indices, RNG hash) of every micro-batch
+  it trains on to ``PREFIX.rank<r>.jsonl``;
+- ``HOOK_SIGNAL_AT_STEP=k``: the process sends itself a real SIGUSR1 during step k;
+- ``HOOK_FAIL_CHECKPOINT_AT=k``: writing the COMPLETE marker of the checkpoint of step k fails as on a full
+  disk (OSError ENOSPC);
+- ``HOOK_STEP_DELAY=s``: sleep s seconds after each step (so that a test can signal or kill a run mid-way).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def install() -> None:
+    import torch
+
+    import distvgg.build as build
+    import distvgg.checkpoint as ckpt
+    import distvgg.train as train
+
+    env = os.environ
+    box: dict = {}
+    setup, step, write_marker = build.setup, train.train_step, ckpt.write_marker
+    trace = env.get("HOOK_TRACE")
+    signal_at = int(env.get("HOOK_SIGNAL_AT_STEP", "0") or 0)
+    fail_at = env.get("HOOK_FAIL_CHECKPOINT_AT")
+    delay = float(env.get("HOOK_STEP_DELAY", "0") or 0)
+
+    def hooked_setup(cfg, accelerator):
+        run = box["run"] = setup(cfg, accelerator)
+        prepare, box["pending"] = run.prepare_batch, []
+
+        def recording_prepare(batch, epoch, training):
+            if training:
+                box["pending"].append((epoch, batch[2].tolist()))
+            return prepare(batch, epoch, training)
+
+        run.prepare_batch = recording_prepare
+        return run
+
+    def hooked_step(*args, **kwargs):
+        run = box["run"]
+        number = run.global_step + 1
+        if trace:
+            path = Path(f"{trace}.rank{run.accelerator.process_index}.jsonl")
+            rng = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12]
+            with path.open("a") as f:
+                for epoch, indices in box["pending"]:
+                    record = {"step": number, "epoch": epoch, "pid": os.getpid(), "indices": indices, "rng": rng}
+                    f.write(json.dumps(record) + "\n")
+        box["pending"].clear()
+        result = step(*args, **kwargs)
+        if number == signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        if delay:
+            time.sleep(delay)
+        return result
+
+    def failing_marker(folder):
+        if fail_at and Path(folder).name == f".tmp-step-{int(fail_at):08d}":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))  # as a full disk would
+        return write_marker(folder)
+
+    build.setup, train.train_step, ckpt.write_marker = hooked_setup, hooked_step, failing_marker
+
+
+if __name__ == "__main__":
+    install()
+    from distvgg.train import main
+
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""distvgg/build.py and the GPU-path logic that can run on a CPU: TF32 switches, fp16 skipped steps with the
+fused optimizer, RNG states of more GPUs than there are, data placement, deterministic kernels, the lr rule."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from distvgg import build, train
+from distvgg.checkpoint import restore_rng
+from distvgg.config import ConfigError, TrainConfig
+from tests import datagen
+from tests.helpers import TINY, ok, run_train
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_tf32_switches_read_back_through_both_apis(enabled):
+    """Inductor and Accelerate read the legacy switches; torch >= 2.9 raises on a read after a mix of APIs."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        build.set_tf32(enabled)
+        assert torch.backends.cuda.matmul.allow_tf32 is enabled
+        assert torch.get_float32_matmul_precision() == ("high" if enabled else "highest")
+        assert torch.backends.cudnn.allow_tf32 is enabled
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # the new API agrees
+            assert torch.backends.cuda.matmul.fp32_precision == ("tf32" if enabled else "ieee")
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def test_loss_scale_reads_the_scalers_device_tensor():
+    """The one private access (GradScaler's scale tensor): fails loudly if torch renames it."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones((), requires_grad=True))
+    scale = build.loss_scale(scaler)
+    assert torch.is_tensor(scale) and scale.item() == 1024.0
+    assert build.loss_scale(None) is None
+
+
+def test_fp16_skipped_steps_are_counted_with_the_fused_optimizer():
+    """With fused SGD the kernel itself skips an overflowing step, so Accelerate never sees a skip;
+    train_step compares the scaler's scale before and after, on the device."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)  # what fp16 gives on a GPU
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **build.optimizer_kernels("auto"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    batch = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    step = lambda: train.train_step(model, nn.CrossEntropyLoss(), optimizer, scheduler, acc, batch)  # noqa: E731
+    _, skipped = step()
+    assert not skipped.item()
+    before = model.weight.detach().clone()
+    hook = model.weight.register_hook(lambda grad: grad * float("inf"))  # an overflowing gradient
+    _, skipped = step()
+    hook.remove()
+    assert skipped.item() and torch.equal(model.weight.detach(), before)  # skipped, and counted as such
+    _, skipped = step()
+    assert not skipped.item() and not torch.equal(model.weight.detach(), before)
+
+
+def test_a_skipped_first_fused_step_leaves_the_momentum_sound():
+    """fp16 often overflows on the very first steps; a fused SGD step skipped then must not leave garbage momentum."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = build.make_optimizer(TrainConfig(nesterov=True, weight_decay=5e-4), model, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    overflows = iter([float("inf"), float("inf")])
+    model[0].weight.register_hook(lambda grad: grad * next(overflows, 1.0))
+    batch = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
+    skipped = [
+        bool(train.train_step(model, nn.CrossEntropyLoss(), optimizer, scheduler, acc, batch)[1]) for _ in range(5)
+    ]
+    assert skipped == [True, True, False, False, False]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_zero_momentum_buffers_give_the_same_steps_as_torchs_lazy_ones():
+    torch.manual_seed(0)
+    ours, plain = nn.Linear(5, 3), nn.Linear(5, 3)
+    plain.load_state_dict(ours.state_dict())
+    cfg = TrainConfig(nesterov=True, weight_decay=5e-4)
+    optimizers = [
+        build.make_optimizer(cfg, ours, lr=0.1),
+        torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True),
+    ]
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        for model, optimizer in zip((ours, plain), optimizers):
+            optimizer.zero_grad()
+            model(x).square().sum().backward()
+            optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), plain.parameters()))
+
+
+def test_rng_states_of_more_gpus_than_visible_restore_those_that_exist(tmp_path, monkeypatch):
+    """A checkpoint saved on 8 GPUs, resumed where 1 is visible: the first state is restored, no IndexError."""
+    states = {
+        "random_state": random.getstate(),
+        "numpy_random_seed": np.random.get_state(),
+        "torch_manual_seed": torch.get_rng_state(),
+        "torch_cuda_manual_seed": [torch.tensor([i]) for i in range(8)],
+    }
+    torch.save(states, tmp_path / "random_states_0.pkl")
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state), device)))
+    assert restore_rng(tmp_path, 0)
+    assert restored == [(0, 0)]
+
+
+def _tiny_dataset(tmp_path_factory):
+    return datagen.make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=32, n_test=10)
+
+
+def test_workers_with_the_data_on_the_gpu_is_one_clear_error(tmp_path_factory):
+    cfg = TrainConfig(
+        dataset=str(_tiny_dataset(tmp_path_factory)),
+        num_workers=2,
+        data_on_device="yes",
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+    )
+    gpu = SimpleNamespace(device=torch.device("cuda"), print=lambda *a: None, local_main_process_first=_nothing)
+    with pytest.raises(ConfigError, match="--num-workers must be 0 when the data is on the GPU"):
+        build.load_data(cfg, gpu)
+
+
+class _nothing:  # noqa: N801 - stands in for Accelerate's context manager
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_workers_with_the_data_on_the_cpu_train(tmp_path_factory, tmp_path):
+    dataset = _tiny_dataset(tmp_path_factory)
+    args = ["--dataset", str(dataset), "--output-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
+    ok(run_train([*args, "--num-workers", "2", "--data-on-device", "yes"]))
+
+
+def test_deterministic_turns_on_deterministic_kernels(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on: calls.append(on))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    build.configure_backends(torch.device("cpu"), threads=1, tf32=True, deterministic=True)
+    import os
+
+    assert calls == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
+    monkeypatch.setattr("distvgg.machine.cpu_has_bf16", lambda *a: False)
+    with pytest.warns(UserWarning, match="without bf16 instructions"):
+        build.warn_slow_bf16("bf16", torch.device("cpu"))
+    monkeypatch.setattr("distvgg.machine.cpu_has_bf16", lambda *a: True)
+    build.warn_slow_bf16("bf16", torch.device("cpu"))  # no warning where the CPU has them
+
+
+@pytest.mark.slow
+def test_lr_follows_the_global_batch_with_two_processes(tmp_path_factory, tmp_path):
+    """--lr-reference-batch 8: 2 processes x batch 8 = global batch 16, so lr 0.01 x 16 / 8 = 0.02."""
+    dataset = _tiny_dataset(tmp_path_factory)
+    out = tmp_path / "run"
+    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--epochs", "1", "--batch-size", "8"]
+    text = ok(run_train([*args, "--lr", "0.01", "--lr-reference-batch", "8"], nproc=2))
+    facts = yaml.safe_load(
+        "\n".join(
+            line[2:] for line in (out / "config.yaml").read_text().splitlines() if line.startswith("# ") and ":" in line
+        )
+    )
+    assert facts["num_processes"] == 2 and facts["global_batch"] == 16 and facts["lr"] == pytest.approx(0.02)
+    assert "global batch 16, lr 0.02" in text

@@ -1,0 +1,86 @@
+"""One job per output folder: a second job refuses before training, a killed job's folder is taken over, and
+the multi-process case learns the outcome from the main process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import datagen
+from tests.helpers import REPO, TINY, ok, run_train, train_command
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return datagen.make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=64, n_test=16)
+
+
+def _args(dataset: Path, out: Path) -> list[str]:
+    return ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--checkpoint-every", "2"]
+
+
+def _start_slow(args: list[str]) -> subprocess.Popen:
+    """A job that takes a few seconds: each step sleeps (tests/hooked_train.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOOK_STEP_DELAY": "0.25"}
+    return subprocess.Popen(
+        train_command(args, module="tests.hooked_train"),
+        env=env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the first job ended early:\n{proc.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _trained(out: Path) -> bool:
+    return (out / "metrics.jsonl").exists() and "train/loss" in (out / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_second_job_into_a_busy_folder_refuses_and_touches_nothing(dataset, tmp_path, nproc):
+    out = tmp_path / "run"
+    first = _start_slow(_args(dataset, out))
+    try:
+        _wait_for(lambda: _trained(out), first)
+        before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+        second = run_train(_args(dataset, out), nproc=nproc, timeout=120)
+        after = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in before if p.exists()}
+        assert second.returncode == 1, second.stdout[-2000:] + second.stderr[-2000:]
+        assert f"--output-dir {out} is in use by another job (host " in second.stderr
+        assert f"pid {first.pid}, started " in second.stderr
+        assert 'distvgg/train.py", line' not in second.stderr  # no traceback of ours (torchrun prints its own)
+        assert second.stderr.count("is in use by another job") == 1  # one message, from the main process
+        changed = [p for p in before if after.get(p) != before[p] and p.name not in ("metrics.jsonl", "COMPLETE")]
+        assert not [p for p in changed if "checkpoints" not in p.parts], changed  # only the first job writes
+    finally:
+        text = first.communicate(timeout=120)[0]
+    assert first.returncode == 0, text[-3000:]
+    steps = [
+        json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line
+    ]
+    assert steps == sorted(set(steps)) == [2, 4, 6, 8, 10, 12, 14, 16]  # one run's record, not two interleaved
+
+
+def test_a_killed_jobs_folder_is_taken_over_by_the_same_command(dataset, tmp_path):
+    out = tmp_path / "run"
+    first = _start_slow(_args(dataset, out))
+    _wait_for(lambda: (out / "checkpoints" / "step-00000004" / "COMPLETE").exists(), first)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    assert (out / ".lock").exists()  # left behind, and its holder is gone
+    text = ok(run_train(_args(dataset, out)))
+    assert "resuming from" in text and (out / "final" / "model.safetensors").is_file()
