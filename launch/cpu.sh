@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train on the CPU: 1 process by default, NPROC=2 (or more) for gloo DDP.
-#   launch/cpu.sh --dataset ../shared/data/cifar10-jpeg --epochs 1
+#   launch/cpu.sh --dataset data/cifar10 --epochs 1
 # Environment: NPROC (processes, default 1), PORT (rendezvous port, default 29500).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"

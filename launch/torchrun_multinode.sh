@@ -5,7 +5,7 @@
 #   machine 0:  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/torchrun_multinode.sh --dataset DIR --output-dir runs/x
 #   machine 1:  NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/torchrun_multinode.sh --dataset DIR --output-dir runs/x
 #
-# Arguments go to distvgg.train. Environment:
+# Arguments go to distvgg.train (or MODULE). Environment:
 #   NNODES          number of machines (required)
 #   NODE_RANK       this machine's rank, 0..NNODES-1 (required)
 #   MASTER_ADDR     address or host name of machine 0, reachable from all machines (required)
@@ -14,6 +14,7 @@
 #   CONFIG          accelerate config (default accelerate_configs/multinode.yaml with GPUs,
 #                   accelerate_configs/cpu_2machines.yaml without)
 #   MIXED_PRECISION no|fp16|bf16 (default: the config's)
+#   MODULE          the Python module to run (default distvgg.train; e.g. your own wrapper of distvgg.train.main)
 # Every machine needs the same code, the same options and the dataset (decoded once per machine
 # into the node-local cache); --output-dir should be on a shared file system so that a relaunch
 # of any machine finds the checkpoints (only the main process of machine 0 writes there).
@@ -39,7 +40,7 @@ fi
 
 gpus_here=""
 if [ -z "${NPROC_PER_NODE:-}" ] || [ -z "${CONFIG:-}" ]; then
-  gpus_here="$(python -c 'import torch; print(torch.cuda.device_count())')"
+  gpus_here="$(python3 -c 'import torch; print(torch.cuda.device_count())')"
 fi
 nproc="${NPROC_PER_NODE:-$gpus_here}"
 [ "$nproc" -ge 1 ] || nproc=1  # a machine without GPU: one CPU process (gloo)
@@ -53,6 +54,6 @@ cmd=(accelerate launch --config_file "$CONFIG"
      --main_process_ip "$MASTER_ADDR" --main_process_port "${MASTER_PORT:-29500}"
      --num_processes "$((NNODES * nproc))")
 [ -z "${MIXED_PRECISION:-}" ] || cmd+=(--mixed_precision "$MIXED_PRECISION")
-cmd+=(-m distvgg.train "$@")
+cmd+=(-m "${MODULE:-distvgg.train}" "$@")
 echo "machine $NODE_RANK of $NNODES: ${cmd[*]}" >&2
 exec "${cmd[@]}"

@@ -1,0 +1,252 @@
+"""Every GPU check of distvgg in one call that fits one total time budget (see launch/gpu_check.sh).
+
+Each step runs as its own process with a timeout taken from what is left of the budget; a step that no
+longer fits is recorded as skipped, not started. OUT/summary.json is rewritten after every step, so a call
+cut off part-way still brings back what it measured. Needs only torch, torchvision and accelerate: when
+`datasets` is missing, a parquet copy of the data is read with pyarrow and PIL into the pickled
+CIFAR layout that distvgg reads without `datasets`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SYNC_STEPS, OVERFLOW_STEPS = 20, 6
+
+
+def parquet_to_cifar_pickles(parquet_dir: Path, dest: Path) -> Path:
+    """A Hub-layout parquet copy (train-*.parquet, test-*.parquet; image bytes and int labels) as
+    cifar-10-batches-py, written by hand because the machine may lack `datasets`."""
+    import io
+    import pickle
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    folder = dest / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    for split, batch_names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        table = pq.read_table(sorted(parquet_dir.glob(f"{split}-*.parquet")))
+        image_col = next(c for c in table.column_names if c in ("img", "image"))
+        label_col = next(c for c in table.column_names if c in ("label", "labels"))
+        images = [np.asarray(Image.open(io.BytesIO(r["bytes"])).convert("RGB")) for r in table[image_col].to_pylist()]
+        data = np.stack(images).transpose(0, 3, 1, 2).reshape(len(images), -1)
+        labels = np.asarray(table[label_col].to_pylist())
+        for name, rows in zip(batch_names, np.array_split(np.arange(len(labels)), len(batch_names))):
+            with open(folder / name, "wb") as f:
+                pickle.dump({"data": data[rows], "labels": labels[rows].tolist()}, f)
+        names = names or _label_names(table, label_col, int(labels.max()) + 1)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names}, f)
+    return dest
+
+
+def _label_names(table, label_col: str, count: int) -> list[str]:
+    meta = json.loads((table.schema.metadata or {}).get(b"huggingface", b"{}"))
+    feature = meta.get("info", {}).get("features", {}).get(label_col, {})
+    return feature.get("names") or [str(i) for i in range(count)]
+
+
+def check_sync(dataset: str, device: str, extra: list[str]) -> dict:
+    """Train steps between log points under torch.cuda.set_sync_debug_mode("error"): any host sync raises."""
+    import torch
+
+    from distvgg import build, train
+    from distvgg.config import parse_config
+
+    cfg = parse_config(["--recipe", "fast", "--dataset", dataset, "--report-to", "none", *extra])
+    run = build.setup(cfg, build.make_accelerator(cfg))
+    batches = (batch for _ in iter(int, 1) for batch in run.train_dl)  # epoch after epoch
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            micro = [run.prepare_batch(next(batches), 0, True)]
+            loss, skipped = train.train_step(
+                run.model, run.criterion, run.optimizer, run.scheduler, run.accelerator, micro
+            )
+            run.skipped_steps += skipped
+
+    steps(3)  # warm-up: cuDNN autotuning and allocations may sync
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    steps(SYNC_STEPS)
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode(0)
+    return {"steps_without_host_sync": SYNC_STEPS, "sync_debug_mode": "error" if device == "cuda" else "not on CPU"}
+
+
+def check_fp16_overflow(device: str) -> dict:
+    """An fp16 GradScaler whose first scales overflow: the skipped steps must be counted."""
+    import torch
+    import torch.nn as nn
+    from accelerate import Accelerator
+
+    from distvgg import build, train
+    from distvgg.config import TrainConfig
+    from distvgg.models import build_model
+
+    acc = Accelerator(cpu=device == "cpu", mixed_precision="fp16" if device == "cuda" else "no")
+    # fp16 on a GPU overflows until the scale has backed off; on the CPU (fp32) only the injected infs below do.
+    acc.scaler = torch.amp.GradScaler(device, init_scale=2.0**60 if device == "cuda" else 1.0)
+    model = build_model("vgg3layer", 10, width=0.25)
+    optimizer = build.make_optimizer(TrainConfig(), model, lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    if device == "cpu":  # no fp16 autocast here: overflow the first two steps' gradients instead
+        overflows = iter([float("inf"), float("inf")])
+        next(model.parameters()).register_hook(lambda grad: grad * next(overflows, 1.0))
+    data = torch.randn(64, 3, 32, 32, device=acc.device)
+    target = torch.randint(0, 10, (64,), device=acc.device)
+    skipped = sum(
+        int(train.train_step(model, nn.CrossEntropyLoss(), optimizer, scheduler, acc, [(data, target)])[1])
+        for _ in range(OVERFLOW_STEPS)
+    )
+    if skipped == 0:
+        raise AssertionError("an overflowing fp16 scale skipped no counted step")
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if not finite:
+        raise AssertionError("the weights are not finite after the skipped steps")
+    return {"steps": OVERFLOW_STEPS, "skipped_counted": skipped, "final_scale": acc.scaler.get_scale()}
+
+
+def train_result(run_dir: Path, wall: float) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = lambda key: next((r[key] for r in reversed(records) if key in r), None)  # noqa: E731
+    train_seconds = last("summary/train_seconds")
+    return {
+        "eval_accuracy": last("eval/accuracy"),
+        "images_per_second": last("summary/images_per_second"),
+        "skipped_steps": last("train/skipped_steps"),
+        "train_seconds": train_seconds,
+        "wall_seconds": round(wall, 1),
+        "wall_over_train": round(wall / train_seconds, 2) if train_seconds else None,
+        "accuracy_by_epoch": [round(r["eval/accuracy"], 4) for r in records if "eval/accuracy" in r],
+        "final_model": (run_dir / "final" / "model.safetensors").is_file(),
+    }
+
+
+def steps(args: argparse.Namespace, data: str, runs: Path) -> list[tuple[str, int, list[str], Path | None]]:
+    """(name, cap in seconds, command, run folder whose metrics make the result)."""
+    py, me = [sys.executable], [sys.executable, str(Path(__file__).resolve())]
+    plumbing = ["--width", "0.125", "--batch-size", "32", "--eval-limit", "200"] if args.device == "cpu" else []
+    launch = [*py, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config]
+    train = ["-m", "distvgg.train", "--dataset", data, "--report-to", "none", *plumbing]
+    quick = ["--epochs", "1", "--max-steps", "30" if args.device == "cpu" else "200", "--checkpoint-every", "none"]
+    out: list[tuple[str, int, list[str], Path | None]] = [
+        (
+            "sync",
+            120,
+            [*me, "--step", "sync", "--out", str(args.out), "--dataset", data, "--device", args.device, *plumbing],
+            None,
+        ),
+        ("fp16-overflow", 90, [*me, "--step", "fp16-overflow", "--out", str(args.out), "--device", args.device], None),
+    ]
+    for mp in ("no", "fp16", "bf16") if args.device == "cuda" else ("no",):
+        run = runs / f"train-{mp}"
+        out.append(
+            (f"train-{mp}", 120, [*launch, "--mixed_precision", mp, *train, *quick, "--output-dir", str(run)], run)
+        )
+    if args.device == "cuda":  # on a CPU, compiling takes minutes: not part of the plumbing check
+        run = runs / "compile"
+        out.append(("compile", 240, [*launch, *train, *quick, "--compile", "--output-dir", str(run)], run))
+    bench = ["--tiny"] if args.device == "cpu" else []
+    out.append(
+        (
+            "bench",
+            240,
+            [
+                *py,
+                "-m",
+                "distvgg.bench",
+                "--device",
+                args.device,
+                "--dataset",
+                data,
+                *bench,
+                "--json",
+                str(args.out / "bench.json"),
+            ],
+            None,
+        )
+    )
+    run = runs / "fast"
+    epochs = ["--epochs", "2", "--batch-size", "128"] if args.device == "cpu" else []
+    out.append(("fast-recipe", 300, [*launch, *train, "--recipe", "fast", *epochs, "--output-dir", str(run)], run))
+    return out
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.budget
+    runs = Path(os.environ.get("RUNS_DIR", "/tmp/distvgg_gpu_check"))
+    runs.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"device": args.device, "budget_seconds": args.budget, "steps": {}}
+    log = open(args.out / "gpu_check.log", "a")  # noqa: SIM115 - appended to by every step
+    data = args.dataset
+    if Path(data).is_dir() and list(Path(data).glob("*.parquet")):
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            data = str(parquet_to_cifar_pickles(Path(data), runs / "data"))
+            summary["data"] = f"parquet read with pyarrow into {data}"
+    failed = 0
+    for name, cap, command, run_dir in steps(args, data, runs):
+        left = deadline - time.monotonic()
+        if left < 20:
+            summary["steps"][name] = {"status": "skipped: the budget is spent"}
+            continue
+        limit, started = min(cap, left - 10), time.monotonic()
+        print(f"=== {name} (at most {limit:.0f} s): {' '.join(command)}", file=log, flush=True)
+        print(f"gpu_check: {name} ...", flush=True)
+        try:
+            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=limit, cwd=REPO)
+            status = "ok" if proc.returncode == 0 else f"failed: exit {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            status = f"failed: timed out after {limit:.0f} s"
+        result = {"status": status, "seconds": round(time.monotonic() - started, 1)}
+        result_file = args.out / f"{name}.json"
+        if result_file.is_file():
+            result.update(json.loads(result_file.read_text()))
+        if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+            result.update(train_result(run_dir, time.monotonic() - started))
+        failed += status != "ok"
+        summary["steps"][name] = result
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")  # after every step
+        print(f"gpu_check: {name}: {status} ({result['seconds']} s)", flush=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"gpu_check: {failed} failed step(s); summary in {args.out / 'summary.json'}")
+    return min(failed, 100)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, default=Path("runs/gpu_check"))
+    p.add_argument("--dataset", default="data/cifar10")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--budget", type=float, default=390, help="seconds for every step together")
+    p.add_argument("--accelerate-config", default="accelerate_configs/gpu1.yaml")
+    p.add_argument("--step", choices=("sync", "fp16-overflow"), help="run one in-process check (internal)")
+    args, extra = p.parse_known_args()
+    if args.step == "sync":
+        result = check_sync(args.dataset, args.device, extra)
+    elif args.step == "fp16-overflow":
+        result = check_fp16_overflow(args.device)
+    else:
+        return orchestrate(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.step}.json").write_text(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
