@@ -167,13 +167,62 @@ def normalize(images: torch.Tensor, mean: float, std: float, channels_last: bool
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def make_prepare(augmented: bool, seed: int, mean: float, std: float, channels_last: bool) -> PrepareBatch:
+def cutout(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int, size: int) -> torch.Tensor:
+    """Zero a ``size`` square (clipped at the borders) of each image, placed by a hash of (seed, epoch, sample)."""
+    n, _, h, w = images.shape
+    key = _mix(indices.long() + int(_mix(torch.tensor(seed * 65_537 + epoch + 7_919))))  # not the crop's draws
+    top, left = key.remainder(h) - size // 2, (key >> 20).remainder(w) - size // 2
+    rows = torch.arange(h, device=images.device) - top[:, None]  # (N, H)
+    cols = torch.arange(w, device=images.device) - left[:, None]  # (N, W)
+    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
+    return images.masked_fill(inside[:, None], 0)
+
+
+def mix(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup: float, cutmix: float, key: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix of a batch with itself reversed; returns the images and soft targets.
+
+    The weight, the box and the choice between the two come from a generator keyed by ``key`` (seed, step,
+    micro-batch of the global batch), on the host: the same for any number of processes, and no host sync.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(list(key))
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix, cutmix) if use_cutmix else rng.beta(mixup, mixup))
+    other = images.flip(0)
+    if use_cutmix:  # a box of area (1 - lam), clipped at the borders; lam becomes the area actually kept
+        h, w = images.shape[-2:]
+        bh, bw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1, x0, x1 = (
+            max(cy - bh // 2, 0),
+            min(cy + bh - bh // 2, h),
+            max(cx - bw // 2, 0),
+            min(cx + bw - bw // 2, w),
+        )
+        images = images.clone()
+        images[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        images = images.lerp(other, 1 - lam)
+    onehot = torch.nn.functional.one_hot(labels, num_classes).float()
+    return images, onehot.lerp(onehot.flip(0), 1 - lam)
+
+
+def make_prepare(
+    augmented: bool, seed: int, mean: float, std: float, channels_last: bool, cutout_size: int = 0
+) -> PrepareBatch:
     """``prepare(batch, epoch, train)``: uint8 batch on the device -> (augmented, normalised images, labels)."""
 
     def prepare(batch: Batch, epoch: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels, indices = batch
         if train and augmented:
             images = augment(images, indices, seed, epoch)
-        return normalize(images, mean, std, channels_last), labels
+        images = normalize(images, mean, std, channels_last)
+        if train and cutout_size:  # zero after normalising: the cut square holds the mean
+            images = cutout(images, indices, seed, epoch, cutout_size)
+        return images, labels
 
     return prepare

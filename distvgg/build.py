@@ -3,6 +3,7 @@ device, the model, optimizer, schedule and loaders, all gathered in one ``Run``.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -170,6 +171,7 @@ def load_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, Any]:
             label_column=cfg.label_column,
             cache_dir=cfg.cache_dir,
             skip_bad_images=cfg.skip_bad_images,
+            image_size=cfg.image_size,
             log=accelerator.print,
         )
     train, test = limited(data.train, data.test, cfg.train_limit, cfg.eval_limit, cfg.seed)
@@ -247,6 +249,16 @@ class Run:
     wandb_run_id: str | None = None  # restored from a checkpoint before the trackers start
     last_checkpoint: Path | None = None
     compile_seconds: float | None = None  # the first step under --compile (compilation), timed apart
+    ema: nn.Module | None = None  # --ema-decay: the averaged weights, evaluated and saved instead of the trained ones
+
+
+def make_ema(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> nn.Module | None:
+    """``--ema-decay``: a copy of the model that follows the trained weights; saved in every checkpoint."""
+    if cfg.ema_decay is None:
+        return None
+    ema = copy.deepcopy(accelerator.unwrap_model(model)).eval().requires_grad_(False)
+    accelerator.register_for_checkpointing(ema)
+    return ema
 
 
 def setup(cfg: TrainConfig, accelerator: Any) -> Run:
@@ -275,6 +287,7 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
     # resumed mid-epoch would draw once more than an uninterrupted one and shift every later dropout mask.
     for loader in (train_dl, test_dl):
         loader.base_dataloader.generator = torch.Generator().manual_seed(cfg.seed)
+    ema = make_ema(cfg, model, accelerator)
     if cfg.compile:
         model = torch.compile(model)
     set_seed(cfg.seed + accelerator.process_index)  # different dropout masks on different processes
@@ -288,7 +301,7 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
         train_dl=train_dl,
         sampler=sampler,
         test_dl=test_dl,
-        prepare_batch=batches.make_prepare(cfg.augment, cfg.seed, cfg.mean, cfg.std, cfg.channels_last),
+        prepare_batch=batches.make_prepare(cfg.augment, cfg.seed, cfg.mean, cfg.std, cfg.channels_last, cfg.cutout),
         class_names=list(data.class_names),
         image_size=tuple(data.image_size),
         logger=tracking.RunLogger(accelerator, cfg.output_dir),
@@ -297,4 +310,5 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
         global_batch=global_batch,
         lr=lr,
         dataset_fingerprint=data.fingerprint,
+        ema=ema,
     )

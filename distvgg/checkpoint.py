@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save, validated resume, rotation, the start plan and preemption signals.
+"""Checkpoints: the training state, atomic save, validated and exact resume, rotation, safe loading.
 
 A checkpoint is ``OUTPUT_DIR/checkpoints/step-XXXXXXXX/``: Accelerate's ``save_state`` files (weights in
 safetensors, optimizer, scheduler, GradScaler, each process's RNG states), ``training_state.json`` (this
@@ -22,23 +22,10 @@ from typing import Any, Optional
 
 import torch
 
-from distvgg.files import (
-    CHECKPOINTS_DIR,
-    MARKER_FILE,
-    STATE_FILE,
-    fsync_dir,
-    fsync_file,
-    replace_folder,
-    step_folder_name,
-    step_folders,
-    unused_name,
-    verify,
-    write_marker,
-)
+from distvgg import files
 
 FORMAT_VERSION = 1
 _PICKLED_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
-
 Say = Callable[[str], None]
 
 
@@ -70,7 +57,8 @@ def parse_every(value: str) -> int | str:
 EXACT_OPTIONS = tuple(
     "model width dropout channels_last sync_bn compile epochs max_steps optimizer optimizer_impl"
     " lr momentum nesterov weight_decay schedule warmup_steps label_smoothing max_grad_norm seed augment"
-    " mean std train_limit ddp_comm_hook gradient_accumulation_steps tf32 lr_reference_batch deterministic".split()
+    " mean std train_limit ddp_comm_hook gradient_accumulation_steps tf32 lr_reference_batch deterministic"
+    " cutout mixup cutmix ema_decay".split()
 )
 
 
@@ -123,15 +111,6 @@ class TrainingState:
             raise CheckpointError(f"{where} lacks fields of a training state ({e})") from e
 
 
-def read_state(folder: str | os.PathLike) -> TrainingState:
-    path = Path(folder) / STATE_FILE
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    return TrainingState.from_json(text, str(path))
-
-
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``name: checkpoint X, now Y`` for every setting in ``now`` that differs from ``saved``."""
     out = []
@@ -156,8 +135,8 @@ def latest_good(output_dir: str | os.PathLike, say: Say) -> Path | None:
     """The newest checkpoint that verifies, warning about each newer one that does not. None when
     there is no checkpoint at all; CheckpointError when there are some but none is usable."""
     problems = []
-    for _, folder in reversed(step_folders(output_dir)):
-        problem = verify(folder)
+    for _, folder in reversed(files.step_folders(output_dir)):
+        problem = files.verify(folder)
         if problem is None:
             if problems:
                 say(f"warning: resuming from the previous good checkpoint {folder}")
@@ -167,7 +146,7 @@ def latest_good(output_dir: str | os.PathLike, say: Say) -> Path | None:
     if problems:
         raise CheckpointError(
             "no usable checkpoint in "
-            + str(Path(output_dir) / CHECKPOINTS_DIR)
+            + str(Path(output_dir) / files.CHECKPOINTS_DIR)
             + ":\n  - "
             + "\n  - ".join(problems)
             + "\nMove these folders away (or pass --resume none, which "
@@ -183,9 +162,9 @@ def rotate(output_dir: str | os.PathLike, keep_last: int, newest_good: Path | No
     Returns the deleted folders."""
     # Counting markers rather than verifying every kept checkpoint: hashing them all at every save
     # would cost seconds for large models; the one that must survive is verified (or just written).
-    marked = [folder for _, folder in step_folders(output_dir) if (folder / MARKER_FILE).is_file()]
+    marked = [folder for _, folder in files.step_folders(output_dir) if (folder / files.MARKER_FILE).is_file()]
     if newest_good is None:
-        newest_good = next((f for f in reversed(marked) if verify(f) is None), None)
+        newest_good = next((f for f in reversed(marked) if files.verify(f) is None), None)
     doomed = [f for f in marked[: -max(1, keep_last)] if newest_good is None or f.resolve() != newest_good.resolve()]
     for folder in doomed:
         shutil.rmtree(folder, ignore_errors=True)
@@ -271,7 +250,7 @@ def save_checkpoint(
             need = f"; the checkpoint needs about {_folder_bytes(previous) or size():,} bytes"
         last = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
         raise CheckpointError(
-            f"could not write the checkpoint of step {state.global_step} in {Path(output_dir) / CHECKPOINTS_DIR} "
+            f"could not write the checkpoint of step {state.global_step} in {Path(output_dir) / files.CHECKPOINTS_DIR} "
             f"({e.strerror or e}{need}); {last}. Free disk space or fix the folder, then run the same command again"
         ) from e
 
@@ -322,8 +301,11 @@ def _save_checkpoint(
     ``checkpoints/step-N`` and rotates old checkpoints. ``previous``: the last checkpoint this run wrote; if
     it has the same step (an epoch end right after a periodic checkpoint) the new one replaces it.
     """
-    root = output_dir / CHECKPOINTS_DIR
-    tmp, final = root / f".tmp-{step_folder_name(state.global_step)}", root / step_folder_name(state.global_step)
+    root = output_dir / files.CHECKPOINTS_DIR
+    tmp, final = (
+        root / f".tmp-{files.step_folder_name(state.global_step)}",
+        root / files.step_folder_name(state.global_step),
+    )
     main = accelerator.is_main_process
 
     def prepare() -> None:
@@ -336,20 +318,20 @@ def _save_checkpoint(
         accelerator.save_state(str(tmp), safe_serialization=True)
         own = tmp / f"random_states_{accelerator.process_index}.pkl"
         if own.exists():
-            fsync_file(own)
+            files.fsync_file(own)
         if main:
-            (tmp / STATE_FILE).write_text(state.to_json())
+            (tmp / files.STATE_FILE).write_text(state.to_json())
 
     def publish() -> None:
-        write_marker(tmp)
+        files.write_marker(tmp)
         old = None
         if final.exists() and previous is not None and final.resolve() == Path(previous).resolve():
             old = final.rename(root / f".old-{final.name}")  # ours, a moment ago: replaced by the newer state
         elif final.exists():  # e.g. resumed from an older checkpoint: keep the other future, renamed
-            moved = final.rename(unused_name(final, ".replaced" if verify(final) is None else ".bad"))
+            moved = final.rename(files.unused_name(final, ".replaced" if files.verify(final) is None else ".bad"))
             accelerator.print(f"note: {final} existed already; moved it to {moved.name}")
         tmp.rename(final)
-        fsync_dir(root)
+        files.fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         rotate(output_dir, keep_last, newest_good=final)
@@ -424,6 +406,6 @@ def save_model_folder(folder: Path, model: torch.nn.Module, spec: dict[str, Any]
     def write(tmp: Path) -> None:
         save_pretrained(model, tmp, spec)
         if state is not None:
-            (tmp / STATE_FILE).write_text(state.to_json())
+            (tmp / files.STATE_FILE).write_text(state.to_json())
 
-    return replace_folder(folder, write)
+    return files.replace_folder(folder, write)

@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import math
 import os
+import sys
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -50,8 +51,18 @@ class TrainConfig:
     """Evaluate on a seeded, class-balanced subset of this many test images."""
     skip_bad_images: bool = False
     """Drop images that fail to decode (counted and reported) instead of stopping with an error."""
+    image_size: Optional[list[int]] = None
+    """Resize every image to N x N (one number) or H x W (two) when it is decoded; needed for a dataset of mixed
+    sizes. Unset: the dataset's own size."""
     augment: bool = True
     """Random crop (pad 4) and horizontal flip, done on the training device."""
+    cutout: int = 0
+    """Cutout: zero a square of this many pixels at a random place of each training image (0: off)."""
+    mixup: float = 0.0
+    """Mixup: mix each batch with itself reversed, by a Beta(ALPHA, ALPHA) weight, targets too (0: off)."""
+    cutmix: float = 0.0
+    """CutMix: paste a box of the reversed batch into each batch, its area drawn from Beta(ALPHA, ALPHA), targets
+    mixed by area (0: off). With --mixup too, each step uses one of the two, at random."""
     mean: float = 0.5
     """Normalisation mean, for every channel (the guide's 0.5)."""
     std: float = 0.5
@@ -64,9 +75,10 @@ class TrainConfig:
     """Keep the whole uint8 dataset on the training device: auto (on CUDA), yes or no."""
     # --- model
     model: str = "vgg3layer"
-    """Network: vgg3layer (the guide's), vgg11, vgg13, vgg16 or vgg19 (all with BatchNorm)."""
+    """Network: vgg3layer (the guide's), vgg11, vgg13, vgg16 or vgg19 (all with BatchNorm), or resnet18
+    (torchvision's, with a small-image stem for images up to 64 pixels)."""
     width: float = 1.0
-    """Multiplier on every layer's width; small values train tiny networks fast (tests)."""
+    """Multiplier on every layer's width of the VGG networks; small values train tiny networks fast (tests)."""
     dropout: float = 0.5
     """Dropout probability in the classifier (the guide's nn.Dropout() default)."""
     channels_last: bool = True
@@ -112,7 +124,10 @@ class TrainConfig:
     warmup_steps: int = 0
     """Linear warm-up steps before the cosine decay."""
     label_smoothing: float = 0.0
-    """Label smoothing of the cross-entropy loss."""
+    """Label smoothing of the cross-entropy loss (also of mixup's and cutmix's mixed targets)."""
+    ema_decay: Optional[float] = None
+    """Keep an exponential moving average of the weights, with this decay per optimizer step (e.g. 0.999); it is
+    what is evaluated and saved in best/ and final/ (checkpoints keep both)."""
     tta: bool = False
     """Flip test-time augmentation: evaluate on the mean logits of each test image and its mirror image."""
     max_grad_norm: Optional[float] = None
@@ -158,65 +173,59 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         """Every invalid option, one message each."""
-        problems: list[str] = []
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                problems.append(msg)
-
-        def choice(name: str, options: Sequence[str]) -> None:
-            need(
-                getattr(self, name) in options,
-                f"--{_flag(name)} must be one of {', '.join(options)}, got {getattr(self, name)!r}",
-            )
-
-        choice("model", MODEL_NAMES)
-        choice("optimizer", OPTIMIZERS)
-        choice("schedule", SCHEDULES)
-        choice("report_to", REPORT_TO)
-        choice("ddp_comm_hook", COMM_HOOKS)
-        choice("data_on_device", ("auto", "yes", "no"))
-        choice("optimizer_impl", OPTIMIZER_IMPLS)
-        if self.mixed_precision is not None:
-            choice("mixed_precision", MIXED_PRECISION)
-        for name in (
-            "epochs",
-            "batch_size",
-            "eval_batch_size",
-            "gradient_accumulation_steps",
-            "log_every",
-            "ddp_timeout",
-        ):
-            need(getattr(self, name) >= 1, f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "train_limit", "eval_limit", "lr_reference_batch"):
-            v = getattr(self, name)
-            need(v is None or v >= 1, f"--{_flag(name)} must be at least 1, got {v}")
-        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
-        need(self.width > 0, f"--width must be positive, got {self.width}")
-        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
-        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
-        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
-        need(0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        need(self.std > 0, f"--std must be positive, got {self.std}")
-        need(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}")
-        need(
-            self.cpu_threads is None or self.cpu_threads >= 1,
-            f"--cpu-threads must be at least 1, got {self.cpu_threads}",
+        choices = {
+            "model": MODEL_NAMES,
+            "optimizer": OPTIMIZERS,
+            "schedule": SCHEDULES,
+            "report_to": REPORT_TO,
+            "ddp_comm_hook": COMM_HOOKS,
+            "data_on_device": ("auto", "yes", "no"),
+            "optimizer_impl": OPTIMIZER_IMPLS,
+            "mixed_precision": MIXED_PRECISION,
+        }
+        out = [
+            f"--{_flag(k)} must be one of {', '.join(v)}, got {getattr(self, k)!r}"
+            for k, v in choices.items()
+            if getattr(self, k) not in (*v, None)
+        ]
+        positive_ints = (
+            "epochs batch_size eval_batch_size gradient_accumulation_steps log_every ddp_timeout keep_last "
+            "max_steps train_limit eval_limit lr_reference_batch cpu_threads"
         )
-        need(
-            self.max_grad_norm is None or self.max_grad_norm > 0,
-            f"--max-grad-norm must be positive, got {self.max_grad_norm}",
-        )
-        need(bool(self.output_dir), "--output-dir must not be empty")
-        need(
-            str(self.checkpoint_every).strip().lower() in ("epoch", "none")
-            or (str(self.checkpoint_every).strip().isdigit() and int(self.checkpoint_every) > 0),
-            f"--checkpoint-every must be epoch, none or a positive number of steps, got {self.checkpoint_every!r}",
-        )
-        need(self.keep_last >= 1, f"--keep-last must be at least 1, got {self.keep_last}")
-        need(bool(self.resume), "--resume must be auto, none or a checkpoint folder")
-        return problems
+        out += [
+            f"--{_flag(k)} must be at least 1, got {v}"
+            for k in positive_ints.split()
+            if (v := getattr(self, k)) is not None and v < 1
+        ]
+        ranges = {  # option: (valid, what a valid value is)
+            "lr": (math.isfinite(self.lr) and self.lr > 0, "a positive number"),
+            "width": (self.width > 0, "positive"),
+            "std": (self.std > 0, "positive"),
+            "max_grad_norm": (self.max_grad_norm is None or self.max_grad_norm > 0, "positive"),
+            "dropout": (0 <= self.dropout < 1, "in [0, 1)"),
+            "momentum": (0 <= self.momentum < 1, "in [0, 1)"),
+            "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "ema_decay": (self.ema_decay is None or 0 < self.ema_decay < 1, "in (0, 1)"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
+            "num_workers": (self.num_workers >= 0, ">= 0"),
+            "cutout": (self.cutout >= 0, ">= 0"),
+            "mixup": (self.mixup >= 0, ">= 0"),
+            "cutmix": (self.cutmix >= 0, ">= 0"),
+            "image_size": (
+                self.image_size is None or (len(self.image_size) in (1, 2) and min(self.image_size) >= 1),
+                "one or two positive numbers (N, or H W)",
+            ),
+        }
+        out += [f"--{_flag(k)} must be {what}, got {getattr(self, k)}" for k, (ok, what) in ranges.items() if not ok]
+        every = str(self.checkpoint_every).strip().lower()
+        if not (every in ("epoch", "none") or (every.isdigit() and int(every) > 0)):
+            out.append(f"--checkpoint-every must be epoch, none or a positive number of steps, got {every!r}")
+        if not self.output_dir:
+            out.append("--output-dir must not be empty")
+        if not self.resume:
+            out.append("--resume must be auto, none or a checkpoint folder")
+        return out
 
     def validate(self) -> None:
         """Raise ConfigError listing every invalid option at once."""
@@ -247,9 +256,9 @@ def field_docs(cls: type = TrainConfig) -> dict[str, str]:
 
 
 def _base_type(f: dataclasses.Field) -> str:
-    """'int', 'float', 'str', 'bool' or 'list' from the (string) annotation."""
+    """'int', 'float', 'str', 'bool', 'list' (of str) or 'ints' (list of int) from the (string) annotation."""
     t = str(f.type).replace("Optional[", "").rstrip("]")
-    return "list" if t.startswith("list") else t
+    return ("ints" if "int" in t else "list") if t.startswith("list") else t
 
 
 def _parse_value(kind: str, text: str) -> Any:
@@ -270,8 +279,9 @@ def build_parser(cls: type = TrainConfig, prog: str = "distvgg.train") -> argpar
         help_text = f"{docs.get(f.name, '')} (default: {default!r})"
         if kind == "bool":
             parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, help=help_text)
-        elif kind == "list":
-            parser.add_argument(f"--{_flag(f.name)}", nargs="*", metavar="TAG", help=help_text)
+        elif kind in ("list", "ints"):
+            kw = {"nargs": "*", "metavar": "TAG"} if kind == "list" else {"nargs": "+", "metavar": "N", "type": int}
+            parser.add_argument(f"--{_flag(f.name)}", help=help_text, **kw)
         else:
             parser.add_argument(
                 f"--{_flag(f.name)}", type=lambda s, k=kind: _parse_value(k, s), metavar=f.name.upper(), help=help_text
@@ -330,6 +340,12 @@ def load_recipe(name: str, cls: type = TrainConfig) -> dict[str, Any]:
     return data
 
 
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        raise TypeError
+    return int(v)
+
+
 def _coerce(cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Type-check YAML values against the fields; collect problems rather than stop at the first."""
     kinds = {f.name: _base_type(f) for f in fields(cls)}
@@ -343,12 +359,10 @@ def _coerce(cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], list[str
                 if not isinstance(v, bool):
                     raise TypeError
                 out[name] = v
-            elif kind == "list":
-                out[name] = [str(x) for x in (v if isinstance(v, list) else [v])]
+            elif kind in ("list", "ints"):
+                out[name] = [(str if kind == "list" else _int)(x) for x in (v if isinstance(v, list) else [v])]
             elif kind == "int":
-                if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-                    raise TypeError
-                out[name] = int(v)
+                out[name] = _int(v)
             else:
                 out[name] = float(v)
         except (TypeError, ValueError):
@@ -359,8 +373,9 @@ def _coerce(cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], list[str
 def parse_config(
     argv: Sequence[str] | None = None, cls: type = TrainConfig, prog: str = "distvgg.train"
 ) -> TrainConfig:
-    """Defaults < recipe < YAML file < command line, then validate."""
-    args = vars(build_parser(cls, prog).parse_args(argv))
+    """Defaults < recipe < YAML file < command line, then validate. A W&B sweep trial (WANDB_SWEEP_ID set by
+    ``wandb agent``) writes into OUTPUT_DIR/<its run id>, so that trials never share a folder."""
+    args = vars(build_parser(cls, prog).parse_args(_boolean_flags(cls, sys.argv[1:] if argv is None else argv)))
     values: dict[str, Any] = {}
     config_file = args.pop("config", None)
     file_values = load_yaml(config_file, cls) if config_file else {}
@@ -373,7 +388,21 @@ def parse_config(
     values, problems = _coerce(cls, values)
     cfg = cls(**values)
     _raise_if(problems + cfg.problems())
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID") and cfg.output_dir:
+        cfg.output_dir = str(Path(cfg.output_dir) / os.environ["WANDB_RUN_ID"])
     return cfg
+
+
+def _boolean_flags(cls: type, argv: Sequence[str]) -> list[str]:
+    """``--name=true`` / ``--name=false`` (how ``wandb agent`` passes booleans) as ``--name`` / ``--no-name``."""
+    bools = {_flag(f.name) for f in fields(cls) if _base_type(f) == "bool"}
+    out = []
+    for arg in argv:
+        name, _, value = arg[2:].partition("=")
+        if arg.startswith("--") and name in bools and value.lower() in ("true", "false"):
+            arg = f"--{name}" if value.lower() == "true" else f"--no-{name}"
+        out.append(arg)
+    return out
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:

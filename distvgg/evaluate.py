@@ -1,12 +1,6 @@
-"""Evaluate a saved model on a dataset's test split: loss, accuracy, per-class accuracy, confusion matrix.
-
-    python -m distvgg.evaluate --checkpoint runs/distvgg --json eval.json --confusion-png confusion.png
-    accelerate launch --config_file accelerate_configs/cpu_ddp2.yaml -m distvgg.evaluate --checkpoint runs/distvgg
-
-The numbers are those of the training loop's own evaluation, ``distvgg.train.evaluate``
-(``gather_for_metrics``), so every test image counts exactly once for any number of processes.
-This module also renders its result (text tables, the confusion-matrix plot) for ``report``.
-"""
+"""Evaluate a saved model on a test split: loss, accuracy, per-class accuracy and confusion matrix. The numbers are
+the training loop's own (train.evaluate, with gather_for_metrics), so under `accelerate launch` with any number of
+processes every test image counts once."""
 
 from __future__ import annotations
 
@@ -26,74 +20,58 @@ PROG = "distvgg.evaluate"
 def load_test_split(
     dataset: str, loaded: LoadedModel, eval_limit: int | None = None, warn: Callable | None = None, **load_args: Any
 ) -> Any:
-    """The test split of ``dataset``, checked against the model; with ``eval_limit``, the seeded class-balanced
-    subset training evaluated for the same limit and seed (``data.limited``). Other class names are a warning.
-    ``load_args`` go to ``data.load_image_data`` (cache_dir, image_column, label_column, log)."""
+    """The test split of ``dataset``, checked against the model (other class names: a warning), cut as training cut
+    it for ``eval_limit`` (``data.limited``); ``load_args`` go to ``data.load_image_data``."""
     from distvgg.data import DataError, limited, load_image_data
 
     data = load_image_data(dataset, **load_args)
-    test = data.test
-    size = tuple(test.images.shape[-2:])
+    size = tuple(data.test.images.shape[-2:])
     if size != loaded.image_size:
         raise DataError(
             f"the test images of {dataset} are {size[0]}x{size[1]} but the model {loaded.weights} was built for "
             f"{loaded.image_size[0]}x{loaded.image_size[1]}: evaluate it on the dataset it was trained on"
         )
     if data.num_classes != loaded.num_classes:
-        raise DataError(
-            f"{dataset} has {data.num_classes} classes but the model predicts {loaded.num_classes}: "
-            f"evaluate it on a dataset with the same classes"
-        )
+        raise DataError(f"{dataset} has {data.num_classes} classes but the model predicts {loaded.num_classes}")
     if list(data.class_names) != loaded.class_names and warn is not None:
-        warn(
-            f"the class names of {dataset} ({', '.join(data.class_names)}) differ from the model's "
-            f"({', '.join(loaded.class_names)}); the model's names are used"
-        )
-    return limited(data.train, test, None, eval_limit, int(loaded.train_config.get("seed", 0)))[1]
+        warn(f"the class names of {dataset} differ from the model's ({', '.join(loaded.class_names)}), which are used")
+    return limited(data.train, data.test, None, eval_limit, int(loaded.train_config.get("seed", 0)))[1]
 
 
 def evaluate_model(
     loaded: LoadedModel, accelerator: Any, dataset: str | None = None, *, batch_size: int | None = None, **options: Any
 ) -> tuple[dict[str, Any], Any, str]:
-    """``train.evaluate``'s result (loss, accuracy, count, per_class_accuracy, confusion) for the model on the test
-    split of ``dataset`` (default: the one it trained on, read as training read it), the split and the dataset.
-    ``options``: eval_limit, tta, warn, cache_dir, image_column, label_column (None: the run's)."""
+    """``train.evaluate``'s result on the test split of ``dataset`` (default: the run's, read as training read it),
+    the split and the dataset. ``options``: eval_limit, tta, warn, cache_dir, image_column, label_column."""
     from distvgg import batches, train
 
     tc, tta = loaded.train_config, options.pop("tta", False)
-    defaults = {"cache_dir": tc.get("cache_dir")}
-    if dataset is None:
-        dataset = tc.get("dataset")
-        defaults.update(image_column=tc.get("image_column"), label_column=tc.get("label_column"))
-    if not dataset:
+    defaults = ("cache_dir",) if dataset else ("cache_dir", "image_column", "label_column")  # the run's way to read it
+    options = {**{k: tc.get(k) for k in defaults}, **{k: v for k, v in options.items() if v is not None}}
+    if not (dataset := dataset or tc.get("dataset")):
         raise ModelLoadError(f"{loaded.weights} does not record the dataset it was trained on: pass --dataset")
-    options = {**defaults, **{k: v for k, v in options.items() if v is not None}}
-    main_process = accelerator.is_main_process
     with accelerator.local_main_process_first():
-        test = load_test_split(dataset, loaded, log=accelerator.print if main_process else lambda *_: None, **options)
+        log = accelerator.print if accelerator.is_main_process else lambda *_: None
+        test = load_test_split(dataset, loaded, log=log, **options)
     loader = batches.eval_loader(test.images, test.labels, batch_size or int(tc.get("eval_batch_size", 500)))
     model, loader = loaded.model.to(accelerator.device), accelerator.prepare(loader)
     result = train.evaluate(model, loader, accelerator, loaded.num_classes, mean=loaded.mean, std=loaded.std, tta=tta)
     return result, test, dataset
 
 
-def per_class_table(names: Sequence[str], result: dict[str, Any]) -> str:
-    width = max(8, *(len(n) for n in names))
-    lines = [f"  {'class':<{width}}  {'images':>7}  {'correct':>7}  {'accuracy':>8}"]
+def result_tables(names: Sequence[str], result: dict[str, Any]) -> str:
+    """The per-class accuracy table, then the confusion matrix (rows: true class; columns: predicted class index)."""
+    width, confusion = max(8, *(len(n) for n in names)), result["confusion"]
+    lines = ["per-class accuracy:", f"  {'class':<{width}}  {'images':>7}  {'correct':>7}  {'accuracy':>8}"]
     for i, name in enumerate(names):
-        row = result["confusion"][i]
+        row = confusion[i]
         acc = f"{100 * result['per_class_accuracy'][i]:7.2f}%" if sum(row) else "       -"
         lines.append(f"  {name:<{width}}  {sum(row):>7}  {row[i]:>7}  {acc:>8}")
-    return "\n".join(lines)
-
-
-def confusion_table(names: Sequence[str], confusion: Sequence[Sequence[int]]) -> str:
-    """Rows: true class (index and name); columns: predicted class index."""
-    digits = len(str(len(names) - 1))
+    digits, header = len(str(len(names) - 1)), "true \\ predicted"
     cell = max(3, digits, *(len(str(v)) for row in confusion for v in row)) + 1
-    header = "true \\ predicted"
     label = max(len(header), digits + 1 + max(len(n) for n in names))
-    lines = [f"  {header:<{label}}" + "".join(f"{j:>{cell}}" for j in range(len(names)))]
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class index):"]
+    lines.append(f"  {header:<{label}}" + "".join(f"{j:>{cell}}" for j in range(len(names))))
     for i, name in enumerate(names):
         lines.append(f"  {f'{i:>{digits}} {name}':<{label}}" + "".join(f"{v:>{cell}}" for v in confusion[i]))
     return "\n".join(lines)
@@ -131,11 +109,7 @@ def positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Evaluate a saved distvgg model on a dataset's test split: loss, accuracy, per-class accuracy "
-        "and confusion matrix. Runs under `accelerate launch` with any number of processes; every image counts once.",
-    )
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--checkpoint", required=True, help=f"the model: {MODEL_PATH_HELP}")
     p.add_argument("--dataset", help="dataset whose test split is evaluated (default: the one the model trained on)")
     p.add_argument("--eval-limit", type=positive, help="a seeded, class-balanced subset of this many test images")
@@ -144,49 +118,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT.json", help="write all results (per-class, confusion matrix) as JSON")
     p.add_argument("--confusion-png", metavar="OUT.png", help="save the confusion matrix as a PNG")
     p.add_argument("--cache-dir", help="decoded-dataset cache (default: the run's, else $DISTVGG_CACHE)")
-    p.add_argument("--image-column", help="image column (default: the run's when --dataset is not given)")
-    p.add_argument("--label-column", help="label column (default: the run's when --dataset is not given)")
+    for column in ("image", "label"):
+        p.add_argument(f"--{column}-column", help=f"{column} column (default: the run's when --dataset is not given)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Evaluate and print; returns the process exit code (1 for any error)."""
+    """Evaluate and print; returns the exit code: 1 for a bad model or dataset, 2 for a bad launch (as training)."""
     from distvgg.build import LaunchError, make_accelerator
     from distvgg.data import DataError
 
     args = build_parser().parse_args(argv)
-    first = os.environ.get("RANK", "0") == "0"  # one message per launch, not per process
+    first = os.environ.get("RANK", "0") == "0"  # the main process: one message per launch
     warn = (lambda m: print(f"{PROG}: warning: {m}", file=sys.stderr)) if first else None
+    accelerator = None
     try:
         loaded = load_model(args.checkpoint, warn=warn)
         accelerator = make_accelerator()
-    except (ModelLoadError, LaunchError) as e:
+        return _evaluate(args, loaded, accelerator, warn)
+    except (ModelLoadError, DataError, LaunchError) as e:
         if first:
             print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    try:
-        return _evaluate(args, loaded, accelerator, warn if accelerator.is_main_process else None)
-    except (DataError, ModelLoadError) as e:
-        if first:
-            print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, LaunchError) else 1
     finally:
-        accelerator.free_memory()  # the prepared objects go before the process group (see train.main)
-        accelerator.end_training()
+        if accelerator is not None:
+            accelerator.free_memory()  # the prepared objects go before the process group (see train.main)
+            accelerator.end_training()
 
 
 def _evaluate(args: argparse.Namespace, loaded: LoadedModel, accelerator: Any, warn: Any) -> int:
-    columns = {"cache_dir": args.cache_dir, "image_column": args.image_column, "label_column": args.label_column}
-    result, _, dataset = evaluate_model(
-        loaded,
-        accelerator,
-        args.dataset,
-        batch_size=args.batch_size,
-        eval_limit=args.eval_limit,
-        tta=args.tta == "flip",
-        warn=warn,
-        **columns,
-    )
+    options = {k: getattr(args, k) for k in ("batch_size", "eval_limit", "cache_dir", "image_column", "label_column")}
+    result, _, dataset = evaluate_model(loaded, accelerator, args.dataset, tta=args.tta == "flip", warn=warn, **options)
     if not accelerator.is_main_process:
         return 0
     names, n, say = loaded.class_names, accelerator.num_processes, accelerator.print
@@ -195,9 +157,7 @@ def _evaluate(args: argparse.Namespace, loaded: LoadedModel, accelerator: Any, w
         f"test loss: {result['loss']:.4f}  accuracy: {100 * result['accuracy']:.2f}%  ({result['count']} images of "
         f"{dataset}, {n} process(es){', TTA flip' if args.tta == 'flip' else ''})"
     )
-    say("\nper-class accuracy:\n" + per_class_table(names, result))
-    say("\nconfusion matrix (rows: true class, columns: predicted class index):")
-    say(confusion_table(names, result["confusion"]))
+    say("\n" + result_tables(names, result))
     if args.json:
         facts = {"checkpoint": str(loaded.weights), "dataset": dataset, "tta": args.tta, "eval_limit": args.eval_limit}
         summary = {**facts, "num_processes": n, **result, "class_names": names}

@@ -1,12 +1,6 @@
-"""Classify image files with a saved model: the top-k classes and their probabilities per image.
-
-    python -m distvgg.predict --checkpoint runs/distvgg/final cat.jpg dog.png
-
-Each file (PNG, JPEG or anything else PIL reads, of any size) is converted to RGB and resized to
-exactly the model's input size (H, W) with ``torchvision.transforms.functional.resize``, bilinear
-with antialiasing: a stretch, not a crop, so the whole image is seen. It is then normalised with
-the model's mean and std, as in training.
-"""
+"""The top-k classes of image files, with probabilities, from a saved model. Each file (anything PIL reads, of any
+size) is converted to RGB, resized to exactly the model's input size with torchvision's resize (bilinear, antialiased:
+a stretch, not a crop) and normalised with the model's mean and std."""
 
 from __future__ import annotations
 
@@ -48,12 +42,7 @@ def read_image(path: str, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[in
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Top-k classes with probabilities for each image file. Each image is converted to RGB and "
-        "resized to exactly the model's input size (e.g. 32x32) with torchvision's resize (bilinear, antialiased): "
-        "a stretch, not a crop. Images that are missing or cannot be read are all listed and nothing is predicted.",
-    )
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--checkpoint", required=True, help=f"the model: {MODEL_PATH_HELP}")
     p.add_argument("--top-k", type=positive, default=5, help="classes shown per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON (a list, one object per image) instead of a table")
@@ -62,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Predict and print; returns the process exit code (1 for a bad checkpoint or image)."""
+    """Predict and print; returns the exit code (1 for a bad checkpoint or image: all are listed, none predicted)."""
     from distvgg.batches import normalize
 
     args = build_parser().parse_args(argv)

@@ -1,12 +1,5 @@
-"""One picture of a run, offline: curves from metrics.jsonl, the final model on the test split.
-
-    python -m distvgg.report runs/distvgg
-
-writes ``runs/distvgg/report.png`` (training and test loss, learning rate, test accuracy per epoch,
-the model's confusion matrix and a grid of test images with true and predicted labels) and
-``runs/distvgg/report.html``, which shows that PNG above a table of the final numbers. Everything
-comes from the run's folder and the dataset: no W&B account or network is needed.
-"""
+"""A run's report, offline: OUT.png (loss, learning rate and test accuracy from OUTPUT_DIR/metrics.jsonl, the model's
+confusion matrix, test images with true and predicted labels) and OUT.html (the PNG and the final numbers)."""
 
 from __future__ import annotations
 
@@ -20,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from distvgg.evaluate import confusion_table, evaluate_model, per_class_table, plot_confusion, positive
+from distvgg.evaluate import evaluate_model, plot_confusion, positive, result_tables
 from distvgg.files import BEST_DIR, FINAL_DIR, step_folders
 from distvgg.models import MODEL_PATH_HELP, LoadedModel, ModelLoadError, load_model
 from distvgg.tracking import METRICS_FILE
@@ -28,20 +21,15 @@ from distvgg.tracking import METRICS_FILE
 PROG = "distvgg.report"
 
 
-class ReportError(ValueError):
-    """The run folder lacks what the report needs; the message says what."""
-
-
 def warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def load_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    """The records of OUTPUT_DIR/metrics.jsonl; a line that does not parse (a run killed while writing
-    leaves a torn last line) is skipped with a warning."""
+    """OUTPUT_DIR/metrics.jsonl's records; a line that does not parse (a killed run's torn last line) is skipped."""
     path = output_dir / METRICS_FILE
     if not path.is_file():
-        raise ReportError(f"no {METRICS_FILE} in {output_dir}: pass the --output-dir of a distvgg.train run")
+        raise FileNotFoundError(f"no {METRICS_FILE} in {output_dir}: pass the --output-dir of a distvgg.train run")
     records, bad = [], []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         try:
@@ -65,21 +53,18 @@ def series(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[li
     return xs, [points[v] for v in xs]
 
 
-def test_results(loaded: LoadedModel, dataset: str | None, eval_limit: int | None, cache_dir: str | None) -> dict:
-    """``evaluate.evaluate_model``'s result, with the dataset, the model's label and a grid of predictions."""
+def test_results(loaded: LoadedModel, dataset: str | None = None, **options: Any) -> dict:
+    """``evaluate.evaluate_model``'s result (``options`` as there), with the dataset, the model's label and a grid
+    of predictions."""
     from distvgg import batches
     from distvgg.build import make_accelerator
     from distvgg.tracking import prediction_grid, sample_predictions
 
     accelerator = make_accelerator()
-    result, test, dataset = evaluate_model(
-        loaded, accelerator, dataset, eval_limit=eval_limit, cache_dir=cache_dir, warn=warn
-    )
+    result, test, dataset = evaluate_model(loaded, accelerator, dataset, warn=warn, **options)
+    split = batches.IndexedImages(test.images, test.labels)
     images, labels, preds = sample_predictions(
-        loaded.model,
-        batches.IndexedImages(test.images, test.labels),
-        lambda batch, epoch, train: (batches.normalize(batch[0], loaded.mean, loaded.std), batch[1]),
-        accelerator.device,
+        loaded.model, split, lambda b, *_: (batches.normalize(b[0], loaded.mean, loaded.std), b[1]), accelerator.device
     )
     grid, folder = prediction_grid(images, labels, preds, loaded.class_names), loaded.weights.parent
     label = f"{folder.name} model" if folder.name in (FINAL_DIR, BEST_DIR) else f"checkpoint {folder.name}"
@@ -136,11 +121,9 @@ def final_numbers(records: list[dict[str, Any]], results: dict | None) -> list[t
         best = ys.index(max(ys))
         rows.append(("last test accuracy (logged)", f"{100 * ys[-1]:.2f}% (epoch {xs[-1]:g})"))
         rows.append(("best test accuracy (logged)", f"{100 * ys[best]:.2f}% (epoch {xs[best]:g})"))
-    for key, label, fmt in (
-        ("summary/train_seconds", "training time (s)", "{:.1f}"),
-        ("summary/images_per_second", "training images/s", "{:,.0f}"),
-    ):
-        ys = series(records, key)[1]
+    summary = {"train_seconds": ("training time (s)", "{:.1f}"), "images_per_second": ("training images/s", "{:,.0f}")}
+    for key, (label, fmt) in summary.items():
+        ys = series(records, "summary/" + key)[1]
         if ys and math.isfinite(ys[-1]):
             rows.append((label, fmt.format(ys[-1])))
     if results is not None:
@@ -156,9 +139,8 @@ def write_html(path: Path, png: Path, title: str, rows: list, results: dict | No
     cells = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows)
     tables = ""
     if results is not None:
-        names = results["names"]
-        text = per_class_table(names, results) + "\n\n" + confusion_table(names, results["confusion"])
-        tables = f"<h2>Per-class accuracy and confusion matrix ({e(results['label'])})</h2>\n<pre>{e(text)}\n</pre>\n"
+        text = e(result_tables(results["names"], results))
+        tables = f"<h2>Per-class accuracy and confusion matrix ({e(results['label'])})</h2>\n<pre>{text}\n</pre>\n"
     style = "body{font-family:sans-serif;margin:2em} th,td{border:1px solid #ccc;padding:4px 10px;text-align:left}"
     src = e(Path(os.path.relpath(png, path.parent)).as_posix())
     path.write_text(
@@ -170,12 +152,7 @@ def write_html(path: Path, png: Path, title: str, rows: list, results: dict | No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description="Render a run's report: OUT.png (loss and learning-rate curves, test accuracy per epoch, the "
-        "model's confusion matrix, test images with true and predicted labels) and OUT.html showing it with a table "
-        "of the final numbers. Offline: reads OUTPUT_DIR/metrics.jsonl, the model and the dataset.",
-    )
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the --output-dir of a distvgg.train run")
     p.add_argument("--out", help="the PNG to write (default OUTPUT_DIR/report.png); the .html goes beside it")
     p.add_argument("--checkpoint", help=f"the model (default: OUTPUT_DIR): {MODEL_PATH_HELP}")
@@ -198,16 +175,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     results, title = None, f"distvgg run {output_dir}"
     try:
         if not output_dir.is_dir():
-            raise ReportError(f"{output_dir} is not a folder: pass the --output-dir of a distvgg.train run")
+            raise NotADirectoryError(f"{output_dir} is not a folder: pass the --output-dir of a distvgg.train run")
         records = load_metrics(output_dir)
         if args.checkpoint or any((output_dir / d).is_dir() for d in (FINAL_DIR, BEST_DIR)) or step_folders(output_dir):
             loaded = load_model(args.checkpoint or output_dir, warn=warn)
-            results = test_results(loaded, args.dataset, args.eval_limit, args.cache_dir)
+            results = test_results(loaded, args.dataset, eval_limit=args.eval_limit, cache_dir=args.cache_dir)
             tc = loaded.train_config
             title += f": {tc.get('model', '')} width {tc.get('width', '')} on {results['dataset']}"
         else:
             warn(f"no model in {output_dir} yet (no final/, best/ or checkpoint); the report shows the curves only")
-    except (ReportError, ModelLoadError, DataError) as e:
+    except (OSError, ModelLoadError, DataError) as e:  # OSError: no run folder or metrics, unreadable files
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     render(out, records, results, title)

@@ -1,74 +1,46 @@
-"""A scaling model for data-parallel training: step time and efficiency at 2 to 64 GPUs (README "Scaling").
+"""A scaling model for data-parallel training: step time and efficiency at 2 to 64 GPUs (docs/scaling.md).
 
     python -m distvgg.scaling [--model vgg3layer] [--batch-per-gpu 512] [--measure-allreduce] [--json out.json]
 
-With DDP every step all-reduces every gradient once (a ring all-reduce: each GPU sends and receives
-2(n-1)/n of the bytes), so with bytes = parameters x 4 (fp32) or x 2 (the bf16 compression hook):
+DDP all-reduces every gradient once per step, in a ring (each GPU sends and receives 2(n-1)/n of the bytes):
 
     t_step(n) = batch_per_gpu x seconds_per_image + 2(n-1)/n x bytes / bus_bandwidth x (1 - overlap)
-    efficiency(n) = t_compute / t_step(n)       (the share of n x the 1-GPU throughput)
-
-``bus_bandwidth`` is the slowest link of the ring per GPU; latency is ignored; ``overlap`` (default 0, a
-conservative bound) is the share of the all-reduce hidden behind the backward pass. ``--measure-allreduce``
-measures this machine's gloo bandwidth with 2 local processes and checks the model against a real 2-process
-step (``distvgg.train.train_step`` under Accelerate's DDP over gloo).
+    efficiency(n) = t_compute / t_step(n)       (bytes: parameters x 4, or x 2 with the bf16 hook)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from distvgg import machine
+from distvgg.models import MODEL_NAMES, build_model, count_parameters
 
 GPU_COUNTS = (2, 8, 16, 64)
 TARGET_EFFICIENCY = 0.9
-# Beyond about 8k images per step SGD on CIFAR-10 loses accuracy without large-batch optimizers (LARS/LAMB),
-# and an epoch of 50,000 images is 6 steps: an assumption of this model (--max-global-batch to change it).
+# Beyond about 8k images per step SGD on CIFAR-10 needs large-batch optimizers (LARS/LAMB); an epoch is 6 steps.
 MAX_GLOBAL_BATCH = 8192
-# The 2-process check warns when 2 processes computing at once are this much slower than one alone.
-CONTENTION_WARNING = 1.15
-# Bytes per gradient value on the wire: DDP's default (fp32) and its bf16 compression hook (--ddp-comm-hook bf16).
-GRADIENT_FORMATS = {"fp32": 4, "bf16": 2}
-Row = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Interconnect:
-    name: str
-    bus_bandwidth: float  # bytes per second per GPU
-    note: str
-
-
-# Nominal figures, not measurements (README "Scaling").
-INTERCONNECTS = (
-    Interconnect("NVLink", 300e9, "NVLink within a node (H100 SXM reaches 300-450 GB/s NCCL bus bandwidth)"),
-    Interconnect("InfiniBand 400G", 50e9, "one NDR 400 Gb/s NIC per GPU"),
-    Interconnect("InfiniBand 200G", 25e9, "one HDR 200 Gb/s NIC per GPU"),
-    Interconnect("Ethernet 25G", 25e9 / 8, "25 Gb/s Ethernet per GPU (a NIC shared by G GPUs gives each 1/G)"),
-    Interconnect("Ethernet 10G", 10e9 / 8, "10 Gb/s Ethernet per GPU"),
-)
-
-
-# ---------------------------------------------------------------------------------------------- the formula
-
-
-def gradient_bytes(num_params: int, bytes_per_value: int) -> int:
-    """Bytes all-reduced per step: every parameter's gradient once."""
-    return num_params * bytes_per_value
+CONTENTION_WARNING = 1.15  # the 2-process check warns when 2 processes computing at once are this much slower
+GRADIENT_FORMATS = {"fp32": 4, "bf16": 2}  # bytes per gradient value: DDP's default, --ddp-comm-hook bf16
+# Nominal bus bandwidths per GPU (bytes/s), not measurements: NVLink in a node (H100 SXM: 300-450 GB/s NCCL bus
+# bandwidth), one InfiniBand NIC per GPU (NDR 400 Gb/s, HDR 200 Gb/s), Ethernet per GPU (a shared NIC: 1/G each).
+LINKS = ("NVLink", "InfiniBand 400G", "InfiniBand 200G", "Ethernet 25G", "Ethernet 10G")
+INTERCONNECTS = dict(zip(LINKS, (300e9, 50e9, 25e9, 3.125e9, 1.25e9)))
 
 
 def ring_allreduce_bytes(n: int, nbytes: float) -> float:
@@ -78,170 +50,126 @@ def ring_allreduce_bytes(n: int, nbytes: float) -> float:
     return 2 * (n - 1) / n * nbytes
 
 
-def allreduce_seconds(n: int, nbytes: float, bus_bandwidth: float) -> float:
-    return ring_allreduce_bytes(n, nbytes) / bus_bandwidth
-
-
-def bus_bandwidth_from(n: int, nbytes: float, seconds: float) -> float:
-    """The bus bandwidth an all-reduce of ``nbytes`` over ``n`` ranks taking ``seconds`` achieved."""
-    return ring_allreduce_bytes(n, nbytes) / seconds
-
-
-def step_seconds(compute_seconds: float, comm_seconds: float, overlap: float = 0.0) -> float:
-    return compute_seconds + comm_seconds * (1.0 - overlap)
-
-
-def efficiency(compute_seconds: float, step: float) -> float:
-    return compute_seconds / step
-
-
-def min_batch_per_gpu(
-    seconds_per_image: float, comm_seconds: float, overlap: float = 0.0, target: float = TARGET_EFFICIENCY
-) -> int:
+def min_batch_per_gpu(seconds_per_image: float, comm: float, overlap: float = 0.0, target: float = TARGET_EFFICIENCY):
     """The smallest batch per GPU reaching ``target``: B t / (B t + c) >= e  <=>  B >= e / (1 - e) x c / t."""
-    hidden = comm_seconds * (1.0 - overlap)
-    return max(1, math.ceil(target / (1.0 - target) * hidden / seconds_per_image - 1e-9))
+    return max(1, math.ceil(target / (1.0 - target) * comm * (1.0 - overlap) / seconds_per_image - 1e-9))
 
 
-def predict(num_params: int, seconds_per_image: float, batch_per_gpu: int, overlap: float = 0.0) -> list[Row]:
+def predict(num_params: int, seconds_per_image: float, batch_per_gpu: int, overlap: float = 0.0) -> list[dict]:
     """One row per (interconnect, gradient format, number of GPUs)."""
     compute, rows = batch_per_gpu * seconds_per_image, []
-    for link in INTERCONNECTS:
-        for fmt, width in GRADIENT_FORMATS.items():
-            nbytes = gradient_bytes(num_params, width)
-            for n in GPU_COUNTS:
-                comm = allreduce_seconds(n, nbytes, link.bus_bandwidth)
-                step = step_seconds(compute, comm, overlap)
-                row = {"interconnect": link.name, "bus_bandwidth": link.bus_bandwidth, "gradients": fmt, "gpus": n}
-                row.update(allreduce_bytes_per_gpu=ring_allreduce_bytes(n, nbytes), compute_seconds=compute)
-                row.update(comm_seconds=comm, step_seconds=step, efficiency=efficiency(compute, step))
-                row.update(images_per_second=n * batch_per_gpu / step)
-                rows.append({**row, "min_batch_per_gpu": min_batch_per_gpu(seconds_per_image, comm, overlap)})
+    for (link, bandwidth), (fmt, width), n in itertools.product(
+        INTERCONNECTS.items(), GRADIENT_FORMATS.items(), GPU_COUNTS
+    ):
+        sent = ring_allreduce_bytes(n, num_params * width)
+        comm = sent / bandwidth
+        step = compute + comm * (1.0 - overlap)
+        row = {"interconnect": link, "bus_bandwidth": bandwidth, "gradients": fmt, "gpus": n}
+        row.update(allreduce_bytes_per_gpu=sent, compute_seconds=compute, comm_seconds=comm, step_seconds=step)
+        row.update(efficiency=compute / step, images_per_second=n * batch_per_gpu / step)
+        rows.append({**row, "min_batch_per_gpu": min_batch_per_gpu(seconds_per_image, comm, overlap)})
     return rows
 
 
-def recommend(rows: list[Row], batch_per_gpu: int, max_global_batch: int = MAX_GLOBAL_BATCH) -> list[Row]:
-    """Per interconnect and GPU count, the hook and batch per GPU that keep efficiency >= 90%: the batch asked
-    for, with no hook if that is enough, else with the bf16 hook; else the smallest batch enough with the bf16
-    hook, while the global batch stays within ``max_global_batch``; beyond it ``hook`` is None."""
+def recommend(rows: list[dict], batch_per_gpu: int, max_global_batch: int = MAX_GLOBAL_BATCH) -> list[dict]:
+    """Per interconnect and GPU count, the hook and batch per GPU for efficiency >= 90%: the batch asked for, without
+    hook or else with bf16; else the smallest batch enough with bf16, within ``max_global_batch`` (else None)."""
+    by = {(r["interconnect"], r["gpus"], r["gradients"]): r["min_batch_per_gpu"] for r in rows}
     out = []
-    for link in dict.fromkeys(r["interconnect"] for r in rows):
-        for n in dict.fromkeys(r["gpus"] for r in rows):
-            by = {r["gradients"]: r for r in rows if r["interconnect"] == link and r["gpus"] == n}
-            fp32, bf16 = by["fp32"]["min_batch_per_gpu"], by["bf16"]["min_batch_per_gpu"]
-            hook, batch = ("none" if batch_per_gpu >= fp32 else "bf16"), max(batch_per_gpu, bf16)
-            if batch * n > max_global_batch and batch > batch_per_gpu:
-                hook, batch = None, None  # only a global batch too large to train well would reach 90%
-            rec = {"interconnect": link, "gpus": n, "min_batch_fp32": fp32, "min_batch_bf16": bf16}
-            out.append({**rec, "hook": hook, "batch_per_gpu": batch})
+    for link, n in dict.fromkeys((r["interconnect"], r["gpus"]) for r in rows):
+        fp32, bf16 = by[link, n, "fp32"], by[link, n, "bf16"]
+        hook, batch = ("none" if batch_per_gpu >= fp32 else "bf16"), max(batch_per_gpu, bf16)
+        if batch * n > max_global_batch and batch > batch_per_gpu:
+            hook, batch = None, None  # only a global batch too large to train well would reach 90%
+        out.append({"interconnect": link, "gpus": n, "min_batch_fp32": fp32, "min_batch_bf16": bf16})
+        out[-1].update(hook=hook, batch_per_gpu=batch)
     return out
 
 
-def advice(recs: list[Row], max_global_batch: int = MAX_GLOBAL_BATCH) -> str:
+def advice(recs: list[dict], max_global_batch: int = MAX_GLOBAL_BATCH) -> str:
     """One line for one interconnect: the largest GPU count that keeps 90%, and how."""
     good = [r for r in recs if r["hook"] is not None]
     if not good:
-        return (
-            f"below 90% even at {recs[0]['gpus']} GPUs without a global batch over {max_global_batch:,}: "
-            f"use a faster link or fewer machines"
-        )
+        n, limit = recs[0]["gpus"], f"a global batch over {max_global_batch:,}"
+        return f"below 90% even at {n} GPUs without {limit}: use a faster link or fewer machines"
     best = good[-1]
     how = "no hook" if best["hook"] == "none" else "--ddp-comm-hook bf16"
-    text = f"{how}, batch {best['batch_per_gpu']:,} per GPU: >= 90% up to {best['gpus']} GPUs"
-    if best is not recs[-1]:
-        text += f" (more would need a global batch over {max_global_batch:,})"
-    return text
+    more = "" if best is recs[-1] else f" (more would need a global batch over {max_global_batch:,})"
+    return f"{how}, batch {best['batch_per_gpu']:,} per GPU: >= 90% up to {best['gpus']} GPUs{more}"
 
 
-# ---------------------------------------------------------------------------------------------- measurements
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What each process trains in a measurement: the network, its input and the batch per process."""
+class Workload(NamedTuple):
+    """What each process trains in a measurement: the network (10 classes, 32x32 images) and the batch."""
 
     model: str
     batch: int
-    num_classes: int = 10
     width: float = 1.0
-    image_size: int = 32
 
-    def model_and_optimizer(self, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        from distvgg.models import build_model
-
+    def setup(self, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer, tuple[torch.Tensor, ...]]:
+        """The model, its SGD optimizer and a random batch, the same in every process."""
         torch.manual_seed(0)
-        model = build_model(self.model, self.num_classes, width=self.width, image_size=self.image_size).to(device)
-        return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def random_batch(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random batch through the training path's uint8 -> augment -> normalise."""
-        from distvgg.batches import augment, normalize
-
-        g, n, size = torch.Generator().manual_seed(1), self.batch, self.image_size
-        images = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8).to(device)
-        labels = torch.randint(0, self.num_classes, (n,), generator=g).to(device)
-        return normalize(augment(images, torch.arange(n, device=device), 0, 0), 0.5, 0.5), labels
+        model, g = build_model(self.model, 10, width=self.width).to(device), torch.Generator().manual_seed(1)
+        data, labels = torch.randn(self.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (self.batch,), generator=g)
+        return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), (data.to(device), labels.to(device))
 
     def local_step(self, device: torch.device) -> Callable[[], None]:
         """The guide's five steps on one device, no communication."""
-        model, optimizer = self.model_and_optimizer(device)
-        (data, target), criterion = self.random_batch(device), torch.nn.CrossEntropyLoss()
+        model, optimizer, (data, target) = self.setup(device)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            criterion(model(data), target).backward()
+            F.cross_entropy(model(data), target).backward()
             optimizer.step()
 
         return step
 
 
-def measure_compute(work: Workload, device: torch.device, steps: int = 3) -> float:
-    """Seconds per image of one training step (forward, backward, SGD step) on ``device``, alone: the median
-    of ``steps`` timed steps after one warm-up step."""
-    step, times = work.local_step(device), []
-    for i in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def timed_rounds(fns: Sequence[Callable[[], Any]], rounds: int, before: Callable, after: Callable) -> torch.Tensor:
+    """Seconds of each function (rows) in ``rounds`` interleaved rounds (columns) after a warm-up round, so that other
+    work on the machine weighs on each alike; ``before`` and ``after`` each call: a barrier, a CUDA sync."""
+    times = torch.zeros(len(fns), rounds + 1, dtype=torch.float64)
+    for r, (i, fn) in itertools.product(range(rounds + 1), enumerate(fns)):
+        before()
         started = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times += [time.perf_counter() - started] if i else []
-    return statistics.median(times) / work.batch
+        fn()
+        after()
+        times[i, r] = time.perf_counter() - started
+    return times[:, 1:]
 
 
-def _two_process_worker(rank: int, port: int, work: Workload, steps: int, threads: int, result_file: str) -> None:
+def measure_compute(work: Workload, device: torch.device, steps: int = 3) -> float:
+    """Seconds per image of one training step on ``device`` alone: the median of ``steps`` after a warm-up step."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return statistics.median(timed_rounds([work.local_step(device)], steps, sync, sync)[0].tolist()) / work.batch
+
+
+def _two_process_worker(rank: int, folder: str, work: Workload, steps: int, threads: int) -> None:
     """One of 2 local gloo processes (``torch.multiprocessing.spawn``). Whatever happens, it leaves its process
     group destroyed: a gloo group alive at interpreter exit can abort the process."""
-    import torch.distributed as dist
-
-    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2, "MASTER_PORT": port}
-    os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # else Accelerate sets it to 1
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2, "OMP_NUM_THREADS": threads}
+    os.environ.update({k: str(v) for k, v in env.items()})  # OMP_NUM_THREADS: else Accelerate sets it to 1
     torch.set_num_threads(threads)
     try:
-        samples = _two_process_rounds(rank, work, steps)
+        samples = _two_process_rounds(rank, work, steps, folder)
         if rank == 0:
-            Path(result_file).write_text(json.dumps(samples))
+            (Path(folder) / "result.json").write_text(json.dumps(samples))
         dist.barrier()  # rank 0 hosts the group's store: neither process leaves while the other still uses it
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _two_process_rounds(rank: int, work: Workload, steps: int) -> dict[str, Any]:
-    """Times, in interleaved rounds (so that other work on the machine weighs on every quantity alike): rank 0's
-    step alone (rank 1 idle), an all-reduce of the gradients' size, the real DDP step (``distvgg.train.train_step``
-    under Accelerate, as in a 2-process ``accelerate launch``) and that step without its all-reduce (``no_sync``)."""
-    import torch.distributed as dist
+def _two_process_rounds(rank: int, work: Workload, steps: int, folder: str) -> dict[str, Any]:
+    """Rank 0's step alone, an all-reduce of the gradients' size, the DDP step (``distvgg.train.train_step`` under
+    Accelerate, as in a 2-process ``accelerate launch``) and that step without its all-reduce (``no_sync``)."""
     from accelerate import Accelerator
 
     from distvgg.train import train_step
 
+    # A file store (no port to pick, that another program could take first); Accelerate then uses this group.
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
     accelerator = Accelerator(cpu=True)  # gloo, as distvgg.train does for CPU processes
-    device = accelerator.device
-    alone, batch = work.local_step(device), work.random_batch(device)
-    model, optimizer = work.model_and_optimizer(device)
+    alone, (model, optimizer, batch) = work.local_step(accelerator.device), work.setup(accelerator.device)
     buffer = torch.ones(sum(p.numel() for p in model.parameters()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -260,95 +188,53 @@ def _two_process_rounds(rank: int, work: Workload, steps: int) -> dict[str, Any]
         "ddp_step_seconds": ddp_step,
         "no_sync_step_seconds": no_sync_step,
     }
-    times = torch.zeros(len(runs), steps, dtype=torch.float64)
-    for r in range(steps + 1):  # round 0 warms up
-        for i, fn in enumerate(runs.values()):
-            dist.barrier()
-            started = time.perf_counter()
-            fn()
-            if r:
-                times[i, r - 1] = time.perf_counter() - started
+    times = timed_rounds(list(runs.values()), steps, dist.barrier, lambda: None).contiguous()
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the slower process sets the pace
     samples = dict(zip(runs, times.tolist()))
     return {**{k: statistics.median(v) for k, v in samples.items()}, "numel": buffer.numel(), "samples": samples}
 
 
-def _free_port() -> int:
-    # The stdlib has no "free port" call: bind to port 0 and read back the one the OS chose.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_two_processes(work: Workload, steps: int = 3, overlap: float = 0.0) -> dict[str, Any]:
-    """The model's prediction for 2 local CPU processes against a real 2-process DDP step. The prediction's
-    inputs are measured apart from the step it predicts: one process's compute alone (with the threads each of
-    the 2 processes gets) and the gloo all-reduce bandwidth."""
-    import torch.multiprocessing as mp
-
+    """The model's prediction for 2 local CPU processes against a real 2-process DDP step, from inputs measured
+    apart: one process's compute alone (with the threads each of the 2 gets) and the gloo all-reduce bandwidth."""
     threads, load_before = max(1, (os.cpu_count() or 2) // 2), machine.load_average()
     with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        mp.spawn(_two_process_worker, args=(_free_port(), work, steps, threads, str(result)), nprocs=2, join=True)
-        measured = json.loads(result.read_text())
-    nbytes, compute = gradient_bytes(measured["numel"], 4), measured["compute_alone_seconds"]
-    bandwidth = bus_bandwidth_from(2, nbytes, measured["allreduce_seconds"])
-    comm = allreduce_seconds(2, nbytes, bandwidth)
-    predicted = step_seconds(compute, comm, overlap)
-    return {
-        **measured,
-        "threads_per_process": threads,
-        "batch_per_process": work.batch,
-        "gradient_bytes": nbytes,
-        "bus_bandwidth": bandwidth,
-        "predicted_comm_seconds": comm,
-        "predicted_step_seconds": predicted,
-        "contention": measured["no_sync_step_seconds"] / compute,
-        "measured_step_seconds": measured["ddp_step_seconds"],
-        "relative_error": predicted / measured["ddp_step_seconds"] - 1.0,
-        "overlap": overlap,
-        "load_average_before": load_before,
-        "load_average_after": machine.load_average(),
-        "cpu_count": os.cpu_count(),
-    }
+        mp.spawn(_two_process_worker, args=(tmp, work, steps, threads), nprocs=2, join=True)
+        measured = json.loads((Path(tmp) / "result.json").read_text())
+    nbytes, compute, comm = 4 * measured["numel"], measured["compute_alone_seconds"], measured["allreduce_seconds"]
+    bandwidth, measured_step = ring_allreduce_bytes(2, nbytes) / comm, measured["ddp_step_seconds"]
+    predicted = compute + comm * (1.0 - overlap)
+    out = {**measured, "threads_per_process": threads, "batch_per_process": work.batch, "gradient_bytes": nbytes}
+    out.update(bus_bandwidth=bandwidth, predicted_comm_seconds=comm, predicted_step_seconds=predicted)
+    out.update(contention=measured["no_sync_step_seconds"] / compute, measured_step_seconds=measured_step)
+    out.update(relative_error=predicted / measured_step - 1.0, overlap=overlap, load_average_before=load_before)
+    return {**out, "load_average_after": machine.load_average(), "cpu_count": os.cpu_count()}
 
 
-# ---------------------------------------------------------------------------------------------- report
-
-
-def model_report(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from distvgg.models import build_model, count_parameters
-
-    params = count_parameters(build_model(name, args.num_classes, width=args.width, image_size=args.image_size))
+def model_report(name: str, args: argparse.Namespace, device: torch.device, where: str) -> dict[str, Any]:
+    params = count_parameters(build_model(name, 10, width=args.width))
     if args.images_per_second:
         per_image, source = 1.0 / args.images_per_second, "given (--images-per-second)"
     else:
-        work = Workload(name, args.batch_per_gpu, args.num_classes, args.width, args.image_size)
-        per_image = measure_compute(work, device, args.steps)
-        source = f"measured on {device_name(device)}"
-        source += f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
+        per_image = measure_compute(Workload(name, args.batch_per_gpu, args.width), device, args.steps)
+        threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
+        source = f"measured on {where}{threads}"
     rows = predict(params, per_image, args.batch_per_gpu, args.overlap)
-    return {
-        "model": name,
-        "parameters": params,
-        "gradient_bytes": {fmt: gradient_bytes(params, w) for fmt, w in GRADIENT_FORMATS.items()},
-        "batch_per_gpu": args.batch_per_gpu,
-        "compute_seconds_per_image": per_image,
-        "compute_images_per_second": 1.0 / per_image,
-        "compute_source": source,
-        "max_global_batch": args.max_global_batch,
-        "predictions": rows,
-        "recommendations": recommend(rows, args.batch_per_gpu, args.max_global_batch),
-    }
+    report = {"model": name, "parameters": params, "batch_per_gpu": args.batch_per_gpu}
+    report["gradient_bytes"] = {fmt: params * width for fmt, width in GRADIENT_FORMATS.items()}
+    report.update(compute_seconds_per_image=per_image, compute_images_per_second=1.0 / per_image)
+    report.update(compute_source=source, max_global_batch=args.max_global_batch, predictions=rows)
+    return {**report, "recommendations": recommend(rows, args.batch_per_gpu, args.max_global_batch)}
 
 
-def device_name(device: torch.device) -> str:
-    name = machine.device_name(device)
-    return f"{name} ({os.cpu_count()} cores)" if device.type == "cpu" else name
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table's lines."""
+    return [f"| {' | '.join(map(str, row))} |" for row in (header, ["---"] * len(header), *rows)]
 
 
 def format_model(report: dict[str, Any]) -> str:
     gb, per_image, batch = report["gradient_bytes"], report["compute_seconds_per_image"], report["batch_per_gpu"]
+    preds, counts = report["predictions"], [f"{n} GPUs" for n in GPU_COUNTS]
     lines = [
         f"{report['model']}: {report['parameters']:,} parameters; gradients all-reduced per step: "
         f"{gb['fp32'] / 1e6:.1f} MB fp32, {gb['bf16'] / 1e6:.1f} MB with the bf16 hook",
@@ -356,22 +242,17 @@ def format_model(report: dict[str, Any]) -> str:
         f"{report['compute_source']}); batch per GPU {batch}: t_compute = {batch * per_image * 1e3:.1f} ms",
         "\nefficiency (step time) at n GPUs:\n",
     ]
-    counts = list(dict.fromkeys(r["gpus"] for r in report["predictions"]))
-    lines.append("| interconnect | bus GB/s | gradients | " + " | ".join(f"{n} GPUs" for n in counts) + " |")
-    lines.append("| --- | --- | --- | " + " | ".join("---" for _ in counts) + " |")
-    keys = list(dict.fromkeys((r["interconnect"], r["gradients"]) for r in report["predictions"]))
-    for link, fmt in keys:
-        rows = [r for r in report["predictions"] if r["interconnect"] == link and r["gradients"] == fmt]
-        cells = [f"{100 * r['efficiency']:.0f}% ({_ms(r['step_seconds'])})" for r in rows]
-        lines.append(f"| {link} | {rows[0]['bus_bandwidth'] / 1e9:g} | {fmt} | " + " | ".join(cells) + " |")
+    per_link = [preds[i : i + len(GPU_COUNTS)] for i in range(0, len(preds), len(GPU_COUNTS))]
+    cells = [[f"{100 * r['efficiency']:.0f}% ({_ms(r['step_seconds'])})" for r in rs] for rs in per_link]
+    head = [(rs[0]["interconnect"], f"{rs[0]['bus_bandwidth'] / 1e9:g}", rs[0]["gradients"]) for rs in per_link]
+    lines += table(["interconnect", "bus GB/s", "gradients", *counts], [[*h, *c] for h, c in zip(head, cells)])
     lines += ["", f"smallest batch per GPU for >= {TARGET_EFFICIENCY:.0%} efficiency (fp32 / bf16 hook):", ""]
-    lines.append("| interconnect | " + " | ".join(f"{n} GPUs" for n in counts) + " | recommendation |")
-    lines.append("| --- | " + " | ".join("---" for _ in counts) + " | --- |")
-    for link in dict.fromkeys(k[0] for k in keys):
+    rows = []
+    for link in INTERCONNECTS:
         recs = [r for r in report["recommendations"] if r["interconnect"] == link]
-        batches = " | ".join(f"{r['min_batch_fp32']:,} / {r['min_batch_bf16']:,}" for r in recs)
-        lines.append(f"| {link} | {batches} | {advice(recs, report['max_global_batch'])} |")
-    return "\n".join(lines)
+        batches = [f"{r['min_batch_fp32']:,} / {r['min_batch_bf16']:,}" for r in recs]
+        rows.append([link, *batches, advice(recs, report["max_global_batch"])])
+    return "\n".join(lines + table(["interconnect", *counts, "recommendation"], rows))
 
 
 def format_check(c: dict[str, Any]) -> str:
@@ -389,9 +270,8 @@ def format_check(c: dict[str, Any]) -> str:
     ]
     if c["contention"] > CONTENTION_WARNING:
         lines.append(
-            f"  warning: with both processes computing, a step took {c['contention']:.2f}x as long as one process "
-            f"alone: other work on this machine (load average above) or too few cores; the model assumes each "
-            f"process has its cores to itself, so measure again on a quiet machine"
+            f"  warning: both processes computing at once took {c['contention']:.2f}x as long as one alone: other work "
+            "here (load average above) or too few cores; the model assumes cores of their own: measure when quiet"
         )
     return "\n".join(lines)
 
@@ -400,34 +280,25 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.1f} ms" if seconds < 10 else f"{seconds:,.1f} s"
 
 
-# ---------------------------------------------------------------------------------------------- command line
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from distvgg.models import MODEL_NAMES
-
     p = argparse.ArgumentParser(
         prog="python -m distvgg.scaling", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", nargs="+", default=["vgg3layer"], choices=[*MODEL_NAMES, "all"], help="networks")
-    p.add_argument("--batch-per-gpu", type=int, default=512, help="images per GPU per step (default 512)")
-    p.add_argument("--overlap", type=float, default=0.0, help="share of the all-reduce hidden behind backward")
-    p.add_argument("--images-per-second", type=float, help="one GPU's training throughput, instead of measuring")
-    p.add_argument("--device", help="where to measure compute (default: cuda if present, else cpu)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement, after one warm-up (default 3)")
-    p.add_argument("--measure-allreduce", action="store_true", help="check the model with 2 local gloo processes")
-    p.add_argument("--check-batch", type=int, default=64, help="batch per process of that check (default 64)")
-    p.add_argument("--max-global-batch", type=int, default=MAX_GLOBAL_BATCH, help="largest global batch to recommend")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier of the networks (default 1.0)")
-    p.add_argument("--json", type=Path, help="also write everything as JSON to this file")
+    add = p.add_argument
+    add("--model", nargs="+", default=["vgg3layer"], choices=[*MODEL_NAMES, "all"], help="networks (10 classes)")
+    add("--width", type=float, default=1.0, help="width multiplier of the networks (default 1.0)")
+    add("--batch-per-gpu", type=int, default=512, help="images per GPU per step (default 512)")
+    add("--overlap", type=float, default=0.0, help="share of the all-reduce hidden behind backward (default 0)")
+    add("--images-per-second", type=float, help="one GPU's training throughput, instead of measuring")
+    add("--device", help="where to measure compute (default: cuda if present, else cpu)")
+    add("--steps", type=int, default=3, help="timed steps per measurement, after one warm-up (default 3)")
+    add("--measure-allreduce", action="store_true", help="check the model with 2 local gloo processes")
+    add("--check-batch", type=int, default=64, help="batch per process of that check (default 64)")
+    add("--max-global-batch", type=int, default=MAX_GLOBAL_BATCH, help="largest global batch to recommend")
+    add("--json", type=Path, help="also write everything as JSON to this file")
     args = p.parse_args(argv)
-    problems = [
-        f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}"
-        for k in ("batch_per_gpu", "steps", "check_batch", "num_classes", "max_global_batch")
-        if getattr(args, k) < 1
-    ]
+    least = ("batch_per_gpu", "steps", "check_batch", "max_global_batch")
+    problems = [f"--{k.replace('_', '-')} must be at least 1" for k in least if getattr(args, k) < 1]
     if not 0.0 <= args.overlap < 1.0:
         problems.append(f"--overlap must be in [0, 1), got {args.overlap}")
     if args.images_per_second is not None and args.images_per_second <= 0:
@@ -441,16 +312,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    report: dict[str, Any] = {"device": str(device), "device_name": device_name(device), "torch": torch.__version__}
-    report.update(target_efficiency=TARGET_EFFICIENCY, overlap=args.overlap, models=[])
-    report["interconnects"] = [asdict(i) for i in INTERCONNECTS]
+    where = machine.device_name(device) + (f" ({os.cpu_count()} cores)" if device.type == "cpu" else "")
+    report: dict[str, Any] = {"device": str(device), "device_name": where, "torch": torch.__version__}
+    report.update(target_efficiency=TARGET_EFFICIENCY, overlap=args.overlap, interconnects=INTERCONNECTS, models=[])
     formula = f"t_step = t_compute + 2(n-1)/n x bytes / bus bandwidth x (1 - {args.overlap:g})"
     print(f"scaling model on {report['device_name']} (torch {torch.__version__}); {formula}\n", flush=True)
     for name in args.model:
-        report["models"].append(model_report(name, args, device))
+        report["models"].append(model_report(name, args, device, where))
         print(format_model(report["models"][-1]) + "\n", flush=True)
     if args.measure_allreduce:
-        work = Workload(args.model[0], args.check_batch, args.num_classes, args.width, args.image_size)
+        work = Workload(args.model[0], args.check_batch, args.width)
         report["check"] = check_two_processes(work, args.steps, args.overlap)
         print(format_check(report["check"]))
     if args.json:

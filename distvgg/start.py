@@ -10,15 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from distvgg.checkpoint import (
-    EXACT_OPTIONS,
-    CheckpointError,
-    Say,
-    TrainingState,
-    changed_message,
-    differences,
-    latest_good,
-)
+from distvgg import checkpoint as ckpt
 from distvgg.files import BEST_DIR, CHECKPOINTS_DIR, FINAL_DIR, STATE_FILE, step_folder_name, unused_name, verify
 
 LOCK_FILE = ".lock"
@@ -45,7 +37,7 @@ def check_writable(output_dir: str | os.PathLike) -> None:
         probe.write_text("ok\n")
         probe.unlink()
     except OSError as e:
-        raise CheckpointError(
+        raise ckpt.CheckpointError(
             f"cannot write to --output-dir {path} ({e.strerror or e}): choose a folder you can "
             f"write to, or fix its permissions"
         ) from e
@@ -65,31 +57,31 @@ def move_aside(output_dir: str | os.PathLike) -> Path | None:
     return dest
 
 
-def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: Say) -> StartPlan:
+def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.Say) -> StartPlan:
     """Decide how this run starts (main process only): check the output folder, then resume from a
     checkpoint, report a finished run, or start fresh with earlier outputs moved aside."""
     check_writable(output_dir)
     if resume not in ("auto", "none"):
         folder = Path(resume).expanduser()
         if not folder.exists():
-            raise CheckpointError(
+            raise ckpt.CheckpointError(
                 f"--resume {resume}: no such checkpoint folder. Pass a folder such as "
                 f"{Path(output_dir) / CHECKPOINTS_DIR / step_folder_name(400)}, or --resume auto"
             )
         problem = verify(folder)
         if problem:
-            raise CheckpointError(f"--resume {resume} is not a usable checkpoint: {problem}")
+            raise ckpt.CheckpointError(f"--resume {resume} is not a usable checkpoint: {problem}")
         return StartPlan("resume", str(folder), (folder / STATE_FILE).read_text())
     if resume == "auto":
         final_state = Path(output_dir) / FINAL_DIR / STATE_FILE
         if final_state.is_file():
-            state = TrainingState.from_json(final_state.read_text(), str(final_state))
-            diff = differences(state.exact, {k: options[k] for k in EXACT_OPTIONS if k in options})
+            state = ckpt.TrainingState.from_json(final_state.read_text(), str(final_state))
+            diff = ckpt.differences(state.exact, {k: options[k] for k in ckpt.EXACT_OPTIONS if k in options})
             if state.finished and not diff:
                 return StartPlan("complete", None, final_state.read_text())
             if diff:
-                raise CheckpointError(changed_message(Path(output_dir) / FINAL_DIR, diff))
-        folder = latest_good(output_dir, say)
+                raise ckpt.CheckpointError(ckpt.changed_message(Path(output_dir) / FINAL_DIR, diff))
+        folder = ckpt.latest_good(output_dir, say)
         if folder is not None:
             return StartPlan("resume", str(folder), (folder / STATE_FILE).read_text())
     moved = move_aside(output_dir)
@@ -114,7 +106,7 @@ class OutputLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             f = open(self.path, "a+")  # noqa: SIM115 - held open for the whole job; "a+" never truncates another's
         except OSError as e:
-            raise CheckpointError(
+            raise ckpt.CheckpointError(
                 f"cannot write to --output-dir {self.path.parent} ({e.strerror or e}): choose a "
                 f"folder you can write to, or fix its permissions"
             ) from e
@@ -124,7 +116,7 @@ class OutputLock:
             f.seek(0)
             holder = f.read().strip() or "holder unknown"
             f.close()
-            raise CheckpointError(
+            raise ckpt.CheckpointError(
                 f"--output-dir {self.path.parent} is in use by another job ({holder}); nothing was read or written. "
                 f"Wait for it to end, stop it, or choose another --output-dir"
             ) from None
@@ -152,7 +144,7 @@ def agree_on_start(
             lock.acquire()
             plan = plan_start(output_dir, resume, options, accelerator.print)
             outcome = ("ok", dataclasses.asdict(plan))
-        except CheckpointError as e:
+        except ckpt.CheckpointError as e:
             outcome = ("error", str(e))
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -161,12 +153,12 @@ def agree_on_start(
         broadcast_object_list(box, from_process=0)
         outcome = box[0]
     if outcome[0] == "error":
-        raise CheckpointError(outcome[1], reported_by_main=True)
+        raise ckpt.CheckpointError(outcome[1], reported_by_main=True)
     return StartPlan(**outcome[1])
 
 
 def complete_message(output_dir: str, plan: StartPlan) -> str:
-    state = TrainingState.from_json(plan.state or "", "final state")
+    state = ckpt.TrainingState.from_json(plan.state or "", "final state")
     return (
         f"the run in {output_dir} is complete ({state.global_step} of {state.total_steps} steps, best test "
         f"accuracy {100 * state.best_accuracy:.2f}% at epoch {state.best_epoch}); its model is in "

@@ -1,12 +1,8 @@
-"""Where a run's numbers go: metrics.jsonl (always), and Accelerate's trackers (W&B, TensorBoard).
+"""Where a run's numbers go: metrics.jsonl (always), and Accelerate's trackers (W&B, TensorBoard); docs/tracking.md.
 
-Only the main process writes. ``metrics.jsonl`` is the local source of truth: every value
-sent to a tracker is written there too, with the same step (the global optimizer step).
-Rich W&B objects (confusion-matrix chart, image grid, model artifact) are built from values
-that are also in ``metrics.jsonl`` (the confusion counts) or are pictures of the model's
-predictions, so nothing W&B shows is missing from the local record.
-
-W&B is imported only when a tracker that needs it is used.
+Only the main process writes. ``metrics.jsonl`` holds every value sent to a tracker, at the same step (the global
+optimizer step); W&B's rich objects are built from values also there (the confusion counts) or are pictures of the
+model's predictions. W&B is imported only when a tracker that needs it is used.
 """
 
 from __future__ import annotations
@@ -34,6 +30,7 @@ METRICS_FILE = "metrics.jsonl"
 WANDB_RUN_ID_FILE = "wandb_run_id"
 TENSORBOARD_DIR = "tensorboard"
 GRID_IMAGES = 32
+GREEN, RED = (0, 160, 0), (210, 0, 0)  # the frames of right and wrong predictions
 
 
 class TrackingError(RuntimeError):
@@ -46,13 +43,9 @@ def trackers_for(report_to: str) -> list[str]:
     return {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["tensorboard", "wandb"], "none": []}[report_to]
 
 
-# --------------------------------------------------------------------------------------------- W&B mode
-
-
 def wandb_has_credentials() -> bool:
-    """Whether ``wandb.init`` finds credentials without prompting: an API key (``WANDB_API_KEY`` or W&B's settings
-    file), an identity token file, or a netrc entry for the W&B host (what ``wandb login`` writes). A key in an
-    invalid format is refused by ``wandb.init`` itself (``start_trackers`` then stops the run)."""
+    """Whether ``wandb.init`` finds credentials without prompting: an API key (``WANDB_API_KEY``, W&B's settings
+    file), an identity token file, or a netrc entry for the W&B host (what ``wandb login`` writes)."""
     import netrc
     from urllib.parse import urlsplit
 
@@ -74,9 +67,6 @@ def choose_wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
 
 
-# ------------------------------------------------------------------------------------------- W&B run id
-
-
 def read_run_id(output_dir: str | os.PathLike) -> str | None:
     try:
         return (Path(output_dir) / WANDB_RUN_ID_FILE).read_text().strip() or None
@@ -85,18 +75,13 @@ def read_run_id(output_dir: str | os.PathLike) -> str | None:
 
 
 def new_run_id() -> str:
-    """A new id in W&B's format (8 characters of [a-z0-9]). wandb 0.31 no longer exports
-    ``wandb.util.generate_id``; its replacement is private, and this is one line."""
+    """A new id in W&B's format, 8 characters of [a-z0-9] (wandb 0.31 no longer exports ``generate_id``)."""
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def resolve_run_id(output_dir: str | os.PathLike, restored: str | None = None, fresh: bool = False) -> str:
-    """The W&B run id of this training run, written to ``OUTPUT_DIR/wandb_run_id``.
-
-    Order: the id restored from a checkpoint (the training state it belongs to), ``WANDB_RUN_ID``,
-    the id already in OUTPUT_DIR (a restart before the first checkpoint), else a new one. ``fresh``
-    (``--resume none``: start the training over) ignores the stored id and makes a new W&B run.
-    """
+    """The W&B run id of this training run, written to ``OUTPUT_DIR/wandb_run_id``: the one restored from a
+    checkpoint, ``WANDB_RUN_ID``, the one in OUTPUT_DIR (unless ``fresh``: ``--resume none``), else a new one."""
     run_id = restored or os.environ.get("WANDB_RUN_ID") or (None if fresh else read_run_id(output_dir))
     run_id = run_id or new_run_id()
     path = Path(output_dir) / WANDB_RUN_ID_FILE
@@ -108,8 +93,7 @@ def resolve_run_id(output_dir: str | os.PathLike, restored: str | None = None, f
 
 
 def wandb_init_kwargs(cfg: Any, run_id: str, mode: str | None) -> dict[str, Any]:
-    """``wandb.init`` arguments (Accelerate passes the project). ``resume="allow"`` continues the run
-    with this id when it exists on the server and creates it otherwise."""
+    """``wandb.init`` arguments (Accelerate passes the project); ``resume="allow"`` continues or creates the run."""
     kwargs: dict[str, Any] = {"dir": os.environ.get("WANDB_DIR", cfg.output_dir), "id": run_id, "resume": "allow"}
     if mode and not os.environ.get("WANDB_MODE"):
         kwargs["mode"] = mode
@@ -118,9 +102,6 @@ def wandb_init_kwargs(cfg: Any, run_id: str, mode: str | None) -> dict[str, Any]
         if value:
             kwargs[key] = list(value) if key == "tags" else value
     return kwargs
-
-
-# --------------------------------------------------------------------------------------------- run facts
 
 
 def git_commit(path: str | os.PathLike) -> str | None:
@@ -152,9 +133,6 @@ def run_facts(accelerator: Any) -> dict[str, Any]:
 def tensorboard_hparams(config: dict[str, Any]) -> dict[str, Any]:
     """TensorBoard's ``add_hparams`` takes only int, float, str and bool: lists and None become text."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
-
-
-# --------------------------------------------------------------------------------------- starting up
 
 
 @dataclass
@@ -189,19 +167,15 @@ class Tracking:
             print(message, flush=True)
         if self.wandb_mode == "offline" and self.offline_dirs():
             dirs = " ".join(self.offline_dirs())
-            print(
-                f"W&B run {self.wandb_run_id} is saved offline in {dirs}\nupload it with:  wandb sync {dirs}",
-                flush=True,
-            )
+            print(f"W&B run {self.wandb_run_id} is saved offline in {dirs}\nupload it with:  wandb sync {dirs}")
 
 
 def start_trackers(
     accelerator: Any, cfg: Any, config: dict[str, Any], restored_run_id: str | None = None, fresh: bool = False
 ) -> Tracking:
-    """``accelerator.init_trackers`` with the W&B mode and run id chosen here (main process only: only it
-    creates tracker runs), the config stored in each tracker in the form it accepts, and an offline
-    fallback when W&B cannot start online (server unreachable after ``WANDB_INIT_TIMEOUT`` seconds,
-    credentials refused): tracking problems never cost a training run."""
+    """``accelerator.init_trackers`` with the W&B mode and run id chosen here (main process only), the config in
+    each tracker's form, and an offline fallback when W&B cannot start online (server unreachable after
+    ``WANDB_INIT_TIMEOUT`` seconds): tracking problems never cost a training run."""
     names = trackers_for(cfg.report_to)
     tracking = Tracking(accelerator, names)
     if not names:
@@ -229,8 +203,8 @@ def start_trackers(
 
 
 def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exception) -> None:
-    """W&B failed to start online: start the same run id offline, so it can be synced later. Credentials that
-    W&B refuses (a key in an invalid format, say) stop the run instead, before any training."""
+    """W&B failed to start online: start the same run id offline, to sync later. Credentials that W&B refuses (a
+    key in an invalid format) stop the run instead, before any training."""
     import wandb
 
     if isinstance(error, wandb.errors.AuthenticationError):
@@ -250,9 +224,6 @@ def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exceptio
     print(f"distvgg.train: warning: W&B could not start online ({first_line}); logging offline", file=sys.stderr)
 
 
-# ------------------------------------------------------------------------------------------ logging
-
-
 def _jsonable(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         v = v.item() if v.numel() == 1 else v.tolist()
@@ -269,8 +240,7 @@ class RunLogger:
         self.path = Path(output_dir) / METRICS_FILE
 
     def log(self, values: dict[str, Any], step: int, epoch: float | int | None = None) -> None:
-        """Numbers go everywhere; lists (confusion counts) only to metrics.jsonl, whose rich W&B form is
-        logged by ``log_wandb``."""
+        """Numbers go everywhere; lists (confusion counts) only to metrics.jsonl (``log_eval_media`` charts them)."""
         if not self.accelerator.is_main_process:
             return
         values = {k: _jsonable(v) for k, v in values.items()}
@@ -285,11 +255,6 @@ class RunLogger:
     def has_tracker(self, name: str) -> bool:
         return self.accelerator.is_main_process and any(t.name == name for t in self.accelerator.trackers)
 
-    def log_wandb(self, build: Callable[[], dict[str, Any]], step: int) -> None:
-        """W&B-only objects (charts, images), built only when a W&B run is active on this process."""
-        if self.has_tracker("wandb"):
-            self.accelerator.get_tracker("wandb").log(build(), step=step)
-
 
 def confusion_chart(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Any:
     """W&B's confusion-matrix chart (a table plus a Vega spec, which works offline) from the counts."""
@@ -297,23 +262,17 @@ def confusion_chart(confusion: Sequence[Sequence[int]], class_names: Sequence[st
 
     counts = torch.as_tensor(confusion, dtype=torch.long)
     k = counts.shape[0]
-    # wandb.plot.confusion_matrix wants one (true, predicted) pair per image: expand the counts.
-    pairs = torch.arange(k * k).repeat_interleave(counts.flatten())
-    return wandb.plot.confusion_matrix(
-        y_true=(pairs // k).tolist(),
-        preds=(pairs % k).tolist(),
-        class_names=list(class_names),
-        title="Test confusion matrix",
-    )
+    pairs = torch.arange(k * k).repeat_interleave(counts.flatten())  # one (true, predicted) pair per image
+    true, pred, names = (pairs // k).tolist(), (pairs % k).tolist(), list(class_names)
+    return wandb.plot.confusion_matrix(y_true=true, preds=pred, class_names=names, title="Test confusion matrix")
 
 
 @torch.no_grad()
 def sample_predictions(
     model: torch.nn.Module, dataset: Any, prepare_batch: Callable, device: torch.device, n: int = GRID_IMAGES
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same ``n`` test images every evaluation (evenly spread over the split), their labels and the
-    model's predictions. ``model`` must be the unwrapped module: only the main process runs this, and a
-    DDP forward would wait for the other processes."""
+    """The same ``n`` test images every evaluation (spread over the split), their labels and the model's
+    predictions. ``model`` must be unwrapped: only the main process runs this, and DDP would wait for the others."""
     idx = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist()
     images, labels, indices = dataset.__getitems__(idx)
     data, _ = prepare_batch((images.to(device), labels.to(device), indices.to(device)), 0, False)
@@ -325,62 +284,40 @@ def sample_predictions(
 
 
 def prediction_grid(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    preds: torch.Tensor,
-    class_names: Sequence[str],
-    scale: int = 3,
-    nrow: int = 8,
+    images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, class_names: Sequence[str], nrow: int = 8
 ) -> torch.Tensor:
-    """A uint8 (3, H, W) grid (torchvision's ``make_grid``) of the images, each under a band naming the
+    """A uint8 (3, H, W) grid (torchvision's ``make_grid``) of the images, 3x enlarged, each under a band naming the
     true and the predicted class, framed green when right and red when wrong."""
     import torch.nn.functional as F
     from torchvision.utils import draw_bounding_boxes, make_grid
 
-    big = F.interpolate(images.float(), scale_factor=scale, mode="nearest").to(torch.uint8)
+    big = F.interpolate(images.float(), scale_factor=3, mode="nearest").to(torch.uint8)
     big = F.pad(big, (0, 0, 26, 0))  # room above each image for two lines of text
-    h, w = big.shape[-2:]
-    box = torch.tensor([[0, 0, w - 1, h - 1]])
+    box = torch.tensor([[0, 0, big.shape[-1] - 1, big.shape[-2] - 1]])
+    style = {"width": 2, "label_colors": ["white"], "fill_labels": True}
     tiles = [
-        draw_bounding_boxes(
-            img,
-            box,
-            labels=[f"{class_names[t]}\n> {class_names[p]}"],
-            width=2,
-            colors=[(0, 160, 0) if t == p else (210, 0, 0)],
-            label_colors=["white"],
-            fill_labels=True,
-        )
+        draw_bounding_boxes(img, box, [f"{class_names[t]}\n> {class_names[p]}"], [GREEN if t == p else RED], **style)
         for img, t, p in zip(big, labels.tolist(), preds.tolist())
     ]
     return make_grid(torch.stack(tiles), nrow=nrow, padding=2)
 
 
-def log_eval_media(
-    logger: RunLogger,
-    result: dict[str, Any],
-    class_names: Sequence[str],
-    samples: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    step: int,
-) -> None:
-    """The confusion matrix and the grid of predictions, to W&B (and the grid to TensorBoard)."""
+def log_eval_media(logger: RunLogger, result: dict, class_names: Sequence[str], samples: Callable, step: int) -> None:
+    """The confusion matrix and the grid of ``samples()`` predictions to W&B (and the grid to TensorBoard), when
+    this process has those trackers."""
     wants_wandb, wants_tb = logger.has_tracker("wandb"), logger.has_tracker("tensorboard")
     if not (wants_wandb or wants_tb):
         return
     images, labels, preds = samples()
     grid = prediction_grid(images, labels, preds, class_names)
-    caption = "true > predicted: " + ", ".join(
-        f"{class_names[t]} > {class_names[p]}" for t, p in zip(labels.tolist(), preds.tolist())
-    )
+    pairs = ", ".join(f"{class_names[t]} > {class_names[p]}" for t, p in zip(labels.tolist(), preds.tolist()))
     if wants_wandb:
         import wandb
 
-        logger.log_wandb(
-            lambda: {
-                "eval/confusion_matrix": confusion_chart(result["confusion"], class_names),
-                "eval/predictions": wandb.Image(grid.permute(1, 2, 0).numpy(), caption=caption),
-            },
-            step=step,
+        image = wandb.Image(grid.permute(1, 2, 0).numpy(), caption=f"true > predicted: {pairs}")
+        chart = confusion_chart(result["confusion"], class_names)
+        logger.accelerator.get_tracker("wandb").log(
+            {"eval/confusion_matrix": chart, "eval/predictions": image}, step=step
         )
     if wants_tb:
         logger.accelerator.get_tracker("tensorboard", unwrap=True).add_image("eval/predictions", grid, step)

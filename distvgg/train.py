@@ -63,6 +63,16 @@ def train_step(
     return total / len(micro_batches), skipped
 
 
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay x ema + (1 - decay) x weights, on the device (torch's own EMA update); buffers are copied."""
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    get_ema_multi_avg_fn(decay)(list(ema.parameters()), list(model.parameters()), None)
+    for averaged, buffer in zip(ema.buffers(), model.buffers()):
+        averaged.copy_(buffer)
+
+
 def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals) -> None:
     """One pass over the training set (or the rest of it, after a resume mid-epoch)."""
     cfg, acc = run.cfg, run.accelerator
@@ -75,13 +85,20 @@ def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals) ->
     running, since_log = torch.zeros((), device=acc.device), 0
     tick, micro = time.perf_counter(), []
     for batch in run.train_dl:
-        micro.append(run.prepare_batch(batch, epoch, True))
+        data, target = run.prepare_batch(batch, epoch, True)
+        if cfg.mixup or cfg.cutmix:  # keyed by (seed, step, micro-batch of the global batch): any process count
+            slot = acc.process_index * cfg.gradient_accumulation_steps + len(micro)
+            key = (cfg.seed, run.global_step + 1, slot)
+            data, target = batches.mix(data, target, len(run.class_names), cfg.mixup, cfg.cutmix, key)
+        micro.append((data, target))
         if len(micro) < cfg.gradient_accumulation_steps:
             continue
         loss, skipped = train_step(
             run.model, run.criterion, run.optimizer, run.scheduler, acc, micro, cfg.max_grad_norm
         )
         micro = []
+        if run.ema is not None:
+            update_ema(run.ema, acc.unwrap_model(run.model), cfg.ema_decay)
         if cfg.compile and run.compile_seconds is None:
             loss.item()  # note: a host sync, once: the first step compiles, and is timed apart from the rest
             run.compile_seconds, tick = time.perf_counter() - tick, time.perf_counter()
@@ -160,18 +177,24 @@ def evaluate(
 
 
 def validate(run: build.Run, epoch: int) -> dict[str, Any]:
-    """Evaluate the test split, log it, and save ``best/`` when the accuracy improved."""
+    """Evaluate the test split, log it, and save ``best/`` when the accuracy improved. With --ema-decay, the
+    averaged weights are the ones evaluated (and saved); ``eval/weights`` says which."""
     cfg, acc = run.cfg, run.accelerator
-    result = evaluate(run.model, run.test_dl, acc, len(run.class_names), mean=cfg.mean, std=cfg.std, tta=cfg.tta)
+    model = run.ema if run.ema is not None else acc.unwrap_model(run.model)
+    result = evaluate(model, run.test_dl, acc, len(run.class_names), mean=cfg.mean, std=cfg.std, tta=cfg.tta)
     if result["accuracy"] > run.best_accuracy:
         run.best_accuracy, run.best_epoch = result["accuracy"], epoch + 1
         save_model(run, BEST_DIR)
     per_class = {f"eval/accuracy/{name}": a for name, a in zip(run.class_names, result["per_class_accuracy"])}
-    values = {"eval/loss": result["loss"], "eval/accuracy": result["accuracy"], "eval/count": result["count"]}
+    values = {
+        "eval/loss": result["loss"],
+        "eval/accuracy": result["accuracy"],
+        "eval/count": result["count"],
+        "eval/weights": "ema" if run.ema is not None else "trained",
+    }
     run.logger.log(
         {**values, **per_class, "eval/confusion": result["confusion"]}, step=run.global_step, epoch=epoch + 1
     )
-    model = acc.unwrap_model(run.model)
     tracking.log_eval_media(
         run.logger,
         result,
@@ -181,7 +204,7 @@ def validate(run: build.Run, epoch: int) -> dict[str, Any]:
     )
     acc.print(
         f"[{epoch + 1}] test loss: {result['loss']:.3f}  accuracy: {100 * result['accuracy']:.2f}% "
-        f"({result['count']} images)"
+        f"({result['count']} images{', EMA weights' if run.ema is not None else ''})"
     )
     return result
 
@@ -309,7 +332,8 @@ def save_model(run: build.Run, name: str, state: ckpt.TrainingState | None = Non
         progress = {"best_accuracy": run.best_accuracy, "best_epoch": run.best_epoch, "global_step": run.global_step}
         spec = model_spec(cfg.model, len(run.class_names), cfg.width, cfg.dropout, run.image_size, run.class_names)
         spec.update(mean=cfg.mean, std=cfg.std, train_config=cfg.to_dict(), **progress)
-        ckpt.save_model_folder(folder, run.accelerator.unwrap_model(run.model), spec, state)
+        weights = run.ema if run.ema is not None else run.accelerator.unwrap_model(run.model)
+        ckpt.save_model_folder(folder, weights, spec, state)
     return folder
 
 

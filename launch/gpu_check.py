@@ -180,7 +180,7 @@ def steps(args: argparse.Namespace, data: str, runs: Path) -> list[tuple[str, in
         )
     )
     run = runs / "fast"
-    epochs = ["--epochs", "2", "--batch-size", "128"] if args.device == "cpu" else []
+    epochs = ["--epochs", "1", "--batch-size", "128"] if args.device == "cpu" else []
     out.append(("fast-recipe", 300, [*launch, *train, "--recipe", "fast", *epochs, "--output-dir", str(run)], run))
     return out
 

@@ -165,6 +165,42 @@ def make_parquet_dataset(
     return root
 
 
+def make_mixed_size_dataset(
+    root: str | Path,
+    layout: str = "parquet",
+    n_train: int = 12,
+    n_test: int = 6,
+    num_classes: int = 3,
+    sizes: Sequence[tuple[int, int]] = ((32, 32), (48, 40)),
+    seed: int = 0,
+) -> Path:
+    """Train and test splits whose images have mixed sizes: row i is ``sizes[i % len(sizes)]`` (H, W), its pixels row i
+    of ``make_arrays`` at that size. ``layout`` is "parquet" (the flat Hub layout) or "imagefolder". Returns ``root``;
+    ``mixed_size_arrays`` gives the pixels written."""
+    root = Path(root)
+    for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        images, labels = mixed_size_arrays(n, num_classes, sizes, split_seed)
+        if layout == "parquet":
+            blobs = [encode_image(im) for im in images]
+            write_parquet_split(root / f"{split}-00000-of-00001.parquet", blobs, labels, class_names(num_classes))
+        elif layout == "imagefolder":
+            for i, (im, lab) in enumerate(zip(images, labels)):
+                path = root / split / class_names(num_classes)[lab] / f"{i:05d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(encode_image(im))
+        else:
+            raise ValueError(f"layout must be parquet or imagefolder, got {layout!r}")
+    return root
+
+
+def mixed_size_arrays(
+    n: int, num_classes: int = 3, sizes: Sequence[tuple[int, int]] = ((32, 32), (48, 40)), seed: int = 0
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """(images, labels) that ``make_mixed_size_dataset`` writes for one split (the test split uses ``seed + 1``)."""
+    per_size = [make_arrays(n, num_classes, size, seed) for size in sizes]
+    return [per_size[i % len(sizes)][0][i] for i in range(n)], per_size[0][1]
+
+
 def make_cifar_pickle_dataset(
     root: str | Path,
     n_train: int = 50,

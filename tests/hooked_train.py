@@ -27,12 +27,12 @@ def install() -> None:
     import torch
 
     import distvgg.build as build
-    import distvgg.checkpoint as ckpt
+    import distvgg.files as files
     import distvgg.train as train
 
     env = os.environ
     box: dict = {}
-    setup, step, write_marker = build.setup, train.train_step, ckpt.write_marker
+    setup, step, write_marker = build.setup, train.train_step, files.write_marker
     trace = env.get("HOOK_TRACE")
     signal_at = int(env.get("HOOK_SIGNAL_AT_STEP", "0") or 0)
     fail_at = env.get("HOOK_FAIL_CHECKPOINT_AT")
@@ -73,7 +73,7 @@ def install() -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))  # as a full disk would
         return write_marker(folder)
 
-    build.setup, train.train_step, ckpt.write_marker = hooked_setup, hooked_step, failing_marker
+    build.setup, train.train_step, files.write_marker = hooked_setup, hooked_step, failing_marker
 
 
 if __name__ == "__main__":

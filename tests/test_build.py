@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import yaml
 
 from distvgg import build, train
 from distvgg.checkpoint import restore_rng
@@ -147,6 +146,7 @@ class _nothing:  # noqa: N801 - stands in for Accelerate's context manager
         return False
 
 
+@pytest.mark.slow
 def test_workers_with_the_data_on_the_cpu_train(tmp_path_factory, tmp_path):
     dataset = _tiny_dataset(tmp_path_factory)
     args = ["--dataset", str(dataset), "--output-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
@@ -169,19 +169,3 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
         build.warn_slow_bf16("bf16", torch.device("cpu"))
     monkeypatch.setattr("distvgg.machine.cpu_has_bf16", lambda *a: True)
     build.warn_slow_bf16("bf16", torch.device("cpu"))  # no warning where the CPU has them
-
-
-@pytest.mark.slow
-def test_lr_follows_the_global_batch_with_two_processes(tmp_path_factory, tmp_path):
-    """--lr-reference-batch 8: 2 processes x batch 8 = global batch 16, so lr 0.01 x 16 / 8 = 0.02."""
-    dataset = _tiny_dataset(tmp_path_factory)
-    out = tmp_path / "run"
-    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--epochs", "1", "--batch-size", "8"]
-    text = ok(run_train([*args, "--lr", "0.01", "--lr-reference-batch", "8"], nproc=2))
-    facts = yaml.safe_load(
-        "\n".join(
-            line[2:] for line in (out / "config.yaml").read_text().splitlines() if line.startswith("# ") and ":" in line
-        )
-    )
-    assert facts["num_processes"] == 2 and facts["global_batch"] == 16 and facts["lr"] == pytest.approx(0.02)
-    assert "global batch 16, lr 0.02" in text

@@ -187,6 +187,7 @@ def copy_run(reference: Path, dest: Path, keep_final: bool = False) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_exact_resume_mid_epoch_one_process(dataset, reference, tmp_path):
     out = tmp_path / "out"
     args = tiny_args(dataset, out)
@@ -203,6 +204,7 @@ def test_exact_resume_mid_epoch_one_process(dataset, reference, tmp_path):
     assert_same_run(reference, out, nproc=1)  # no sample skipped or repeated: the raw trace matches
 
 
+@pytest.mark.slow
 def test_a_failed_or_damaged_checkpoint_is_never_used(dataset, reference, tmp_path):
     out = copy_run(reference, tmp_path / "out")
     args = tiny_args(dataset, out)
@@ -235,6 +237,7 @@ def test_a_failed_or_damaged_checkpoint_is_never_used(dataset, reference, tmp_pa
     )
 
 
+@pytest.mark.slow
 def test_resume_from_a_given_checkpoint(dataset, reference, tmp_path):
     out = tmp_path / "elsewhere"
     given = reference / "checkpoints" / "step-00000008"
@@ -243,6 +246,7 @@ def test_resume_from_a_given_checkpoint(dataset, reference, tmp_path):
     assert all(torch.equal(v, final_weights(reference)[k]) for k, v in final_weights(out).items())
 
 
+@pytest.mark.slow
 def test_tampered_checkpoint_does_not_run_code(dataset, reference, tmp_path):
     out = copy_run(reference, tmp_path / "out")
     folder = out / "checkpoints" / "step-00000016"
@@ -255,6 +259,7 @@ def test_tampered_checkpoint_does_not_run_code(dataset, reference, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_finished_run_reports_complete(dataset, reference, tmp_path):
     out = copy_run(reference, tmp_path / "out", keep_final=True)
 
@@ -266,14 +271,15 @@ def test_finished_run_reports_complete(dataset, reference, tmp_path):
     assert f"the run in {out} is complete (16 of 16 steps" in output
     assert written() == before  # nothing trained or written
     # best/ holds the model of the best evaluation, in the format final/ has.
-    from distvgg.models import load_pretrained
+    from distvgg.models import load_model
     from distvgg.tracking import read_metrics
 
     best_accuracy = max(r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r)
-    model, spec = load_pretrained(out / "best")
+    spec = load_model(out / "best").spec
     assert spec["best_accuracy"] == best_accuracy == training_state(out / "final")["best_accuracy"]
 
 
+@pytest.mark.slow
 def test_resume_none_starts_over_and_moves_the_old_run_aside(dataset, reference, tmp_path):
     out = copy_run(reference, tmp_path / "out", keep_final=True)
     old_final = final_weights(out)
@@ -285,6 +291,7 @@ def test_resume_none_starts_over_and_moves_the_old_run_aside(dataset, reference,
     assert training_state(out / "final")["global_step"] == 2
 
 
+@pytest.mark.slow
 def test_changed_settings_refuse_to_resume(dataset, reference, tmp_path):
     out = copy_run(reference, tmp_path / "out")
     proc = run_train(tiny_args(dataset, out, 1, "--lr", "0.05", "--seed", "3"))
@@ -362,7 +369,7 @@ def _bad_inputs(tmp: Path, good: Path, reference: Path) -> dict[str, tuple[list[
         "images too small": (
             ["--dataset", str(datagen.make_parquet_dataset(tmp / "tiny4", 16, 8, size=4))],
             1,
-            ["input of 4x4 is too small", "use larger images"],
+            ["a 4x4 input is too small", "use larger images"],
         ),
         "image size differs from the checkpoint": (
             [

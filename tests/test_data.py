@@ -407,14 +407,20 @@ def test_mixed_sizes(tmp_path):
     blobs = _blobs(images)
     blobs[7] = datagen.encode_image(datagen.make_arrays(1, 3, (8, 9))[0][0])
     root = _write_pair(tmp_path / "ds", blobs, labels)
-    with pytest.raises(DataError, match=r"split 'train' .*row 7 is 8x9 \(HxW\) but earlier images are 8x8; resize"):
+    with pytest.raises(DataError) as err:
         load(root, tmp_path / "cache")
+    assert str(err.value) == (
+        f"images of different sizes in parquet files in {root.resolve()}: 8x8 (split 'train', row 0) and "
+        f"8x9 (split 'train', row 7); pass --image-size to resize them"
+    )
 
 
 def test_train_and_test_sizes_differ(tmp_path):
     images, labels = datagen.make_arrays(4, 3, 16)
     root = _write_pair(tmp_path / "ds", _blobs(images), labels)
-    with pytest.raises(DataError, match=r"split 'test' .*row 0 is 8x8 \(HxW\) but the train images are 16x16"):
+    with pytest.raises(
+        DataError, match=r"16x16 \(split 'train', row 0\) and 8x8 \(split 'test', row 0\); pass --image"
+    ):
         load(root, tmp_path / "cache")
 
 
@@ -459,6 +465,75 @@ def test_missing_test_split_names_found_splits(tmp_path):
     # datasets names the splits after the files; "extra" is no split name, so only 'train' is found.
     with pytest.raises(DataError, match=r"needs a 'train' and a test/validation/\w+/\w+ split; splits found: 'train'$"):
         load(tmp_path / "ds", tmp_path / "cache")
+
+
+# ------------------------------------------------------------------------------------------ image sizes
+
+
+def _resized(images, size) -> torch.Tensor:
+    """What ``image_size=size`` must give: torchvision's bilinear, antialiased resize of each uint8 image."""
+    from torchvision.transforms.v2.functional import InterpolationMode, resize
+
+    one = lambda im: resize(nchw(im[None])[0], list(size), InterpolationMode.BILINEAR, antialias=True)  # noqa: E731
+    return torch.stack([one(im) for im in images])
+
+
+@pytest.mark.parametrize("layout", ["parquet", "imagefolder"])
+def test_mixed_sizes_need_image_size_then_decode(tmp_path, layout):
+    root = datagen.make_mixed_size_dataset(tmp_path / "ds", layout, n_train=12, n_test=6)
+    with pytest.raises(DataError) as err:
+        load(root, tmp_path / "cache")
+    msg = str(err.value)
+    assert "images of different sizes in" in msg and "pass --image-size to resize them" in msg
+    assert "32x32 (split 'train', row " in msg and "48x40 (split 'train', row " in msg  # both sizes, with their rows
+    loaded, log = load(root, tmp_path / "cache", image_size=(24, 24))
+    assert loaded.image_size == (24, 24) and "(24x24, 3 classes)" in log.text()
+    for split, n in (("train", 12), ("test", 6)):
+        got, (images, labels) = getattr(loaded, split), datagen.mixed_size_arrays(n, seed=0 if split == "train" else 1)
+        assert got.images.shape == (n, 3, 24, 24) and got.images.dtype == torch.uint8 and got.images.is_contiguous()
+        if layout == "parquet":  # rows in file order: exactly the resized originals
+            assert torch.equal(got.images, _resized(images, (24, 24)))
+            assert torch.equal(got.labels, torch.from_numpy(labels))
+        else:  # an image folder's rows follow the loader's listing: compare per class
+            expected = per_class_sorted(_resized(images, (24, 24)), torch.from_numpy(labels))
+            assert per_class_sorted(got.images, got.labels) == expected
+
+
+def test_image_size_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4, size=8)
+    plain, _ = load(root, tmp_path / "cache")
+    big, log_big = load(root, tmp_path / "cache", image_size=(24, 24))
+    wide, log_wide = load(root, tmp_path / "cache", image_size=[16, 20])
+    assert "decoded" in log_big.text() and "decoded" in log_wide.text()  # no cached 8x8 or 24x24 decode is served
+    assert len({plain.fingerprint, big.fingerprint, wide.fingerprint}) == 3
+    assert (plain.image_size, big.image_size, wide.image_size) == ((8, 8), (24, 24), (16, 20))
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    same, _ = load(root, tmp_path / "cache", image_size=(8, 8))  # the own size: a copy, under its own key
+    assert torch.equal(same.train.images, plain.train.images) and same.fingerprint != plain.fingerprint
+    _forbid_decoding(monkeypatch)
+    again, log = load(root, tmp_path / "cache", image_size=(24, 24))
+    assert "from cache" in log.text() and again.fingerprint == big.fingerprint
+    square, log = load(root, tmp_path / "cache", image_size=24)  # N means N x N: the same key
+    assert "from cache" in log.text() and square.fingerprint == big.fingerprint
+    assert torch.equal(again.train.images, big.train.images)
+    assert torch.equal(big.train.images, _resized(datagen.dataset_arrays(8, 4, size=8)["train"][0], (24, 24)))
+
+
+def test_cifar_pickles_resized(tmp_path):
+    root = datagen.make_cifar_pickle_dataset(tmp_path / "data", n_train=20, n_test=10)
+    loaded, _ = load(root, tmp_path / "cache", image_size=[16])  # one number: square
+    arrays = datagen.dataset_arrays(n_train=20, n_test=10, num_classes=10)
+    for split in ("train", "test"):
+        images, labels = arrays[split]
+        assert torch.equal(getattr(loaded, split).images, _resized(images, (16, 16)))
+        assert torch.equal(getattr(loaded, split).labels, torch.from_numpy(labels))
+
+
+@pytest.mark.parametrize("size", [(0, 8), (8, -1)])
+def test_image_size_must_be_positive(tmp_path, size):
+    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4, size=8)
+    with pytest.raises(DataError, match="image size must be positive"):
+        load(root, tmp_path / "cache", image_size=size)
 
 
 # ------------------------------------------------------------------------------------------ names and paths

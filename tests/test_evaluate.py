@@ -1,6 +1,7 @@
 """distvgg.evaluate: numbers against a hand count, 2 gloo processes, the eval-limit subset, clear errors."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -9,33 +10,23 @@ from PIL import Image
 from distvgg import evaluate
 from distvgg.data import DataError, balanced_subset
 from distvgg.models import build_model, load_model, model_spec, save_pretrained
-from tests.datagen import dataset_arrays, make_parquet_dataset
-from tests.fixtures_run import (  # noqa: F401
-    N_TEST,
-    N_TRAIN,
-    NAMES,
-    copy_run,
-    hand_count,
-    saved_run_fixture,
-    tiny_dataset_fixture,
-    trained_run_fixture,
-)
+from tests.datagen import make_parquet_dataset
 from tests.helpers import ok, run_train
 
 
-def test_numbers_tables_json_and_png_match_a_hand_count(saved_run, tmp_path, capsys):
+def test_numbers_tables_json_and_png_match_a_hand_count(saved_run, hand_count, tmp_path, capsys):
     js, png = tmp_path / "eval.json", tmp_path / "confusion.png"
     args = ["--checkpoint", str(saved_run), "--batch-size", "4", "--json", str(js), "--confusion-png", str(png)]
     assert evaluate.main(args) == 0
     text = capsys.readouterr().out
     want, got = hand_count(saved_run / "final"), json.loads(js.read_text())
-    assert got["num_processes"] == 1 and got["count"] == N_TEST and got["class_names"] == NAMES
+    assert got["num_processes"] == 1 and got["count"] == want["count"] and got["class_names"] == want["names"]
     assert got["confusion"] == want["confusion"] and len({r.index(max(r)) for r in want["confusion"]}) > 1
     assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
     assert f"accuracy: {100 * want['accuracy']:.2f}%" in text
     assert got["per_class_accuracy"] == pytest.approx([row[i] / sum(row) for i, row in enumerate(want["confusion"])])
-    for i, name in enumerate(NAMES):
+    for i, name in enumerate(want["names"]):
         row = want["confusion"][i]
         assert f"{name}  {sum(row):>7}  {row[i]:>7}" in text  # the per-class table
         assert any(line.split() == [str(i), name, *map(str, row)] for line in text.splitlines())  # the confusion
@@ -52,8 +43,8 @@ def test_numbers_tables_json_and_png_match_a_hand_count(saved_run, tmp_path, cap
 
 def test_eval_limit_takes_the_subset_training_evaluated(saved_run, tiny_dataset):
     loaded = load_model(saved_run)
+    labels = evaluate.load_test_split(str(tiny_dataset), loaded, log=lambda *_: None).labels
     test = evaluate.load_test_split(str(tiny_dataset), loaded, eval_limit=9, log=lambda *_: None)
-    labels = torch.from_numpy(dataset_arrays(N_TRAIN, N_TEST)["test"][1])
     assert torch.equal(test.labels, labels[balanced_subset(labels, 9, 0 + 1)])  # training's seed + 1
     assert sorted(torch.bincount(test.labels).tolist()) == [2, 2, 2, 3]
 
@@ -71,7 +62,7 @@ def test_dataset_must_fit_the_model(saved_run, tiny_dataset, tmp_path):
     loaded = load_model(save_pretrained(build_model("vgg3layer", 4, width=0.125), tmp_path / "m", spec))
     warnings = []
     evaluate.load_test_split(str(tiny_dataset), loaded, log=lambda *_: None, warn=warnings.append)
-    assert len(warnings) == 1 and "differ from the model's (cat, dog, ship, frog)" in warnings[0]
+    assert len(warnings) == 1 and "differ from the model's (cat, dog, ship, frog), which are used" in warnings[0]
     assert loaded.class_names == names
 
 
@@ -85,19 +76,30 @@ def test_bad_checkpoints_are_one_line_errors(saved_run, tmp_path, capsys):
     assert f"{tmp_path / 'nowhere'} does not exist" in error(tmp_path / "nowhere")
     (tmp_path / "run" / "checkpoints" / "step-00000004").mkdir(parents=True)  # a save that never finished
     assert "no usable checkpoint: step-00000004: no COMPLETE marker" in error(tmp_path / "run")
-    corrupt = copy_run(saved_run / "final", tmp_path / "corrupt")
+    corrupt = shutil.copytree(saved_run / "final", tmp_path / "corrupt")
     weights = corrupt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:4000])
     err = error(corrupt)
     assert str(weights) in err and "truncated" in err
-    bare = copy_run(saved_run / "final", tmp_path / "bare")  # a model saved without its training options
+    bare = shutil.copytree(saved_run / "final", tmp_path / "bare")  # a model saved without its training options
     spec = json.loads((bare / "model.json").read_text())
     (bare / "model.json").write_text(json.dumps({**spec, "train_config": {}}))
     assert "does not record the dataset it was trained on: pass --dataset" in error(bare)
 
 
+def test_a_bad_launch_exits_2_as_training_does(saved_run, monkeypatch, capsys):
+    from distvgg import build
+
+    def split_launch():
+        raise build.LaunchError("the processes formed 2 groups")
+
+    monkeypatch.setattr(build, "make_accelerator", split_launch)
+    assert evaluate.main(["--checkpoint", str(saved_run)]) == 2
+    assert capsys.readouterr().err == "distvgg.evaluate: error: the processes formed 2 groups\n"
+
+
 @pytest.mark.slow
-def test_two_processes_count_every_image_once_with_flip_tta(trained_run, tmp_path):
+def test_two_processes_count_every_image_once_with_flip_tta(trained_run, hand_count, tmp_path):
     """The real command line on a trained run: 21 images in batches of 4 over 2 processes. Accelerate pads
     the last round; gather_for_metrics drops the padding."""
     js = tmp_path / "eval2.json"
@@ -105,7 +107,7 @@ def test_two_processes_count_every_image_once_with_flip_tta(trained_run, tmp_pat
     text = ok(run_train(args, nproc=2, module="distvgg.evaluate", timeout=180))
     got, want = json.loads(js.read_text()), hand_count(trained_run / "final", tta=True)
     assert got["num_processes"] == 2 and "2 process(es)" in text  # one group of 2, not 2 single runs
-    assert got["count"] == N_TEST and got["confusion"] == want["confusion"]
+    assert got["count"] == want["count"] and got["confusion"] == want["confusion"]
     assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
     assert text.count("test loss:") == 1  # printed by the main process only

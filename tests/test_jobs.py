@@ -15,6 +15,8 @@ import pytest
 from tests import datagen
 from tests.helpers import REPO, TINY, ok, run_train, train_command
 
+pytestmark = pytest.mark.slow  # every test here starts several processes or a long run
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
@@ -50,7 +52,7 @@ def _trained(out: Path) -> bool:
     return (out / "metrics.jsonl").exists() and "train/loss" in (out / "metrics.jsonl").read_text()
 
 
-@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("nproc", [1, 2])
 def test_a_second_job_into_a_busy_folder_refuses_and_touches_nothing(dataset, tmp_path, nproc):
     out = tmp_path / "run"
     first = _start_slow(_args(dataset, out))

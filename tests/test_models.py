@@ -18,16 +18,7 @@ from distvgg.models import (
     model_spec,
     save_pretrained,
 )
-from tests.fixtures_run import (  # noqa: F401
-    MEAN,
-    NAMES,
-    STD,
-    copy_run,
-    random_model,
-    saved_run_fixture,
-    tiny_dataset_fixture,
-    trained_run_fixture,
-)
+from tests.datagen import class_names
 
 # The block the quick guide prints for print(VGG3Layer(num_classes=10)), verbatim.
 GUIDE_PRINT = """\
@@ -134,7 +125,7 @@ def test_too_small_input_is_a_clear_error():
         build_model("vgg11", 10, image_size=16)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [name for name in MODEL_NAMES if name.startswith("vgg")])
 def test_family_forward_and_width(name):
     full = build_model(name, 10)
     tiny = build_model(name, 10, width=0.125)
@@ -170,8 +161,8 @@ def test_save_pretrained_and_load_model_roundtrip(tmp_path):
         assert (loaded.mean, loaded.std, loaded.train_config) == (0.4, 0.3, {})
 
 
-def test_output_dir_takes_final_then_best_then_the_newest_complete_checkpoint(saved_run, tmp_path):
-    out = copy_run(saved_run, tmp_path / "run")
+def test_output_dir_takes_final_then_best_then_the_newest_complete_checkpoint(saved_run, random_model, tmp_path):
+    out = shutil.copytree(saved_run, tmp_path / "run")
     step2, step4 = out / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000004"
     assert same_weights(load_model(out).model, random_model(0)) and load_model(out).weights.parent == out / "final"
     shutil.rmtree(out / "final")
@@ -182,8 +173,10 @@ def test_output_dir_takes_final_then_best_then_the_newest_complete_checkpoint(sa
     assert notes == [f"no final/ or best/ model in {out} yet: using its newest complete checkpoint, {step4}"]
     # step-4 was saved with DDP's "module." names; its description comes from its training_state.json
     assert same_weights(loaded.model, random_model(3)) and loaded.weights == step4 / "model.safetensors"
-    assert (loaded.class_names, loaded.image_size, loaded.mean, loaded.std) == (NAMES, (32, 32), MEAN, STD)
-    assert loaded.train_config == json.loads((step4 / "training_state.json").read_text())["config"]
+    state = json.loads((step4 / "training_state.json").read_text())
+    exact = [state["exact"][k] for k in ("class_names", "image_size", "mean", "std")]
+    assert [loaded.class_names, list(loaded.image_size), loaded.mean, loaded.std] == exact
+    assert (loaded.mean, loaded.std) != (0.5, 0.5) and loaded.train_config == state["config"]
     # A checkpoint whose files do not match its COMPLETE marker is refused, and OUTPUT_DIR skips it.
     weights = step4 / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
@@ -210,11 +203,11 @@ def test_load_model_errors_name_the_path_and_the_problem(saved_run, tmp_path):
     shutil.copy(saved_run / "final" / "model.safetensors", lonely)
     with pytest.raises(ModelLoadError, match=f"{lonely} is not a usable checkpoint: no COMPLETE marker"):
         load_model(lonely)
-    cut = copy_run(saved_run / "final", tmp_path / "cut")
+    cut = shutil.copytree(saved_run / "final", tmp_path / "cut")
     (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:1000])
-    with pytest.raises(ModelLoadError, match=f"{cut / 'model.safetensors'} cannot be read .* truncated"):
+    with pytest.raises(ModelLoadError, match=rf"{cut / 'model.safetensors'} cannot be read \(truncated or corrupt"):
         load_model(cut)
-    wrong = copy_run(saved_run / "final", tmp_path / "wrong")
+    wrong = shutil.copytree(saved_run / "final", tmp_path / "wrong")
     spec = json.loads((wrong / "model.json").read_text())
     (wrong / "model.json").write_text(json.dumps({**spec, "num_classes": 7}))
     with pytest.raises(ModelLoadError, match="do not fit the network described beside them"):
@@ -229,6 +222,6 @@ def test_every_form_of_a_trained_run_loads_the_same_network(trained_run):
     for path in (trained_run, trained_run / "final" / "model.safetensors", steps[-1][1]):
         loaded = load_model(path)
         assert same_weights(loaded.model, final.model)  # the last checkpoint holds the final weights
-        assert (loaded.class_names, loaded.image_size, loaded.mean, loaded.std) == (NAMES, (32, 32), 0.5, 0.5)
+        assert (loaded.class_names, loaded.image_size, loaded.mean, loaded.std) == (class_names(4), (32, 32), 0.5, 0.5)
         assert loaded.train_config["width"] == 0.125
     assert not same_weights(load_model(steps[0][1]).model, final.model)

@@ -81,6 +81,7 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
     return outputs
 
 
+@pytest.mark.slow
 def test_two_machines_train_as_one_job(tiny_parquet, tmp_path):
     out, wandb_dir = tmp_path / "run", tmp_path / "wandb"
     common = ["--dataset", str(tiny_parquet), *TINY, "--dropout", "0", "--epochs", "2"]
@@ -167,6 +168,7 @@ def run_train_init_weights() -> dict:
     return build_model("vgg3layer", 4, width=0.125, dropout=0.0).state_dict()
 
 
+@pytest.mark.slow
 def test_processes_sharing_a_cache_decode_the_data_once(tiny_parquet, tmp_path):
     """2 processes on one machine, an empty shared cache: the local main process decodes and caches,
     the other waits (``local_main_process_first``) and reads the cache: no decode race."""
@@ -228,6 +230,7 @@ def start_training_pair(tmp_path: Path, data: Path, ddp_timeout: int) -> tuple[l
     return machines, out
 
 
+@pytest.mark.slow
 def test_a_dead_machine_ends_the_job(tiny_parquet, tmp_path):
     """SIGKILL the training process of machine 1: both launchers exit non-zero, none hangs."""
     machines, _ = start_training_pair(tmp_path, tiny_parquet, ddp_timeout=20)
@@ -243,23 +246,24 @@ def test_a_dead_machine_ends_the_job(tiny_parquet, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_hung_machine_ends_the_others_within_the_ddp_timeout(tiny_parquet, tmp_path):
     """SIGSTOP the training process of machine 1 (alive, its sockets open, never answering): machine
     0's next collective gives up after --ddp-timeout and it exits non-zero, instead of waiting forever.
     (The stopped process itself is then killed here; under SLURM, the job's time limit would.)"""
-    machines, _ = start_training_pair(tmp_path, tiny_parquet, ddp_timeout=10)
+    machines, _ = start_training_pair(tmp_path, tiny_parquet, ddp_timeout=6)
     worker = training_process_of(machines[1].pid)
     os.kill(worker, signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
-        text = machines[0].communicate(timeout=10 + 60)[0]
+        text = machines[0].communicate(timeout=6 + 60)[0]
         waited = time.monotonic() - stopped_at
     finally:
         os.kill(worker, signal.SIGKILL)
         finish(machines, timeout=60)
     assert machines[0].returncode not in (0, None), text[-3000:]
     assert "timed out" in text.lower() or "timeout" in text.lower(), text[-3000:]
-    print(f"hung machine: machine 0 exited {waited:.1f} s after machine 1 stopped (--ddp-timeout 10)")
+    print(f"hung machine: machine 0 exited {waited:.1f} s after machine 1 stopped (--ddp-timeout 6)")
 
 
 def training_process_of(launcher_pid: int) -> int:

@@ -1,6 +1,7 @@
 """distvgg.predict: image files of several sizes and formats, probabilities, clear errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ from PIL import Image
 
 from distvgg import predict
 from distvgg.models import load_model
-from tests.fixtures_run import NAMES, copy_run, saved_run_fixture, tiny_dataset_fixture, trained_run_fixture  # noqa: F401
+from tests.datagen import class_names
 from tests.helpers import run_train
+
+NAMES = class_names(4)  # the classes of the saved runs
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,7 @@ def test_missing_unreadable_and_truncated_files_are_named_and_nothing_is_predict
 
 
 def test_corrupt_checkpoint_is_a_one_line_error(saved_run, images, tmp_path, capsys):
-    bad = copy_run(saved_run / "final", tmp_path / "bad")
+    bad = shutil.copytree(saved_run / "final", tmp_path / "bad")
     (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:1000])
     assert predict.main(["--checkpoint", str(bad), str(images[0])]) == 1
     err = capsys.readouterr().err

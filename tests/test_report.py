@@ -7,14 +7,6 @@ import pytest
 from PIL import Image
 
 from distvgg import report
-from tests.fixtures_run import (  # noqa: F401
-    N_TEST,
-    copy_run,
-    hand_count,
-    saved_run_fixture,
-    tiny_dataset_fixture,
-    trained_run_fixture,
-)
 from tests.helpers import ok, run_train
 
 
@@ -27,20 +19,21 @@ def check_png(path, min_bytes=20_000) -> None:
 
 
 @pytest.mark.slow
-def test_report_of_a_trained_run(trained_run, tmp_path):
+def test_report_of_a_trained_run(trained_run, hand_count, tmp_path):
     """The real command line; the PNG and HTML go into OUTPUT_DIR by default."""
-    run = copy_run(trained_run, tmp_path / "run")
+    run = shutil.copytree(trained_run, tmp_path / "run")
     text = ok(run_train([str(run)], module="distvgg.report", timeout=180, env={"HF_HUB_OFFLINE": "1"}))
     png, page = run / "report.png", run / "report.html"
     assert f"wrote {png} and {page}" in text
     check_png(png)
     html = page.read_text()
     assert '<img src="report.png"' in html and html.count(" class_0") == 8  # the per-class and confusion tables
-    accuracy = f"{100 * hand_count(run / 'final')['accuracy']:.2f}% of {N_TEST} images"
+    want = hand_count(run / "final")
+    accuracy = f"{100 * want['accuracy']:.2f}% of {want['count']} images"
     assert f"<tr><th>final model: test accuracy</th><td>{accuracy}" in html
 
 
-def test_numbers_per_class_table_and_out_elsewhere(saved_run, tmp_path, capsys):
+def test_numbers_per_class_table_and_out_elsewhere(saved_run, hand_count, tmp_path, capsys):
     out = tmp_path / "pictures" / "mine.png"
     assert report.main([str(saved_run), "--out", str(out)]) == 0
     check_png(out)
@@ -50,7 +43,7 @@ def test_numbers_per_class_table_and_out_elsewhere(saved_run, tmp_path, capsys):
     assert "<tr><th>last test accuracy (logged)</th><td>60.00% (epoch 2)</td></tr>" in html
     want = hand_count(saved_run / "final")
     assert f"<tr><th>final model: test loss</th><td>{want['loss']:.4f}</td></tr>" in html
-    assert f"<tr><th>final model: test accuracy</th><td>{100 * want['accuracy']:.2f}% of {N_TEST} images" in html
+    assert f"<tr><th>final model: test accuracy</th><td>{100 * want['accuracy']:.2f}% of {want['count']} images" in html
     for i, row in enumerate(want["confusion"]):  # evaluate's tables: per class, and the confusion row
         assert f"class_0{i}  {sum(row):>7}  {row[i]:>7}  {100 * row[i] / sum(row):7.2f}%" in html
         assert any(line.split() == [str(i), f"class_0{i}", *map(str, row)] for line in html.splitlines())
@@ -79,8 +72,8 @@ def test_unfinished_run_shows_curves_and_skips_a_torn_line(saved_run, tmp_path, 
     check_png(run / "report.png")
 
 
-def test_run_without_final_or_best_uses_its_newest_checkpoint(saved_run, tmp_path, capsys):
-    run = copy_run(saved_run, tmp_path / "run", "final", "best")
+def test_run_without_final_or_best_uses_its_newest_checkpoint(saved_run, hand_count, tmp_path, capsys):
+    run = shutil.copytree(saved_run, tmp_path / "run", ignore=shutil.ignore_patterns("final", "best"))
     assert report.main([str(run)]) == 0
     assert "using its newest complete checkpoint" in capsys.readouterr().err
     accuracy = f"{100 * hand_count(run / 'checkpoints' / 'step-00000004')['accuracy']:.2f}%"
@@ -88,7 +81,7 @@ def test_run_without_final_or_best_uses_its_newest_checkpoint(saved_run, tmp_pat
 
 
 def test_corrupt_model_is_a_clear_error(saved_run, tmp_path, capsys):
-    run = copy_run(saved_run, tmp_path / "run")
+    run = shutil.copytree(saved_run, tmp_path / "run")
     weights = run / "final" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:2000])
     assert report.main([str(run)]) == 1

@@ -21,6 +21,8 @@ import torch
 from tests import datagen
 from tests.helpers import REPO, TINY, ok, run_train, train_command
 
+pytestmark = pytest.mark.slow  # every test here starts several processes or a long run
+
 STEPS = 16  # 64 images / global batch 8 = 8 steps per epoch, 2 epochs
 
 

@@ -18,9 +18,11 @@ import torch
 
 from distvgg import tracking
 from distvgg.config import TrainConfig
+from distvgg.preemption import PREEMPT_EXIT_CODE
+from distvgg.tracking import read_metrics
 from tests import wandb_records
 from tests.datagen import make_parquet_dataset
-from tests.helpers import TINY, ok, run_train
+from tests.helpers import TINY
 
 FAKE_KEY = "fake0secret0key0" + "x" * 24  # 40 characters: wandb accepts its format
 TINY_WANDB = [*TINY, "--report-to", "wandb"]
@@ -31,9 +33,11 @@ def dataset(tmp_path_factory) -> Path:
     return make_parquet_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train=40, n_test=20)
 
 
-def wandb_files(root: Path) -> list[Path]:
-    """The ``.wandb`` record logs of every run folder under ``root`` (not the latest-run link)."""
-    return sorted(p for p in root.rglob("*.wandb") if p.parent.name != "latest-run")
+def wandb_files(root: Path, prefix: str = "") -> list[Path]:
+    """The ``.wandb`` record logs of the run folders under ``root`` whose names start with ``prefix``."""
+    return sorted(
+        p for p in root.rglob("*.wandb") if p.parent.name != "latest-run" and p.parent.name.startswith(prefix)
+    )
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -41,98 +45,127 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    env.update({"HOME": str(home), "WANDB_SILENT": "true", **extra})
+    env.update({"HOME": str(home), "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", **extra})
     return env
 
 
-def run_clean(
-    args: list[str], env: dict[str, str], nproc: int = 1, timeout: float = 240
-) -> subprocess.CompletedProcess:
-    """``run_train`` with exactly ``env`` (no conftest W&B variables inherited) and stdin closed."""
+def run_clean(args: list[str], env: dict[str, str], nproc: int = 1, module: str = "distvgg.train") -> SimpleNamespace:
+    """``distvgg.train`` (or ``module``) with exactly ``env`` and stdin closed; its output, with any exit code."""
     from tests.helpers import REPO, train_command
 
-    return subprocess.run(
-        train_command(args, nproc),
-        env={**env, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.run(
+        train_command(args, nproc, module),
+        env=env,
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=240,
     )
+    return SimpleNamespace(code=proc.returncode, text=proc.stdout + proc.stderr, stdout=proc.stdout, stderr=proc.stderr)
 
 
 def steps_of(rows: list[dict], key: str) -> dict[int, float]:
     return {r["_step"] if "_step" in r else r["step"]: r[key] for r in rows if key in r}
 
 
-# ----------------------------------------------------------------------------- end-to-end, offline
+# ----------------------------------------------------------------------------- end-to-end
 
 
 SECRET_ENV_VALUE = "sentinel-env-value-0451"
 
 
 @pytest.fixture(scope="module")
-def offline_run(dataset, tmp_path_factory) -> SimpleNamespace:
-    """One offline run with every tracker and W&B option, a fake API key and another environment value set."""
-    tmp = tmp_path_factory.mktemp("offline")
+def tracked_run(dataset, tmp_path_factory) -> SimpleNamespace:
+    """One run tracked by every tracker with every W&B option, as a job on a node without internet sees it: W&B
+    credentials (a fake key) but no reachable server, so W&B falls back offline. It is stopped at step 3 by
+    SIGUSR1 (a checkpoint, exit 75) and run again to the end, as a requeued job, so it has two W&B record logs.
+    Another environment value is set too, to check that no value leaks."""
+    tmp = tmp_path_factory.mktemp("tracked")
     out, wandb_dir = tmp / "out", tmp / "wandb"
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_API_KEY": FAKE_KEY}
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        server = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": server, "WANDB_INIT_TIMEOUT": "1", "WANDB_DIR": str(wandb_dir)}
+    env = clean_env(tmp, **env, DISTVGG_TEST_TOKEN=SECRET_ENV_VALUE)
     args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--report-to", "all", "--wandb-log-model"]
     args += ["--wandb-tags", "tiny", "ci", "--wandb-name", "tiny-run"]
-    text = ok(run_train(args, env={**env, "DISTVGG_TEST_TOKEN": SECRET_ENV_VALUE}))
-    files = wandb_files(wandb_dir)
-    assert len(files) == 1, files
+    first = run_clean(args, {**env, "HOOK_SIGNAL_AT_STEP": "3"}, module="tests.hooked_train")
+    assert first.code == PREEMPT_EXIT_CODE, first.text[-3000:]
+    second = run_clean(args, env)
+    assert second.code == 0, second.text[-3000:]
+    files = wandb_files(wandb_dir, "offline-run-")
     return SimpleNamespace(
-        dataset=dataset, out=out, wandb_dir=wandb_dir, text=text, file=files[0], metrics=tracking.read_metrics(out)
+        dataset=dataset,
+        out=out,
+        wandb_dir=wandb_dir,
+        first=first,
+        second=second,
+        files=files,
+        metrics=read_metrics(out),
     )
 
 
 @pytest.mark.slow
-def test_offline_run_is_one_run_with_the_names_given(offline_run):
-    record = wandb_records.run_record(offline_run.file)
-    run_id = (offline_run.out / tracking.WANDB_RUN_ID_FILE).read_text().strip()
-    assert record.run_id == run_id and record.project == "distvgg" and record.display_name == "tiny-run"
-    assert list(record.tags) == ["tiny", "ci"]
-    assert not (offline_run.out / "wandb").exists()  # WANDB_DIR is respected
-    # the closing message names the offline run and the command that uploads it
-    assert f"wandb sync {offline_run.file.parent}" in offline_run.text
+def test_unreachable_server_falls_back_offline_under_the_same_run_id(tracked_run):
+    """Credentials but no server: wandb.init gives up after WANDB_INIT_TIMEOUT and the same run id is logged
+    offline, once per attempt; the job trains instead of hanging, and ends with the `wandb sync` command."""
+    run_id = tracking.read_run_id(tracked_run.out)
+    assert len(tracked_run.files) == 2 and all(f.parent.name.endswith(run_id) for f in tracked_run.files)
+    for attempt in (tracked_run.first, tracked_run.second):
+        assert (
+            "could not start online" in attempt.text and f"wandb sync {tracked_run.files[0].parent}" in attempt.stdout
+        )
+    assert f"wandb sync {tracked_run.files[0].parent} {tracked_run.files[1].parent}" in tracked_run.second.stdout
+    assert not (tracked_run.out / "wandb").exists()  # WANDB_DIR is respected
 
 
 @pytest.mark.slow
-def test_offline_run_holds_what_metrics_jsonl_holds(offline_run):
-    """The same values at the same steps as metrics.jsonl; the confusion chart and the predictions at every
-    evaluation; the summary and the model artifact."""
-    metrics, history = offline_run.metrics, wandb_records.history(offline_run.file)
+def test_resumed_run_is_one_wandb_run_with_the_names_given(tracked_run):
+    """The second attempt reuses the run id kept in OUTPUT_DIR and the checkpoint, and logs from its restored
+    step on: the steps keep increasing across the two record logs, which together hold metrics.jsonl's values."""
+    run_id = tracking.read_run_id(tracked_run.out)
+    for f in tracked_run.files:
+        record = wandb_records.run_record(f)
+        assert (record.run_id, record.project, record.display_name) == (run_id, "distvgg", "tiny-run")
+        assert list(record.tags) == ["tiny", "ci"]
+    first, second = (wandb_records.history(f) for f in tracked_run.files)
+    first_steps, second_steps = [r["_step"] for r in first], [r["_step"] for r in second]
+    assert first_steps and max(first_steps) < 3 < min(second_steps), (first_steps, second_steps)  # restored at 3
+    assert second_steps == sorted(set(second_steps)) and second_steps[-1] == tracked_run.metrics[-1]["step"] == 10
     keys = ["train/loss", "train/lr", "train/images_per_second", "eval/loss", "eval/accuracy"]
     for key in [*keys, "eval/accuracy/class_00", "summary/best_accuracy"]:
-        assert steps_of(metrics, key), key
-        assert steps_of(history, key) == steps_of(metrics, key), key
-    steps = [r["_step"] for r in history]
-    assert steps == sorted(set(steps))  # one row per step, moving forward
-    assert steps[-1] == metrics[-1]["step"] == 10  # 40 images / batch 8 = 5 steps per epoch, 2 epochs
-    assert steps_of(history, "epoch")[2] == pytest.approx(0.4)  # epoch is logged with the training rows
-    evals = [r for r in history if "eval/accuracy" in r]
-    assert len(evals) == 2
+        assert steps_of(tracked_run.metrics, key), key
+        assert steps_of(first + second, key) == steps_of(tracked_run.metrics, key), key
+    assert steps_of(first, "epoch")[2] == pytest.approx(0.4)  # epoch is logged with the training rows
+
+
+@pytest.mark.slow
+def test_tracked_run_has_the_charts_summary_and_model_artifact(tracked_run):
+    """The confusion chart and the predictions at every evaluation (40 images / batch 8: epochs end at steps 5
+    and 10, after the restart), the summary and the model artifact."""
+    last = tracked_run.files[-1]
+    evals = [r for r in wandb_records.history(last) if "eval/accuracy" in r]
+    assert [r["_step"] for r in evals] == [5, 10]
     for row in evals:
         assert row["eval/confusion_matrix_table"]["_type"] == "table-file"
         assert row["eval/predictions"]["_type"] == "image-file"
         assert row["eval/predictions"]["caption"].startswith("true > predicted: class_00 > ")
-    confusion = [r["eval/confusion"] for r in metrics if "eval/confusion" in r]
+    confusion = [r["eval/confusion"] for r in tracked_run.metrics if "eval/confusion" in r]
     assert len(confusion) == 2 and sum(map(sum, confusion[-1])) == 20
-    summary = wandb_records.summary(offline_run.file)
-    assert summary["summary/best_accuracy"] == max(r["eval/accuracy"] for r in metrics if "eval/accuracy" in r)
+    summary = wandb_records.summary(last)
+    accuracies = [r["eval/accuracy"] for r in tracked_run.metrics if "eval/accuracy" in r]
+    assert summary["summary/best_accuracy"] == max(accuracies)
     assert {"summary/best_epoch", "summary/train_seconds", "summary/images_per_second"} <= set(summary)
-    records = wandb_records.records(offline_run.file)
-    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
-    run_id = wandb_records.run_record(offline_run.file).run_id
+    artifacts = [r.artifact for r in wandb_records.records(last) if r.WhichOneof("record_type") == "artifact"]
+    run_id = wandb_records.run_record(last).run_id
     assert any(a.type == "model" and a.name == f"model-{run_id}" for a in artifacts)
 
 
 @pytest.mark.slow
-def test_offline_run_config_holds_every_option_and_the_run_facts(offline_run):
-    config = wandb_records.config(offline_run.file)
-    for key in TrainConfig(dataset=str(offline_run.dataset), output_dir=str(offline_run.out)).to_dict():
+def test_tracked_run_config_holds_every_option_and_the_run_facts(tracked_run):
+    config = wandb_records.config(tracked_run.files[-1])
+    for key in TrainConfig(dataset=str(tracked_run.dataset), output_dir=str(tracked_run.out)).to_dict():
         assert key in config, key
     assert config["report_to"] == "all" and config["wandb_log_model"] is True and config["width"] == 0.125
     facts = ["num_processes", "num_machines", "mixed_precision", "device_name", "torch", "accelerate", "wandb"]
@@ -142,135 +175,54 @@ def test_offline_run_config_holds_every_option_and_the_run_facts(offline_run):
 
 
 @pytest.mark.slow
-def test_offline_run_tensorboard_has_the_same_losses(offline_run):
+def test_tracked_run_tensorboard_has_the_same_losses(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    writer_dir = offline_run.out / tracking.TENSORBOARD_DIR / "distvgg"  # Accelerate: logging_dir / project name
+    writer_dir = tracked_run.out / tracking.TENSORBOARD_DIR / "distvgg"  # Accelerate: logging_dir / project name
     assert list(writer_dir.glob("events.out.tfevents.*"))
     acc = EventAccumulator(str(writer_dir))
     acc.Reload()
     tb_loss = {e.step: e.value for e in acc.Scalars("train/loss")}
-    assert tb_loss == pytest.approx(steps_of(offline_run.metrics, "train/loss"), rel=1e-6)  # TensorBoard: float32
+    assert tb_loss == pytest.approx(steps_of(tracked_run.metrics, "train/loss"), rel=1e-6)  # TensorBoard: float32
 
 
 @pytest.mark.slow
-def test_offline_run_leaks_no_secret(offline_run):
-    """The API key and another environment value are in no output and in no file."""
+def test_tracked_run_leaks_no_secret(tracked_run):
+    """The API key and another environment value are in no output and in no file, the failed online attempts'
+    W&B folders included."""
     for secret in (FAKE_KEY, SECRET_ENV_VALUE):
-        assert secret not in offline_run.text
-        for root in (offline_run.out, offline_run.wandb_dir):
+        assert secret not in tracked_run.first.text + tracked_run.second.text
+        for root in (tracked_run.out, tracked_run.wandb_dir):
             files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
             leaked = [p for p in files if secret.encode() in p.read_bytes()]
             assert not leaked, (secret, leaked)
 
 
 @pytest.mark.slow
-def test_no_credentials_goes_offline_without_prompting(dataset, tmp_path):
-    """WANDB_MODE unset, no key, empty HOME, stdin closed: trains, logs offline into OUTPUT_DIR/wandb,
-    and prints the `wandb sync` command."""
+def test_two_processes_without_credentials_make_one_offline_run(dataset, tmp_path):
+    """WANDB_MODE unset, no key, empty HOME, stdin closed, 2 processes: trains without prompting, and only the
+    main process logs, offline into OUTPUT_DIR/wandb, then prints the `wandb sync` command."""
     out = tmp_path / "out"
-    proc = run_clean(
-        ["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB, "--epochs", "1"], clean_env(tmp_path)
-    )
-    text = ok(proc)
-    files = wandb_files(out / "wandb")
-    assert len(files) == 1 and files[0].parent.name.startswith("offline-run-"), files
-    assert "no credentials found" in text
-    assert f"wandb sync {files[0].parent}" in text
-    assert wandb_records.history(files[0])
-
-
-@pytest.mark.slow
-def test_wandb_disabled_writes_no_wandb_files(dataset, tmp_path):
-    out, wandb_dir = tmp_path / "out", tmp_path / "wandb"
-    env = clean_env(tmp_path, WANDB_MODE="disabled", WANDB_DIR=str(wandb_dir))
-    ok(run_clean(["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB, "--epochs", "1"], env))
-    assert not wandb_files(tmp_path)
-    assert tracking.read_metrics(out)  # metrics.jsonl is always written
-
-
-@pytest.mark.slow
-def test_unreachable_server_falls_back_to_offline(dataset, tmp_path):
-    """Credentials but no server: wandb.init gives up after WANDB_INIT_TIMEOUT and the same run id is
-    logged offline; the run trains and exits 0 instead of hanging."""
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "out"
-    env = clean_env(tmp_path, WANDB_API_KEY=FAKE_KEY, WANDB_BASE_URL=f"http://127.0.0.1:{port}", WANDB_INIT_TIMEOUT="2")
-    text = ok(
-        run_clean(["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB, "--epochs", "1"], env, timeout=180)
-    )
-    assert "could not start online" in text
-    run_id = tracking.read_run_id(out)
-    offline = [f for f in wandb_files(out / "wandb") if f.parent.name.startswith("offline-run-")]
-    assert len(offline) == 1 and offline[0].parent.name.endswith(run_id)
-    assert wandb_records.history(offline[0])
-    assert FAKE_KEY not in text
-
-
-@pytest.mark.slow
-def test_two_processes_make_one_wandb_run(dataset, tmp_path):
-    out, wandb_dir = tmp_path / "out", tmp_path / "wandb"
-    text = ok(
-        run_train(
-            ["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB],
-            nproc=2,
-            env={"WANDB_DIR": str(wandb_dir)},
-        )
-    )
-    assert "2 process(es)" in text
-    files = wandb_files(wandb_dir)
-    assert len(files) == 1, files
-    assert [p.name for p in (wandb_dir / "wandb").iterdir() if p.name.startswith("offline-run-")] == [
-        files[0].parent.name
-    ]
-    assert wandb_records.config(files[0])["num_processes"] == 2
-    metrics = tracking.read_metrics(out)
-    history = wandb_records.history(files[0])
-    assert steps_of(history, "train/loss") == steps_of(metrics, "train/loss")
+    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB, "--epochs", "1"]
+    proc = run_clean(args, clean_env(tmp_path), nproc=2)
+    assert proc.code == 0, proc.text[-3000:]
+    assert "2 process(es)" in proc.text and "no credentials found" in proc.text
+    (file,) = wandb_files(out / "wandb")
+    assert file.parent.name.startswith("offline-run-") and f"wandb sync {file.parent}" in proc.text
+    assert wandb_records.config(file)["num_processes"] == 2
+    metrics, history = read_metrics(out), wandb_records.history(file)
+    assert steps_of(metrics, "train/loss") and steps_of(history, "train/loss") == steps_of(metrics, "train/loss")
     assert steps_of(history, "eval/count")[steps_of(metrics, "eval/count").popitem()[0]] == 20
-
-
-@pytest.mark.slow
-def test_resumed_run_continues_the_wandb_run_with_increasing_steps(dataset, tmp_path):
-    """Stopped at step 3 (by SIGUSR1: a checkpoint, exit 75), then the same command again: the second
-    attempt reuses the run id kept in OUTPUT_DIR and the checkpoint, and logs from its restored step on,
-    so the steps keep increasing across the two record logs, and `wandb sync` is given both."""
-    from distvgg.preemption import PREEMPT_EXIT_CODE
-
-    out, wandb_dir = tmp_path / "out", tmp_path / "wandb"
-    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB]
-    first = run_train(args, env={"WANDB_DIR": str(wandb_dir), "HOOK_SIGNAL_AT_STEP": "3"})
-    assert first.returncode == PREEMPT_EXIT_CODE, first.stderr[-3000:]
-    run_id = tracking.read_run_id(out)
-    assert run_id and f"wandb sync {wandb_dir}" in first.stdout
-    second = ok(run_train(args, env={"WANDB_DIR": str(wandb_dir)}))
-    files = wandb_files(wandb_dir)
-    assert len(files) == 2
-    assert [wandb_records.run_record(f).run_id for f in files] == [run_id, run_id]
-    assert tracking.read_run_id(out) == run_id
-    assert f"wandb sync {files[0].parent} {files[1].parent}" in second
-    first_steps = [r["_step"] for r in wandb_records.history(files[0])]
-    second_steps = [r["_step"] for r in wandb_records.history(files[1])]
-    assert first_steps and second_steps
-    assert max(first_steps) < 3 < min(second_steps), (first_steps, second_steps)  # restored at step 3
-    assert second_steps == sorted(set(second_steps)) and second_steps[-1] == 10
-    # together they are the run's whole history, as metrics.jsonl has it
-    metrics = tracking.read_metrics(out)
-    history = wandb_records.history(files[0]) + wandb_records.history(files[1])
-    assert steps_of(history, "train/loss") == steps_of(metrics, "train/loss")
 
 
 @pytest.mark.slow
 def test_invalid_key_stops_the_run_before_training(dataset, tmp_path):
     """A key in an invalid format: the run stops before training, with an error naming WANDB_API_KEY."""
     out = tmp_path / "out"
-    proc = run_clean(
-        ["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB], clean_env(tmp_path, WANDB_API_KEY="short")
-    )
-    assert proc.returncode == 1 and "WANDB_API_KEY" in proc.stderr, proc.stderr[-3000:]
-    assert not (out / tracking.METRICS_FILE).exists() or not tracking.read_metrics(out)
+    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB]
+    proc = run_clean(args, clean_env(tmp_path, WANDB_API_KEY="short"))
+    assert proc.code == 1 and "WANDB_API_KEY" in proc.stderr, proc.text[-3000:]
+    assert not (out / tracking.METRICS_FILE).exists() or not read_metrics(out)
 
 
 # ----------------------------------------------------------------------------------- unit level
@@ -359,6 +311,31 @@ def test_refused_credentials_stop_the_run_with_a_clear_error(no_wandb_credential
     cfg = TrainConfig(output_dir=str(no_wandb_credentials), report_to="wandb")
     with pytest.raises(tracking.TrackingError, match="WANDB_API_KEY"):
         tracking.start_trackers(accelerator, cfg, config={})
+
+
+def test_wandb_disabled_writes_no_wandb_files(no_wandb_credentials, monkeypatch):
+    """WANDB_MODE=disabled: the trackers start, log numbers, media and the model artifact, and finish, writing no
+    W&B file; metrics.jsonl is written all the same."""
+    from accelerate import Accelerator
+
+    out = no_wandb_credentials / "out"
+    out.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(no_wandb_credentials / "wandb"))
+    accelerator = Accelerator(cpu=True, log_with=["wandb"], project_dir=str(out))
+    cfg = TrainConfig(output_dir=str(out), report_to="wandb", wandb_log_model=True)
+    trackers = tracking.start_trackers(accelerator, cfg, config={"lr": 0.1})
+    logger = tracking.RunLogger(accelerator, out)
+    logger.log({"train/loss": 1.5}, step=1, epoch=0.5)
+    images, labels = torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.tensor([0, 1])
+    tracking.log_eval_media(logger, {"confusion": [[1, 0], [0, 1]]}, ["a", "b"], lambda: (images, labels, labels), 1)
+    tracking.log_model_artifact(trackers, out, {})
+    accelerator.end_training()
+    trackers.report()
+    assert trackers.wandb_mode == "disabled" and trackers.offline_dirs() == []
+    files = {p.relative_to(no_wandb_credentials) for p in no_wandb_credentials.rglob("*") if p.is_file()}
+    assert files == {Path("out") / tracking.METRICS_FILE, Path("out") / tracking.WANDB_RUN_ID_FILE}
+    assert read_metrics(out) == [{"step": 1, "epoch": 0.5, "train/loss": 1.5}]
 
 
 def test_run_facts_name_the_device_and_the_versions():
