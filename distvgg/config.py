@@ -268,8 +268,8 @@ def _parse_value(kind: str, text: str) -> Any:
 
 
 def build_parser(cls: type = TrainConfig, prog: str = "distvgg.train") -> argparse.ArgumentParser:
-    """An argparse parser with one option per field. Defaults are suppressed so that only what
-    the user typed overrides the YAML file."""
+    """One option per field; defaults are suppressed so that only what the user typed overrides the YAML."""
+    # argparse, not tyro or jsonargparse: ~40 lines here against a dependency outside the project's set
     parser = argparse.ArgumentParser(prog=prog, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="FILE", help="YAML file of options; the command line overrides it")
     docs = field_docs(cls)

@@ -251,21 +251,13 @@ def make_cifar_pickle_dataset(
     return root
 
 
-def make_imagefolder_dataset(
-    root: str | Path,
-    n_train: int = 40,
-    n_test: int = 20,
-    num_classes: int = 4,
-    size: int | tuple[int, int] = 32,
-    fmt: str = "PNG",
-    seed: int = 0,
-) -> Path:
+def make_imagefolder_dataset(root: str | Path, fmt: str = "PNG", **arrays) -> Path:
     """``root/{train,test}/class_XX/NNNNN.png``. Returns ``root``. Row order after loading follows the
     loader's file listing, so compare per class, not row by row."""
     root = Path(root)
     ext = {"PNG": "png", "JPEG": "jpg"}.get(fmt.upper(), fmt.lower())
-    names = class_names(num_classes)
-    for split, (images, labels) in dataset_arrays(n_train, n_test, num_classes, size, seed).items():
+    names = class_names(arrays.get("num_classes", 4))
+    for split, (images, labels) in dataset_arrays(**arrays).items():
         for i, (im, lab) in enumerate(zip(images, labels)):
             path = root / split / names[lab] / f"{i:05d}.{ext}"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,28 +266,23 @@ def make_imagefolder_dataset(
 
 
 def make_save_to_disk_dataset(
-    root: str | Path,
-    n_train: int = 40,
-    n_test: int = 20,
-    num_classes: int = 4,
-    size: int | tuple[int, int] = 32,
-    fmt: str = "PNG",
-    seed: int = 0,
-    image_column: str = "img",
-    label_column: str = "label",
+    root: str | Path, image_column: str = "img", label_column: str = "label", **arrays
 ) -> Path:
     """A ``datasets.DatasetDict`` (train/test, ``Image()`` + ``ClassLabel``) saved with ``save_to_disk``
     into ``root``. Returns ``root``."""
     import datasets
 
     features = datasets.Features(
-        {image_column: datasets.Image(), label_column: datasets.ClassLabel(names=class_names(num_classes))}
+        {
+            image_column: datasets.Image(),
+            label_column: datasets.ClassLabel(names=class_names(arrays.get("num_classes", 4))),
+        }
     )
     splits = {}
-    for split, (images, labels) in dataset_arrays(n_train, n_test, num_classes, size, seed).items():
+    for split, (images, labels) in dataset_arrays(**arrays).items():
         splits[split] = datasets.Dataset.from_dict(
             {
-                image_column: [{"bytes": encode_image(im, fmt), "path": None} for im in images],
+                image_column: [{"bytes": encode_image(im, "PNG"), "path": None} for im in images],
                 label_column: labels.tolist(),
             },
             features=features,

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,3 +96,24 @@ def ok(proc: subprocess.CompletedProcess) -> str:
         f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
     )
     return proc.stdout + proc.stderr
+
+
+def start(command: Sequence[str], env: dict | None = None, cwd: Path = REPO, **kwargs) -> subprocess.Popen:
+    """Start a process in the background, its stdout and stderr together as text."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    return subprocess.Popen(list(command), env=full_env, cwd=cwd, text=True, **out, **kwargs)
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    """Poll ``condition`` until it holds; fail with the process's output if it ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"the run ended (exit code {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -8,7 +8,9 @@ environment variables (all off unless set):
 - ``HOOK_SIGNAL_AT_STEP=k``: the process sends itself a real SIGUSR1 during step k;
 - ``HOOK_FAIL_CHECKPOINT_AT=k``: writing the COMPLETE marker of the checkpoint of step k fails as on a full
   disk (OSError ENOSPC);
-- ``HOOK_STEP_DELAY=s``: sleep s seconds after each step (so that a test can signal or kill a run mid-way).
+- ``HOOK_STEP_DELAY=s``: sleep s seconds after each step (so that a test can signal or kill a run mid-way);
+- ``HOOK_HOLD_AT_STEP=k`` with ``HOOK_RELEASE=PATH``: step k waits until PATH exists (so that a test can act
+  while the job is surely still running, however loaded the machine).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def install() -> None:
     signal_at = int(env.get("HOOK_SIGNAL_AT_STEP", "0") or 0)
     fail_at = env.get("HOOK_FAIL_CHECKPOINT_AT")
     delay = float(env.get("HOOK_STEP_DELAY", "0") or 0)
+    hold_at, release = int(env.get("HOOK_HOLD_AT_STEP", "0") or 0), env.get("HOOK_RELEASE")
 
     def hooked_setup(cfg, accelerator):
         run = box["run"] = setup(cfg, accelerator)
@@ -61,6 +64,9 @@ def install() -> None:
                     record = {"step": number, "epoch": epoch, "pid": os.getpid(), "indices": indices, "rng": rng}
                     f.write(json.dumps(record) + "\n")
         box["pending"].clear()
+        deadline = time.monotonic() + 600
+        while number == hold_at and not Path(release).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         result = step(*args, **kwargs)
         if number == signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)

@@ -384,15 +384,6 @@ def test_label_error_names_the_original_row_after_skipping(tmp_path):
         load(root, tmp_path / "cache", skip_bad_images=True)
 
 
-def test_missing_label_names_its_row(tmp_path):
-    images, labels = datagen.make_arrays(5, 3, 8)
-    labels = labels.tolist()
-    labels[3] = None
-    root = _write_pair(tmp_path / "ds", _blobs(images), labels)
-    with pytest.raises(DataError, match=r"split 'train' .*row 3 has label -1, outside \[0, 3\) .*missing label"):
-        load(root, tmp_path / "cache")
-
-
 def test_missing_image_is_bad(tmp_path):
     images, labels = datagen.make_arrays(4, 3, 8)
     blobs: list = _blobs(images)
@@ -448,13 +439,14 @@ def test_empty_split_save_to_disk(tmp_path):
         load(tmp_path / "ds", tmp_path / "cache")
 
 
-@pytest.mark.parametrize("bad", [7, 3, -1])
-def test_labels_out_of_range(tmp_path, bad):
+@pytest.mark.parametrize("bad", [7, 3, -1, None])
+def test_labels_out_of_range_or_missing_name_their_row(tmp_path, bad):
     images, labels = datagen.make_arrays(5, 3, 8)
-    labels = labels.copy()
+    labels = labels.tolist()
     labels[2] = bad
     root = _write_pair(tmp_path / "ds", _blobs(images), labels)
-    with pytest.raises(DataError, match=rf"split 'train' .*row 2 has label {bad}, outside \[0, 3\)"):
+    says = r"-1, outside \[0, 3\) .*missing label" if bad is None else rf"{bad}, outside \[0, 3\)"
+    with pytest.raises(DataError, match=rf"split 'train' .*row 2 has label {says}"):
         load(root, tmp_path / "cache")
 
 

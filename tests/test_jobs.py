@@ -4,16 +4,14 @@ the multi-process case learns the outcome from the main process."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests import datagen
-from tests.helpers import REPO, TINY, ok, run_train, train_command
+from tests.helpers import TINY, ok, run_train, start, train_command, wait_for
 
 pytestmark = pytest.mark.slow  # every test here starts several processes or a long run
 
@@ -27,25 +25,10 @@ def _args(dataset: Path, out: Path) -> list[str]:
     return ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--checkpoint-every", "2"]
 
 
-def _start_slow(args: list[str]) -> subprocess.Popen:
-    """A job that takes a few seconds: each step sleeps (tests/hooked_train.py)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOOK_STEP_DELAY": "0.25"}
-    return subprocess.Popen(
-        train_command(args, module="tests.hooked_train"),
-        env=env,
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"the first job ended early:\n{proc.stdout.read()[-3000:]}"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+def _start_held(args: list[str], release: Path, at_step: int) -> subprocess.Popen:
+    """A job that stops before step ``at_step`` until ``release`` exists (tests/hooked_train.py)."""
+    env = {"HOOK_HOLD_AT_STEP": str(at_step), "HOOK_RELEASE": str(release)}
+    return start(train_command(args, module="tests.hooked_train"), env)
 
 
 def _trained(out: Path) -> bool:
@@ -54,10 +37,10 @@ def _trained(out: Path) -> bool:
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_a_second_job_into_a_busy_folder_refuses_and_touches_nothing(dataset, tmp_path, nproc):
-    out = tmp_path / "run"
-    first = _start_slow(_args(dataset, out))
+    out, release = tmp_path / "run", tmp_path / "release"
+    first = _start_held(_args(dataset, out), release, at_step=3)
     try:
-        _wait_for(lambda: _trained(out), first)
+        wait_for(lambda: _trained(out), first, "the first log")
         before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
         second = run_train(_args(dataset, out), nproc=nproc, timeout=120)
         after = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in before if p.exists()}
@@ -69,6 +52,7 @@ def test_a_second_job_into_a_busy_folder_refuses_and_touches_nothing(dataset, tm
         changed = [p for p in before if after.get(p) != before[p] and p.name not in ("metrics.jsonl", "COMPLETE")]
         assert not [p for p in changed if "checkpoints" not in p.parts], changed  # only the first job writes
     finally:
+        release.touch()
         text = first.communicate(timeout=120)[0]
     assert first.returncode == 0, text[-3000:]
     steps = [
@@ -79,8 +63,8 @@ def test_a_second_job_into_a_busy_folder_refuses_and_touches_nothing(dataset, tm
 
 def test_a_killed_jobs_folder_is_taken_over_by_the_same_command(dataset, tmp_path):
     out = tmp_path / "run"
-    first = _start_slow(_args(dataset, out))
-    _wait_for(lambda: (out / "checkpoints" / "step-00000004" / "COMPLETE").exists(), first)
+    first = _start_held(_args(dataset, out), tmp_path / "never", at_step=5)
+    wait_for(lambda: (out / "checkpoints" / "step-00000004" / "COMPLETE").exists(), first, "checkpoint 4")
     first.send_signal(signal.SIGKILL)
     first.communicate(timeout=60)
     assert (out / ".lock").exists()  # left behind, and its holder is gone

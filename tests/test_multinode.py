@@ -26,7 +26,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.datagen import make_parquet_dataset
-from tests.helpers import REPO, TINY, free_port, ok, run_train
+from tests.helpers import REPO, TINY, free_port, ok, run_train, start
 
 NODE_SCRIPT = REPO / "launch" / "torchrun_multinode.sh"
 CPU_2MACHINES = REPO / "accelerate_configs" / "cpu_2machines.yaml"
@@ -40,8 +40,6 @@ def tiny_parquet(tmp_path_factory):
 def start_machine(rank: int, port: int, args: list[str], tmp: Path, extra_env: dict | None = None) -> subprocess.Popen:
     """One machine's launcher, as a user starts it on each machine (see the README's Multi-node)."""
     env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
         # the venv's accelerate and python first, as on a machine where the venv is activated
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         # the package from this checkout even where it is not pip-installed (it runs outside it)
@@ -56,15 +54,7 @@ def start_machine(rank: int, port: int, args: list[str], tmp: Path, extra_env: d
         "DISTVGG_CACHE": str(tmp / f"cache-machine{rank}"),
         **(extra_env or {}),
     }
-    return subprocess.Popen(
-        ["bash", str(NODE_SCRIPT), *args],
-        env=env,
-        cwd=tmp,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    return start(["bash", str(NODE_SCRIPT), *args], env, cwd=tmp, start_new_session=True)
 
 
 def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests import datagen
-from tests.helpers import REPO, TINY, ok, run_train, train_command
+from tests.helpers import TINY, ok, run_train, start, train_command, wait_for
 
 pytestmark = pytest.mark.slow  # every test here starts several processes or a long run
 
@@ -121,28 +121,7 @@ def reference2(dataset, tmp_path_factory) -> Path:
 
 
 def _start(args: list[str], out: Path, **env: str) -> subprocess.Popen:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **traced(out, **env)}
-    return subprocess.Popen(
-        train_command(args, nproc=2, module="tests.hooked_train"),
-        env=full_env,
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def _wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"the run ended (exit code {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}"
-            )
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return start(train_command(args, nproc=2, module="tests.hooked_train"), traced(out, **env))
 
 
 def _trace_steps(out: Path, rank: int) -> list[dict]:
@@ -163,7 +142,7 @@ def two_process_story(dataset, tmp_path_factory) -> dict:
     #    same step, so that both write their part of one checkpoint and neither waits for the other.
     slow = {"HOOK_STEP_DELAY": "0.3"}
     proc = _start(args, out, **slow)
-    _wait_for(lambda: len(_trace_steps(out, 1)) >= 2, proc, "step 2")
+    wait_for(lambda: len(_trace_steps(out, 1)) >= 2, proc, "step 2")
     os.kill(_trace_steps(out, 1)[-1]["pid"], signal.SIGUSR1)
     story["term_output"] = proc.communicate(timeout=120)[0]
     story["term_code"] = proc.returncode
@@ -171,7 +150,7 @@ def two_process_story(dataset, tmp_path_factory) -> dict:
     story["term_state"] = training_state(out / "checkpoints" / "step-00000008")
     # 2. The same command again; SIGKILL rank 1 once the step-12 checkpoint is complete.
     proc = _start(args, out, **slow)
-    _wait_for(lambda: (out / "checkpoints" / "step-00000012" / "COMPLETE").exists(), proc, "checkpoint 12")
+    wait_for(lambda: (out / "checkpoints" / "step-00000012" / "COMPLETE").exists(), proc, "checkpoint 12")
     rank1 = _trace_steps(out, 1)[-1]["pid"]
     os.kill(rank1, signal.SIGKILL)
     killed_at = time.monotonic()

@@ -94,16 +94,9 @@ def tracked_run(dataset, tmp_path_factory) -> SimpleNamespace:
     assert first.code == PREEMPT_EXIT_CODE, first.text[-3000:]
     second = run_clean(args, env)
     assert second.code == 0, second.text[-3000:]
-    files = wandb_files(wandb_dir, "offline-run-")
-    return SimpleNamespace(
-        dataset=dataset,
-        out=out,
-        wandb_dir=wandb_dir,
-        first=first,
-        second=second,
-        files=files,
-        metrics=read_metrics(out),
-    )
+    run = SimpleNamespace(dataset=dataset, out=out, wandb_dir=wandb_dir, first=first, second=second)
+    run.files, run.metrics = wandb_files(wandb_dir, "offline-run-"), read_metrics(out)
+    return run
 
 
 @pytest.mark.slow
