@@ -1,14 +1,21 @@
-"""Running distvgg.train as users do: in a subprocess, with 1 or N processes."""
+"""Running distvgg.train as users do: ``main`` as the command line calls it for one process (in this process,
+unless the run needs its own), ``accelerate launch`` for N."""
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -79,6 +86,8 @@ def run_train(
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if module == "distvgg.train" and any(k.startswith("HOOK_") for k in env or {}):
         module = "tests.hooked_train"  # the test-only behaviour, patched in process (tests/hooked_train.py)
+    if nproc == 1 and module == "distvgg.train" and not kwargs and _in_process_is_alike(args):
+        return run_in_process(args, full_env)
     return subprocess.run(
         train_command(args, nproc, module),
         capture_output=True,
@@ -88,6 +97,31 @@ def run_train(
         cwd=kwargs.pop("cwd", REPO),
         **kwargs,
     )
+
+
+def _in_process_is_alike(args: Sequence[str]) -> bool:
+    """W&B keeps a service per process and Accelerate one precision per process: those runs get their own."""
+    args = list(args)
+    untracked = "--report-to" in args and args[args.index("--report-to") + 1 :][:1] == ["none"]
+    return untracked and not any(a.startswith(("--mixed-precision", "--config", "--report-to=")) for a in args)
+
+
+def run_in_process(args: Sequence[str], env: dict) -> subprocess.CompletedProcess:
+    """``distvgg.train.main(args)`` in this process, as ``python -m distvgg.train ARGS`` runs it, with ``env``
+    as the environment for the call: a new process per run would spend most of its time importing torch."""
+    from distvgg import train
+
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    with mock.patch.dict(os.environ, env, clear=True), redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = train.main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except Exception:  # as the interpreter would: the traceback on stderr, exit code 1
+            traceback.print_exc()
+            code = 1
+    torch.set_num_threads(threads)  # a run sets its process's thread count
+    return subprocess.CompletedProcess(["distvgg.train", *args], code, out.getvalue(), err.getvalue())
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:

@@ -7,11 +7,12 @@ Unit tests first (no training); then runs of ``python -m distvgg.train`` on tiny
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,10 +20,10 @@ import pytest
 import torch
 
 from distvgg import checkpoint as ckpt
-from distvgg import files, preemption
+from distvgg import files, preemption, train
 from distvgg.config import ConfigError, parse_config
 from tests import datagen
-from tests.helpers import REPO, TINY, ok, run_train, train_command
+from tests.helpers import TINY, ok, run_train
 from tests.test_resume import assert_same_run, final_weights, tiny_args, traced, training_state
 
 # ------------------------------------------------------------------------------------ unit tests
@@ -400,37 +401,18 @@ def _bad_inputs(tmp: Path, good: Path, reference: Path) -> dict[str, tuple[list[
 
 
 @pytest.fixture(scope="module")
-def bad_input_runs(dataset, reference, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, int, list]]:
-    """Every bad-input run at once, two at a time (each is mostly Python start-up)."""
+def bad_input_runs(dataset, reference, tmp_path_factory) -> dict[str, tuple[int, str, int, list]]:
+    """Every bad-input run, in this process: ``main(argv)`` as ``python -m distvgg.train`` calls it (a new
+    process per case would spend most of its time starting up)."""
     tmp = tmp_path_factory.mktemp("bad")
-    cases = _bad_inputs(tmp, dataset, reference)
+    threads = torch.get_num_threads()
     results: dict = {}
-    pending = list(cases.items())
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    while pending:
-        batch, pending = pending[:2], pending[2:]
-        procs = []
-        for i, (name, (args, code, phrases)) in enumerate(batch):
-            out = tmp / f"out-{len(results) + i}"
-            full = [*TINY, "--output-dir", str(out), *args]
-            procs.append(
-                (
-                    name,
-                    code,
-                    phrases,
-                    subprocess.Popen(
-                        train_command(full),
-                        cwd=REPO,
-                        env=env,
-                        text=True,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                    ),
-                )
-            )
-        for name, code, phrases, proc in procs:
-            stdout, stderr = proc.communicate(timeout=300)
-            results[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), code, phrases)
+    for i, (name, (args, code, phrases)) in enumerate(_bad_inputs(tmp, dataset, reference).items()):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            returncode = train.main([*TINY, "--output-dir", str(tmp / f"out-{i}"), *args])
+        results[name] = (returncode, stderr.getvalue(), code, phrases)
+    torch.set_num_threads(threads)  # a run sets the thread count for its process
     return results
 
 
@@ -449,10 +431,10 @@ def bad_input_runs(dataset, reference, tmp_path_factory) -> dict[str, tuple[subp
     ],
 )
 def test_bad_input_gets_one_clear_error(bad_input_runs, case):
-    proc, code, phrases = bad_input_runs[case]
-    assert proc.returncode == code, f"exit code {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("distvgg.train:")]
-    assert errors, proc.stderr[-3000:]
+    returncode, stderr, code, phrases = bad_input_runs[case]
+    assert returncode == code, f"exit code {returncode}\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("distvgg.train:")]
+    assert len(errors) == 1, stderr[-3000:]  # one error line
     for phrase in phrases:
-        assert phrase in proc.stderr, f"{phrase!r} not in:\n{proc.stderr[-3000:]}"
+        assert phrase in stderr, f"{phrase!r} not in:\n{stderr[-3000:]}"

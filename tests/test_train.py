@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from distvgg.models import build_model, load_model
 from distvgg.tracking import read_metrics
-from tests.datagen import class_names, make_cifar_pickle_dataset, make_parquet_dataset
+from tests.datagen import class_names, make_parquet_dataset
 from tests.helpers import REPO, TINY, ok, real_cifar10, run_train, train_command
 
 REAL_DATA = real_cifar10()
@@ -113,51 +113,25 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_parquet
     la = [r["train/loss"] for r in read_metrics(two) if "train/loss" in r]
     lb = [r["train/loss"] for r in read_metrics(one) if "train/loss" in r]
     assert la == pytest.approx(lb, rel=1e-4)
+    _evaluation_counts_every_image_once(two, tiny_parquet, tmp_path / "cache")
 
 
-@pytest.mark.slow
-def test_two_process_evaluation_counts_every_image_once(tmp_path):
-    # 23 test images over 2 processes with an eval batch of 4: the last batch is uneven.
-    data = make_parquet_dataset(tmp_path / "d", n_train=32, n_test=23, num_classes=3, seed=5)
-    out = tmp_path / "run"
-    ok(
-        run_train(
-            ["--dataset", str(data), "--output-dir", str(out), *TINY, "--epochs", "1", "--eval-batch-size", "4"],
-            nproc=2,
-        )
-    )
-    ev = [r for r in read_metrics(out) if "eval/accuracy" in r][-1]
-    assert ev["eval/count"] == 23
-    # The accuracy equals a hand count with the saved model on the whole test split.
+def _evaluation_counts_every_image_once(out: Path, data: Path, cache: Path) -> None:
+    """21 test images over 2 processes with an eval batch of 7: the last batch is uneven. The accuracy of the
+    last evaluation equals a hand count with the saved model on the whole test split."""
     from distvgg.batches import normalize
     from distvgg.data import load_image_data
 
+    ev = [r for r in read_metrics(out) if "eval/accuracy" in r][-1]
+    assert ev["eval/count"] == 21
     model = load_model(out / "final").model
-    test = load_image_data(str(data), cache_dir=tmp_path / "cache", log=lambda *_: None).test
+    test = load_image_data(str(data), cache_dir=cache, log=lambda *_: None).test
     with torch.no_grad():
         pred = model(normalize(test.images, 0.5, 0.5)).argmax(1)
     assert ev["eval/accuracy"] == pytest.approx((pred == test.labels).float().mean().item(), abs=1e-6)
-    for c, name in enumerate(class_names(3)):
+    for c, name in enumerate(class_names(4)):
         mask = test.labels == c
         assert ev[f"eval/accuracy/{name}"] == pytest.approx((pred[mask] == c).float().mean().item(), abs=1e-6)
-
-
-def test_torchvision_pickle_layout_trains(tmp_path):
-    root = make_cifar_pickle_dataset(tmp_path / "data", n_train=40, n_test=10)
-    out = tmp_path / "run"
-    text = ok(run_train(["--dataset", str(root), "--output-dir", str(out), *TINY, "--epochs", "1"]))
-    assert "(10 images)" in text
-    assert (out / "final" / "model.safetensors").is_file()
-
-
-def test_no_network_and_no_local_copy_is_one_clear_error(tmp_path):
-    proc = run_train(
-        ["--output-dir", str(tmp_path / "o"), "--report-to", "none"],
-        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"},
-        timeout=60,
-    )
-    assert proc.returncode != 0
-    assert "--dataset" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
@@ -177,7 +151,7 @@ def test_learns_real_cifar10(tmp_path):
                 "--report-to",
                 "none",
                 "--max-steps",
-                "200",
+                "100",
                 "--epochs",
                 "1",
                 "--batch-size",
@@ -200,5 +174,5 @@ def test_learns_real_cifar10(tmp_path):
         )
     )
     acc = [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r][-1]
-    print(f"real CIFAR-10, 200 steps: test accuracy {acc:.3f}")
-    assert acc >= 0.35, f"test accuracy {acc:.3f} after 200 steps"
+    print(f"real CIFAR-10, 100 steps: test accuracy {acc:.3f}")
+    assert acc >= 0.35, f"test accuracy {acc:.3f} after 100 steps"
