@@ -11,7 +11,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 from unittest import mock
 
@@ -86,8 +86,8 @@ def run_train(
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if module == "distvgg.train" and any(k.startswith("HOOK_") for k in env or {}):
         module = "tests.hooked_train"  # the test-only behaviour, patched in process (tests/hooked_train.py)
-    if nproc == 1 and module == "distvgg.train" and not kwargs and _in_process_is_alike(args):
-        return run_in_process(args, full_env)
+    if nproc == 1 and module in ("distvgg.train", "tests.hooked_train") and not kwargs and _in_process_is_alike(args):
+        return run_in_process(args, full_env, hooked=module == "tests.hooked_train")
     return subprocess.run(
         train_command(args, nproc, module),
         capture_output=True,
@@ -106,13 +106,15 @@ def _in_process_is_alike(args: Sequence[str]) -> bool:
     return untracked and not any(a.startswith(("--mixed-precision", "--config", "--report-to=")) for a in args)
 
 
-def run_in_process(args: Sequence[str], env: dict) -> subprocess.CompletedProcess:
+def run_in_process(args: Sequence[str], env: dict, hooked: bool = False) -> subprocess.CompletedProcess:
     """``distvgg.train.main(args)`` in this process, as ``python -m distvgg.train ARGS`` runs it, with ``env``
     as the environment for the call: a new process per run would spend most of its time importing torch."""
     from distvgg import train
+    from tests import hooked_train
 
     out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
-    with mock.patch.dict(os.environ, env, clear=True), redirect_stdout(out), redirect_stderr(err):
+    hooks = hooked_train.installed() if hooked else nullcontext()
+    with mock.patch.dict(os.environ, env, clear=True), redirect_stdout(out), redirect_stderr(err), hooks:
         try:
             code = train.main(list(args))
         except SystemExit as e:

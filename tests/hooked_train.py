@@ -15,6 +15,7 @@ environment variables (all off unless set):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -80,6 +81,21 @@ def install() -> None:
         return write_marker(folder)
 
     build.setup, train.train_step, files.write_marker = hooked_setup, hooked_step, failing_marker
+
+
+@contextlib.contextmanager
+def installed():
+    """The hooks for the duration of a block, for a run inside the test process."""
+    import distvgg.build as build
+    import distvgg.files as files
+    import distvgg.train as train
+
+    saved = build.setup, train.train_step, files.write_marker
+    install()
+    try:
+        yield
+    finally:
+        build.setup, train.train_step, files.write_marker = saved
 
 
 if __name__ == "__main__":
