@@ -24,6 +24,7 @@ from tests.helpers import TINY, ok, run_train, start, train_command, wait_for
 pytestmark = pytest.mark.slow  # every test here starts several processes or a long run
 
 STEPS = 16  # 64 images / global batch 8 = 8 steps per epoch, 2 epochs
+EMA = ("--ema-decay", "0.9")  # the 2-process runs keep an EMA of the weights: part of exact resume too
 
 
 def tiny_args(dataset: Path, out: Path, nproc: int = 1, *extra: str) -> list[str]:
@@ -81,10 +82,14 @@ def read_trace(out: Path, rank: int, dedupe: bool = False) -> list[tuple[int, li
 
 def assert_same_run(reference: Path, resumed: Path, nproc: int, dedupe: bool = False) -> None:
     """Bitwise: final weights, optimizer state and LR schedule at the last step, and the samples seen."""
-    a, b = final_weights(reference), final_weights(resumed)
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"weights differ: {different}"
+    from safetensors.torch import load_file
+
+    last = f"checkpoints/step-{STEPS:08d}/model.safetensors"  # the raw weights, where final/ holds an EMA
+    raw = load_file(reference / last), load_file(resumed / last)
+    for a, b in [(final_weights(reference), final_weights(resumed)), raw]:
+        assert a.keys() == b.keys()
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, f"weights differ: {different}"
     opt_a, opt_b = checkpoint_file(reference, STEPS, "optimizer.bin"), checkpoint_file(resumed, STEPS, "optimizer.bin")
     assert opt_a["param_groups"] == opt_b["param_groups"]
     assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
@@ -115,7 +120,7 @@ def dataset(tmp_path_factory) -> Path:
 def reference2(dataset, tmp_path_factory) -> Path:
     """An uninterrupted 2-process run."""
     out = tmp_path_factory.mktemp("ref2") / "out"
-    output = ok(run_train(tiny_args(dataset, out, 2), nproc=2, env=traced(out)))
+    output = ok(run_train(tiny_args(dataset, out, 2, *EMA), nproc=2, env=traced(out)))
     assert "2 process(es), global batch 8, lr 0.01, 16 steps" in output
     return out
 
@@ -136,7 +141,7 @@ def two_process_story(dataset, tmp_path_factory) -> dict:
     """One 2-process run in three attempts: SIGUSR1 to one rank early in epoch 1; the same command
     again, whose rank 1 is killed with SIGKILL after its step-12 checkpoint; the same command again."""
     out = tmp_path_factory.mktemp("story2") / "out"
-    args = tiny_args(dataset, out, 2, "--ddp-timeout", "30")
+    args = tiny_args(dataset, out, 2, *EMA, "--ddp-timeout", "30")
     story: dict = {"out": out}
     # 1. SIGUSR1 (what SLURM's --signal sends) to rank 1 only: rank 0 must learn of it and stop at the
     #    same step, so that both write their part of one checkpoint and neither waits for the other.
