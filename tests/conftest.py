@@ -44,7 +44,7 @@ NAMES = class_names(4)
 MEAN, STD = 0.4, 0.3  # not the defaults: the tools must use the model's own
 # 40 images in batches of 10: 4 steps, a checkpoint every 2 (the last one holds the final weights).
 RUN_ARGS = "--model vgg3layer --width 0.125 --epochs 1 --report-to none --batch-size 10 --eval-batch-size 7"
-RUN_ARGS += " --log-every 2 --checkpoint-every 2"
+RUN_ARGS += " --log-every 2 --checkpoint-every 2 --cpu-threads 1"
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,8 @@ TINY = [
     "8",
     "--eval-batch-size",
     "7",
+    "--cpu-threads",
+    "1",  # two pytest workers share two cores: more threads per run would only contend
 ]
 
 

@@ -167,6 +167,8 @@ def test_learns_real_cifar10(tmp_path):
                 "0.2",
                 "--eval-limit",
                 "2000",
+                "--cpu-threads",
+                "1",
                 "--log-every",
                 "100",
             ],
