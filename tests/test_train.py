@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from distvgg.models import build_model, load_model
 from distvgg.tracking import read_metrics
-from tests.datagen import class_names, make_parquet_dataset
+from tests.datagen import class_names, make_cifar_pickle_dataset, make_parquet_dataset
 from tests.helpers import REPO, TINY, ok, real_cifar10, run_train, train_command
 
 REAL_DATA = real_cifar10()
@@ -132,6 +132,24 @@ def _evaluation_counts_every_image_once(out: Path, data: Path, cache: Path) -> N
     for c, name in enumerate(class_names(4)):
         mask = test.labels == c
         assert ev[f"eval/accuracy/{name}"] == pytest.approx((pred[mask] == c).float().mean().item(), abs=1e-6)
+
+
+def test_torchvision_pickle_layout_trains(tmp_path):
+    root = make_cifar_pickle_dataset(tmp_path / "data", n_train=40, n_test=10)
+    out = tmp_path / "run"
+    text = ok(run_train(["--dataset", str(root), "--output-dir", str(out), *TINY, "--epochs", "1"]))
+    assert "(10 images)" in text
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_no_network_and_no_local_copy_is_one_clear_error(tmp_path):
+    proc = run_train(
+        ["--output-dir", str(tmp_path / "o"), "--report-to", "none"],
+        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"},
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "--dataset" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
