@@ -7,12 +7,11 @@ Unit tests first (no training); then runs of ``python -m distvgg.train`` on tiny
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,10 +19,10 @@ import pytest
 import torch
 
 from distvgg import checkpoint as ckpt
-from distvgg import files, preemption, train
+from distvgg import files, preemption
 from distvgg.config import ConfigError, parse_config
 from tests import datagen
-from tests.helpers import TINY, ok, run_train
+from tests.helpers import TINY, ok, run_in_process, run_train
 from tests.test_resume import assert_same_run, final_weights, tiny_args, traced, training_state
 
 # ------------------------------------------------------------------------------------ unit tests
@@ -401,19 +400,13 @@ def _bad_inputs(tmp: Path, good: Path, reference: Path) -> dict[str, tuple[list[
 
 
 @pytest.fixture(scope="module")
-def bad_input_runs(dataset, reference, tmp_path_factory) -> dict[str, tuple[int, str, int, list]]:
-    """Every bad-input run, in this process: ``main(argv)`` as ``python -m distvgg.train`` calls it (a new
-    process per case would spend most of its time starting up)."""
+def bad_input_runs(dataset, reference, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, int, list]]:
+    """Every bad-input run, in this process (a new process per case would spend most of its time starting up)."""
     tmp = tmp_path_factory.mktemp("bad")
-    threads = torch.get_num_threads()
-    results: dict = {}
-    for i, (name, (args, code, phrases)) in enumerate(_bad_inputs(tmp, dataset, reference).items()):
-        stderr = io.StringIO()
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            returncode = train.main([*TINY, "--output-dir", str(tmp / f"out-{i}"), *args])
-        results[name] = (returncode, stderr.getvalue(), code, phrases)
-    torch.set_num_threads(threads)  # a run sets the thread count for its process
-    return results
+    return {
+        name: (run_in_process([*TINY, "--output-dir", str(tmp / f"out-{i}"), *args], dict(os.environ)), code, phrases)
+        for i, (name, (args, code, phrases)) in enumerate(_bad_inputs(tmp, dataset, reference).items())
+    }
 
 
 @pytest.mark.parametrize(
@@ -431,7 +424,8 @@ def bad_input_runs(dataset, reference, tmp_path_factory) -> dict[str, tuple[int,
     ],
 )
 def test_bad_input_gets_one_clear_error(bad_input_runs, case):
-    returncode, stderr, code, phrases = bad_input_runs[case]
+    proc, code, phrases = bad_input_runs[case]
+    returncode, stderr = proc.returncode, proc.stderr
     assert returncode == code, f"exit code {returncode}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith("distvgg.train:")]
