@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from distvgg import batches, tracking
-from distvgg.config import TrainConfig
+from distvgg.config import ConfigError, TrainConfig
 
 
 class LaunchError(RuntimeError):
@@ -59,7 +59,32 @@ def make_accelerator(cfg: Any = None) -> Any:
             f"group of {accelerator.num_processes}: each would train alone. Check the accelerate "
             f"config's distributed_type (see accelerate_configs/ and the README)."
         )
+    if problems := launch_problems(cfg, accelerator) if cfg else []:
+        accelerator.end_training()  # the process group goes first: a process that exits holding it may abort
+        raise ConfigError("invalid configuration for this launch:\n  - " + "\n  - ".join(problems))
     return accelerator
+
+
+def launch_problems(cfg: TrainConfig, accelerator: Any) -> list[str]:
+    """What the options ask of this launch's processes and devices that they cannot do: known from the
+    Accelerator, before any data is loaded."""
+    device, processes = accelerator.device, accelerator.num_processes
+    global_batch = cfg.batch_size * processes * cfg.gradient_accumulation_steps
+    problems = []
+    if cfg.sync_bn and processes > 1 and device.type == "cpu":
+        problems.append("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on the CPU): drop it")
+    if cfg.num_workers > 0 and device.type == "cuda" and cfg.data_on_device != "no":
+        problems.append(
+            "--num-workers must be 0 when the data is on the GPU (worker processes cannot index "
+            "CUDA tensors): drop --num-workers, or pass --data-on-device no"
+        )
+    if cfg.train_limit is not None and cfg.train_limit < global_batch:
+        problems.append(
+            f"--train-limit {cfg.train_limit} is less than one global batch of {global_batch} (--batch-size "
+            f"{cfg.batch_size} x {processes} process(es) x --gradient-accumulation-steps "
+            f"{cfg.gradient_accumulation_steps}): raise it, or lower --batch-size"
+        )
+    return problems
 
 
 def cpu_threads(requested: int | None) -> int:
@@ -161,7 +186,6 @@ def loss_scale(scaler: Any) -> torch.Tensor | None:
 def load_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, Any]:
     """Decoded uint8 tensors, on the training device when they fit. The main process of each machine
     decodes and caches first; the others then read its cache, so there is no N-way decode race."""
-    from distvgg.config import ConfigError
     from distvgg.data import limited, load_image_data
 
     with accelerator.local_main_process_first():
@@ -177,11 +201,6 @@ def load_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, Any]:
     train, test = limited(data.train, data.test, cfg.train_limit, cfg.eval_limit, cfg.seed)
     device = accelerator.device
     on_device = cfg.data_on_device == "yes" or (cfg.data_on_device == "auto" and device.type == "cuda")
-    if on_device and device.type == "cuda" and cfg.num_workers > 0:
-        raise ConfigError(
-            "--num-workers must be 0 when the data is on the GPU (worker processes cannot index "
-            "CUDA tensors): drop --num-workers, or pass --data-on-device no"
-        )
     if on_device and cfg.data_on_device == "auto" and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         need = sum(s.images.numel() + s.labels.numel() * 8 for s in (train, test))
@@ -197,7 +216,6 @@ def load_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, Any]:
 
 
 def make_model(cfg: Any, data: Any, accelerator: Any) -> nn.Module:
-    from distvgg.config import ConfigError
     from distvgg.data import DataError
     from distvgg.models import build_model
 
@@ -211,9 +229,7 @@ def make_model(cfg: Any, data: Any, accelerator: Any) -> nn.Module:
         ) from e
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.sync_bn and accelerator.num_processes > 1:
-        if accelerator.device.type == "cpu":  # torch's SyncBatchNorm refuses CPU tensors: say so before training
-            raise ConfigError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on the CPU): drop it")
+    if cfg.sync_bn and accelerator.num_processes > 1:  # on GPUs: launch_problems refuses it on CPU processes
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
@@ -265,6 +281,8 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
     """Data, model, optimizer, schedule and loaders, all wrapped by ``accelerator.prepare``."""
     from accelerate.utils import set_seed
 
+    from distvgg.data import DataError
+
     configure_backends(accelerator.device, threads=cfg.cpu_threads, tf32=cfg.tf32, deterministic=cfg.deterministic)
     warn_slow_bf16(accelerator.mixed_precision, accelerator.device)
     data, train, test = load_data(cfg, accelerator)
@@ -273,9 +291,12 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
 
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     pin = not train.images.is_cuda and accelerator.device.type == "cuda"
-    train_dl, sampler = batches.train_loader(
-        train.images, train.labels, cfg.batch_size, global_batch, cfg.seed, cfg.num_workers, pin_memory=pin
-    )
+    try:
+        train_dl, sampler = batches.train_loader(
+            train.images, train.labels, cfg.batch_size, global_batch, cfg.seed, cfg.num_workers, pin_memory=pin
+        )
+    except ValueError as e:  # fewer training images than one global batch: the sampler's message, without a traceback
+        raise DataError(str(e)) from None
     test_dl = batches.eval_loader(test.images, test.labels, cfg.eval_batch_size)
     total_steps = min(cfg.epochs * sampler.steps_per_epoch, cfg.max_steps or math.inf)
     # The documented rule for more processes: lr grows with the global batch when a reference batch is set.

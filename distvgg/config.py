@@ -14,10 +14,10 @@ import math
 import os
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional, get_args, get_origin, get_type_hints
 
 from distvgg.models import MODEL_NAMES
 
@@ -27,6 +27,13 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "none")
 COMM_HOOKS = ("none", "fp16", "bf16")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
+
+
+# Options that count something: whole numbers of at least 1 (``positive_int``), or unset where the field may be.
+COUNTS = (
+    "epochs batch_size eval_batch_size gradient_accumulation_steps log_every ddp_timeout keep_last max_steps "
+    "train_limit eval_limit lr_reference_batch cpu_threads"
+).split()
 
 
 class ConfigError(ValueError):
@@ -188,15 +195,7 @@ class TrainConfig:
             for k, v in choices.items()
             if getattr(self, k) not in (*v, None)
         ]
-        positive_ints = (
-            "epochs batch_size eval_batch_size gradient_accumulation_steps log_every ddp_timeout keep_last "
-            "max_steps train_limit eval_limit lr_reference_batch cpu_threads"
-        )
-        out += [
-            f"--{_flag(k)} must be at least 1, got {v}"
-            for k in positive_ints.split()
-            if (v := getattr(self, k)) is not None and v < 1
-        ]
+        out += [f"--{_flag(k)} {p}" for k in COUNTS if (p := count_problem(getattr(self, k)))]
         ranges = {  # option: (valid, what a valid value is)
             "lr": (math.isfinite(self.lr) and self.lr > 0, "a positive number"),
             "width": (self.width > 0, "positive"),
@@ -244,6 +243,27 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def positive_int(value: str | int) -> int:
+    """The one check of every count option (of training, evaluate, predict, report, bench and scaling): a whole
+    number of at least 1. Raises argparse.ArgumentTypeError, so that it serves as an argparse ``type``."""
+    try:
+        number = int(str(value).strip())  # through str: a float such as 1.5 is refused, not truncated
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value!r}")
+    return number
+
+
+def count_problem(value: int | None) -> str | None:
+    """What ``positive_int`` finds wrong with a count already parsed (None: nothing; an unset count is fine)."""
+    try:
+        positive_int(1 if value is None else value)
+    except argparse.ArgumentTypeError as e:
+        return str(e)
+    return None
+
+
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:
     """Each field's attribute docstring (the string literal right after it), for --help."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
@@ -255,38 +275,80 @@ def field_docs(cls: type = TrainConfig) -> dict[str, str]:
     return docs
 
 
-def _base_type(f: dataclasses.Field) -> str:
-    """'int', 'float', 'str', 'bool', 'list' (of str) or 'ints' (list of int) from the (string) annotation."""
-    t = str(f.type).replace("Optional[", "").rstrip("]")
-    return ("ints" if "int" in t else "list") if t.startswith("list") else t
+class _Invalid(NamedTuple):
+    """A value that did not convert. Converters return it rather than raise, because argparse stops at the first
+    error it sees, and every bad option is to be reported at once."""
+
+    text: str
+    expected: str
 
 
-def _parse_value(kind: str, text: str) -> Any:
-    if text.lower() in ("none", "null") and kind != "str":
-        return None
-    return {"int": int, "float": float}.get(kind, str)(text)
+def _converter(kind: type, optional: bool) -> Callable[[str], Any]:
+    """Text to ``kind`` (int, float, str or bool); ``none``/``null`` to None where the field may be unset."""
+    expected = {int: "a whole number", float: "a number", bool: "true or false"}.get(kind, "text")
+
+    def convert(text: str) -> Any:
+        if optional and text.lower() in ("none", "null"):
+            return None
+        if kind is bool:  # --name=True / --name=false: how wandb agent and YAML files give booleans
+            return {"true": True, "false": False}.get(text.lower(), _Invalid(text, expected))
+        try:
+            return kind(text)
+        except ValueError:
+            return _Invalid(text, expected)
+
+    return convert
+
+
+def _kind(hint: Any) -> tuple[type, bool, bool]:
+    """(element type, may be None, is a list) of a field's type hint."""
+    optional = type(None) in get_args(hint)
+    base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
+    return (get_args(base)[0], optional, True) if get_origin(base) is list else (base, optional, False)
 
 
 def build_parser(cls: type = TrainConfig, prog: str = "distvgg.train") -> argparse.ArgumentParser:
-    """One option per field; defaults are suppressed so that only what the user typed overrides the YAML."""
-    # argparse, not tyro or jsonargparse: ~40 lines here against a dependency outside the project's set
+    """One option per field, typed from its annotation; defaults are suppressed, so that a parse returns only what
+    was given. The command line, YAML files and recipes all go through it (``parse_config``)."""
     parser = argparse.ArgumentParser(prog=prog, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="FILE", help="YAML file of options; the command line overrides it")
-    docs = field_docs(cls)
-    defaults = cls()
+    docs, hints, defaults = field_docs(cls), get_type_hints(cls), cls()
     for f in fields(cls):
-        kind, default = _base_type(f), getattr(defaults, f.name)
-        help_text = f"{docs.get(f.name, '')} (default: {default!r})"
-        if kind == "bool":
-            parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction, help=help_text)
-        elif kind in ("list", "ints"):
-            kw = {"nargs": "*", "metavar": "TAG"} if kind == "list" else {"nargs": "+", "metavar": "N", "type": int}
-            parser.add_argument(f"--{_flag(f.name)}", help=help_text, **kw)
-        else:
-            parser.add_argument(
-                f"--{_flag(f.name)}", type=lambda s, k=kind: _parse_value(k, s), metavar=f.name.upper(), help=help_text
-            )
+        kind, optional, many = _kind(hints[f.name])
+        flag, help_text = _flag(f.name), f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})"
+        shape = {"nargs": ("+" if kind is int else "*") if many else None, "metavar": f.name.upper()}
+        if many:
+            shape["metavar"] = "N" if kind is int else "TAG"
+        if kind is bool:  # --name, --name=true|false, --no-name
+            shape = {"nargs": "?", "const": "true", "metavar": "true|false"}
+        parser.add_argument(f"--{flag}", type=_converter(kind, optional and not many), help=help_text, **shape)
+        if kind is bool:
+            parser.add_argument(f"--no-{flag}", dest=f.name, action="store_false", help=f"the same as --{flag}=false")
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, args: Sequence[str], source: str, problems: list[str]) -> dict[str, Any]:
+    """The options of ``args``; a problem (named with its ``source``) for each that did not convert."""
+    values = vars(parser.parse_args(args))
+    for name, value in list(values.items()):
+        bad = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, _Invalid)]
+        if bad:
+            problems.append(f"{source}--{_flag(name)} must be {bad[0].expected}, got {bad[0].text!r}")
+            del values[name]  # the default stands in, so that the other options can still be checked
+    return values
+
+
+def _parse_yaml(parser: argparse.ArgumentParser, data: dict[str, Any], source: str, problems: list[str]) -> dict:
+    """A YAML mapping spelled as a command line (``--name=value``, a list as ``--name A B``) and parsed as one."""
+    lists = {name for name, hint in get_type_hints(TrainConfig).items() if _kind(hint)[2]}
+    args: list[str] = []
+    for name, value in data.items():
+        if name in lists and isinstance(value, list):
+            args += [f"--{_flag(name)}", *map(str, value)]
+        elif not (name in lists and value is None):
+            args.append(f"--{_flag(name)}={'null' if value is None else value}")
+    unset = {name: None for name in lists if name in data and data[name] is None}  # a list option left unset
+    return {**_parse(parser, args, source, problems), **unset}
 
 
 def load_yaml(path: str | os.PathLike, cls: type = TrainConfig, flag: str = "--config") -> dict[str, Any]:
@@ -340,69 +402,23 @@ def load_recipe(name: str, cls: type = TrainConfig) -> dict[str, Any]:
     return data
 
 
-def _int(v: Any) -> int:
-    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-        raise TypeError
-    return int(v)
-
-
-def _coerce(cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Type-check YAML values against the fields; collect problems rather than stop at the first."""
-    kinds = {f.name: _base_type(f) for f in fields(cls)}
-    out, problems = {}, []
-    for name, v in values.items():
-        kind = kinds[name]
-        try:
-            if v is None or kind == "str":
-                out[name] = v if v is None else str(v)
-            elif kind == "bool":
-                if not isinstance(v, bool):
-                    raise TypeError
-                out[name] = v
-            elif kind in ("list", "ints"):
-                out[name] = [(str if kind == "list" else _int)(x) for x in (v if isinstance(v, list) else [v])]
-            elif kind == "int":
-                out[name] = _int(v)
-            else:
-                out[name] = float(v)
-        except (TypeError, ValueError):
-            problems.append(f"{name}: expected {kind}, got {v!r}")
-    return out, problems
-
-
 def parse_config(
     argv: Sequence[str] | None = None, cls: type = TrainConfig, prog: str = "distvgg.train"
 ) -> TrainConfig:
-    """Defaults < recipe < YAML file < command line, then validate. A W&B sweep trial (WANDB_SWEEP_ID set by
-    ``wandb agent``) writes into OUTPUT_DIR/<its run id>, so that trials never share a folder."""
-    args = vars(build_parser(cls, prog).parse_args(_boolean_flags(cls, sys.argv[1:] if argv is None else argv)))
-    values: dict[str, Any] = {}
-    config_file = args.pop("config", None)
-    file_values = load_yaml(config_file, cls) if config_file else {}
-    recipe = args.get("recipe", file_values.get("recipe"))
-    if recipe:
-        values.update(load_recipe(str(recipe), cls))
-        values["recipe"] = str(recipe)
-    values.update(file_values)
-    values.update(args)
-    values, problems = _coerce(cls, values)
-    cfg = cls(**values)
+    """Defaults < recipe < YAML file < command line, each parsed by the same parser, then validated; every problem
+    is reported at once. A W&B sweep trial (WANDB_SWEEP_ID set by ``wandb agent``) writes into
+    OUTPUT_DIR/<its run id>, so that trials never share a folder."""
+    parser, problems = build_parser(cls, prog), []
+    layers = [_parse(parser, sys.argv[1:] if argv is None else argv, "", problems)]  # the command line
+    if config_file := layers[0].pop("config", None):
+        layers.insert(0, _parse_yaml(parser, load_yaml(config_file, cls), f"--config {config_file}: ", problems))
+    if recipe := layers[-1].get("recipe", layers[0].get("recipe")):
+        layers.insert(0, _parse_yaml(parser, load_recipe(recipe, cls), f"--recipe {recipe}: ", problems))
+    cfg = cls(**{name: value for layer in layers for name, value in layer.items()})  # later layers override
     _raise_if(problems + cfg.problems())
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID") and cfg.output_dir:
         cfg.output_dir = str(Path(cfg.output_dir) / os.environ["WANDB_RUN_ID"])
     return cfg
-
-
-def _boolean_flags(cls: type, argv: Sequence[str]) -> list[str]:
-    """``--name=true`` / ``--name=false`` (how ``wandb agent`` passes booleans) as ``--name`` / ``--no-name``."""
-    bools = {_flag(f.name) for f in fields(cls) if _base_type(f) == "bool"}
-    out = []
-    for arg in argv:
-        name, _, value = arg[2:].partition("=")
-        if arg.startswith("--") and name in bools and value.lower() in ("true", "false"):
-            arg = f"--{name}" if value.lower() == "true" else f"--no-{name}"
-        out.append(arg)
-    return out
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from distvgg.config import positive_int
 from distvgg.models import MODEL_PATH_HELP, LoadedModel, ModelLoadError, load_model
 
 PROG = "distvgg.evaluate"
@@ -102,18 +103,12 @@ def save_confusion_png(path: str, confusion: Sequence[Sequence[int]], names: Seq
     fig.savefig(path, dpi=100)
 
 
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return int(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--checkpoint", required=True, help=f"the model: {MODEL_PATH_HELP}")
     p.add_argument("--dataset", help="dataset whose test split is evaluated (default: the one the model trained on)")
-    p.add_argument("--eval-limit", type=positive, help="a seeded, class-balanced subset of this many test images")
-    p.add_argument("--batch-size", type=positive, help="images per process per batch (default: the run's)")
+    p.add_argument("--eval-limit", type=positive_int, help="a seeded, class-balanced subset of this many test images")
+    p.add_argument("--batch-size", type=positive_int, help="images per process per batch (default: the run's)")
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average with the mirror's logits")
     p.add_argument("--json", metavar="OUT.json", help="write all results (per-class, confusion matrix) as JSON")
     p.add_argument("--confusion-png", metavar="OUT.png", help="save the confusion matrix as a PNG")

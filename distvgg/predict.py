@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from distvgg.evaluate import positive
+from distvgg.config import positive_int
 from distvgg.models import MODEL_PATH_HELP, ModelLoadError, load_model
 
 PROG = "distvgg.predict"
@@ -44,7 +44,7 @@ def read_image(path: str, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[in
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--checkpoint", required=True, help=f"the model: {MODEL_PATH_HELP}")
-    p.add_argument("--top-k", type=positive, default=5, help="classes shown per image (default 5)")
+    p.add_argument("--top-k", type=positive_int, default=5, help="classes shown per image (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON (a list, one object per image) instead of a table")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ... of any size)")
     return p

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from distvgg.evaluate import evaluate_model, plot_confusion, positive, result_tables
+from distvgg.config import positive_int
+from distvgg.evaluate import evaluate_model, plot_confusion, result_tables
 from distvgg.files import BEST_DIR, FINAL_DIR, step_folders
 from distvgg.models import MODEL_PATH_HELP, LoadedModel, ModelLoadError, load_model
 from distvgg.tracking import METRICS_FILE
@@ -157,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the PNG to write (default OUTPUT_DIR/report.png); the .html goes beside it")
     p.add_argument("--checkpoint", help=f"the model (default: OUTPUT_DIR): {MODEL_PATH_HELP}")
     p.add_argument("--dataset", help="dataset for the confusion matrix and the images (default: the model's)")
-    p.add_argument("--eval-limit", type=positive, help="use a seeded, class-balanced subset of this many test images")
+    p.add_argument(
+        "--eval-limit", type=positive_int, help="use a seeded, class-balanced subset of this many test images"
+    )
     p.add_argument("--cache-dir", help="decoded-dataset cache (default: the run's, else $DISTVGG_CACHE)")
     return p
 

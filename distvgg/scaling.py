@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from distvgg import machine
+from distvgg.config import count_problem
 from distvgg.models import MODEL_NAMES, build_model, count_parameters
 
 GPU_COUNTS = (2, 8, 16, 64)
@@ -298,7 +299,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--json", type=Path, help="also write everything as JSON to this file")
     args = p.parse_args(argv)
     least = ("batch_per_gpu", "steps", "check_batch", "max_global_batch")
-    problems = [f"--{k.replace('_', '-')} must be at least 1" for k in least if getattr(args, k) < 1]
+    problems = [f"--{k.replace('_', '-')} {why}" for k in least if (why := count_problem(getattr(args, k)))]
     if not 0.0 <= args.overlap < 1.0:
         problems.append(f"--overlap must be in [0, 1), got {args.overlap}")
     if args.images_per_second is not None and args.images_per_second <= 0:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from distvgg import build, train
 from distvgg.checkpoint import restore_rng
-from distvgg.config import ConfigError, TrainConfig
+from distvgg.config import TrainConfig
 from tests import datagen
 from tests.helpers import TINY, ok, run_train
 
@@ -126,24 +126,30 @@ def _tiny_dataset(tmp_path_factory):
     return datagen.make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=32, n_test=10)
 
 
-def test_workers_with_the_data_on_the_gpu_is_one_clear_error(tmp_path_factory):
-    cfg = TrainConfig(
-        dataset=str(_tiny_dataset(tmp_path_factory)),
-        num_workers=2,
-        data_on_device="yes",
-        cache_dir=str(tmp_path_factory.mktemp("cache")),
-    )
-    gpu = SimpleNamespace(device=torch.device("cuda"), print=lambda *a: None, local_main_process_first=_nothing)
-    with pytest.raises(ConfigError, match="--num-workers must be 0 when the data is on the GPU"):
-        build.load_data(cfg, gpu)
-
-
-class _nothing:  # noqa: N801 - stands in for Accelerate's context manager
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+@pytest.mark.parametrize(
+    "options, device, processes, refused",
+    [
+        ({"num_workers": 2, "data_on_device": "yes"}, "cuda", 1, "--num-workers must be 0"),
+        (
+            {"num_workers": 2, "data_on_device": "auto"},
+            "cuda",
+            1,
+            "--num-workers must be 0 when the data is on the GPU",
+        ),
+        ({"num_workers": 2, "data_on_device": "no"}, "cuda", 1, None),
+        ({"num_workers": 2, "data_on_device": "yes"}, "cpu", 1, None),
+        ({"sync_bn": True}, "cpu", 2, "--sync-bn needs GPUs"),
+        ({"sync_bn": True}, "cpu", 1, None),
+        ({"sync_bn": True}, "cuda", 2, None),
+        ({"train_limit": 63, "batch_size": 16, "gradient_accumulation_steps": 2}, "cpu", 2, "one global batch of 64"),
+        ({"train_limit": 64, "batch_size": 16, "gradient_accumulation_steps": 2}, "cpu", 2, None),
+    ],
+)
+def test_what_the_launch_cannot_do_is_known_from_the_accelerator(options, device, processes, refused):
+    """Decided from the Accelerator's device and process count alone: no data is needed to refuse it."""
+    launch = SimpleNamespace(device=torch.device(device), num_processes=processes)
+    problems = build.launch_problems(TrainConfig(**options), launch)
+    assert (problems == []) if refused is None else (len(problems) == 1 and refused in problems[0])
 
 
 @pytest.mark.slow
