@@ -39,15 +39,9 @@ TINY = [
 
 
 def real_cifar10() -> Path | None:
-    """The shared real CIFAR-10 copy: $DISTVGG_REAL_DATA, else ``shared/data/cifar10-jpeg`` beside the
-    checkout or beside one of its parent folders (developers and CI have it at ``../shared``)."""
-    if os.environ.get("DISTVGG_REAL_DATA"):
-        return Path(os.environ["DISTVGG_REAL_DATA"])
-    for parent in REPO.parents:
-        candidate = parent / "shared" / "data" / "cifar10-jpeg"
-        if candidate.is_dir():
-            return candidate
-    return None
+    """The real CIFAR-10 copy (Hub parquet layout) that $DISTVGG_REAL_DATA names, if any."""
+    path = os.environ.get("DISTVGG_REAL_DATA")
+    return Path(path) if path else None
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""The README's promises that can be checked mechanically, and what the product must never say."""
+"""The README's promises that can be checked mechanically."""
 
 import re
 from pathlib import Path
@@ -39,23 +39,3 @@ def test_every_option_has_help():
     for name in TrainConfig.__dataclass_fields__:
         assert docs.get(name), f"--{name} has no docstring"
         assert f"--{name.replace('_', '-')}" in help_text
-
-
-FORBIDDEN = [r"\.\./shared", r"\bsession\b", r"\bissue \d+", r"DESIGN\.md", r"DISTVGG_TEST_"]
-
-
-def test_the_product_speaks_only_of_itself():
-    """No file users get mentions how it was built or paths outside the repository."""
-    files = [ROOT / "README.md", ROOT / "pyproject.toml"]
-    for folder in ("distvgg", "docs", "launch", "accelerate_configs"):
-        files += [
-            p
-            for p in (ROOT / folder).rglob("*")
-            if p.is_file() and p.suffix in (".py", ".md", ".sh", ".yaml", ".sbatch", "")
-        ]
-    assert len(files) > 20
-    for path in files:
-        text = path.read_text(errors="replace")
-        for pattern in FORBIDDEN:
-            match = re.search(pattern, text, flags=re.I)
-            assert match is None, f"{path.relative_to(ROOT)} says {match.group(0)!r}"

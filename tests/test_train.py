@@ -153,7 +153,7 @@ def test_no_network_and_no_local_copy_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(REAL_DATA is None or not REAL_DATA.is_dir(), reason="needs ../shared/data/cifar10-jpeg")
+@pytest.mark.skipif(REAL_DATA is None or not REAL_DATA.is_dir(), reason="no real CIFAR-10 copy: set $DISTVGG_REAL_DATA")
 def test_learns_real_cifar10(tmp_path):
     """Proof that learning happens: a narrow VGG3Layer on real CIFAR-10 beats chance (10%) by far."""
     out = tmp_path / "real"
