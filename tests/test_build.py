@@ -4,6 +4,7 @@ fused optimizer, RNG states of more GPUs than there are, data placement, determi
 from __future__ import annotations
 
 import random
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -174,4 +175,7 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
     with pytest.warns(UserWarning, match="without bf16 instructions"):
         build.warn_slow_bf16("bf16", torch.device("cpu"))
     monkeypatch.setattr("distvgg.machine.cpu_has_bf16", lambda *a: True)
-    build.warn_slow_bf16("bf16", torch.device("cpu"))  # no warning where the CPU has them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning now fails the test
+        build.warn_slow_bf16("bf16", torch.device("cpu"))  # none where the CPU has them
+        build.warn_slow_bf16("no", torch.device("cpu"))  # nor without bf16
