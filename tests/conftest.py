@@ -54,6 +54,18 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_parquet(tmp_path_factory) -> Path:
+    """48 training images of 4 classes (6 steps of 8 per epoch) and an odd-sized test split of 21."""
+    return make_parquet_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train=48, n_test=21)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    """64 training images of 4 classes (8 steps of 8 per epoch) and 20 test images: the runs that checkpoint."""
+    return make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=64, n_test=20)
+
+
+@pytest.fixture(scope="session")
 def trained_run(tiny_dataset, tmp_path_factory) -> Path:
     """OUTPUT_DIR of a real 1-epoch training run on ``tiny_dataset``: final/, checkpoints step-2 and step-4."""
     out = tmp_path_factory.mktemp("trained") / "run"

@@ -89,6 +89,11 @@ def encode_image(pixels: np.ndarray, fmt: str = "PNG", mode: str = "RGB") -> byt
     return buf.getvalue()
 
 
+def encode_images(images: np.ndarray) -> list[bytes]:
+    """PNG bytes of each (H, W, 3) uint8 image."""
+    return [encode_image(im) for im in images]
+
+
 def write_parquet_split(
     path: str | Path,
     blobs: Sequence[bytes | None],

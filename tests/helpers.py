@@ -37,6 +37,9 @@ TINY = [
     "1",  # two pytest workers share two cores: more threads per run would only contend
 ]
 
+# Every accuracy lever at once: EMA, cutout, mixup, cutmix, label smoothing.
+LEVERS = ["--ema-decay", "0.8", "--cutout", "8", "--mixup", "0.4", "--cutmix", "1.0", "--label-smoothing", "0.1"]
+
 
 def real_cifar10() -> Path | None:
     """The real CIFAR-10 copy (Hub parquet layout) that $DISTVGG_REAL_DATA names, if any."""
@@ -76,13 +79,16 @@ def run_train(
     env: dict | None = None,
     timeout: float = 300,
     module: str = "distvgg.train",
+    inherit_env: bool = True,
     **kwargs,
 ) -> subprocess.CompletedProcess:
-    """Run to completion and return the CompletedProcess (stdout and stderr as text)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    """Run to completion and return the CompletedProcess (stdout and stderr as text). The environment is this
+    process's with ``env`` on top, or exactly ``env`` (``inherit_env=False``); ``kwargs`` go to subprocess.run."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})} if inherit_env else dict(env or {})
     if module == "distvgg.train" and any(k.startswith("HOOK_") for k in env or {}):
         module = "tests.hooked_train"  # the test-only behaviour, patched in process (tests/hooked_train.py)
-    if nproc == 1 and module in ("distvgg.train", "tests.hooked_train") and not kwargs and _in_process_is_alike(args):
+    in_process = inherit_env and not kwargs and module in ("distvgg.train", "tests.hooked_train")
+    if nproc == 1 and in_process and _in_process_is_alike(args):
         return run_in_process(args, full_env, hooked=module == "tests.hooked_train")
     return subprocess.run(
         train_command(args, nproc, module),
@@ -120,6 +126,17 @@ def run_in_process(args: Sequence[str], env: dict, hooked: bool = False) -> subp
             code = 1
     torch.set_num_threads(threads)  # a run sets its process's thread count
     return subprocess.CompletedProcess(["distvgg.train", *args], code, out.getvalue(), err.getvalue())
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The weights in OUTPUT_DIR/final/."""
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:

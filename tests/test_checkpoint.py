@@ -166,11 +166,6 @@ def test_changed_settings_are_listed():
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return datagen.make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=64, n_test=20)
-
-
-@pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory) -> Path:
     """An uninterrupted 1-process run: checkpoints at steps 4, 8, 12, 16, then final/."""
     out = tmp_path_factory.mktemp("ref1") / "out"
@@ -322,15 +317,14 @@ def test_nan_stops_the_run_and_the_last_checkpoint_stays_good(dataset, tmp_path)
 # -------------------------------------------------------------------------------------- bad input
 
 
-def _blobs(images) -> list[bytes]:
-    return [datagen.encode_image(im) for im in images]
-
-
 def _pair(root: Path, train_blobs, train_labels, names=("a", "b", "c"), test_n: int = 6) -> Path:
     test_images, test_labels = datagen.make_arrays(test_n, len(names), 32, seed=9)
     datagen.write_parquet_split(root / "train-00000-of-00001.parquet", train_blobs, train_labels, list(names))
     datagen.write_parquet_split(
-        root / "test-00000-of-00001.parquet", _blobs(test_images)[:test_n], test_labels[:test_n], list(names)
+        root / "test-00000-of-00001.parquet",
+        datagen.encode_images(test_images)[:test_n],
+        test_labels[:test_n],
+        list(names),
     )
     return root
 
@@ -338,7 +332,7 @@ def _pair(root: Path, train_blobs, train_labels, names=("a", "b", "c"), test_n: 
 def _bad_inputs(tmp: Path, good: Path, reference: Path) -> dict[str, tuple[list[str], int, list[str]]]:
     """name -> (arguments, expected exit code, phrases the error must contain)."""
     images, labels = datagen.make_arrays(12, 3, 32)
-    corrupt = _blobs(images)
+    corrupt = datagen.encode_images(images)
     corrupt[5] = b"this is not an image"
     out_of_range = labels.copy()
     out_of_range[4] = 7
@@ -347,7 +341,7 @@ def _bad_inputs(tmp: Path, good: Path, reference: Path) -> dict[str, tuple[list[
     yaml_file = tmp / "bad.yaml"
     yaml_file.write_text("epochs: 1\nlearning_rate: 0.1\n")
     empty = tmp / "empty"
-    datagen.write_parquet_split(empty / "train-0.parquet", _blobs(images), labels, ["a", "b", "c"])
+    datagen.write_parquet_split(empty / "train-0.parquet", datagen.encode_images(images), labels, ["a", "b", "c"])
     datagen.write_parquet_split(empty / "test-0.parquet", [], [], ["a", "b", "c"])
     return {
         "corrupt image": (
@@ -361,7 +355,7 @@ def _bad_inputs(tmp: Path, good: Path, reference: Path) -> dict[str, tuple[list[
             ["'fine_label' not found", "columns:", "img", "label"],
         ),
         "label out of range": (
-            ["--dataset", str(_pair(tmp / "range", _blobs(images), out_of_range))],
+            ["--dataset", str(_pair(tmp / "range", datagen.encode_images(images), out_of_range))],
             1,
             ["row 4 has label 7, outside [0, 3)"],
         ),

@@ -310,14 +310,10 @@ def test_unknown_column_lists_columns(tmp_path, kw, role):
     assert "img (Image)" in msg and "label (ClassLabel(4 classes))" in msg
 
 
-def _blobs(images: np.ndarray) -> list[bytes]:
-    return [datagen.encode_image(im) for im in images]
-
-
 def test_plain_integer_labels_get_numeric_names(tmp_path):
     arrays = datagen.dataset_arrays(n_train=9, n_test=3, num_classes=3, size=8)
     for split, (images, labels) in arrays.items():
-        datagen.write_parquet_split(tmp_path / "ds" / f"{split}.parquet", _blobs(images), labels, None)
+        datagen.write_parquet_split(tmp_path / "ds" / f"{split}.parquet", datagen.encode_images(images), labels, None)
     loaded, log = load(tmp_path / "ds", tmp_path / "cache")
     assert loaded.class_names == ["0", "1", "2"]
     assert "not a ClassLabel" in log.text()
@@ -339,7 +335,7 @@ def test_binary_image_column_named_explicitly(tmp_path):
 
     arrays = datagen.dataset_arrays(n_train=6, n_test=3, num_classes=3, size=8)
     for split, (images, labels) in arrays.items():
-        ds = datasets.Dataset.from_dict({"png": _blobs(images), "label": labels.tolist()})
+        ds = datasets.Dataset.from_dict({"png": datagen.encode_images(images), "label": labels.tolist()})
         ds.to_parquet(str(tmp_path / "ds" / f"{split}.parquet"))
     with pytest.raises(DataError, match=r"no image column .*png \(Value\(binary\)\)"):
         load(tmp_path / "ds", tmp_path / "c1")
@@ -355,13 +351,15 @@ def test_binary_image_column_named_explicitly(tmp_path):
 def _write_pair(root: Path, train_blobs, train_labels, test_n: int = 3, names=("a", "b", "c")) -> Path:
     test_images, test_labels = datagen.make_arrays(test_n, len(names), 8, seed=9)
     datagen.write_parquet_split(root / "train-00000-of-00001.parquet", train_blobs, train_labels, list(names))
-    datagen.write_parquet_split(root / "test-00000-of-00001.parquet", _blobs(test_images), test_labels, list(names))
+    datagen.write_parquet_split(
+        root / "test-00000-of-00001.parquet", datagen.encode_images(test_images), test_labels, list(names)
+    )
     return root
 
 
 def test_corrupt_image_error_and_skip(tmp_path):
     images, labels = datagen.make_arrays(10, 3, 8)
-    blobs = _blobs(images)
+    blobs = datagen.encode_images(images)
     blobs[3] = b"this is not an image"
     blobs[6] = blobs[6][: len(blobs[6]) // 2]  # truncated PNG
     root = _write_pair(tmp_path / "ds", blobs, labels)
@@ -376,7 +374,7 @@ def test_corrupt_image_error_and_skip(tmp_path):
 
 def test_label_error_names_the_original_row_after_skipping(tmp_path):
     images, labels = datagen.make_arrays(6, 3, 8)
-    blobs, labels = _blobs(images), labels.copy()
+    blobs, labels = datagen.encode_images(images), labels.copy()
     blobs[1] = b"junk"
     labels[4] = 9
     root = _write_pair(tmp_path / "ds", blobs, labels)
@@ -386,7 +384,7 @@ def test_label_error_names_the_original_row_after_skipping(tmp_path):
 
 def test_missing_image_is_bad(tmp_path):
     images, labels = datagen.make_arrays(4, 3, 8)
-    blobs: list = _blobs(images)
+    blobs: list = datagen.encode_images(images)
     blobs[2] = None
     root = _write_pair(tmp_path / "ds", blobs, labels)
     with pytest.raises(DataError, match=r"row 2 .*both are None"):
@@ -395,7 +393,7 @@ def test_missing_image_is_bad(tmp_path):
 
 def test_mixed_sizes(tmp_path):
     images, labels = datagen.make_arrays(10, 3, 8)
-    blobs = _blobs(images)
+    blobs = datagen.encode_images(images)
     blobs[7] = datagen.encode_image(datagen.make_arrays(1, 3, (8, 9))[0][0])
     root = _write_pair(tmp_path / "ds", blobs, labels)
     with pytest.raises(DataError) as err:
@@ -408,7 +406,7 @@ def test_mixed_sizes(tmp_path):
 
 def test_train_and_test_sizes_differ(tmp_path):
     images, labels = datagen.make_arrays(4, 3, 16)
-    root = _write_pair(tmp_path / "ds", _blobs(images), labels)
+    root = _write_pair(tmp_path / "ds", datagen.encode_images(images), labels)
     with pytest.raises(
         DataError, match=r"16x16 \(split 'train', row 0\) and 8x8 \(split 'test', row 0\); pass --image"
     ):
@@ -418,7 +416,7 @@ def test_train_and_test_sizes_differ(tmp_path):
 def test_empty_split(tmp_path):
     images, labels = datagen.make_arrays(4, 3, 8)
     root = tmp_path / "ds"
-    datagen.write_parquet_split(root / "train-0.parquet", _blobs(images), labels, ["a", "b", "c"])
+    datagen.write_parquet_split(root / "train-0.parquet", datagen.encode_images(images), labels, ["a", "b", "c"])
     datagen.write_parquet_split(root / "test-0.parquet", [], [], ["a", "b", "c"])
     with pytest.raises(DataError, match="split 'test' .* is empty"):
         load(root, tmp_path / "cache")
@@ -444,7 +442,7 @@ def test_labels_out_of_range_or_missing_name_their_row(tmp_path, bad):
     images, labels = datagen.make_arrays(5, 3, 8)
     labels = labels.tolist()
     labels[2] = bad
-    root = _write_pair(tmp_path / "ds", _blobs(images), labels)
+    root = _write_pair(tmp_path / "ds", datagen.encode_images(images), labels)
     says = r"-1, outside \[0, 3\) .*missing label" if bad is None else rf"{bad}, outside \[0, 3\)"
     with pytest.raises(DataError, match=rf"split 'train' .*row 2 has label {says}"):
         load(root, tmp_path / "cache")
@@ -452,8 +450,12 @@ def test_labels_out_of_range_or_missing_name_their_row(tmp_path, bad):
 
 def test_missing_test_split_names_found_splits(tmp_path):
     images, labels = datagen.make_arrays(4, 3, 8)
-    datagen.write_parquet_split(tmp_path / "ds" / "train-0.parquet", _blobs(images), labels, ["a", "b", "c"])
-    datagen.write_parquet_split(tmp_path / "ds" / "extra-0.parquet", _blobs(images), labels, ["a", "b", "c"])
+    datagen.write_parquet_split(
+        tmp_path / "ds" / "train-0.parquet", datagen.encode_images(images), labels, ["a", "b", "c"]
+    )
+    datagen.write_parquet_split(
+        tmp_path / "ds" / "extra-0.parquet", datagen.encode_images(images), labels, ["a", "b", "c"]
+    )
     # datasets names the splits after the files; "extra" is no split name, so only 'train' is found.
     with pytest.raises(DataError, match=r"needs a 'train' and a test/validation/\w+/\w+ split; splits found: 'train'$"):
         load(tmp_path / "ds", tmp_path / "cache")

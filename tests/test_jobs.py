@@ -10,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import datagen
 from tests.helpers import TINY, ok, run_train, start, train_command, wait_for
 
 pytestmark = pytest.mark.slow  # every test here starts several processes or a long run
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return datagen.make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=64, n_test=16)
 
 
 def _args(dataset: Path, out: Path) -> list[str]:

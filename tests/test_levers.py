@@ -1,10 +1,9 @@
-"""Accuracy levers: EMA of the weights, cutout, mixup, cutmix (with label smoothing); exact resume and the same
-result for any number of processes."""
+"""Accuracy levers: EMA of the weights, cutout, mixup, cutmix (with label smoothing); exact resume (the same result
+for any number of processes is tests/test_train.py's 2-process test, which trains with LEVERS)."""
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +12,9 @@ import yaml
 from safetensors.torch import load_file
 
 from distvgg import batches
-from distvgg.tracking import read_metrics
 from distvgg.train import update_ema
 from tests import datagen
-from tests.helpers import TINY, ok, run_train
-
-LEVERS = ["--ema-decay", "0.8", "--cutout", "8", "--mixup", "0.4", "--cutmix", "1.0", "--label-smoothing", "0.1"]
+from tests.helpers import LEVERS, TINY, ok, run_train
 
 
 def test_ema_follows_the_weights_as_computed_by_hand():
@@ -65,34 +61,9 @@ def test_mix_is_deterministic_and_keeps_target_mass(mixup, cutmix):
     assert torch.isfinite(loss)
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return datagen.make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=48, n_test=12)
-
-
 @pytest.mark.slow
-def test_levers_give_the_same_model_for_two_processes_as_for_one(dataset, tmp_path):
-    """... and the lr rule: --lr-reference-batch 8 with a global batch of 16 gives lr 0.01 x 16 / 8 = 0.02."""
-    common = ["--dataset", str(dataset), *TINY, *LEVERS, "--dropout", "0", "--epochs", "2", "--lr-reference-batch", "8"]
-    two = ok(run_train([*common, "--output-dir", str(tmp_path / "two")], nproc=2))
-    ok(run_train([*common, "--output-dir", str(tmp_path / "one"), "--gradient-accumulation-steps", "2"]))
-    assert "2 process(es), global batch 16, lr 0.02" in two
-    config = (tmp_path / "two" / "config.yaml").read_text()
-    facts = yaml.safe_load("\n".join(line[2:] for line in config.splitlines() if line.startswith("# ") and ":" in line))
-    assert facts["num_processes"] == 2 and facts["global_batch"] == 16 and facts["lr"] == pytest.approx(0.02)
-    a, b = (
-        load_file(str(tmp_path / "two/final/model.safetensors")),
-        load_file(str(tmp_path / "one/final/model.safetensors")),
-    )
-    for k in a:
-        if "running" not in k and "num_batches_tracked" not in k:  # DDP keeps rank 0's BN statistics
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs")
-    assert [r["eval/weights"] for r in read_metrics(tmp_path / "one") if "eval/weights" in r] == ["ema", "ema"]
-
-
-@pytest.mark.slow
-def test_levers_resume_exactly(dataset, tmp_path):
-    args = ["--dataset", str(dataset), *TINY, *LEVERS, "--checkpoint-every", "3"]
+def test_levers_resume_exactly(tiny_parquet, tmp_path):
+    args = ["--dataset", str(tiny_parquet), *TINY, *LEVERS, "--checkpoint-every", "3"]
     ok(run_train([*args, "--output-dir", str(tmp_path / "ref")]))
     out = tmp_path / "resumed"
     stopped = run_train([*args, "--output-dir", str(out)], env={"HOOK_SIGNAL_AT_STEP": "5"})
@@ -104,17 +75,16 @@ def test_levers_resume_exactly(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_sweep_trials_write_to_two_folders(dataset, tmp_path):
+def test_two_sweep_trials_write_to_two_folders(tiny_parquet, tmp_path):
     """What `wandb agent` does for each trial: WANDB_SWEEP_ID and WANDB_RUN_ID in the environment, and the
     sweep's parameters as --name=value (booleans as True/False), with launch/sweep.yaml's names."""
-    import yaml
 
     from tests.helpers import REPO
 
     sweep = yaml.safe_load((REPO / "launch" / "sweep.yaml").read_text())
     assert sweep["method"] == "bayes" and sweep["metric"] == {"name": "eval/accuracy", "goal": "maximize"}
     out = tmp_path / "sweep"
-    base = ["--dataset", str(dataset), *TINY, "--epochs", "1", "--output-dir", str(out), "--report-to", "wandb"]
+    base = ["--dataset", str(tiny_parquet), *TINY, "--epochs", "1", "--output-dir", str(out), "--report-to", "wandb"]
     for run_id, nesterov in (("trial-a", "True"), ("trial-b", "False")):
         params = [f"--{name}={spec['values'][0]}" for name, spec in sweep["parameters"].items() if "values" in spec]
         args = [*base, *params, "--lr=0.02", f"--nesterov={nesterov}", "--batch-size=8"]

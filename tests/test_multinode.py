@@ -25,16 +25,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.datagen import make_parquet_dataset
 from tests.helpers import REPO, TINY, free_port, ok, run_train, start
 
 NODE_SCRIPT = REPO / "launch" / "torchrun_multinode.sh"
 CPU_2MACHINES = REPO / "accelerate_configs" / "cpu_2machines.yaml"
-
-
-@pytest.fixture(scope="module")
-def tiny_parquet(tmp_path_factory):
-    return make_parquet_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train=48, n_test=21)
 
 
 def start_machine(rank: int, port: int, args: list[str], tmp: Path, extra_env: dict | None = None) -> subprocess.Popen:

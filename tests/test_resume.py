@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import datagen
-from tests.helpers import TINY, ok, run_train, start, train_command, wait_for
+from tests.helpers import TINY, final_weights, ok, run_train, start, train_command, wait_for
 
 pytestmark = pytest.mark.slow  # every test here starts several processes or a long run
 
@@ -50,12 +49,6 @@ def traced(out: Path, **env: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------- comparisons
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(out / "final" / "model.safetensors"))
 
 
 def checkpoint_file(out: Path, step: int, name: str):
@@ -109,11 +102,6 @@ def assert_same_run(reference: Path, resumed: Path, nproc: int, dedupe: bool = F
 
 
 # ------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return datagen.make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=64, n_test=20)
 
 
 @pytest.fixture(scope="module")

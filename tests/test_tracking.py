@@ -21,16 +21,15 @@ from distvgg.config import TrainConfig
 from distvgg.preemption import PREEMPT_EXIT_CODE
 from distvgg.tracking import read_metrics
 from tests import wandb_records
-from tests.datagen import make_parquet_dataset
-from tests.helpers import TINY
+from tests.helpers import TINY, output, run_train
 
 FAKE_KEY = "fake0secret0key0" + "x" * 24  # 40 characters: wandb accepts its format
 TINY_WANDB = [*TINY, "--report-to", "wandb"]
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return make_parquet_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train=40, n_test=20)
+def dataset(tiny_dataset) -> Path:
+    return tiny_dataset  # 40 training images (5 steps of 8 per epoch), 21 test images
 
 
 def wandb_files(root: Path, prefix: str = "") -> list[Path]:
@@ -49,20 +48,8 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_clean(args: list[str], env: dict[str, str], nproc: int = 1, module: str = "distvgg.train") -> SimpleNamespace:
-    """``distvgg.train`` (or ``module``) with exactly ``env`` and stdin closed; its output, with any exit code."""
-    from tests.helpers import REPO, train_command
-
-    proc = subprocess.run(
-        train_command(args, nproc, module),
-        env=env,
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    return SimpleNamespace(code=proc.returncode, text=proc.stdout + proc.stderr, stdout=proc.stdout, stderr=proc.stderr)
+# run_train with exactly clean_env's environment, stdin closed (no prompt can wait for an answer).
+CLEAN = {"timeout": 240, "inherit_env": False, "stdin": subprocess.DEVNULL}
 
 
 def steps_of(rows: list[dict], key: str) -> dict[int, float]:
@@ -90,10 +77,10 @@ def tracked_run(dataset, tmp_path_factory) -> SimpleNamespace:
     env = clean_env(tmp, **env, DISTVGG_TEST_TOKEN=SECRET_ENV_VALUE)
     args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--report-to", "all", "--wandb-log-model"]
     args += ["--wandb-tags", "tiny", "ci", "--wandb-name", "tiny-run"]
-    first = run_clean(args, {**env, "HOOK_SIGNAL_AT_STEP": "3"}, module="tests.hooked_train")
-    assert first.code == PREEMPT_EXIT_CODE, first.text[-3000:]
-    second = run_clean(args, env)
-    assert second.code == 0, second.text[-3000:]
+    first = run_train(args, env={**env, "HOOK_SIGNAL_AT_STEP": "3"}, **CLEAN)
+    assert first.returncode == PREEMPT_EXIT_CODE, output(first)[-3000:]
+    second = run_train(args, env=env, **CLEAN)
+    assert second.returncode == 0, output(second)[-3000:]
     run = SimpleNamespace(dataset=dataset, out=out, wandb_dir=wandb_dir, first=first, second=second)
     run.files, run.metrics = wandb_files(wandb_dir, "offline-run-"), read_metrics(out)
     return run
@@ -107,7 +94,8 @@ def test_unreachable_server_falls_back_offline_under_the_same_run_id(tracked_run
     assert len(tracked_run.files) == 2 and all(f.parent.name.endswith(run_id) for f in tracked_run.files)
     for attempt in (tracked_run.first, tracked_run.second):
         assert (
-            "could not start online" in attempt.text and f"wandb sync {tracked_run.files[0].parent}" in attempt.stdout
+            "could not start online" in output(attempt)
+            and f"wandb sync {tracked_run.files[0].parent}" in attempt.stdout
         )
     assert f"wandb sync {tracked_run.files[0].parent} {tracked_run.files[1].parent}" in tracked_run.second.stdout
     assert not (tracked_run.out / "wandb").exists()  # WANDB_DIR is respected
@@ -145,7 +133,7 @@ def test_tracked_run_has_the_charts_summary_and_model_artifact(tracked_run):
         assert row["eval/predictions"]["_type"] == "image-file"
         assert row["eval/predictions"]["caption"].startswith("true > predicted: class_00 > ")
     confusion = [r["eval/confusion"] for r in tracked_run.metrics if "eval/confusion" in r]
-    assert len(confusion) == 2 and sum(map(sum, confusion[-1])) == 20
+    assert len(confusion) == 2 and sum(map(sum, confusion[-1])) == 21
     summary = wandb_records.summary(last)
     accuracies = [r["eval/accuracy"] for r in tracked_run.metrics if "eval/accuracy" in r]
     assert summary["summary/best_accuracy"] == max(accuracies)
@@ -184,7 +172,7 @@ def test_tracked_run_leaks_no_secret(tracked_run):
     """The API key and another environment value are in no output and in no file, the failed online attempts'
     W&B folders included."""
     for secret in (FAKE_KEY, SECRET_ENV_VALUE):
-        assert secret not in tracked_run.first.text + tracked_run.second.text
+        assert secret not in output(tracked_run.first) + output(tracked_run.second)
         for root in (tracked_run.out, tracked_run.wandb_dir):
             files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
             leaked = [p for p in files if secret.encode() in p.read_bytes()]
@@ -197,15 +185,15 @@ def test_two_processes_without_credentials_make_one_offline_run(dataset, tmp_pat
     main process logs, offline into OUTPUT_DIR/wandb, then prints the `wandb sync` command."""
     out = tmp_path / "out"
     args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB, "--epochs", "1"]
-    proc = run_clean(args, clean_env(tmp_path), nproc=2)
-    assert proc.code == 0, proc.text[-3000:]
-    assert "2 process(es)" in proc.text and "no credentials found" in proc.text
+    proc = run_train(args, 2, clean_env(tmp_path), **CLEAN)
+    assert proc.returncode == 0, output(proc)[-3000:]
+    assert "2 process(es)" in output(proc) and "no credentials found" in output(proc)
     (file,) = wandb_files(out / "wandb")
-    assert file.parent.name.startswith("offline-run-") and f"wandb sync {file.parent}" in proc.text
+    assert file.parent.name.startswith("offline-run-") and f"wandb sync {file.parent}" in output(proc)
     assert wandb_records.config(file)["num_processes"] == 2
     metrics, history = read_metrics(out), wandb_records.history(file)
     assert steps_of(metrics, "train/loss") and steps_of(history, "train/loss") == steps_of(metrics, "train/loss")
-    assert steps_of(history, "eval/count")[steps_of(metrics, "eval/count").popitem()[0]] == 20
+    assert steps_of(history, "eval/count")[steps_of(metrics, "eval/count").popitem()[0]] == 21
 
 
 @pytest.mark.slow
@@ -213,8 +201,8 @@ def test_invalid_key_stops_the_run_before_training(dataset, tmp_path):
     """A key in an invalid format: the run stops before training, with an error naming WANDB_API_KEY."""
     out = tmp_path / "out"
     args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB]
-    proc = run_clean(args, clean_env(tmp_path, WANDB_API_KEY="short"))
-    assert proc.code == 1 and "WANDB_API_KEY" in proc.stderr, proc.text[-3000:]
+    proc = run_train(args, env=clean_env(tmp_path, WANDB_API_KEY="short"), **CLEAN)
+    assert proc.returncode == 1 and "WANDB_API_KEY" in proc.stderr, output(proc)[-3000:]
     assert not (out / tracking.METRICS_FILE).exists() or not read_metrics(out)
 
 

@@ -7,24 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from distvgg.models import build_model, load_model
 from distvgg.tracking import read_metrics
-from tests.datagen import class_names, make_cifar_pickle_dataset, make_parquet_dataset
-from tests.helpers import REPO, TINY, ok, real_cifar10, run_train, train_command
+from tests.datagen import class_names, make_cifar_pickle_dataset
+from tests.helpers import LEVERS, REPO, TINY, final_weights, ok, real_cifar10, run_train, train_command
 
 REAL_DATA = real_cifar10()
-
-
-@pytest.fixture(scope="module")
-def tiny_parquet(tmp_path_factory):
-    # 48 train images (4 classes), an odd-sized test split of 21.
-    return make_parquet_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train=48, n_test=21)
-
-
-def final_weights(out: Path) -> dict:
-    return load_file(str(out / "final" / "model.safetensors"))
 
 
 def test_one_process_end_to_end(tiny_parquet, tmp_path):
@@ -89,16 +78,21 @@ def test_a_terminal_gets_the_live_progress_bar(tiny_parquet, tmp_path):
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_parquet, tmp_path):
     """2 gloo processes x batch 8 == 1 process x 2 accumulated micro-batches of 8: same samples per
-    step, same per-micro-batch BatchNorm statistics, same averaged gradient."""
-    common = ["--dataset", str(tiny_parquet), *TINY, "--dropout", "0", "--epochs", "2"]
+    step, same per-micro-batch BatchNorm statistics, same averaged gradient; with every accuracy lever on
+    (EMA, cutout, mixup, cutmix, label smoothing), and the lr rule: --lr-reference-batch 8 with a global
+    batch of 16 gives lr 0.01 x 16 / 8 = 0.02."""
+    common = ["--dataset", str(tiny_parquet), *TINY, *LEVERS, "--dropout", "0", "--epochs", "2"]
+    common += ["--lr-reference-batch", "8"]
     two = tmp_path / "two"
     text = ok(run_train([*common, "--output-dir", str(two)], nproc=2))
-    assert "2 process(es), global batch 16" in text  # one group of 2, not two jobs of 1
-    facts = (two / "config.yaml").read_text()
-    assert "num_processes: 2" in facts
+    assert "2 process(es), global batch 16, lr 0.02" in text  # one group of 2, not two jobs of 1
+    config = (two / "config.yaml").read_text()
+    facts = yaml.safe_load("\n".join(line[2:] for line in config.splitlines() if line.startswith("# ") and ":" in line))
+    assert facts["num_processes"] == 2 and facts["global_batch"] == 16 and facts["lr"] == pytest.approx(0.02)
     one = tmp_path / "one"
     text = ok(run_train([*common, "--output-dir", str(one), "--gradient-accumulation-steps", "2"]))
-    assert "1 process(es), global batch 16" in text
+    assert "1 process(es), global batch 16, lr 0.02" in text
+    assert [r["eval/weights"] for r in read_metrics(one) if "eval/weights" in r] == ["ema", "ema"]
     a, b = final_weights(two), final_weights(one)
     assert a.keys() == b.keys()
     for k in a:
