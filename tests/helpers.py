@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -115,6 +116,7 @@ def run_in_process(args: Sequence[str], env: dict, hooked: bool = False) -> subp
     from tests import hooked_train
 
     out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     hooks = hooked_train.installed() if hooked else nullcontext()
     with mock.patch.dict(os.environ, env, clear=True), redirect_stdout(out), redirect_stderr(err), hooks:
         try:
@@ -125,6 +127,8 @@ def run_in_process(args: Sequence[str], env: dict, hooked: bool = False) -> subp
             traceback.print_exc()
             code = 1
     torch.set_num_threads(threads)  # a run sets its process's thread count
+    for sig, handler in handlers.items():  # and a preempted one ignores stop signals until its process ends
+        signal.signal(sig, handler)
     return subprocess.CompletedProcess(["distvgg.train", *args], code, out.getvalue(), err.getvalue())
 
 
