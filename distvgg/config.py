@@ -69,7 +69,7 @@ class TrainConfig:
     """Mixup: mix each batch with itself reversed, by a Beta(ALPHA, ALPHA) weight, targets too (0: off)."""
     cutmix: float = 0.0
     """CutMix: paste a box of the reversed batch into each batch, its area drawn from Beta(ALPHA, ALPHA), targets
-    mixed by area (0: off). With --mixup too, each step uses one of the two, at random."""
+    mixed by area (0: off). With --mixup too, each micro-batch uses one of the two, at random."""
     mean: float = 0.5
     """Normalisation mean, for every channel (the guide's 0.5)."""
     std: float = 0.5
@@ -150,7 +150,9 @@ class TrainConfig:
     mixed_precision: Optional[str] = None
     """no, fp16 or bf16 (default: the accelerate config's)."""
     log_every: int = 100
-    """Print and log the training loss every this many optimizer steps (the guide's 100)."""
+    """Print and log the training loss every this many optimizer steps of the run, counted across epochs, and at
+    the last step (the guide's 100); each value is the mean over the steps since the previous log point or the
+    start of the epoch, whichever is later."""
     report_to: str = "wandb"
     """Trackers: wandb, tensorboard, all or none (metrics.jsonl is always written)."""
     wandb_project: str = "distvgg"
@@ -175,8 +177,9 @@ class TrainConfig:
     """Keep this many of the newest checkpoints; older ones are deleted once a newer one is complete."""
     resume: str = "auto"
     """auto: continue from the latest good checkpoint in --output-dir, or start fresh when there is none; PATH:
-    continue from that checkpoint folder; none: start over (the earlier run's outputs are moved aside, not
-    deleted)."""
+    continue from that checkpoint folder; none: start over (checkpoints/, best/, final/, metrics.jsonl and
+    config.yaml are moved into previous-<time>/, not deleted; wandb/ and tensorboard/ stay, and wandb_run_id
+    gets the new run's id)."""
 
     def problems(self) -> list[str]:
         """Every invalid option, one message each."""

@@ -107,7 +107,7 @@ def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals) ->
         run.skipped_steps += skipped
         since_log, run.global_step, run.step_in_epoch = since_log + 1, run.global_step + 1, run.step_in_epoch + 1
         progress.update(1)
-        if run.step_in_epoch % cfg.log_every == 0 or run.global_step == run.total_steps:
+        if run.global_step % cfg.log_every == 0 or run.global_step == run.total_steps:  # steps of the run, not epoch
             # note: the loop's only host sync, at log points: the loss averaged over processes
             mean_loss = acc.reduce(running / since_log, reduction="mean").item()
             log_train(run, epoch, mean_loss, since_log * run.global_batch / (time.perf_counter() - tick), progress)

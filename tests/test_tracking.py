@@ -87,6 +87,13 @@ def tracked_run(dataset, tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.mark.slow
+def test_log_every_counts_the_runs_steps_across_epochs_and_a_resume(tracked_run):
+    """5-step epochs and --log-every 2, stopped at step 3 and resumed: the loss is logged at every second step of
+    the run, once each (counted within each epoch, it would be logged at steps 2, 4, 7, 9 and 10)."""
+    assert [r["step"] for r in tracked_run.metrics if "train/loss" in r] == [2, 4, 6, 8, 10]
+
+
+@pytest.mark.slow
 def test_unreachable_server_falls_back_offline_under_the_same_run_id(tracked_run):
     """Credentials but no server: wandb.init gives up after WANDB_INIT_TIMEOUT and the same run id is logged
     offline, once per attempt; the job trains instead of hanging, and ends with the `wandb sync` command."""
