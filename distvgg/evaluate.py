@@ -18,6 +18,23 @@ from distvgg.models import MODEL_PATH_HELP, LoadedModel, ModelLoadError, load_mo
 PROG = "distvgg.evaluate"
 
 
+class _OneOrTwo(argparse.Action):
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        if len(values) > 2:
+            parser.error(f"{option_string} takes one or two numbers (N, or H W), got {len(values)}")
+        setattr(namespace, self.dest, values)
+
+
+# --image-size of evaluate and report: the run's own by default, as the model was built for it.
+IMAGE_SIZE = {
+    "action": _OneOrTwo,
+    "nargs": "+",
+    "type": positive_int,
+    "metavar": "N",
+    "help": "resize the test images to N x N or H x W as they are decoded (default: as the run did, --image-size)",
+}
+
+
 def load_test_split(
     dataset: str, loaded: LoadedModel, eval_limit: int | None = None, warn: Callable | None = None, **load_args: Any
 ) -> Any:
@@ -30,7 +47,8 @@ def load_test_split(
     if size != loaded.image_size:
         raise DataError(
             f"the test images of {dataset} are {size[0]}x{size[1]} but the model {loaded.weights} was built for "
-            f"{loaded.image_size[0]}x{loaded.image_size[1]}: evaluate it on the dataset it was trained on"
+            f"{loaded.image_size[0]}x{loaded.image_size[1]}: evaluate it on the dataset it was trained on, or resize "
+            f"the images with --image-size {loaded.image_size[0]} {loaded.image_size[1]}"
         )
     if data.num_classes != loaded.num_classes:
         raise DataError(f"{dataset} has {data.num_classes} classes but the model predicts {loaded.num_classes}")
@@ -42,12 +60,14 @@ def load_test_split(
 def evaluate_model(
     loaded: LoadedModel, accelerator: Any, dataset: str | None = None, *, batch_size: int | None = None, **options: Any
 ) -> tuple[dict[str, Any], Any, str]:
-    """``train.evaluate``'s result on the test split of ``dataset`` (default: the run's, read as training read it),
-    the split and the dataset. ``options``: eval_limit, tta, warn, cache_dir, image_column, label_column."""
+    """``train.evaluate``'s result on the test split of ``dataset`` (default: the run's), the split and the dataset.
+    The images are read as training read them (its cache, image size and bad-image choice, and for its own dataset
+    its columns) unless ``options`` say otherwise: eval_limit, tta, warn, cache_dir, image_size, image_column,
+    label_column."""
     from distvgg import batches, train
 
     tc, tta = loaded.train_config, options.pop("tta", False)
-    defaults = ("cache_dir",) if dataset else ("cache_dir", "image_column", "label_column")  # the run's way to read it
+    defaults = ("cache_dir", "image_size", "skip_bad_images") + (() if dataset else ("image_column", "label_column"))
     options = {**{k: tc.get(k) for k in defaults}, **{k: v for k, v in options.items() if v is not None}}
     if not (dataset := dataset or tc.get("dataset")):
         raise ModelLoadError(f"{loaded.weights} does not record the dataset it was trained on: pass --dataset")
@@ -113,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT.json", help="write all results (per-class, confusion matrix) as JSON")
     p.add_argument("--confusion-png", metavar="OUT.png", help="save the confusion matrix as a PNG")
     p.add_argument("--cache-dir", help="decoded-dataset cache (default: the run's, else $DISTVGG_CACHE)")
+    p.add_argument("--image-size", **IMAGE_SIZE)
     for column in ("image", "label"):
         p.add_argument(f"--{column}-column", help=f"{column} column (default: the run's when --dataset is not given)")
     return p
@@ -142,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace, loaded: LoadedModel, accelerator: Any, warn: Any) -> int:
-    options = {k: getattr(args, k) for k in ("batch_size", "eval_limit", "cache_dir", "image_column", "label_column")}
+    names = ("batch_size", "eval_limit", "cache_dir", "image_size", "image_column", "label_column")
+    options = {k: getattr(args, k) for k in names}
     result, _, dataset = evaluate_model(loaded, accelerator, args.dataset, tta=args.tta == "flip", warn=warn, **options)
     if not accelerator.is_main_process:
         return 0

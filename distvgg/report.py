@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distvgg.config import positive_int
-from distvgg.evaluate import evaluate_model, plot_confusion, result_tables
+from distvgg.evaluate import IMAGE_SIZE, evaluate_model, plot_confusion, result_tables
 from distvgg.files import BEST_DIR, FINAL_DIR, step_folders
 from distvgg.models import MODEL_PATH_HELP, LoadedModel, ModelLoadError, load_model
 from distvgg.tracking import METRICS_FILE
@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-limit", type=positive_int, help="use a seeded, class-balanced subset of this many test images"
     )
     p.add_argument("--cache-dir", help="decoded-dataset cache (default: the run's, else $DISTVGG_CACHE)")
+    p.add_argument("--image-size", **IMAGE_SIZE)
     return p
 
 
@@ -182,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = load_metrics(output_dir)
         if args.checkpoint or any((output_dir / d).is_dir() for d in (FINAL_DIR, BEST_DIR)) or step_folders(output_dir):
             loaded = load_model(args.checkpoint or output_dir, warn=warn)
-            results = test_results(loaded, args.dataset, eval_limit=args.eval_limit, cache_dir=args.cache_dir)
+            options = {k: getattr(args, k) for k in ("eval_limit", "cache_dir", "image_size")}
+            results = test_results(loaded, args.dataset, **options)
             tc = loaded.train_config
             title += f": {tc.get('model', '')} width {tc.get('width', '')} on {results['dataset']}"
         else:

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from distvgg import evaluate
+from distvgg import evaluate, report
 from distvgg.data import DataError, balanced_subset
 from distvgg.models import build_model, load_model, model_spec, save_pretrained
-from tests.datagen import make_parquet_dataset
+from tests.datagen import class_names, encode_images, make_arrays, make_parquet_dataset, write_parquet_split
 from tests.helpers import ok, run_train
 
 
@@ -111,3 +111,45 @@ def test_two_processes_count_every_image_once_with_flip_tta(trained_run, hand_co
     assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
     assert text.count("test loss:") == 1  # printed by the main process only
+
+
+def _run_folder(root, image_size: tuple[int, int], train_config: dict):
+    """A run folder whose final/ holds a model built for ``image_size``, trained (by its options) as ``train_config``
+    says, with one metrics record for the report."""
+    torch.manual_seed(0)
+    model = build_model("vgg3layer", 4, width=0.125, image_size=image_size).eval()
+    spec = model_spec("vgg3layer", 4, 0.125, 0.5, image_size, class_names(4), train_config=train_config)
+    save_pretrained(model, root / "final", spec)
+    (root / "metrics.jsonl").write_text(json.dumps({"step": 1, "epoch": 1, "eval/accuracy": 0.5}) + "\n")
+    return root
+
+
+def test_evaluate_and_report_read_the_images_as_the_run_did(tiny_dataset, tmp_path, capsys):
+    """A run trained with --image-size 24 on 32x32 images: its test split is resized as training resized it."""
+    run = _run_folder(tmp_path / "run", (24, 24), {"dataset": str(tiny_dataset), "image_size": [24], "seed": 0})
+    js = tmp_path / "eval.json"
+    assert evaluate.main(["--checkpoint", str(run), "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["count"] == 21
+    assert report.main([str(run), "--out", str(tmp_path / "report.png")]) == 0
+    assert "of 21 images of" in (tmp_path / "report.html").read_text()
+    # --image-size overrides the run's; a size the model was not built for is one clear error
+    assert evaluate.main(["--checkpoint", str(run), "--dataset", str(tiny_dataset), "--image-size", "32"]) == 1
+    assert "built for 24x24" in capsys.readouterr().err
+    other = _run_folder(tmp_path / "other", (24, 24), {"dataset": str(tiny_dataset), "seed": 0})
+    assert evaluate.main(["--checkpoint", str(other), "--image-size", "24", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["count"] == 21
+
+
+def test_evaluate_skips_bad_images_where_the_run_did(tmp_path, capsys):
+    images, labels = make_arrays(6, 4, 32, seed=3)
+    blobs = encode_images(images)
+    data = tmp_path / "data"
+    write_parquet_split(data / "train-00000-of-00001.parquet", blobs, labels, class_names(4))
+    write_parquet_split(data / "test-00000-of-00001.parquet", [b"not an image", *blobs[1:]], labels, class_names(4))
+    skipping = _run_folder(tmp_path / "skip", (32, 32), {"dataset": str(data), "skip_bad_images": True, "seed": 0})
+    js = tmp_path / "eval.json"
+    assert evaluate.main(["--checkpoint", str(skipping), "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["count"] == 5
+    strict = _run_folder(tmp_path / "strict", (32, 32), {"dataset": str(data), "seed": 0})
+    assert evaluate.main(["--checkpoint", str(strict)]) == 1
+    assert "--skip-bad-images" in capsys.readouterr().err
