@@ -27,8 +27,6 @@ from pathlib import Path
 
 
 def install() -> None:
-    import torch
-
     import distvgg.build as build
     import distvgg.files as files
     import distvgg.train as train
@@ -58,16 +56,10 @@ def install() -> None:
         run = box["run"]
         number = run.global_step + 1
         if trace:
-            path = Path(f"{trace}.rank{run.accelerator.process_index}.jsonl")
-            rng = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12]
-            with path.open("a") as f:
-                for epoch, indices in box["pending"]:
-                    record = {"step": number, "epoch": epoch, "pid": os.getpid(), "indices": indices, "rng": rng}
-                    f.write(json.dumps(record) + "\n")
+            _write_trace(Path(f"{trace}.rank{run.accelerator.process_index}.jsonl"), number, box["pending"])
         box["pending"].clear()
-        deadline = time.monotonic() + 600
-        while number == hold_at and not Path(release).exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        if number == hold_at:
+            _wait_for(Path(release), seconds=600)
         result = step(*args, **kwargs)
         if number == signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -75,12 +67,36 @@ def install() -> None:
             time.sleep(delay)
         return result
 
-    def failing_marker(folder):
-        if fail_at and Path(folder).name == f".tmp-step-{int(fail_at):08d}":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))  # as a full disk would
+    build.setup, train.train_step = hooked_setup, hooked_step
+    files.write_marker = _failing_marker(write_marker, f".tmp-step-{int(fail_at):08d}") if fail_at else write_marker
+
+
+def _failing_marker(write_marker, failing: str):
+    """``files.write_marker``, failing as on a full disk for the folder named ``failing``."""
+
+    def marker(folder):
+        if Path(folder).name == failing:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
         return write_marker(folder)
 
-    build.setup, train.train_step, files.write_marker = hooked_setup, hooked_step, failing_marker
+    return marker
+
+
+def _write_trace(path: Path, step: int, pending: list) -> None:
+    """One record per micro-batch of this step: its epoch and sample indices, and a hash of the torch RNG state."""
+    import torch
+
+    rng = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12]
+    with path.open("a") as f:
+        for epoch, indices in pending:
+            f.write(json.dumps({"step": step, "epoch": epoch, "pid": os.getpid(), "indices": indices, "rng": rng}))
+            f.write("\n")
+
+
+def _wait_for(path: Path, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,19 @@ class RecordLogError(ValueError):
     """The file is not a valid W&B record log."""
 
 
+def _chunk(data: bytes, pos: int, path: str | Path) -> tuple[int | None, bytes]:
+    """(kind, body) of the chunk at ``pos``, its checksum verified; (None, b"") for a zeroed tail."""
+    checksum, length, kind = struct.unpack_from("<IHB", data, pos)
+    if kind == 0 and length == 0 and checksum == 0:
+        return None, b""
+    body = data[pos + CHUNK_HEADER : pos + CHUNK_HEADER + length]
+    if len(body) != length:
+        raise RecordLogError(f"{path}: truncated record at byte {pos}")
+    if zlib.crc32(bytes([kind]) + body) != checksum:
+        raise RecordLogError(f"{path}: bad checksum at byte {pos}")
+    return kind, body
+
+
 def raw_records(path: str | Path) -> Iterator[bytes]:
     """The payload of every record, in order, checksums verified."""
     data = Path(path).read_bytes()
@@ -44,15 +57,10 @@ def raw_records(path: str | Path) -> Iterator[bytes]:
         if left_in_block < CHUNK_HEADER:  # block trailer: zero padding
             pos += left_in_block
             continue
-        checksum, length, kind = struct.unpack_from("<IHB", data, pos)
-        if kind == 0 and length == 0 and checksum == 0:  # zeroed tail (preallocated, or the writer stopped)
+        kind, body = _chunk(data, pos, path)
+        if kind is None:  # zeroed tail (preallocated, or the writer stopped)
             break
-        body = data[pos + CHUNK_HEADER : pos + CHUNK_HEADER + length]
-        if len(body) != length:
-            raise RecordLogError(f"{path}: truncated record at byte {pos}")
-        if zlib.crc32(bytes([kind]) + body) != checksum:
-            raise RecordLogError(f"{path}: bad checksum at byte {pos}")
-        pos += CHUNK_HEADER + length
+        pos += CHUNK_HEADER + len(body)
         if kind == FULL:
             yield body
         elif kind == FIRST:
