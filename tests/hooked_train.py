@@ -10,7 +10,8 @@ environment variables (all off unless set):
   disk (OSError ENOSPC);
 - ``HOOK_STEP_DELAY=s``: sleep s seconds after each step (so that a test can signal or kill a run mid-way);
 - ``HOOK_HOLD_AT_STEP=k`` with ``HOOK_RELEASE=PATH``: step k waits until PATH exists (so that a test can act
-  while the job is surely still running, however loaded the machine).
+  while the job is surely still running, however loaded the machine);
+- ``HOOK_EVENTS=DIR``: each process appends its data cache hits, misses and decodes to ``DIR/rank-<RANK>.txt``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,30 @@ def install() -> None:
 
     build.setup, train.train_step = hooked_setup, hooked_step
     files.write_marker = _failing_marker(write_marker, f".tmp-step-{int(fail_at):08d}") if fail_at else write_marker
+    _record_data_events(env.get("HOOK_EVENTS"))
+
+
+def _record_data_events(folder: str | None) -> None:
+    """Each cache lookup (hit or miss) and each decode of the data, appended to ``folder/rank-<RANK>.txt``."""
+    import distvgg.data as data
+
+    if not folder:
+        return
+    record = Path(folder) / f"rank-{os.environ.get('RANK', '0')}.txt"
+    read_cache, decode = data._read_cache, data._decode_dataset_dict
+
+    def read_cache_recorded(*a, **kw):
+        found = read_cache(*a, **kw)
+        with record.open("a") as f:
+            f.write("cache-hit\n" if found is not None else "cache-miss\n")
+        return found
+
+    def decode_recorded(*a, **kw):
+        with record.open("a") as f:
+            f.write("decode\n")
+        return decode(*a, **kw)
+
+    data._read_cache, data._decode_dataset_dict = read_cache_recorded, decode_recorded
 
 
 def _failing_marker(write_marker, failing: str):
@@ -103,15 +128,16 @@ def _wait_for(path: Path, seconds: float) -> None:
 def installed():
     """The hooks for the duration of a block, for a run inside the test process."""
     import distvgg.build as build
+    import distvgg.data as data
     import distvgg.files as files
     import distvgg.train as train
 
-    saved = build.setup, train.train_step, files.write_marker
+    saved = build.setup, train.train_step, files.write_marker, data._read_cache, data._decode_dataset_dict
     install()
     try:
         yield
     finally:
-        build.setup, train.train_step, files.write_marker = saved
+        build.setup, train.train_step, files.write_marker, data._read_cache, data._decode_dataset_dict = saved
 
 
 if __name__ == "__main__":

@@ -172,8 +172,7 @@ def test_processes_sharing_a_cache_decode_the_data_once(tiny_parquet, tmp_path):
                 str(cache),
             ],
             nproc=2,
-            module="tests.test_multinode",
-            env={"DISTVGG_TEST_EVENTS": str(events)},
+            env={"HOOK_EVENTS": str(events)},
             timeout=180,
         )
     )
@@ -259,34 +258,3 @@ def training_process_of(launcher_pid: int) -> int:
         if "distvgg.train" in cmd and "launch" not in cmd:
             return child.pid
     raise AssertionError(f"no distvgg.train process under launcher {launcher_pid}")
-
-
-# --------------------------------------------------------------------------------------------------
-# python -m tests.test_multinode: distvgg.train, recording each process's cache hits and decodes.
-# --------------------------------------------------------------------------------------------------
-
-
-def _instrumented_main(argv: list[str]) -> int:
-    import distvgg.data as data
-    from distvgg.train import main
-
-    record = Path(os.environ["DISTVGG_TEST_EVENTS"]) / f"rank-{os.environ.get('RANK', '0')}.txt"
-    read_cache, decode = data._read_cache, data._decode_dataset_dict
-
-    def read_cache_recorded(*a, **kw):
-        found = read_cache(*a, **kw)
-        with record.open("a") as f:
-            f.write("cache-hit\n" if found is not None else "cache-miss\n")
-        return found
-
-    def decode_recorded(*a, **kw):
-        with record.open("a") as f:
-            f.write("decode\n")
-        return decode(*a, **kw)
-
-    data._read_cache, data._decode_dataset_dict = read_cache_recorded, decode_recorded
-    return main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(_instrumented_main(sys.argv[1:]))
