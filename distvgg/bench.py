@@ -30,7 +30,7 @@ from accelerate.state import AcceleratorState
 
 import distvgg
 from distvgg import build, machine, train
-from distvgg.config import ConfigError, TrainConfig, parse_config
+from distvgg.config import ConfigError, TrainConfig, count_problem, parse_config
 from distvgg.data import DEFAULT_DATASET, DataError, load_image_data
 from distvgg.models import build_model
 
@@ -93,8 +93,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--device cuda: torch sees no CUDA GPU here; use --device cpu")
     v = vars(args)
     v.update({k: x for k, x in zip(DEFAULT_NAMES, DEFAULTS["tiny" if args.tiny else args.device]) if v[k] is None})
-    least = {"steps": 1, "repeats": 1, "train_limit": 1, "threads": 1, "epochs": 1, "warmup_steps": 0}
-    problems = [f"--{k.replace('_', '-')} must be >= {m}" for k, m in least.items() if v[k] is not None and v[k] < m]
+    counts = ("steps", "repeats", "train_limit", "threads", "epochs")
+    problems = [f"--{k.replace('_', '-')} {why}" for k in counts if (why := count_problem(v[k]))]
+    problems += ["--warmup-steps must be >= 0"] if v["warmup_steps"] < 0 else []
     if args.time_to_accuracy is not None:
         args.time_to_accuracy /= 100 if args.time_to_accuracy > 1 else 1
         if not 0 <= args.time_to_accuracy <= 1:

@@ -108,7 +108,7 @@ def test_bad_options_exit_2_with_a_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--steps", "0", "--warmup-steps", "-1", "--time-to-accuracy", "150"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "--steps must be >= 1" in err and "--warmup-steps must be >= 0" in err
+    assert exit_info.value.code == 2 and "--steps must be at least 1" in err and "--warmup-steps must be >= 0" in err
     assert "--time-to-accuracy" in err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
