@@ -27,11 +27,6 @@ FAKE_KEY = "fake0secret0key0" + "x" * 24  # 40 characters: wandb accepts its for
 TINY_WANDB = [*TINY, "--report-to", "wandb"]
 
 
-@pytest.fixture(scope="module")
-def dataset(tiny_dataset) -> Path:
-    return tiny_dataset  # 40 training images (5 steps of 8 per epoch), 21 test images
-
-
 def wandb_files(root: Path, prefix: str = "") -> list[Path]:
     """The ``.wandb`` record logs of the run folders under ``root`` whose names start with ``prefix``."""
     return sorted(
@@ -63,7 +58,7 @@ SECRET_ENV_VALUE = "sentinel-env-value-0451"
 
 
 @pytest.fixture(scope="module")
-def tracked_run(dataset, tmp_path_factory) -> SimpleNamespace:
+def tracked_run(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
     """One run tracked by every tracker with every W&B option, as a job on a node without internet sees it: W&B
     credentials (a fake key) but no reachable server, so W&B falls back offline. It is stopped at step 3 by
     SIGUSR1 (a checkpoint, exit 75) and run again to the end, as a requeued job, so it has two W&B record logs.
@@ -75,13 +70,13 @@ def tracked_run(dataset, tmp_path_factory) -> SimpleNamespace:
         server = f"http://127.0.0.1:{s.getsockname()[1]}"
     env = {"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": server, "WANDB_INIT_TIMEOUT": "1", "WANDB_DIR": str(wandb_dir)}
     env = clean_env(tmp, **env, DISTVGG_TEST_TOKEN=SECRET_ENV_VALUE)
-    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--report-to", "all", "--wandb-log-model"]
+    args = ["--dataset", str(tiny_dataset), "--output-dir", str(out), *TINY, "--report-to", "all", "--wandb-log-model"]
     args += ["--wandb-tags", "tiny", "ci", "--wandb-name", "tiny-run"]
     first = run_train(args, env={**env, "HOOK_SIGNAL_AT_STEP": "3"}, **CLEAN)
     assert first.returncode == PREEMPT_EXIT_CODE, output(first)[-3000:]
     second = run_train(args, env=env, **CLEAN)
     assert second.returncode == 0, output(second)[-3000:]
-    run = SimpleNamespace(dataset=dataset, out=out, wandb_dir=wandb_dir, first=first, second=second)
+    run = SimpleNamespace(dataset=tiny_dataset, out=out, wandb_dir=wandb_dir, first=first, second=second)
     run.files, run.metrics = wandb_files(wandb_dir, "offline-run-"), read_metrics(out)
     return run
 
@@ -187,11 +182,11 @@ def test_tracked_run_leaks_no_secret(tracked_run):
 
 
 @pytest.mark.slow
-def test_two_processes_without_credentials_make_one_offline_run(dataset, tmp_path):
+def test_two_processes_without_credentials_make_one_offline_run(tiny_dataset, tmp_path):
     """WANDB_MODE unset, no key, empty HOME, stdin closed, 2 processes: trains without prompting, and only the
     main process logs, offline into OUTPUT_DIR/wandb, then prints the `wandb sync` command."""
     out = tmp_path / "out"
-    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB, "--epochs", "1"]
+    args = ["--dataset", str(tiny_dataset), "--output-dir", str(out), *TINY_WANDB, "--epochs", "1"]
     proc = run_train(args, 2, clean_env(tmp_path), **CLEAN)
     assert proc.returncode == 0, output(proc)[-3000:]
     assert "2 process(es)" in output(proc) and "no credentials found" in output(proc)
@@ -204,10 +199,10 @@ def test_two_processes_without_credentials_make_one_offline_run(dataset, tmp_pat
 
 
 @pytest.mark.slow
-def test_invalid_key_stops_the_run_before_training(dataset, tmp_path):
+def test_invalid_key_stops_the_run_before_training(tiny_dataset, tmp_path):
     """A key in an invalid format: the run stops before training, with an error naming WANDB_API_KEY."""
     out = tmp_path / "out"
-    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY_WANDB]
+    args = ["--dataset", str(tiny_dataset), "--output-dir", str(out), *TINY_WANDB]
     proc = run_train(args, env=clean_env(tmp_path, WANDB_API_KEY="short"), **CLEAN)
     assert proc.returncode == 1 and "WANDB_API_KEY" in proc.stderr, output(proc)[-3000:]
     assert not (out / tracking.METRICS_FILE).exists() or not read_metrics(out)
