@@ -1,7 +1,8 @@
 """Every knob of a training run: one dataclass, one validation, one command line.
 
-Each field's docstring is its ``--help`` text. Options come from defaults, then an
-optional YAML file (``--config FILE``), then the command line, each overriding the last.
+Each field's docstring is its ``--help`` text, and its annotation its type. Options come from defaults, then a
+recipe (``--recipe``), then a YAML file (``--config FILE``), then the command line, each overriding the last; the
+YAML ones are spelled as a command line and go through the same argparse parser, so types are checked once.
 """
 
 from __future__ import annotations
