@@ -320,9 +320,9 @@ def build_parser(cls: type = TrainConfig, prog: str = "distvgg.train") -> argpar
     for f in fields(cls):
         kind, optional, many = _kind(hints[f.name])
         flag, help_text = _flag(f.name), f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})"
-        shape = {"nargs": ("+" if kind is int else "*") if many else None, "metavar": f.name.upper()}
-        if many:
-            shape["metavar"] = "N" if kind is int else "TAG"
+        shape = {"metavar": f.name.upper()}
+        if many:  # image_size (numbers, at least one) and wandb_tags (any number of words)
+            shape = {"nargs": "+", "metavar": "N"} if kind is int else {"nargs": "*", "metavar": "TAG"}
         if kind is bool:  # --name, --name=true|false, --no-name
             shape = {"nargs": "?", "const": "true", "metavar": "true|false"}
         parser.add_argument(f"--{flag}", type=_converter(kind, optional and not many), help=help_text, **shape)
