@@ -10,7 +10,11 @@ environment variables (all off unless set):
   disk (OSError ENOSPC);
 - ``HOOK_STEP_DELAY=s``: sleep s seconds after each step (so that a test can signal or kill a run mid-way);
 - ``HOOK_HOLD_AT_STEP=k`` with ``HOOK_RELEASE=PATH``: step k waits until PATH exists (so that a test can act
-  while the job is surely still running, however loaded the machine).
+  while the job is surely still running, however loaded the machine);
+- ``HOOK_COMPILE_BACKEND=NAME``: torch.compile uses that backend (aot_eager: dynamo and AOT autograd, without
+  Inductor's C++ compilation, which takes minutes on a CPU);
+- ``HOOK_ALLREDUCES=PREFIX``: a DDP comm hook counts the gradient all-reduces that complete each optimizer step
+  (buckets marked last), appending (step, count) to ``PREFIX.rank<r>.jsonl``.
 """
 
 from __future__ import annotations
@@ -41,9 +45,25 @@ def install() -> None:
     fail_at = env.get("HOOK_FAIL_CHECKPOINT_AT")
     delay = float(env.get("HOOK_STEP_DELAY", "0") or 0)
     hold_at, release = int(env.get("HOOK_HOLD_AT_STEP", "0") or 0), env.get("HOOK_RELEASE")
+    backend, allreduces = env.get("HOOK_COMPILE_BACKEND"), env.get("HOOK_ALLREDUCES")
+    box["allreduces"] = 0
+
+    def counting_hook(state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        box["allreduces"] += bucket.is_last()
+        return allreduce_hook(state, bucket)
 
     def hooked_setup(cfg, accelerator):
-        run = box["run"] = setup(cfg, accelerator)
+        real_compile = torch.compile
+        if backend:
+            torch.compile = lambda model, **kw: real_compile(model, backend=backend, **kw)
+        try:
+            run = box["run"] = setup(cfg, accelerator)
+        finally:
+            torch.compile = real_compile
+        if allreduces and hasattr(run.model, "register_comm_hook"):
+            run.model.register_comm_hook(None, counting_hook)
         prepare, box["pending"] = run.prepare_batch, []
 
         def recording_prepare(batch, epoch, training):
@@ -68,7 +88,11 @@ def install() -> None:
         deadline = time.monotonic() + 600
         while number == hold_at and not Path(release).exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+        box["allreduces"] = 0
         result = step(*args, **kwargs)
+        if allreduces:
+            with Path(f"{allreduces}.rank{run.accelerator.process_index}.jsonl").open("a") as f:
+                f.write(json.dumps({"step": number, "allreduces": box["allreduces"]}) + "\n")
         if number == signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)
         if delay:

@@ -1,0 +1,166 @@
+"""What a GPU run relies on, checked on the CPU: --compile saves plain weights and keeps DDP's no_sync, every epoch
+says where its wall time went, best/ and media are written only when due, --profile-steps writes a trace, and the
+stop-signal agreement of several processes does not wait for the device."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distvgg import checkpoint as ckpt
+from distvgg import preemption, timing, tracking, train
+from distvgg.models import VGG3Layer
+from distvgg.tracking import read_metrics
+from tests.datagen import make_parquet_dataset
+from tests.helpers import TINY, ok, run_train
+
+PARTS = [f"time/{p}_seconds" for p in (*timing.PARTS, "other")]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=32, n_test=12)
+
+
+def assert_plain_vgg3layer(weights: dict, where: str) -> None:
+    """The guide's class (at the tests' width) loads the weights as they are, with strict=True."""
+    assert not [k for k in weights if k.startswith(("module.", "_orig_mod."))], (where, list(weights)[:3])
+    VGG3Layer(4, width=0.125).load_state_dict(weights, strict=True)
+
+
+# ---- --compile --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compiled_run_saves_weights_the_guides_class_loads(dataset, tmp_path):
+    """final/, best/, the checkpoints' model and EMA: no wrapper prefixes. aot_eager compiles the graph as
+    torch.compile does (dynamo, AOT autograd) without Inductor's minutes of C++ compilation."""
+    out = tmp_path / "run"
+    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--compile", "--ema-decay", "0.9"]
+    text = ok(run_train([*args, "--checkpoint-every", "2"], env={"HOOK_COMPILE_BACKEND": "aot_eager"}))
+    assert "--compile: the first step (compilation) took" in text
+    for folder in ("final", "best"):
+        assert_plain_vgg3layer(load_file(str(out / folder / "model.safetensors")), folder)
+    latest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert_plain_vgg3layer(load_file(str(Path(latest) / "model.safetensors")), "checkpoint model")
+    ema = torch.load(Path(latest) / "custom_checkpoint_0.pkl", weights_only=True)
+    assert_plain_vgg3layer(ema, "checkpoint EMA")
+    records = read_metrics(out)
+    compile_seconds = [r["time/compile_seconds"] for r in records if "time/compile_seconds" in r]
+    assert compile_seconds[0] > 0 and compile_seconds[1:] == [0.0]  # the first step of epoch 1, timed apart
+
+
+@pytest.mark.slow
+def test_ddp_compile_accumulation_all_reduces_once_per_optimizer_step(dataset, tmp_path):
+    """2 gloo processes, --compile, 2 micro-batches per step: DDP's no_sync still holds back the first micro-batch's
+    all-reduce, for every step (also after the evaluations, which used to unwrap the compiled module). A comm hook
+    counts the all-reduces; the final weights load into the guide's class."""
+    out, counts = tmp_path / "run", tmp_path / "allreduces"
+    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--compile", "--batch-size", "4"]
+    args += ["--gradient-accumulation-steps", "2", "--checkpoint-every", "none"]
+    env = {"HOOK_COMPILE_BACKEND": "aot_eager", "HOOK_ALLREDUCES": str(counts)}
+    text = ok(run_train(args, nproc=2, env=env, timeout=400))
+    assert "2 process(es), global batch 16" in text
+    for rank in (0, 1):
+        lines = Path(f"{counts}.rank{rank}.jsonl").read_text().splitlines()
+        steps = [json.loads(line) for line in lines]
+        assert [s["step"] for s in steps] == [1, 2, 3, 4]  # 32 images / 16 per step, 2 epochs
+        assert [s["allreduces"] for s in steps] == [1, 1, 1, 1], (rank, steps)
+    assert_plain_vgg3layer(load_file(str(out / "final" / "model.safetensors")), "final")
+
+
+# ---- where the time goes ----------------------------------------------------------------------------------------
+
+
+def test_epochs_split_their_wall_time_and_best_and_media_come_only_when_due(dataset, tmp_path, monkeypatch):
+    """3 epochs, media every 2, no checkpoints: each epoch record's parts add up to its wall time, none is
+    negative, and the epochs' train seconds add up to the summary's; the summary's wall time is fit's as timed
+    from outside (within 5%). best/ is written once, at the end, although the accuracy may improve every epoch;
+    media come after epochs 2 and 3 (the last)."""
+    media, saved, fit_seconds = [], [], []
+    real_media, real_save, real_fit = tracking.log_eval_media, ckpt.save_model_folder, train.fit
+
+    def timed_fit(run, stop):
+        started = time.perf_counter()
+        real_fit(run, stop)
+        fit_seconds.append(time.perf_counter() - started)
+
+    monkeypatch.setattr(tracking, "log_eval_media", lambda *a, **k: media.append(k["step"]) or real_media(*a, **k))
+    monkeypatch.setattr(
+        ckpt, "save_model_folder", lambda folder, *a: saved.append(folder.name) or real_save(folder, *a)
+    )
+    monkeypatch.setattr(train, "fit", timed_fit)
+    out = tmp_path / "run"
+    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--epochs", "3", "--batch-size", "8"]
+    text = ok(run_train([*args, "--log-media-every", "2", "--checkpoint-every", "none", "--lr", "0.05"]))
+    records = read_metrics(out)
+    epochs = [r for r in records if "time/wall_seconds" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3] and [r["step"] for r in epochs] == [4, 8, 12]
+    for r in epochs:
+        assert all(r[k] >= 0 for k in PARTS), r
+        assert sum(r[k] for k in PARTS) == pytest.approx(r["time/wall_seconds"], rel=1e-6)
+        assert r["time/train_seconds"] > 0 and r["time/eval_seconds"] > 0 and r["time/checkpoint_seconds"] == 0
+    summary = next(r for r in records if "summary/wall_seconds" in r)
+    assert summary["summary/wall_seconds"] == pytest.approx(fit_seconds[0], rel=0.05)
+    assert summary["summary/train_seconds"] == pytest.approx(sum(r["time/train_seconds"] for r in epochs), rel=1e-6)
+    assert summary["summary/other_seconds"] >= 0 and summary["summary/best_seconds"] > 0
+    assert media == [8, 12]
+    assert saved == ["best", "final"]
+    best = json.loads((out / "best" / "model.json").read_text())
+    assert best["best_epoch"] == summary["summary/best_epoch"] and best["best_accuracy"] == max(
+        r["eval/accuracy"] for r in records if "eval/accuracy" in r
+    )
+    assert "time: " in text and "train " in text.split("time: ")[-1]
+
+
+def test_best_is_written_before_each_checkpoint_only_when_it_changed(dataset, tmp_path, monkeypatch):
+    """With a checkpoint every epoch, best/ goes to disk just before the checkpoint that follows an improvement,
+    never after an epoch that did not improve."""
+    events, real_save, real_ckpt = [], ckpt.save_model_folder, ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_model_folder", lambda f, *a: events.append(f.name) or real_save(f, *a))
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda *a, **k: events.append("checkpoint") or real_ckpt(*a, **k))
+    out = tmp_path / "run"
+    ok(run_train(["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--epochs", "3", "--batch-size", "8"]))
+    accuracies = [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r]
+    improved = [a > max(accuracies[:i], default=-1) for i, a in enumerate(accuracies)]
+    expected = [e for better in improved for e in (["best"] if better else []) + ["checkpoint"]] + ["final"]
+    assert events == expected
+
+
+def test_profile_steps_writes_a_trace_that_viewers_open(dataset, tmp_path):
+    out = tmp_path / "run"
+    text = ok(run_train(["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--profile-steps", "2"]))
+    traces = list((out / timing.PROFILE_DIR).glob("*.pt.trace.json"))
+    assert len(traces) == 1 and f"traced into {out / timing.PROFILE_DIR}" in text
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    steps = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
+    assert steps == {"ProfilerStep#4", "ProfilerStep#5"}  # 3 left out, 1 warm-up, then the 2 traced
+
+
+# ---- the stop-signal agreement ---------------------------------------------------------------------------------
+
+
+class _Reducing:
+    """Two processes' all-reduce of the stop flags, as seen by one of them (the other one's flag is ``others``)."""
+
+    def __init__(self) -> None:
+        self.num_processes, self.device, self.others = 2, torch.device("cpu"), 0.0
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        return tensor + self.others
+
+
+def test_the_queued_agreement_is_read_one_check_later_and_alike_on_every_process():
+    """On a GPU the flags' all-reduce is queued and read at the next check: a signal to another process stops this
+    one one check later, at the same step as there; none is lost."""
+    stop, acc = preemption.StopSignals(), _Reducing()
+    decisions = [stop.agree_later(acc)]
+    acc.others = 1.0  # the other process got SIGTERM before the second check
+    decisions += [stop.agree_later(acc), stop.agree_later(acc)]
+    assert decisions == [False, False, True]
