@@ -180,6 +180,7 @@ def validate(run: build.Run, epoch: int) -> dict[str, Any]:
         "eval/accuracy": result["accuracy"],
         "eval/count": result["count"],
         "eval/weights": "ema" if run.ema is not None else "trained",
+        "eval/train_seconds": clock.totals["train"],  # training steps so far in this attempt (compilation apart)
     }
     with clock.part("logging"):
         step = run.global_step
