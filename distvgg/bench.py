@@ -308,8 +308,9 @@ def throughput(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) -
             print(f"round {r + 1}/{args.repeats} {t.loop.name:<13} {speed:10,.1f} images/s", flush=True)
         result: dict[str, Any] = {t.loop.name: t.summary() for t in loops}
     finally:
-        for t in loops[1:]:
-            t.close()
+        for wait in (False, True):  # both end at once
+            for t in loops[1:]:
+                t.close(wait)
     for t in loops[1:]:  # the median of the per-round ratios
         key = f"ratio_{t.loop.name.removeprefix('distvgg_')}_vs_seed"
         result[key] = round(statistics.median(x / y for x, y in zip(t.windows, guide.windows)), 3)

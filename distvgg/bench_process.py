@@ -38,10 +38,16 @@ class RemoteLoop:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA or Accelerate state inherited
         self.loop, self.windows, (self.conn, child) = loop, [], context.Pipe()
         self.process = context.Process(target=serve, args=(child, loop, cfg, torch.get_num_threads(), flags))
-        self.process.start()
-        self._call()
+        self.process.start()  # it sets up while this process goes on; the first command waits for that
+        self.started = False
 
     def _call(self, *command: Any) -> Any:
+        if not self.started:
+            self.started = True
+            self._exchange()  # the answer to the setup
+        return self._exchange(*command)
+
+    def _exchange(self, *command: Any) -> Any:
         try:
             if command:
                 self.conn.send(command)
@@ -64,12 +70,14 @@ class RemoteLoop:
     def summary(self) -> dict[str, Any]:
         return self._call("summary")
 
-    def close(self) -> None:
-        """Ends the process (again: a no-op)."""
+    def close(self, wait: bool = True) -> None:
+        """Ends the process (again: a no-op); ``wait=False`` only asks it to end (``close()`` later waits)."""
         try:
             self.conn.send(("close",))
-        except OSError:  # it has ended already
+        except OSError:  # it has ended already, or was asked to
             pass
+        if not wait:
+            return
         self.process.join(timeout=60)
         if self.process.is_alive():
             self.process.kill()
