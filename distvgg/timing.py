@@ -18,10 +18,10 @@ PROFILE_DIR = "profile"
 PROFILE_SKIP = 3  # --profile-steps: steps left out first (the first compiles, allocates, autotunes), then 1 warm-up
 
 
-def sync_device() -> None:
-    """Wait for the accelerator's queued work, so that it is counted in the part that queued it (a no-op on CPUs)."""
-    if torch.accelerator.is_available():
-        torch.accelerator.synchronize()
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work, so that it is counted in the part that queued it (a no-op on CPUs)."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 class Clock:

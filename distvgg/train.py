@@ -122,7 +122,7 @@ def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals, pr
             preempt(run, stop.reason, saved, running)  # SIGTERM/SIGUSR1: checkpoint, then exit 75
         if run.global_step >= run.total_steps:
             break
-    timing.sync_device()  # the epoch's queued steps count as training, not as the evaluation that follows
+    timing.sync_device(acc.device)  # the epoch's queued steps count as training, not as the evaluation after it
 
 
 def optimizer_step(run: build.Run, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, Any]:
@@ -381,6 +381,7 @@ def train(
     try:
         fit(run, stop)
     except FloatingPointError as e:
+        save_best(run)  # the best weights were evaluated while finite; best/ may not have been written yet
         raise FloatingPointError(
             f"{e}\nthe last good checkpoint is {run.last_checkpoint or '(none yet)'}; no checkpoint is written after "
             f"a non-finite loss, and resuming with the same options would repeat the same steps: change them and "
