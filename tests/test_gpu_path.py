@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file
 
+from distvgg import build, preemption, timing, tracking, train
 from distvgg import checkpoint as ckpt
-from distvgg import preemption, timing, tracking, train
+from distvgg.config import TrainConfig
 from distvgg.models import VGG3Layer
 from distvgg.tracking import read_metrics
 from tests.datagen import make_parquet_dataset
@@ -164,3 +167,37 @@ def test_the_queued_agreement_is_read_one_check_later_and_alike_on_every_process
     acc.others = 1.0  # the other process got SIGTERM before the second check
     decisions += [stop.agree_later(acc), stop.agree_later(acc)]
     assert decisions == [False, False, True]
+
+
+# ---- fp16's gradient scaler ------------------------------------------------------------------------------------
+
+
+def test_fp16_with_non_fused_kernels_warns_of_the_scalers_wait():
+    with pytest.warns(UserWarning, match="--optimizer-impl foreach: the gradient scaler waits"):
+        build.warn_scaler_sync("fp16", "foreach")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for precision, impl in (("fp16", "auto"), ("fp16", "fused"), ("bf16", "loop"), (None, "foreach")):
+            build.warn_scaler_sync(precision, impl)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_skipped_scaler_steps_are_counted_with_fused_and_non_fused_kernels(impl):
+    """Two overflowing steps (infinite gradients injected; fp16 autocast needs a GPU) are counted as skipped, no
+    more: by the scale on the device with fused kernels, by Accelerate's public flag without."""
+    from accelerate import Accelerator
+
+    acc = Accelerator()
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # before prepare: the optimizer takes it from there
+    torch.manual_seed(0)
+    model = VGG3Layer(4, width=0.125)
+    optimizer = build.make_optimizer(TrainConfig(optimizer_impl=impl), model, lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    overflows = iter([float("inf"), float("inf")])
+    next(model.parameters()).register_hook(lambda grad: grad * next(overflows, 1.0))
+    batch = [(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)))]
+    step = lambda: bool(train.train_step(model, nn.CrossEntropyLoss(), optimizer, scheduler, acc, batch)[1])  # noqa: E731
+    skipped = [step() for _ in range(4)]
+    assert skipped == [True, True, False, False]
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
