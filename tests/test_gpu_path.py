@@ -80,66 +80,67 @@ def test_ddp_compile_accumulation_all_reduces_once_per_optimizer_step(dataset, t
 # ---- where the time goes ----------------------------------------------------------------------------------------
 
 
-def test_epochs_split_their_wall_time_and_best_and_media_come_only_when_due(dataset, tmp_path, monkeypatch):
-    """3 epochs, media every 2, no checkpoints: each epoch record's parts add up to its wall time, none is
-    negative, and the epochs' train seconds add up to the summary's; the summary's wall time is fit's as timed
-    from outside (within 5%). best/ is written once, at the end, although the accuracy may improve every epoch;
-    media come after epochs 2 and 3 (the last)."""
-    media, saved, fit_seconds = [], [], []
-    real_media, real_save, real_fit = tracking.log_eval_media, ckpt.save_model_folder, train.fit
+@pytest.fixture(scope="module")
+def timed_run(dataset, tmp_path_factory):
+    """One run of 3 epochs (4 steps each), a checkpoint after each, media every 2 epochs, 2 steps profiled; what it
+    wrote, fit's wall time as timed from outside, and the order of its model and checkpoint saves."""
+    events, media, fit_seconds = [], [], []
+    real_media, real_save, real_ckpt, real_fit = (
+        tracking.log_eval_media, ckpt.save_model_folder, ckpt.save_checkpoint, train.fit
+    )  # fmt: skip
 
     def timed_fit(run, stop):
         started = time.perf_counter()
         real_fit(run, stop)
         fit_seconds.append(time.perf_counter() - started)
 
-    monkeypatch.setattr(tracking, "log_eval_media", lambda *a, **k: media.append(k["step"]) or real_media(*a, **k))
-    monkeypatch.setattr(
-        ckpt, "save_model_folder", lambda folder, *a: saved.append(folder.name) or real_save(folder, *a)
-    )
-    monkeypatch.setattr(train, "fit", timed_fit)
-    out = tmp_path / "run"
-    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--epochs", "3", "--batch-size", "8"]
-    text = ok(run_train([*args, "--log-media-every", "2", "--checkpoint-every", "none", "--lr", "0.05"]))
+    out = tmp_path_factory.mktemp("timed") / "run"
+    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--epochs", "3", "--lr", "0.05"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tracking, "log_eval_media", lambda *a, **k: media.append(k["step"]) or real_media(*a, **k))
+        mp.setattr(ckpt, "save_model_folder", lambda f, *a: events.append(f.name) or real_save(f, *a))
+        mp.setattr(ckpt, "save_checkpoint", lambda *a, **k: events.append("checkpoint") or real_ckpt(*a, **k))
+        mp.setattr(train, "fit", timed_fit)
+        text = ok(run_train([*args, "--log-media-every", "2", "--profile-steps", "2"]))
     records = read_metrics(out)
+    return {"out": out, "text": text, "records": records, "events": events, "media": media, "fit": fit_seconds}
+
+
+def test_each_epoch_splits_its_wall_time_and_the_run_sums_them(timed_run):
+    """Each epoch record's parts add up to its wall time and none is negative; the epochs' training seconds add up
+    to the summary's, whose wall time is fit's as timed from outside (within 5%); the end prints the split."""
+    records = timed_run["records"]
     epochs = [r for r in records if "time/wall_seconds" in r]
     assert [r["epoch"] for r in epochs] == [1, 2, 3] and [r["step"] for r in epochs] == [4, 8, 12]
     for r in epochs:
         assert all(r[k] >= 0 for k in PARTS), r
         assert sum(r[k] for k in PARTS) == pytest.approx(r["time/wall_seconds"], rel=1e-6)
-        assert r["time/train_seconds"] > 0 and r["time/eval_seconds"] > 0 and r["time/checkpoint_seconds"] == 0
+        assert r["time/train_seconds"] > 0 and r["time/eval_seconds"] > 0 and r["time/checkpoint_seconds"] > 0
     summary = next(r for r in records if "summary/wall_seconds" in r)
-    assert summary["summary/wall_seconds"] == pytest.approx(fit_seconds[0], rel=0.05)
+    assert summary["summary/wall_seconds"] == pytest.approx(timed_run["fit"][0], rel=0.05)
     assert summary["summary/train_seconds"] == pytest.approx(sum(r["time/train_seconds"] for r in epochs), rel=1e-6)
     assert summary["summary/other_seconds"] >= 0 and summary["summary/best_seconds"] > 0
-    assert media == [8, 12]
-    assert saved == ["best", "final"]
-    best = json.loads((out / "best" / "model.json").read_text())
-    assert best["best_epoch"] == summary["summary/best_epoch"] and best["best_accuracy"] == max(
-        r["eval/accuracy"] for r in records if "eval/accuracy" in r
-    )
-    assert "time: " in text and "train " in text.split("time: ")[-1]
+    evals = [r for r in records if "eval/accuracy" in r]
+    assert 0 < evals[0]["eval/train_seconds"] < evals[-1]["eval/train_seconds"] == summary["summary/train_seconds"]
+    assert "train " in timed_run["text"].split("time: ")[-1]
 
 
-def test_best_is_written_before_each_checkpoint_only_when_it_changed(dataset, tmp_path, monkeypatch):
-    """With a checkpoint every epoch, best/ goes to disk just before the checkpoint that follows an improvement,
-    never after an epoch that did not improve."""
-    events, real_save, real_ckpt = [], ckpt.save_model_folder, ckpt.save_checkpoint
-    monkeypatch.setattr(ckpt, "save_model_folder", lambda f, *a: events.append(f.name) or real_save(f, *a))
-    monkeypatch.setattr(ckpt, "save_checkpoint", lambda *a, **k: events.append("checkpoint") or real_ckpt(*a, **k))
-    out = tmp_path / "run"
-    ok(run_train(["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--epochs", "3", "--batch-size", "8"]))
-    accuracies = [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r]
+def test_best_is_written_before_a_checkpoint_only_after_an_improvement_and_media_when_due(timed_run):
+    """best/ goes to disk just before the checkpoint that follows an improvement, never after an epoch that did not
+    improve, and holds the best epoch; media come after epochs 2 and 3 (the last) only."""
+    accuracies = [r["eval/accuracy"] for r in timed_run["records"] if "eval/accuracy" in r]
     improved = [a > max(accuracies[:i], default=-1) for i, a in enumerate(accuracies)]
     expected = [e for better in improved for e in (["best"] if better else []) + ["checkpoint"]] + ["final"]
-    assert events == expected
+    assert timed_run["events"] == expected
+    best = json.loads((timed_run["out"] / "best" / "model.json").read_text())
+    assert best["best_accuracy"] == max(accuracies) and best["best_epoch"] == 1 + accuracies.index(max(accuracies))
+    assert timed_run["media"] == [8, 12]
 
 
-def test_profile_steps_writes_a_trace_that_viewers_open(dataset, tmp_path):
-    out = tmp_path / "run"
-    text = ok(run_train(["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--profile-steps", "2"]))
+def test_profile_steps_writes_a_trace_that_viewers_open(timed_run):
+    out = timed_run["out"]
     traces = list((out / timing.PROFILE_DIR).glob("*.pt.trace.json"))
-    assert len(traces) == 1 and f"traced into {out / timing.PROFILE_DIR}" in text
+    assert len(traces) == 1 and f"traced into {out / timing.PROFILE_DIR}" in timed_run["text"]
     events = json.loads(traces[0].read_text())["traceEvents"]
     steps = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
     assert steps == {"ProfilerStep#4", "ProfilerStep#5"}  # 3 left out, 1 warm-up, then the 2 traced
