@@ -63,32 +63,44 @@ def _label_names(table, label_col: str, count: int) -> list[str]:
 
 
 def check_sync(dataset: str, device: str, extra: list[str]) -> dict:
-    """Train steps between log points under torch.cuda.set_sync_debug_mode("error"): any host sync raises."""
+    """Train steps between log points under torch.cuda.set_sync_debug_mode("error"): any host sync raises. First
+    the fast recipe's steps, then the same with the EMA update and mixup (each phase reported on its own)."""
     import torch
 
-    from distvgg import build, train
+    from distvgg import batches, build, train
     from distvgg.config import parse_config
 
-    cfg = parse_config(["--recipe", "fast", "--dataset", dataset, "--report-to", "none", *extra])
+    cfg = parse_config(
+        ["--recipe", "fast", "--dataset", dataset, "--report-to", "none", "--ema-decay", "0.999", *extra]
+    )
     run = build.setup(cfg, build.make_accelerator(cfg))
-    batches = (batch for _ in iter(int, 1) for batch in run.train_dl)  # epoch after epoch
+    data = (batch for _ in iter(int, 1) for batch in run.train_dl)  # epoch after epoch
+    classes = len(run.class_names)
 
-    def steps(n: int) -> None:
+    def steps(n: int, mix: bool) -> None:
         for _ in range(n):
-            micro = [run.prepare_batch(next(batches), 0, True)]
-            loss, skipped = train.train_step(
-                run.train_model, run.criterion, run.optimizer, run.scheduler, run.accelerator, micro
-            )
-            run.skipped_steps += skipped
+            images, target = run.prepare_batch(next(data), 0, True)
+            if mix:
+                images, target = batches.mix(images, target, classes, 0.2, 0.0, (cfg.seed, run.global_step + 1, 0))
+            ema, run.ema = run.ema, run.ema if mix else None
+            loss, skipped = train.optimizer_step(run, [(images, target)])
+            run.ema, run.skipped_steps, run.global_step = ema, run.skipped_steps + skipped, run.global_step + 1
 
-    steps(3)  # warm-up: cuDNN autotuning and allocations may sync
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-    steps(SYNC_STEPS)
-    if device == "cuda":
-        torch.cuda.set_sync_debug_mode(0)
-    return {"steps_without_host_sync": SYNC_STEPS, "sync_debug_mode": "error" if device == "cuda" else "not on CPU"}
+    result = {"sync_debug_mode": "error" if device == "cuda" else "not on CPU"}
+    for phase, mix in (("steps_without_host_sync", False), ("with_ema_and_mixup", True)):
+        steps(3, mix)  # warm-up: cuDNN autotuning and allocations may sync
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            steps(SYNC_STEPS, mix)
+            result[phase] = SYNC_STEPS
+        except RuntimeError as e:  # a host sync in this phase: say where
+            result[phase] = f"host sync: {str(e).splitlines()[0]}"
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+    return result
 
 
 def check_fp16_overflow(device: str) -> dict:
@@ -274,7 +286,7 @@ def main() -> int:
         return orchestrate(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.step}.json").write_text(json.dumps(result) + "\n")
-    return 0
+    return 1 if any(str(v).startswith("host sync") for v in result.values()) else 0  # recorded, and a failed step
 
 
 if __name__ == "__main__":

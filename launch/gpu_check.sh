@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Check and measure distvgg's GPU path on one CUDA GPU within one time budget (one 8-minute call, start-up
 # included), writing OUT_DIR/summary.json after every step; the most informative steps first:
-#   sync           training steps under torch.cuda.set_sync_debug_mode("error") between log points
+#   sync           training steps under torch.cuda.set_sync_debug_mode("error") between log points, then the same
+#                  with the EMA update and mixup
 #   fast-recipe    --recipe fast end to end: accuracy per epoch, training seconds to 88%, the run's time split
 #                  (training, compilation, evaluation, saving, logging, other) and a profiler trace of 5 steps
 #   bench          python -m distvgg.bench on the GPU (images/s of the guide's loop and distvgg's)
