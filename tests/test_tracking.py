@@ -6,6 +6,7 @@ what ``wandb sync`` uploads, so what is asserted here is what the W&B server wou
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -150,6 +151,8 @@ def test_tracked_run_has_the_charts_summary_and_model_artifact(tracked_run):
     summary = wandb_records.summary(last)
     accuracies = [r["eval/accuracy"] for r in tracked_run.metrics if "eval/accuracy" in r]
     assert summary["summary/best_accuracy"] == max(accuracies)
+    best = json.loads((tracked_run.out / "best" / "model.json").read_text())  # written at checkpoints and the end
+    assert best["best_accuracy"] == max(accuracies) and best["best_epoch"] == summary["summary/best_epoch"]
     assert {"summary/best_epoch", "summary/train_seconds", "summary/images_per_second"} <= set(summary)
     artifacts = [r.artifact for r in wandb_records.records(last) if r.WhichOneof("record_type") == "artifact"]
     run_id = wandb_records.run_record(last).run_id
