@@ -120,9 +120,10 @@ def train_loader(
     return loader, sampler
 
 
-def eval_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> DataLoader:
+def eval_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, pin_memory: bool = False) -> DataLoader:
     """Every test image once, in order; ``gather_for_metrics`` drops the padding of the last batch."""
-    return DataLoader(IndexedImages(images, labels), batch_size=batch_size, shuffle=False, collate_fn=keep_batch)
+    dataset = IndexedImages(images, labels)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=keep_batch, pin_memory=pin_memory)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,11 @@
     python -m distvgg.bench --device cpu --dataset DIR              # images/s: seed_loop, distvgg_same, distvgg_best
     python -m distvgg.bench --device cuda --time-to-accuracy 0.88   # + seconds of training until 88% (--recipe fast)
 
-``seed_loop`` is the guide's loop as written (torchvision's ``CIFAR10``, batch 64, fp32); ``distvgg_same`` is
-``distvgg.train``'s path (``build.setup``, ``train.train_step``) at those settings; ``distvgg_best`` is that path at
-the device's best settings. The loops take turns window by window; docs/results.md says what is measured.
+``seed_loop`` is the guide's loop as written (``CIFAR10.__getitem__``'s PIL path, batch 64, fp32); ``distvgg_same``
+is ``distvgg.train``'s path (``build.setup``, ``train.train_step``) at those settings; ``distvgg_best`` is that path
+at the device's best settings. The loops take turns window by window, each distvgg loop in a process of its own
+(Accelerate keeps one mixed precision per process). ``--time-to-accuracy`` runs ``distvgg.train`` itself and reads
+its metrics.jsonl. docs/results.md says what is measured.
 """
 
 from __future__ import annotations
@@ -22,17 +24,17 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
-from unittest import mock
 
 import torch
 import torch.nn as nn
-from accelerate.state import AcceleratorState
 
 import distvgg
 from distvgg import build, machine, train
+from distvgg.bench_process import BenchError, RemoteLoop
 from distvgg.config import ConfigError, TrainConfig, count_problem, parse_config
-from distvgg.data import DEFAULT_DATASET, DataError, load_image_data
+from distvgg.data import DEFAULT_DATASET, DataError, limited, load_image_data
 from distvgg.models import build_model
+from distvgg.tracking import read_metrics
 
 GUIDE_BATCH = 64
 DEFAULT_NAMES = ("width", "steps", "warmup_steps", "repeats", "train_limit")  # options with DEFAULTS by mode
@@ -51,7 +53,8 @@ class Loop(NamedTuple):
 
 def best_loop(args: argparse.Namespace) -> Loop:
     """The best settings measured (docs/results.md), channels_last: on the CPU bf16 autocast at batch 256, or fp32
-    where bf16 is emulated (~50x slower); on CUDA TF32 (faster than bf16 here) at 512; ``--tiny``: a batch that fits."""
+    where bf16 is emulated (~50x slower); on CUDA TF32 at 512 (against bf16: not measured yet, ``--search-best``
+    decides); ``--tiny``: a batch that fits."""
     cpu = args.device == "cpu"
     precision = ("bf16" if machine.cpu_has_bf16() else "fp32") if cpu else "tf32"
     batch_size = min(256 if cpu else 512, args.train_limit // 2 if args.tiny else 512)
@@ -143,22 +146,35 @@ class Timed:
         }
 
 
+class GuideImages(torch.utils.data.Dataset):
+    """torchvision's ``CIFAR10.__getitem__``, step for step, over images already in memory: an (H, W, C) uint8
+    array made a PIL image, then the guide's transform, per sample (``CIFAR10``'s constructor only reads its
+    pickle files, which the data here does not come from)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Any) -> None:
+        self.data, self.targets = images.permute(0, 2, 3, 1).contiguous().numpy(), labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        from PIL import Image
+
+        img, target = Image.fromarray(self.data[index]), self.targets[index]
+        return self.transform(img), target
+
+
 class GuideLoop(Timed):
-    """The guide's training code, word for word, cut into windows of ``n`` steps. Its data is torchvision's
-    ``CIFAR10`` over the decoded images, so that its own ``__getitem__`` (PIL, transform) runs per sample."""
+    """The guide's training code, word for word, cut into windows of ``n`` steps, on ``GuideImages``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: int, args: argparse.Namespace, flags: Any):
         from torch.utils.data import DataLoader
         from torchvision import transforms
-        from torchvision.datasets import CIFAR10, VisionDataset
 
         super().__init__(Loop("seed_loop", GUIDE_BATCH, "fp32"), flags, torch.device(args.device))
         transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-        trainset = CIFAR10.__new__(CIFAR10)  # CIFAR10.__init__ reads its pickle files; the data is here already
-        VisionDataset.__init__(trainset, root="", transform=transform)
-        trainset.train, trainset.targets = True, labels.tolist()
-        trainset.data = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C), as CIFAR10 keeps it
-        trainloader = DataLoader(trainset, batch_size=GUIDE_BATCH, shuffle=True)
+        trainloader = DataLoader(GuideImages(images, labels, transform), batch_size=GUIDE_BATCH, shuffle=True)
         torch.manual_seed(args.seed)
         self.model = build_model(args.model, classes, width=args.width, image_size=tuple(images.shape[-2:]))
         self.model.to(self.device)
@@ -190,10 +206,13 @@ class DistvggLoop(Timed):
     """``build.setup``'s Run stepped with ``train.train_step``, epoch after epoch, in windows of any length."""
 
     def __init__(self, loop: Loop, cfg: TrainConfig) -> None:
-        accelerator = new_accelerator(cfg)
+        accelerator = build.make_accelerator(cfg)
         super().__init__(loop, backend_flags(cfg.tf32), accelerator.device)
         self.run, self.epoch, self.batches = build.setup(cfg, accelerator), 0, self._batches()
         self.setup_seconds = time.perf_counter() - self.started
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "mixed_precision": str(self.run.accelerator.mixed_precision)}
 
     def _batches(self) -> Iterator[Any]:
         while True:
@@ -205,7 +224,7 @@ class DistvggLoop(Timed):
     def steps(self, n: int) -> None:
         run, loss = self.run, None
         run.model.train()  # after an evaluation too
-        parts = run.model, run.criterion, run.optimizer, run.scheduler, run.accelerator
+        parts = run.train_model, run.criterion, run.optimizer, run.scheduler, run.accelerator
         for _ in range(n):
             batch = run.prepare_batch(next(self.batches), self.epoch, True)
             loss, _ = train.train_step(*parts, [batch], run.cfg.max_grad_norm)
@@ -222,13 +241,6 @@ def loop_config(args: argparse.Namespace, loop: Loop, out_dir: Path, cache_dir: 
     cfg = TrainConfig(**options, output_dir=str(out_dir / loop.name), cpu_threads=torch.get_num_threads())  # guide's
     cfg.validate()
     return cfg
-
-
-def new_accelerator(cfg: TrainConfig) -> Any:
-    """``build.make_accelerator(cfg)``, also after one with another mixed precision (its models keep theirs)."""
-    # Accelerate has no public way to change a process's mixed precision; its own tests reset this state.
-    AcceleratorState._reset_state()
-    return build.make_accelerator(cfg)
 
 
 def backend_flags(tf32: bool | None = None) -> tuple[str, bool, bool]:
@@ -266,74 +278,91 @@ def search_best(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) 
     precisions, results = dict.fromkeys(("fp32", best.precision) if cpu else ("tf32", "bf16")), []
     for precision, size, channels_last in itertools.product(precisions, sizes, (False, True)):
         loop = Loop("distvgg_best", size, precision, channels_last, args.compile)
-        timed = DistvggLoop(loop, loop_config(args, loop, out_dir, cache_dir))
+        timed = RemoteLoop(loop, loop_config(args, loop, out_dir, cache_dir))
         timed.warm_up(args.warmup_steps)
         results.append({**loop._asdict(), "images_per_second": round(timed.measure(args.steps), 2)})
+        timed.close()
         print(f"  {results[-1]}", flush=True)
     fastest = max(results, key=lambda r: r["images_per_second"])
     return Loop(**{k: v for k, v in fastest.items() if k != "images_per_second"}), results
 
 
 def throughput(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) -> dict[str, Any]:
-    """seed_loop, distvgg_same and distvgg_best, in alternating timed windows."""
+    """seed_loop (here), distvgg_same and distvgg_best (each in its own process), in alternating timed windows."""
     same = Loop("distvgg_same", GUIDE_BATCH, "fp32", channels_last=TrainConfig.channels_last)  # train's default
-    defaults = backend_flags()  # torch's: no setup has changed them yet
+    defaults = backend_flags()  # torch's: this process runs no setup
     best, search = search_best(args, out_dir, cache_dir) if args.search_best else (best_loop(args), None)
-    same_t = DistvggLoop(same, loop_config(args, same, out_dir, cache_dir))
-    same_t.flags = (*defaults[:2], True)  # the guide's precision (torch's defaults) with distvgg's cuDNN autotuning
-    data = same_t.run.train_dl.dataset  # the guide's loop trains on the very images distvgg_same trains on
-    guide = GuideLoop(data.images.cpu(), data.labels.cpu(), len(same_t.run.class_names), args, defaults)
-    loops = [guide, same_t, DistvggLoop(best, loop_config(args, best, out_dir, cache_dir))]
-    for t in loops:
-        print(f"warming up {t.loop.name} ({args.warmup_steps} steps)", flush=True)
-        t.warm_up(args.warmup_steps)
-    for r, t in itertools.product(range(args.repeats), loops):
-        speed = t.measure(args.steps)
-        print(f"round {r + 1}/{args.repeats} {t.loop.name:<13} {speed:10,.1f} images/s", flush=True)
-    result: dict[str, Any] = {t.loop.name: t.summary() for t in loops}
+    # The guide's precision (torch's defaults) with distvgg's cuDNN autotuning.
+    same_t = RemoteLoop(same, loop_config(args, same, out_dir, cache_dir), flags=(*defaults[:2], True))
+    loops = [same_t, RemoteLoop(best, loop_config(args, best, out_dir, cache_dir))]
+    # The guide's loop trains on the very images distvgg trains on: the same data, limit and seed.
+    data = load_image_data(args.dataset, cache_dir=cache_dir, log=lambda _: None)
+    train_split, _ = limited(data.train, data.test, args.train_limit, None, args.seed)
+    guide = GuideLoop(train_split.images, train_split.labels, data.num_classes, args, defaults)
+    loops.insert(0, guide)
+    try:
+        for t in loops:
+            print(f"warming up {t.loop.name} ({args.warmup_steps} steps)", flush=True)
+            t.warm_up(args.warmup_steps)
+        for r, t in itertools.product(range(args.repeats), loops):
+            speed = t.measure(args.steps)
+            print(f"round {r + 1}/{args.repeats} {t.loop.name:<13} {speed:10,.1f} images/s", flush=True)
+        result: dict[str, Any] = {t.loop.name: t.summary() for t in loops}
+    finally:
+        for wait in (False, True):  # both end at once
+            for t in loops[1:]:
+                t.close(wait)
     for t in loops[1:]:  # the median of the per-round ratios
         key = f"ratio_{t.loop.name.removeprefix('distvgg_')}_vs_seed"
         result[key] = round(statistics.median(x / y for x, y in zip(t.windows, guide.windows)), 3)
-        print(f"{t.loop.name:<13} {t.summary()['images_per_second']:10,.1f} images/s, {result[key]:5.2f} x seed_loop")
+        speed = result[t.loop.name]["images_per_second"]
+        print(f"{t.loop.name:<13} {speed:10,.1f} images/s, {result[key]:5.2f} x seed_loop")
     return {**result, **({"best_search": search} if search else {})}
 
 
-def recipe_config(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) -> TrainConfig:
+def recipe_argv(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) -> list[str]:
+    """``distvgg.train``'s command line for ``--time-to-accuracy``: the recipe, untracked, on this bench's data."""
     options = {"--cache-dir": cache_dir, "--train-limit": args.train_limit, "--epochs": args.epochs}
     options["--width"] = args.width if args.width != 1.0 or args.tiny else None
+    options["--cpu-threads"] = torch.get_num_threads() if args.device == "cpu" else None
     if args.tiny:
         options.update({"--batch-size": 32, "--eval-batch-size": 64, "--epochs": args.epochs or 2})
     argv = ["--recipe", args.recipe, "--dataset", args.dataset, "--report-to", "none", "--seed", str(args.seed)]
-    argv += ["--output-dir", str(out_dir / "time_to_accuracy"), *(["--compile"] if args.compile else [])]
-    return parse_config(argv + [str(x) for k, v in options.items() if v is not None for x in (k, v)])
+    argv += ["--output-dir", str(out_dir / "time_to_accuracy"), "--checkpoint-every", "none"]
+    argv += ["--compile"] if args.compile else []
+    return argv + [str(x) for k, v in options.items() if v is not None for x in (k, v)]
 
 
 def time_to_accuracy(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) -> dict[str, Any]:
-    """Train ``--recipe`` (``build.setup``, ``train.train_step``), evaluate the test split (``train.evaluate``)
-    after every epoch, and record the training seconds until the accuracy first reaches the target. The first
-    step (compilation, autotuning) is timed apart, as a one-time cost."""
-    cfg = recipe_config(args, out_dir, cache_dir)
-    t = DistvggLoop(Loop("time_to_accuracy", cfg.batch_size, cfg.mixed_precision), cfg)
-    t.warm_up(1)
-    costs = {"setup_seconds": t.setup_seconds, "first_step_seconds": t.first_step_seconds, "compile": cfg.compile}
-    run, history, train_seconds, eval_seconds = t.run, [], 0.0, 0.0
-    for epoch, first in enumerate(range(0, run.total_steps, run.steps_per_epoch)):
-        steps = min(run.steps_per_epoch, run.total_steps - first)
-        train_seconds += t.time_steps(steps - 1 if epoch == 0 else steps)  # the first step was timed apart
-        started, classes = time.perf_counter(), len(run.class_names)
-        ev = train.evaluate(run.model, run.test_dl, run.accelerator, classes, mean=cfg.mean, std=cfg.std, tta=cfg.tta)
-        eval_seconds += time.perf_counter() - started
-        history.append({"epoch": epoch + 1, "accuracy": round(ev["accuracy"], 4), "train_seconds": train_seconds})
-        print(f"  epoch {epoch + 1}: test accuracy {100 * ev['accuracy']:.2f}% after {train_seconds:.1f} s", flush=True)
-    run.accelerator.end_training()
+    """Train ``--recipe`` with ``distvgg.train`` itself (``main``, ``fit``: evaluation after every epoch) and read
+    its metrics.jsonl: each evaluation record carries the training seconds so far, the summary the run's time
+    split. The epochs to the target hold on any device; the seconds are this device's. Setup (data, model) and
+    compilation are one-time costs, apart."""
+    argv = recipe_argv(args, out_dir, cache_dir)
+    cfg = parse_config(argv)  # bad options end here, with the message distvgg.train would give
+    started = time.perf_counter()
+    code = train.main(argv)  # the only Accelerator of this process: the measured loops run in their own
+    main_seconds = time.perf_counter() - started
+    if code != 0:
+        raise BenchError(f"--time-to-accuracy: distvgg.train {' '.join(argv)} ended with exit code {code}")
+    records = read_metrics(cfg.output_dir)
+    evals = [r for r in records if "eval/accuracy" in r]
+    summary = {k.removeprefix("summary/"): v for r in records for k, v in r.items() if k.startswith("summary/")}
+    history = [{"epoch": r["epoch"], "accuracy": round(r["eval/accuracy"], 4), "train_seconds": r["eval/train_seconds"]}
+               for r in evals]  # fmt: skip
+    for h in history:
+        print(f"  epoch {h['epoch']}: test accuracy {100 * h['accuracy']:.2f}% after {h['train_seconds']:.1f} s")
     reached = next((h for h in history if h["accuracy"] >= args.time_to_accuracy), {})
     result = {"target": args.time_to_accuracy, "recipe": args.recipe, "reached": bool(reached)}
-    result.update(train_seconds_to_target=reached.get("train_seconds"), epochs_to_target=reached.get("epoch"))
+    result.update(epochs_to_target=reached.get("epoch"), train_seconds_to_target=reached.get("train_seconds"))
     accuracies = [h["accuracy"] for h in history]
     result.update(final_accuracy=accuracies[-1], best_accuracy=max(accuracies), epochs=len(history))
-    result.update(train_seconds_total=train_seconds, eval_seconds_total=eval_seconds, test_images=ev["count"])
-    result["images_per_second"] = run.total_steps * run.global_batch / train_seconds
-    outcome = f"{reached['train_seconds']:.3f} s of training, epoch {reached['epoch']}" if reached else "not reached"
+    result.update(train_seconds_total=summary["train_seconds"], eval_seconds_total=summary["eval_seconds"])
+    result.update(test_images=evals[-1]["eval/count"], images_per_second=summary["images_per_second"])
+    result["time_split"] = {k: v for k, v in summary.items() if k.endswith("_seconds")}
+    costs = {"main_seconds": main_seconds, "setup_seconds": main_seconds - summary["wall_seconds"]}
+    costs.update(compile=cfg.compile, compile_seconds=summary["compile_seconds"])
+    outcome = f"epoch {reached['epoch']}, {reached['train_seconds']:.3f} s of training" if reached else "not reached"
     print(f"time to {args.time_to_accuracy:.1%}: {outcome} (best {max(accuracies):.2%})", flush=True)
     return {**result, "one_time_costs": costs, "history": history, "config": cfg.to_dict()}
 
@@ -363,10 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    try:  # on the CPU, Accelerate would otherwise pick a GPU when there is one
-        with mock.patch.dict(os.environ, {"ACCELERATE_USE_CPU": "true"} if args.device == "cpu" else {}):
-            result = run_benchmark(args, argv)
-    except (ConfigError, DataError) as e:
+    if args.device == "cpu":  # on the CPU, Accelerate (here and in the measured processes) would pick a GPU
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    try:
+        result = run_benchmark(args, argv)
+    except (ConfigError, DataError, BenchError) as e:
         print(f"distvgg.bench: error: {e}", file=sys.stderr)
         return 1
     path = Path(args.json)

@@ -7,7 +7,7 @@ import copy
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from distvgg import batches, tracking
+from distvgg import batches, timing, tracking
 from distvgg.config import ConfigError, TrainConfig
 
 
@@ -177,6 +177,16 @@ def make_schedule(cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int, 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def warn_scaler_sync(mixed_precision: str | None, impl: str) -> None:
+    """fp16 with non-fused optimizer kernels: torch's GradScaler reads found-inf on the host before every step."""
+    if mixed_precision == "fp16" and impl in ("foreach", "loop"):
+        warnings.warn(
+            f"--mixed-precision fp16 with --optimizer-impl {impl}: the gradient scaler waits for the device every "
+            f"step (only fused kernels skip an overflowing step on the device); use --optimizer-impl auto",
+            stacklevel=2,
+        )
+
+
 def loss_scale(scaler: Any) -> torch.Tensor | None:
     """The fp16 GradScaler's scale as a device tensor (None without one). torch has no public accessor that
     does not sync with the host (``get_scale()`` does), so this one function reads the private attribute."""
@@ -266,6 +276,28 @@ class Run:
     last_checkpoint: Path | None = None
     compile_seconds: float | None = None  # the first step under --compile (compilation), timed apart
     ema: nn.Module | None = None  # --ema-decay: the averaged weights, evaluated and saved instead of the trained ones
+    # ``model`` is the prepared module (DDP under several processes, keeping no_sync), never compiled; the training
+    # steps call ``train_model`` (torch.compile of it under --compile); ``plain`` is it unwrapped once, for EMA,
+    # evaluation and saving, so that saved weights never carry "module." or "_orig_mod." prefixes.
+    train_model: nn.Module | None = None
+    plain: nn.Module | None = None
+    best_weights: nn.Module | None = None  # a device copy of the best evaluated weights, written to best/ at saves
+    best_step: int = -1
+    best_unsaved: bool = False
+    clock: timing.Clock = field(default_factory=timing.Clock)
+
+    @property
+    def total_epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
+@torch.no_grad()
+def copy_weights(model: nn.Module, into: nn.Module | None = None) -> nn.Module:
+    """A copy of ``model`` on its device: made once, then copied into in place."""
+    if into is None:
+        return copy.deepcopy(model)
+    into.load_state_dict(model.state_dict())
+    return into
 
 
 def make_ema(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> nn.Module | None:
@@ -285,10 +317,10 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
 
     configure_backends(accelerator.device, threads=cfg.cpu_threads, tf32=cfg.tf32, deterministic=cfg.deterministic)
     warn_slow_bf16(accelerator.mixed_precision, accelerator.device)
+    warn_scaler_sync(accelerator.mixed_precision, cfg.optimizer_impl)
     data, train, test = load_data(cfg, accelerator)
     set_seed(cfg.seed)  # identical initial weights on every process
     model = make_model(cfg, data, accelerator)
-
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     pin = not train.images.is_cuda and accelerator.device.type == "cuda"
     try:
@@ -297,7 +329,7 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
         )
     except ValueError as e:  # fewer training images than one global batch: the sampler's message, without a traceback
         raise DataError(str(e)) from None
-    test_dl = batches.eval_loader(test.images, test.labels, cfg.eval_batch_size)
+    test_dl = batches.eval_loader(test.images, test.labels, cfg.eval_batch_size, pin_memory=pin)
     total_steps = min(cfg.epochs * sampler.steps_per_epoch, cfg.max_steps or math.inf)
     # The documented rule for more processes: lr grows with the global batch when a reference batch is set.
     lr = cfg.lr * global_batch / cfg.lr_reference_batch if cfg.lr_reference_batch else cfg.lr
@@ -309,8 +341,6 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
     for loader in (train_dl, test_dl):
         loader.base_dataloader.generator = torch.Generator().manual_seed(cfg.seed)
     ema = make_ema(cfg, model, accelerator)
-    if cfg.compile:
-        model = torch.compile(model)
     set_seed(cfg.seed + accelerator.process_index)  # different dropout masks on different processes
     return Run(
         cfg=cfg,
@@ -332,4 +362,6 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
         lr=lr,
         dataset_fingerprint=data.fingerprint,
         ema=ema,
+        train_model=torch.compile(model) if cfg.compile else model,
+        plain=accelerator.unwrap_model(model),
     )

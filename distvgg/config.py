@@ -33,7 +33,7 @@ OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
 # Options that count something: whole numbers of at least 1 (``positive_int``), or unset where the field may be.
 COUNTS = (
     "epochs batch_size eval_batch_size gradient_accumulation_steps log_every ddp_timeout keep_last max_steps "
-    "train_limit eval_limit lr_reference_batch cpu_threads"
+    "train_limit eval_limit lr_reference_batch cpu_threads log_media_every profile_steps"
 ).split()
 
 
@@ -156,6 +156,12 @@ class TrainConfig:
     start of the epoch, whichever is later."""
     report_to: str = "wandb"
     """Trackers: wandb, tensorboard, all or none (metrics.jsonl is always written)."""
+    log_media_every: Optional[int] = None
+    """Draw the prediction grid and the confusion chart (W&B, TensorBoard) every this many epochs (default: after
+    the last epoch only; drawing takes the main process most of a second)."""
+    profile_steps: Optional[int] = None
+    """Trace this many training steps with the torch profiler (through Accelerate), after a few warm-up steps, into
+    OUTPUT_DIR/profile; TensorBoard and Perfetto open the trace."""
     wandb_project: str = "distvgg"
     """W&B project."""
     wandb_entity: Optional[str] = None

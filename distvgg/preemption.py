@@ -12,9 +12,9 @@ import torch
 # writing a checkpoint; running the same command again continues it. Launch scripts requeue on it.
 PREEMPT_EXIT_CODE = 75
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C, as a shell reports SIGINT
-# With several processes, whether any of them got a stop signal is agreed on with an all-reduce
-# every this many steps (and at every epoch end, which is a sync point anyway): an all-reduce every
-# step would be a host-device sync per step on GPUs.
+# With several processes, whether any of them got a stop signal is agreed on with an all-reduce every this many
+# steps (and at every epoch end, which is a sync point anyway). On GPUs that all-reduce is not waited for: its
+# result is read at the next check, when it has long finished, so the host never waits for the device's queue.
 SIGNAL_CHECK_EVERY = 10
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
@@ -33,13 +33,16 @@ class StopSignals:
     The handler only records the signal (nothing else is safe in a signal handler). Every process
     of a SLURM job gets the signal, but ranks may see it at different steps, so the decision to stop
     is an all-reduce of the flags: every step with one process (no communication needed), every
-    ``SIGNAL_CHECK_EVERY`` steps and at epoch ends with several. Repeated signals are ignored: the
-    launcher (torchrun) forwards SIGTERM to its workers, which SLURM may have signalled already.
+    ``SIGNAL_CHECK_EVERY`` steps and at epoch ends with several. On a GPU the periodic all-reduce is queued
+    without waiting and its result read at the next check, so every process still stops at the same step,
+    ``SIGNAL_CHECK_EVERY`` steps later. Repeated signals are ignored: the launcher (torchrun) forwards
+    SIGTERM to its workers, which SLURM may have signalled already.
     """
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self._previous: dict[int, Any] = {}
+        self._pending: tuple[torch.Tensor, Any] | None = None  # the queued all-reduce: its result and done-event
 
     def install(self) -> StopSignals:
         for name in STOP_SIGNALS:
@@ -76,8 +79,29 @@ class StopSignals:
             return self.reason is not None
         if not boundary and step % SIGNAL_CHECK_EVERY != 0:
             return False
-        flag = torch.tensor([1.0 if self.reason else 0.0], device=accelerator.device)
-        stop = accelerator.reduce(flag, reduction="sum").item() > 0
+        if boundary or accelerator.device.type != "cuda":  # a sync point, or a CPU: nothing queued to wait for
+            flag = torch.tensor([1.0 if self.reason else 0.0], device=accelerator.device)
+            stop = accelerator.reduce(flag, reduction="sum").item() > 0
+        else:
+            stop = self.agree_later(accelerator)
         if stop and self.reason is None:
             self.reason = "a stop signal to another process"
         return stop
+
+    def agree_later(self, accelerator: Any) -> bool:
+        """Queue this check's all-reduce of the flags, and return the result of the previous one (False at the
+        first): copied back to pinned host memory behind an event, read once that event is surely done."""
+        previous, cuda = self._pending, accelerator.device.type == "cuda"
+        flag = torch.tensor([1.0 if self.reason else 0.0], pin_memory=cuda)
+        reduced = accelerator.reduce(flag.to(accelerator.device, non_blocking=True), reduction="sum")
+        result = torch.empty(1, pin_memory=cuda)
+        result.copy_(reduced, non_blocking=True)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        self._pending = (result, event)
+        if previous is None:
+            return False
+        if previous[1] is not None:
+            previous[1].synchronize()  # finished SIGNAL_CHECK_EVERY steps ago: returns at once
+        return previous[0].item() > 0

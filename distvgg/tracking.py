@@ -302,6 +302,11 @@ def prediction_grid(
     return make_grid(torch.stack(tiles), nrow=nrow, padding=2)
 
 
+def media_due(every: int | None, epoch: int, total_epochs: int) -> bool:
+    """``--log-media-every N``: after every N-th epoch, and always after the last one."""
+    return epoch + 1 >= total_epochs or bool(every and (epoch + 1) % every == 0)
+
+
 def log_eval_media(logger: RunLogger, result: dict, class_names: Sequence[str], samples: Callable, step: int) -> None:
     """The confusion matrix and the grid of ``samples()`` predictions to W&B (and the grid to TensorBoard), when
     this process has those trackers."""

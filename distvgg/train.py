@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from distvgg import batches, build, start, tracking
+from distvgg import batches, build, start, timing, tracking
 from distvgg import checkpoint as ckpt
 from distvgg.build import make_accelerator
 from distvgg.config import ConfigError, TrainConfig, parse_config, save_config
+from distvgg.evaluation import evaluate
 from distvgg.files import BEST_DIR, FINAL_DIR, STATE_FILE
 from distvgg.models import model_spec
 from distvgg.preemption import INTERRUPTED_EXIT_CODE, PREEMPT_EXIT_CODE, Preempted, StopSignals
@@ -53,29 +53,35 @@ def train_step(
         total += loss.detach()
     if max_grad_norm:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-    scale = build.loss_scale(accelerator.scaler)
+    # With fused kernels the kernel skips an overflowing fp16 step itself (Accelerate's optimizer_step_was_skipped
+    # stays False): the scaler lowered its scale exactly then, compared on the device, without a host sync.
+    fused = accelerator.scaler is not None and optimizer.defaults.get("fused")
+    scale = build.loss_scale(accelerator.scaler) if fused else None
     before = scale.clone() if scale is not None else None
     optimizer.step()
     scheduler.step()
-    # The scaler lowers its scale exactly when it skipped a step (with fused SGD the kernel skips it itself,
-    # so Accelerate's optimizer_step_was_skipped stays False); compared on the device, without a host sync.
-    skipped = (scale < before) if before is not None else torch.zeros((), dtype=torch.bool, device=total.device)
+    if before is not None:
+        skipped = scale < before
+    elif accelerator.scaler is not None:  # non-fused kernels: the scaler has read found-inf on the host already
+        skipped = torch.tensor(accelerator.optimizer_step_was_skipped, device=total.device)
+    else:
+        skipped = torch.zeros((), dtype=torch.bool, device=total.device)
     return total / len(micro_batches), skipped
 
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay x ema + (1 - decay) x weights, on the device (torch's own EMA update); buffers are copied."""
+    """ema = decay x ema + (1 - decay) x weights, on the device (torch's own EMA update); buffers are copied
+    in one multi-tensor call (torch's _foreach kernels, as its EMA update uses; there is no public one)."""
     from torch.optim.swa_utils import get_ema_multi_avg_fn
 
     get_ema_multi_avg_fn(decay)(list(ema.parameters()), list(model.parameters()), None)
-    for averaged, buffer in zip(ema.buffers(), model.buffers()):
-        averaged.copy_(buffer)
+    torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
 
 
-def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals) -> None:
+def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals, profiler: Any = None) -> None:
     """One pass over the training set (or the rest of it, after a resume mid-epoch)."""
-    cfg, acc = run.cfg, run.accelerator
+    cfg, acc, clock = run.cfg, run.accelerator, run.clock
     if run.step_in_epoch >= run.steps_per_epoch or run.global_step >= run.total_steps:
         return  # resumed from a checkpoint written after this epoch's last step, before its evaluation
     every = ckpt.parse_every(cfg.checkpoint_every)
@@ -93,20 +99,16 @@ def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals) ->
         micro.append((data, target))
         if len(micro) < cfg.gradient_accumulation_steps:
             continue
-        loss, skipped = train_step(
-            run.model, run.criterion, run.optimizer, run.scheduler, acc, micro, cfg.max_grad_norm
-        )
-        micro = []
-        if run.ema is not None:
-            update_ema(run.ema, acc.unwrap_model(run.model), cfg.ema_decay)
-        if cfg.compile and run.compile_seconds is None:
-            loss.item()  # note: a host sync, once: the first step compiles, and is timed apart from the rest
-            run.compile_seconds, tick = time.perf_counter() - tick, time.perf_counter()
-            acc.print(f"--compile: the first step (compilation) took {run.compile_seconds:.1f} s")
+        compiling = cfg.compile and run.compile_seconds is None
+        loss, skipped = optimizer_step(run, micro)
+        micro, tick = [], time.perf_counter() if compiling else tick  # the compiled step is not in images/s
         running += loss
         run.skipped_steps += skipped
         since_log, run.global_step, run.step_in_epoch = since_log + 1, run.global_step + 1, run.step_in_epoch + 1
         progress.update(1)
+        if profiler is not None:
+            with clock.part("logging"):
+                profiler.step()  # writes the trace after its last traced step
         if run.global_step % cfg.log_every == 0 or run.global_step == run.total_steps:  # steps of the run, not epoch
             # note: the loop's only host sync, at log points: the loss averaged over processes
             mean_loss = acc.reduce(running / since_log, reduction="mean").item()
@@ -115,11 +117,29 @@ def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals) ->
             since_log, tick = 0, time.perf_counter()
         saved = isinstance(every, int) and run.global_step % every == 0
         if saved:
-            save_checkpoint(run, f"every {every} steps", running)
+            checkpoint(run, f"every {every} steps", running)
         if run.global_step < run.total_steps and stop.should_stop(acc, run.global_step):
             preempt(run, stop.reason, saved, running)  # SIGTERM/SIGUSR1: checkpoint, then exit 75
         if run.global_step >= run.total_steps:
-            return
+            break
+    timing.sync_device(acc.device)  # the epoch's queued steps count as training, not as the evaluation after it
+
+
+def optimizer_step(run: build.Run, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, Any]:
+    """``train_step`` on the training module, then the EMA update; the first step under --compile is timed apart."""
+    cfg, clock = run.cfg, run.clock
+    compiling = cfg.compile and run.compile_seconds is None
+    with clock.part("compile") if compiling else nullcontext():
+        parts = run.criterion, run.optimizer, run.scheduler, run.accelerator
+        loss, skipped = train_step(run.train_model, *parts, micro, cfg.max_grad_norm)
+        if run.ema is not None:
+            update_ema(run.ema, run.plain, cfg.ema_decay)
+        if compiling:
+            loss.item()  # note: a host sync, once, so that all of the compiled step's time is counted here
+    if compiling:
+        run.compile_seconds = clock.totals["compile"]
+        run.accelerator.print(f"--compile: the first step (compilation) took {run.compile_seconds:.1f} s")
+    return loss, skipped
 
 
 def log_train(run: build.Run, epoch: int, loss: float, images_per_second: float, progress: Any) -> None:
@@ -128,8 +148,6 @@ def log_train(run: build.Run, epoch: int, loss: float, images_per_second: float,
             f"the training loss is {loss} at step {run.global_step} (epoch {epoch + 1}): "
             f"lower --lr, set --max-grad-norm, or use bf16 instead of fp16"
         )
-    if run.accelerator.is_main_process:
-        progress.write(f"[{epoch + 1}, {run.step_in_epoch:5d}] loss: {loss:.3f}")
     values = {
         "train/loss": loss,
         "train/lr": run.scheduler.get_last_lr()[0],
@@ -139,69 +157,37 @@ def log_train(run: build.Run, epoch: int, loss: float, images_per_second: float,
         values["train/compile_seconds"] = run.compile_seconds
     if run.accelerator.mixed_precision == "fp16":
         values["train/skipped_steps"] = int(run.skipped_steps)
-    run.logger.log(values, step=run.global_step, epoch=epoch + run.step_in_epoch / run.steps_per_epoch)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: Any, accelerator: Any, num_classes: int, *, mean: float, std: float, tta: bool = False
-) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and confusion matrix over the whole test split.
-
-    ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch,
-    so every test image counts exactly once for any number of processes. With ``tta`` the
-    prediction is the mean of the logits of each image and of its mirror image.
-    """
-    model.eval()
-    preds, targets, losses = [], [], []
-    for images, target, _ in loader:
-        data = batches.normalize(images, mean, std)
-        output = model(data).float()
-        if tta:
-            output = (output + model(data.flip(-1)).float()) / 2
-        loss = F.cross_entropy(output, target, reduction="none")
-        pred, target, loss = accelerator.gather_for_metrics((output.argmax(1), target, loss))
-        preds.append(pred)
-        targets.append(target)
-        losses.append(loss)
-    pred, target, loss = torch.cat(preds).cpu(), torch.cat(targets).cpu(), torch.cat(losses).cpu()
-    confusion = torch.bincount(target * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
-    per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1)
-    return {
-        "loss": loss.mean().item(),
-        "accuracy": (pred == target).float().mean().item(),
-        "count": len(target),
-        "per_class_accuracy": per_class.tolist(),
-        "confusion": confusion.tolist(),
-    }
+    with run.clock.part("logging"):
+        if run.accelerator.is_main_process:
+            progress.write(f"[{epoch + 1}, {run.step_in_epoch:5d}] loss: {loss:.3f}")
+        run.logger.log(values, step=run.global_step, epoch=epoch + run.step_in_epoch / run.steps_per_epoch)
 
 
 def validate(run: build.Run, epoch: int) -> dict[str, Any]:
-    """Evaluate the test split, log it, and save ``best/`` when the accuracy improved. With --ema-decay, the
-    averaged weights are the ones evaluated (and saved); ``eval/weights`` says which."""
-    cfg, acc = run.cfg, run.accelerator
-    model = run.ema if run.ema is not None else acc.unwrap_model(run.model)
-    result = evaluate(model, run.test_dl, acc, len(run.class_names), mean=cfg.mean, std=cfg.std, tta=cfg.tta)
+    """Evaluate the test split (the uncompiled module: no second compilation for its shapes), log it, keep the best
+    weights. With --ema-decay, the averaged weights are the ones evaluated and saved; ``eval/weights`` says which."""
+    cfg, acc, clock = run.cfg, run.accelerator, run.clock
+    model = run.ema if run.ema is not None else run.plain
+    options = {"mean": cfg.mean, "std": cfg.std, "tta": cfg.tta, "channels_last": cfg.channels_last}
+    result = evaluate(model, run.test_dl, acc, len(run.class_names), **options)
     if result["accuracy"] > run.best_accuracy:
-        run.best_accuracy, run.best_epoch = result["accuracy"], epoch + 1
-        save_model(run, BEST_DIR)
+        run.best_accuracy, run.best_epoch, run.best_unsaved = result["accuracy"], epoch + 1, True
+        with clock.part("best"):  # a device copy; best/ is written from it at the next checkpoint and at the end
+            run.best_weights = build.copy_weights(model, into=run.best_weights)
     per_class = {f"eval/accuracy/{name}": a for name, a in zip(run.class_names, result["per_class_accuracy"])}
     values = {
         "eval/loss": result["loss"],
         "eval/accuracy": result["accuracy"],
         "eval/count": result["count"],
         "eval/weights": "ema" if run.ema is not None else "trained",
+        "eval/train_seconds": clock.totals["train"],  # training steps so far in this attempt (compilation apart)
     }
-    run.logger.log(
-        {**values, **per_class, "eval/confusion": result["confusion"]}, step=run.global_step, epoch=epoch + 1
-    )
-    tracking.log_eval_media(
-        run.logger,
-        result,
-        run.class_names,
-        lambda: tracking.sample_predictions(model, run.test_dl.dataset, run.prepare_batch, acc.device),
-        step=run.global_step,
-    )
+    with clock.part("logging"):
+        step = run.global_step
+        run.logger.log({**values, **per_class, "eval/confusion": result["confusion"]}, step=step, epoch=epoch + 1)
+        if tracking.media_due(cfg.log_media_every, epoch, run.total_epochs):
+            samples = lambda: tracking.sample_predictions(model, run.test_dl.dataset, run.prepare_batch, acc.device)  # noqa: E731
+            tracking.log_eval_media(run.logger, result, run.class_names, samples, step=step)
     acc.print(
         f"[{epoch + 1}] test loss: {result['loss']:.3f}  accuracy: {100 * result['accuracy']:.2f}% "
         f"({result['count']} images{', EMA weights' if run.ema is not None else ''})"
@@ -209,11 +195,27 @@ def validate(run: build.Run, epoch: int) -> dict[str, Any]:
     return result
 
 
+def save_best(run: build.Run) -> None:
+    """best/ from the device copy, when it changed since it was last written (main process writes)."""
+    if run.best_unsaved and run.best_weights is not None:
+        with run.clock.part("best"):
+            save_model(run, BEST_DIR, weights=run.best_weights)
+        run.best_unsaved = False
+
+
+def checkpoint(run: build.Run, reason: str, running_loss: torch.Tensor | None = None) -> Path:
+    """best/ first (so that it is never behind a checkpoint's best accuracy), then the checkpoint of the run."""
+    save_best(run)
+    with run.clock.part("checkpoint"):
+        return save_checkpoint(run, reason, running_loss)
+
+
 def fit(run: build.Run, stop: StopSignals) -> None:
-    """Epochs of training, each followed by an evaluation of the test split and the epoch's checkpoint."""
+    """Epochs of training, each followed by an evaluation of the test split and the epoch's checkpoint; each
+    epoch's record says where its wall time went."""
     from tqdm.auto import tqdm
 
-    acc = run.accelerator
+    acc, clock = run.accelerator, run.clock
     every = ckpt.parse_every(run.cfg.checkpoint_every)
     # A live bar only on a terminal: in a log file (SLURM, > train.log) its frames would be carriage returns.
     progress = tqdm(
@@ -224,28 +226,33 @@ def fit(run: build.Run, stop: StopSignals) -> None:
         dynamic_ncols=True,
         disable=not acc.is_main_process or not sys.stderr.isatty(),
     )
-    start = time.perf_counter()
-    for epoch in range(run.epoch, math.ceil(run.total_steps / run.steps_per_epoch)):
-        run.epoch = epoch
-        train_epoch(run, epoch, progress, stop)
-        validate(run, epoch)
-        if run.step_in_epoch >= run.steps_per_epoch:  # not when --max-steps ended the run mid-epoch
-            run.epoch, run.step_in_epoch = epoch + 1, 0
-        if every == "epoch":
-            save_checkpoint(run, "epoch end")
-        if run.global_step < run.total_steps and stop.should_stop(acc, run.global_step, boundary=True):
-            preempt(run, stop.reason, every == "epoch")
-        if run.global_step >= run.total_steps:
-            break
+    clock.start_run()
+    first_step = run.global_step
+    with timing.profiling(acc, run.cfg.profile_steps, Path(run.cfg.output_dir)) as profiler:
+        for epoch in range(run.epoch, run.total_epochs):
+            run.epoch = epoch
+            clock.start_epoch()
+            with clock.part("train"):
+                train_epoch(run, epoch, progress, stop, profiler)
+            with clock.part("eval"):
+                validate(run, epoch)
+            if run.step_in_epoch >= run.steps_per_epoch:  # not when --max-steps ended the run mid-epoch
+                run.epoch, run.step_in_epoch = epoch + 1, 0
+            if every == "epoch":
+                checkpoint(run, "epoch end")
+            if run.global_step < run.total_steps and stop.should_stop(acc, run.global_step, boundary=True):
+                preempt(run, stop.reason, every == "epoch")
+            split = clock.end_epoch()
+            with clock.part("logging"):
+                run.logger.log(split, step=run.global_step, epoch=epoch + 1)
+            if run.global_step >= run.total_steps:
+                break
     progress.close()
-    seconds = time.perf_counter() - start
-    summary = {
-        "summary/best_accuracy": run.best_accuracy,
-        "summary/best_epoch": run.best_epoch,
-        "summary/train_seconds": seconds,
-        "summary/images_per_second": run.global_step * run.global_batch / max(seconds, 1e-9),
-    }
-    run.logger.log(summary, step=run.global_step)
+    save_best(run)
+    split = clock.summary(images=(run.global_step - first_step - (run.compile_seconds is not None)) * run.global_batch)
+    acc.print(f"time: {timing.describe(split)}")
+    best = {"summary/best_accuracy": run.best_accuracy, "summary/best_epoch": run.best_epoch}
+    run.logger.log({**best, **split}, step=run.global_step)
 
 
 # ------------------------------------------------------------- checkpoints of the run (checkpoint.py writes the files)
@@ -306,7 +313,7 @@ def save_checkpoint(run: build.Run, reason: str, running_loss: torch.Tensor | No
 
 def preempt(run: build.Run, reason: str | None, saved: bool, running_loss: torch.Tensor | None = None) -> None:
     """A stop signal: the checkpoint of this step (unless just written), then ``Preempted`` (exit 75)."""
-    folder = run.last_checkpoint if saved else save_checkpoint(run, str(reason), running_loss)
+    folder = run.last_checkpoint if saved else checkpoint(run, str(reason), running_loss)
     raise Preempted(str(reason), run.global_step, folder)
 
 
@@ -325,14 +332,16 @@ def resume(run: build.Run, plan: start.StartPlan) -> None:
     )
 
 
-def save_model(run: build.Run, name: str, state: ckpt.TrainingState | None = None) -> Path:
+def save_model(
+    run: build.Run, name: str, state: ckpt.TrainingState | None = None, weights: nn.Module | None = None
+) -> Path:
     """``OUTPUT_DIR/<name>`` (best/, final/): weights and model.json, replaced atomically (main process)."""
     cfg, folder = run.cfg, Path(run.cfg.output_dir) / name
     if run.accelerator.is_main_process:
         progress = {"best_accuracy": run.best_accuracy, "best_epoch": run.best_epoch, "global_step": run.global_step}
         spec = model_spec(cfg.model, len(run.class_names), cfg.width, cfg.dropout, run.image_size, run.class_names)
         spec.update(mean=cfg.mean, std=cfg.std, train_config=cfg.to_dict(), **progress)
-        weights = run.ema if run.ema is not None else run.accelerator.unwrap_model(run.model)
+        weights = weights or (run.ema if run.ema is not None else run.accelerator.unwrap_model(run.model))
         ckpt.save_model_folder(folder, weights, spec, state)
     return folder
 
@@ -372,6 +381,7 @@ def train(
     try:
         fit(run, stop)
     except FloatingPointError as e:
+        save_best(run)  # the best weights were evaluated while finite; best/ may not have been written yet
         raise FloatingPointError(
             f"{e}\nthe last good checkpoint is {run.last_checkpoint or '(none yet)'}; no checkpoint is written after "
             f"a non-finite loss, and resuming with the same options would repeat the same steps: change them and "

@@ -1,24 +1,30 @@
 """Every GPU check of distvgg in one call that fits one total time budget (see launch/gpu_check.sh).
 
-Each step runs as its own process with a timeout taken from what is left of the budget; a step that no
-longer fits is recorded as skipped, not started. OUT/summary.json is rewritten after every step, so a call
-cut off part-way still brings back what it measured. Needs only torch, torchvision and accelerate: when
-`datasets` is missing, a parquet copy of the data is read with pyarrow and PIL into the pickled
-CIFAR layout that distvgg reads without `datasets`.
+Each step runs as its own process group with a timeout taken from what is left of the budget (a step that
+times out is ended with its whole group, training children included); a step that no longer fits is recorded
+as skipped, not started. The most informative steps come first. OUT/summary.json is rewritten after every step,
+so a call cut off part-way still brings back what it measured. Every step imports this checkout's distvgg.
+Needs only torch, torchvision and accelerate: when `datasets` is missing, a parquet copy of the data is read
+with pyarrow and PIL into the pickled CIFAR layout that distvgg reads without `datasets`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SYNC_STEPS, OVERFLOW_STEPS = 20, 6
+TARGET = 0.88  # the fast recipe's goal: test accuracy
 
 
 def parquet_to_cifar_pickles(parquet_dir: Path, dest: Path) -> Path:
@@ -57,32 +63,44 @@ def _label_names(table, label_col: str, count: int) -> list[str]:
 
 
 def check_sync(dataset: str, device: str, extra: list[str]) -> dict:
-    """Train steps between log points under torch.cuda.set_sync_debug_mode("error"): any host sync raises."""
+    """Train steps between log points under torch.cuda.set_sync_debug_mode("error"): any host sync raises. First
+    the fast recipe's steps, then the same with the EMA update and mixup (each phase reported on its own)."""
     import torch
 
-    from distvgg import build, train
+    from distvgg import batches, build, train
     from distvgg.config import parse_config
 
-    cfg = parse_config(["--recipe", "fast", "--dataset", dataset, "--report-to", "none", *extra])
+    cfg = parse_config(
+        ["--recipe", "fast", "--dataset", dataset, "--report-to", "none", "--ema-decay", "0.999", *extra]
+    )
     run = build.setup(cfg, build.make_accelerator(cfg))
-    batches = (batch for _ in iter(int, 1) for batch in run.train_dl)  # epoch after epoch
+    data = (batch for _ in iter(int, 1) for batch in run.train_dl)  # epoch after epoch
+    classes = len(run.class_names)
 
-    def steps(n: int) -> None:
+    def steps(n: int, mix: bool) -> None:
         for _ in range(n):
-            micro = [run.prepare_batch(next(batches), 0, True)]
-            loss, skipped = train.train_step(
-                run.model, run.criterion, run.optimizer, run.scheduler, run.accelerator, micro
-            )
-            run.skipped_steps += skipped
+            images, target = run.prepare_batch(next(data), 0, True)
+            if mix:
+                images, target = batches.mix(images, target, classes, 0.2, 0.0, (cfg.seed, run.global_step + 1, 0))
+            ema, run.ema = run.ema, run.ema if mix else None
+            loss, skipped = train.optimizer_step(run, [(images, target)])
+            run.ema, run.skipped_steps, run.global_step = ema, run.skipped_steps + skipped, run.global_step + 1
 
-    steps(3)  # warm-up: cuDNN autotuning and allocations may sync
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-    steps(SYNC_STEPS)
-    if device == "cuda":
-        torch.cuda.set_sync_debug_mode(0)
-    return {"steps_without_host_sync": SYNC_STEPS, "sync_debug_mode": "error" if device == "cuda" else "not on CPU"}
+    result = {"sync_debug_mode": "error" if device == "cuda" else "not on CPU"}
+    for phase, mix in (("steps_without_host_sync", False), ("with_ema_and_mixup", True)):
+        steps(3, mix)  # warm-up: cuDNN autotuning and allocations may sync
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            steps(SYNC_STEPS, mix)
+            result[phase] = SYNC_STEPS
+        except RuntimeError as e:  # a host sync in this phase: say where
+            result[phase] = f"host sync: {str(e).splitlines()[0]}"
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+    return result
 
 
 def check_fp16_overflow(device: str) -> dict:
@@ -120,68 +138,95 @@ def check_fp16_overflow(device: str) -> dict:
 
 
 def train_result(run_dir: Path, wall: float) -> dict:
+    """A training step's figures from its metrics.jsonl: accuracy by epoch, the run's time split (``fit``'s wall
+    time into training, compilation, evaluation, saving, logging, other), time to TARGET, profiler traces."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = lambda key: next((r[key] for r in reversed(records) if key in r), None)  # noqa: E731
-    train_seconds = last("summary/train_seconds")
+    summary = {k.removeprefix("summary/"): v for r in records for k, v in r.items() if k.startswith("summary/")}
+    split = {k: round(v, 3) for k, v in summary.items() if k.endswith("_seconds")}
+    reached = next((r for r in records if r.get("eval/accuracy", 0) >= TARGET), None)
+    fit_wall, busy = split.get("wall_seconds"), split.get("train_seconds", 0) + split.get("eval_seconds", 0)
     return {
         "eval_accuracy": last("eval/accuracy"),
         "images_per_second": last("summary/images_per_second"),
         "skipped_steps": last("train/skipped_steps"),
-        "train_seconds": train_seconds,
-        "wall_seconds": round(wall, 1),
-        "wall_over_train": round(wall / train_seconds, 2) if train_seconds else None,
+        "train_seconds": split.get("train_seconds"),
+        "time_split": split,
+        "wall_over_train_and_eval": round(fit_wall / busy, 3) if fit_wall and busy else None,
+        "step_seconds": round(wall, 1),
+        f"train_seconds_to_{TARGET:.0%}": reached["eval/train_seconds"] if reached else None,
+        f"epoch_to_{TARGET:.0%}": reached["epoch"] if reached else None,
         "accuracy_by_epoch": [round(r["eval/accuracy"], 4) for r in records if "eval/accuracy" in r],
         "final_model": (run_dir / "final" / "model.safetensors").is_file(),
+        "profile_traces": sorted(str(p) for p in (run_dir / "profile").glob("*.pt.trace.json")),
     }
 
 
+def toolchain_problem() -> str | None:
+    """Why torch.compile (Inductor, Triton's launcher) cannot build here, or None: a C compiler and Python.h."""
+    compilers = [c for c in (os.environ.get("CC"), "gcc", "cc", "clang") if c]
+    if not any(shutil.which(c) for c in compilers):
+        return f"no C compiler on PATH (tried {', '.join(compilers)}): install gcc"
+    include = Path(sysconfig.get_paths()["include"])
+    if not (include / "Python.h").is_file():
+        return f"no Python headers ({include / 'Python.h'} is missing): install python3-dev"
+    return None
+
+
+def run_step(command: list[str], limit: float, log, env: dict) -> str:
+    """Run one step as a process group of its own; on timeout end the whole group (``accelerate launch`` and the
+    training processes it started), first with SIGTERM, then SIGKILL. Returns the step's status."""
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+    try:
+        code = proc.wait(timeout=limit)
+        return "ok" if code == 0 else f"failed: exit {code}"
+    except subprocess.TimeoutExpired:
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:  # the whole group has ended
+                break
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                continue
+        return f"failed: timed out after {limit:.0f} s"
+    finally:
+        try:  # whatever the step left behind in its group, ended or not
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def steps(args: argparse.Namespace, data: str, runs: Path) -> list[tuple[str, int, list[str], Path | None]]:
-    """(name, cap in seconds, command, run folder whose metrics make the result)."""
+    """(name, cap in seconds, command, run folder whose metrics make the result), the most informative first:
+    the sync check, the fast recipe to TARGET with its time split and a profiler trace, the bench, then the rest."""
     py, me = [sys.executable], [sys.executable, str(Path(__file__).resolve())]
-    plumbing = ["--width", "0.125", "--batch-size", "32", "--eval-limit", "200"] if args.device == "cpu" else []
+    cpu = args.device == "cpu"
+    plumbing = ["--width", "0.125", "--batch-size", "32", "--eval-limit", "200"] if cpu else []
     launch = [*py, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config]
     train = ["-m", "distvgg.train", "--dataset", data, "--report-to", "none", *plumbing]
-    quick = ["--epochs", "1", "--max-steps", "30" if args.device == "cpu" else "200", "--checkpoint-every", "none"]
+    quick = ["--epochs", "1", "--max-steps", "30" if cpu else "200", "--checkpoint-every", "none"]
+    # The fast recipe as a user runs it: W&B (offline here) on when installed, so its cost shows in the split.
+    tracked = ["--report-to", "wandb" if importlib.util.find_spec("wandb") else "none"]
+    fast = ["--recipe", "fast", *tracked, "--profile-steps", "2" if cpu else "5"]
+    fast += ["--epochs", "1"] if cpu else []  # 256 images in batches of 32: room for the traced steps
+    sync = [*me, "--step", "sync", "--out", str(args.out), "--dataset", data, "--device", args.device, *plumbing]
+    bench = [*py, "-m", "distvgg.bench", "--device", args.device, "--dataset", data, *(["--tiny"] if cpu else [])]
     out: list[tuple[str, int, list[str], Path | None]] = [
-        (
-            "sync",
-            120,
-            [*me, "--step", "sync", "--out", str(args.out), "--dataset", data, "--device", args.device, *plumbing],
-            None,
-        ),
+        ("sync", 120, sync, None),
+        ("fast-recipe", 300, [*launch, *train, *fast, "--output-dir", str(runs / "fast")], runs / "fast"),
+        ("bench", 240, [*bench, "--json", str(args.out / "bench.json")], None),
         ("fp16-overflow", 90, [*me, "--step", "fp16-overflow", "--out", str(args.out), "--device", args.device], None),
     ]
-    for mp in ("no", "fp16", "bf16") if args.device == "cuda" else ("no",):
+    for mp in ("no",) if cpu else ("no", "fp16", "bf16"):
         run = runs / f"train-{mp}"
         out.append(
             (f"train-{mp}", 120, [*launch, "--mixed_precision", mp, *train, *quick, "--output-dir", str(run)], run)
         )
-    if args.device == "cuda":  # on a CPU, compiling takes minutes: not part of the plumbing check
+    if not cpu:  # on a CPU, Inductor's compilation takes minutes: not part of the plumbing check
         run = runs / "compile"
         out.append(("compile", 240, [*launch, *train, *quick, "--compile", "--output-dir", str(run)], run))
-    bench = ["--tiny"] if args.device == "cpu" else []
-    out.append(
-        (
-            "bench",
-            240,
-            [
-                *py,
-                "-m",
-                "distvgg.bench",
-                "--device",
-                args.device,
-                "--dataset",
-                data,
-                *bench,
-                "--json",
-                str(args.out / "bench.json"),
-            ],
-            None,
-        )
-    )
-    run = runs / "fast"
-    epochs = ["--epochs", "1", "--batch-size", "128"] if args.device == "cpu" else []
-    out.append(("fast-recipe", 300, [*launch, *train, "--recipe", "fast", *epochs, "--output-dir", str(run)], run))
     return out
 
 
@@ -192,27 +237,23 @@ def orchestrate(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"device": args.device, "budget_seconds": args.budget, "steps": {}}
     log = open(args.out / "gpu_check.log", "a")  # noqa: SIM115 - appended to by every step
+    # Every step imports this checkout's distvgg, whatever the environment has installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     data = args.dataset
-    if Path(data).is_dir() and list(Path(data).glob("*.parquet")):
-        try:
-            import datasets  # noqa: F401
-        except ImportError:
-            data = str(parquet_to_cifar_pickles(Path(data), runs / "data"))
-            summary["data"] = f"parquet read with pyarrow into {data}"
+    if Path(data).is_dir() and list(Path(data).glob("*.parquet")) and importlib.util.find_spec("datasets") is None:
+        data = str(parquet_to_cifar_pickles(Path(data), runs / "data"))
+        summary["data"] = f"parquet read with pyarrow into {data}"
     failed = 0
     for name, cap, command, run_dir in steps(args, data, runs):
         left = deadline - time.monotonic()
-        if left < 20:
-            summary["steps"][name] = {"status": "skipped: the budget is spent"}
+        problem = toolchain_problem() if "--compile" in command else None
+        if problem or left < 20:
+            summary["steps"][name] = {"status": f"skipped: {problem or 'the budget is spent'}"}
             continue
         limit, started = min(cap, left - 10), time.monotonic()
         print(f"=== {name} (at most {limit:.0f} s): {' '.join(command)}", file=log, flush=True)
         print(f"gpu_check: {name} ...", flush=True)
-        try:
-            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=limit, cwd=REPO)
-            status = "ok" if proc.returncode == 0 else f"failed: exit {proc.returncode}"
-        except subprocess.TimeoutExpired:
-            status = f"failed: timed out after {limit:.0f} s"
+        status = run_step(command, limit, log, env)
         result = {"status": status, "seconds": round(time.monotonic() - started, 1)}
         result_file = args.out / f"{name}.json"
         if result_file.is_file():
@@ -245,7 +286,7 @@ def main() -> int:
         return orchestrate(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.step}.json").write_text(json.dumps(result) + "\n")
-    return 0
+    return 1 if any(str(v).startswith("host sync") for v in result.values()) else 0  # recorded, and a failed step
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ environment variables (all off unless set):
 - ``HOOK_HOLD_AT_STEP=k`` with ``HOOK_RELEASE=PATH``: step k waits until PATH exists (so that a test can act
   while the job is surely still running, however loaded the machine);
 - ``HOOK_EVENTS=DIR``: each process appends its data cache hits, misses and decodes to ``DIR/rank-<RANK>.txt``.
+- ``HOOK_COMPILE_BACKEND=NAME``: torch.compile uses that backend (aot_eager: dynamo and AOT autograd, without
+  Inductor's C++ compilation, which takes minutes on a CPU);
+- ``HOOK_ALLREDUCES=PREFIX``: a DDP comm hook counts the gradient all-reduces that complete each optimizer step
+  (buckets marked last), appending (step, count) to ``PREFIX.rank<r>.jsonl``.
 """
 
 from __future__ import annotations
@@ -40,9 +44,14 @@ def install() -> None:
     fail_at = env.get("HOOK_FAIL_CHECKPOINT_AT")
     delay = float(env.get("HOOK_STEP_DELAY", "0") or 0)
     hold_at, release = int(env.get("HOOK_HOLD_AT_STEP", "0") or 0), env.get("HOOK_RELEASE")
+    backend, allreduces = env.get("HOOK_COMPILE_BACKEND"), env.get("HOOK_ALLREDUCES")
+    box["allreduces"] = 0
 
     def hooked_setup(cfg, accelerator):
-        run = box["run"] = setup(cfg, accelerator)
+        with _compile_backend(backend):
+            run = box["run"] = setup(cfg, accelerator)
+        if allreduces:
+            _count_allreduces(run.model, box)
         prepare, box["pending"] = run.prepare_batch, []
 
         def recording_prepare(batch, epoch, training):
@@ -61,7 +70,9 @@ def install() -> None:
         box["pending"].clear()
         if number == hold_at:
             _wait_for(Path(release), seconds=600)
+        box["allreduces"] = 0
         result = step(*args, **kwargs)
+        _append_json(allreduces and f"{allreduces}.rank{run.accelerator.process_index}.jsonl", number, box)
         if number == signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)
         if delay:
@@ -71,6 +82,39 @@ def install() -> None:
     build.setup, train.train_step = hooked_setup, hooked_step
     files.write_marker = _failing_marker(write_marker, f".tmp-step-{int(fail_at):08d}") if fail_at else write_marker
     _record_data_events(env.get("HOOK_EVENTS"))
+
+
+@contextlib.contextmanager
+def _compile_backend(backend: str | None):
+    """torch.compile with ``backend`` for the duration of a block (unchanged when None)."""
+    import torch
+
+    real_compile = torch.compile
+    if backend:
+        torch.compile = lambda model, **kw: real_compile(model, backend=backend, **kw)
+    try:
+        yield
+    finally:
+        torch.compile = real_compile
+
+
+def _count_allreduces(model, box: dict) -> None:
+    """A DDP comm hook that counts the gradient all-reduces that complete a step into ``box["allreduces"]``."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def counting_hook(state, bucket):
+        box["allreduces"] += bucket.is_last()
+        return allreduce_hook(state, bucket)
+
+    if hasattr(model, "register_comm_hook"):
+        model.register_comm_hook(None, counting_hook)
+
+
+def _append_json(path: str | None, step: int, box: dict) -> None:
+    """The all-reduces counted during ``step``, appended to ``path`` (nothing when no path)."""
+    if path:
+        with Path(path).open("a") as f:
+            f.write(json.dumps({"step": step, "allreduces": box["allreduces"]}) + "\n")
 
 
 def _record_data_events(folder: str | None) -> None:

@@ -4,6 +4,7 @@ also distvgg.machine, whose facts the bench records, and --recipe, which its tim
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -13,7 +14,6 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn as nn
 
 from distvgg import bench, machine
 from distvgg.config import ConfigError, TrainConfig, parse_config
@@ -22,19 +22,17 @@ from tests.helpers import REPO, ok
 
 LOOPS = ("seed_loop", "distvgg_same", "distvgg_best")
 
-# Runs the bench's CLI entry point with train.train_step wrapped, to count the steps that went through it.
-COUNTING_RUN = textwrap.dedent("""
-    import collections, json, sys
-    from distvgg import bench, train
-    seen = collections.Counter()
+# Loaded at the start of every Python process of the bench (its own, the loops' and the training run's): wraps
+# train.train_step to append the batch size of each step it runs to $COUNT_STEPS.
+COUNTING_SITECUSTOMIZE = textwrap.dedent("""
+    import os
+    from distvgg import train
     real_step = train.train_step
     def counting_step(*args, **kwargs):
-        seen[int(args[5][0][0].shape[0])] += 1  # micro_batches[0] = (images, labels)
+        with open(os.environ["COUNT_STEPS"], "a") as f:
+            f.write(f"{int(args[5][0][0].shape[0])}\\n")  # micro_batches[0] = (images, labels)
         return real_step(*args, **kwargs)
     train.train_step = counting_step
-    code = bench.main(sys.argv[1:])
-    print("TRAIN_STEPS " + json.dumps(seen))
-    sys.exit(code)
 """)
 
 X86_FLAGS = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512f {}\n\nprocessor\t: 1\n"
@@ -116,25 +114,6 @@ def test_bad_options_exit_2_with_a_message(capsys):
         assert "no CUDA GPU" in capsys.readouterr().err
 
 
-def test_new_accelerator_gives_each_loop_its_own_precision(tmp_path, monkeypatch):
-    """Accelerate keeps one mixed precision per process; the bench resets that state between loops, through
-    its one private access, which must keep working: this fails loudly when Accelerate changes it. What an
-    earlier Accelerator prepared keeps its own precision."""
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    models = []
-    for mp in ("no", "bf16", "no"):
-        accelerator = bench.new_accelerator(TrainConfig(mixed_precision=mp, report_to="none", output_dir=str(tmp_path)))
-        assert accelerator.mixed_precision == mp
-        models.append(accelerator.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2))))
-    seen = []
-    for model in models:
-        hook = model[0].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-        with torch.no_grad():
-            model(torch.randn(2, 3, 4, 4))
-        hook.remove()
-    assert seen == [torch.float32, torch.bfloat16, torch.float32]
-
-
 def test_each_loop_gets_its_own_cuda_switches():
     """seed_loop keeps torch's defaults, distvgg_same adds cuDNN autotuning, distvgg_best TF32 too; the switches
     are process-wide (build.setup sets them), so they are set again before each timed window."""
@@ -178,19 +157,22 @@ def test_recipe_from_a_file_and_unknown_names(tmp_path):
 def tiny_bench(tmp_path_factory):
     """One tiny benchmark with --time-to-accuracy: (JSON result, output, train_step calls by batch size)."""
     dataset = make_parquet_dataset(tmp_path_factory.mktemp("bench") / "tiny", n_train=160, n_test=40, num_classes=4)
-    out = tmp_path_factory.mktemp("bench-out") / "bench.json"
+    work = tmp_path_factory.mktemp("bench-out")
+    out, counts, site = work / "bench.json", work / "steps.txt", work / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(COUNTING_SITECUSTOMIZE)
     args = ["--tiny", "--device", "cpu", "--dataset", str(dataset), "--json", str(out), "--time-to-accuracy", "0"]
+    path = os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-c", COUNTING_RUN, *args],
+        [sys.executable, "-m", "distvgg.bench", *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "COUNT_STEPS": str(counts)},
     )
     text = ok(proc)
-    steps_line = [line for line in proc.stdout.splitlines() if line.startswith("TRAIN_STEPS ")][-1]
-    return json.loads(out.read_text()), text, {int(k): v for k, v in json.loads(steps_line[12:]).items()}
+    return json.loads(out.read_text()), text, collections.Counter(map(int, counts.read_text().split()))
 
 
 @pytest.mark.slow
@@ -208,6 +190,9 @@ def test_json_is_complete_and_well_formed(tiny_bench):
         assert (result[name]["batch_size"], result[name]["precision"]) == (64, "fp32")
     expected_best = "bf16" if machine.cpu_has_bf16() else "fp32"
     assert result["distvgg_best"]["precision"] == expected_best
+    # Each distvgg loop ran in a process of its own, with its own Accelerate mixed precision.
+    assert result["distvgg_same"]["mixed_precision"] == "no"
+    assert result["distvgg_best"]["mixed_precision"] == ("bf16" if expected_best == "bf16" else "no")
     device = result["device"]
     assert device["type"] == "cpu" and device["name"] == machine.cpu_name() and device["cpu_bf16"] is not None
     for pkg in ("python", "torch", "torchvision", "accelerate", "distvgg"):
@@ -228,15 +213,21 @@ def test_time_to_accuracy_fields(tiny_bench):
     assert t["epochs"] == len(t["history"]) == 2 and t["test_images"] == 40
     assert 0 <= t["best_accuracy"] <= 1 and 0 <= t["final_accuracy"] <= 1
     assert positive(t["images_per_second"]) and t["eval_seconds_total"] > 0
-    assert t["one_time_costs"]["first_step_seconds"] > 0 and t["one_time_costs"]["setup_seconds"] > 0
+    assert [h["epoch"] for h in t["history"]] == [1, 2]
+    assert 0 < t["history"][0]["train_seconds"] < t["history"][1]["train_seconds"] == t["train_seconds_total"]
+    split = t["time_split"]  # the run's own split, read from its metrics.jsonl
+    assert split["train_seconds"] == t["train_seconds_total"] and split["wall_seconds"] >= split["train_seconds"]
+    costs = t["one_time_costs"]
+    assert costs["setup_seconds"] > 0 and costs["compile_seconds"] == 0 and costs["compile"] is False
+    assert costs["main_seconds"] > split["wall_seconds"]
     assert t["config"]["recipe"] == "fast" and t["config"]["tta"] is True  # the recipe was applied
 
 
 @pytest.mark.slow
 def test_distvgg_loops_go_through_train_step_and_show_progress(tiny_bench):
-    """distvgg_same (batch 64) and distvgg_best run train.train_step for every warm-up and timed step; the time to
-    accuracy run (tiny: batch 32) trains through it too, its first step timed apart. Each timed window prints a line
-    as it ends."""
+    """distvgg_same (batch 64) and distvgg_best run train.train_step for every warm-up and timed step, each in its
+    own process; the time to accuracy run (tiny: batch 32) is distvgg.train itself, which trains through it too.
+    Each timed window prints a line as it ends."""
     result, text, steps = tiny_bench
     per_loop = 1 + 2 * 2  # --warmup-steps 1, --steps 2 x --repeats 2
     best = result["distvgg_best"]["batch_size"]

@@ -6,6 +6,7 @@ what ``wandb sync`` uploads, so what is asserted here is what the W&B server wou
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -125,12 +126,13 @@ def test_resumed_run_is_one_wandb_run_with_the_names_given(tracked_run):
 
 @pytest.mark.slow
 def test_tracked_run_has_the_charts_summary_and_model_artifact(tracked_run):
-    """The confusion chart and the predictions at every evaluation (40 images / batch 8: epochs end at steps 5
-    and 10, after the restart), the summary and the model artifact."""
+    """The confusion chart and the predictions after the last epoch only (the default --log-media-every; 40 images /
+    batch 8: epochs end at steps 5 and 10, after the restart), the summary and the model artifact."""
     last = tracked_run.files[-1]
     evals = [r for r in wandb_records.history(last) if "eval/accuracy" in r]
     assert [r["_step"] for r in evals] == [5, 10]
-    for row in evals:
+    assert "eval/predictions" not in evals[0] and "eval/confusion_matrix_table" not in evals[0]
+    for row in evals[1:]:
         assert row["eval/confusion_matrix_table"]["_type"] == "table-file"
         assert row["eval/predictions"]["_type"] == "image-file"
         assert row["eval/predictions"]["caption"].startswith("true > predicted: class_00 > ")
@@ -139,6 +141,8 @@ def test_tracked_run_has_the_charts_summary_and_model_artifact(tracked_run):
     summary = wandb_records.summary(last)
     accuracies = [r["eval/accuracy"] for r in tracked_run.metrics if "eval/accuracy" in r]
     assert summary["summary/best_accuracy"] == max(accuracies)
+    best = json.loads((tracked_run.out / "best" / "model.json").read_text())  # written at checkpoints and the end
+    assert best["best_accuracy"] == max(accuracies) and best["best_epoch"] == summary["summary/best_epoch"]
     assert {"summary/best_epoch", "summary/train_seconds", "summary/images_per_second"} <= set(summary)
     artifacts = [r.artifact for r in wandb_records.records(last) if r.WhichOneof("record_type") == "artifact"]
     run_id = wandb_records.run_record(last).run_id

@@ -1,0 +1,84 @@
+"""A loop of ``distvgg.bench`` in a process of its own, driven window by window from the bench's process:
+Accelerate keeps one mixed precision per process, so loops of different precisions cannot share one."""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+import torch
+
+
+class BenchError(RuntimeError):
+    """A measured loop or run failed; the message says which and how."""
+
+
+def serve(conn: Any, loop: Any, cfg: Any, threads: int, flags: Any = None) -> None:
+    """A distvgg loop in a process of its own: built, then the parent's commands run one at a time, each
+    answered with its result (or the exception it raised): ``("warm_up", n)``, ``("measure", n)``, ``("summary",)``;
+    ``("close",)`` ends it."""
+    from distvgg.bench import DistvggLoop  # here: bench imports this module
+
+    torch.set_num_threads(threads)
+    try:
+        timed = DistvggLoop(loop, cfg)
+        timed.flags = flags or timed.flags
+        conn.send(("ok", None))
+        for command, *arguments in iter(conn.recv, ("close",)):
+            conn.send(("ok", getattr(timed, command)(*arguments)))
+        timed.run.accelerator.end_training()
+    except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
+        conn.send(("error", e))
+
+
+class RemoteLoop:
+    """The parent's handle on a ``serve`` process: the same ``warm_up``, ``measure``, ``summary`` as a local loop."""
+
+    def __init__(self, loop: Any, cfg: Any, flags: Any = None) -> None:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA or Accelerate state inherited
+        self.loop, self.windows, (self.conn, child) = loop, [], context.Pipe()
+        self.process = context.Process(target=serve, args=(child, loop, cfg, torch.get_num_threads(), flags))
+        self.process.start()  # it sets up while this process goes on; the first command waits for that
+        self.started = False
+
+    def _call(self, *command: Any) -> Any:
+        if not self.started:
+            self.started = True
+            self._exchange()  # the answer to the setup
+        return self._exchange(*command)
+
+    def _exchange(self, *command: Any) -> Any:
+        try:
+            if command:
+                self.conn.send(command)
+            status, value = self.conn.recv()
+        except (EOFError, OSError):  # the process died (killed, out of memory): its output says why
+            self.close()
+            raise BenchError(f"{self.loop.name}'s process ended (exit code {self.process.exitcode})") from None
+        if status == "error":
+            self.close()
+            raise value
+        return value
+
+    def warm_up(self, n: int) -> None:
+        self._call("warm_up", n)
+
+    def measure(self, steps: int) -> float:
+        self.windows.append(self._call("measure", steps))
+        return self.windows[-1]
+
+    def summary(self) -> dict[str, Any]:
+        return self._call("summary")
+
+    def close(self, wait: bool = True) -> None:
+        """Ends the process (again: a no-op); ``wait=False`` only asks it to end (``close()`` later waits)."""
+        try:
+            self.conn.send(("close",))
+        except OSError:  # it has ended already, or was asked to
+            pass
+        if not wait:
+            return
+        self.process.join(timeout=60)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
