@@ -7,6 +7,7 @@ number of workers."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import multiprocessing
@@ -168,17 +169,22 @@ def _shapes(parts: list, size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
     return shapes_for({role: len(ds) for role, (_, ds) in zip(("train", "test"), parts)}, tuple(size))
 
 
-def _rows(ds: Any, img: str, start: int, stop: int) -> Iterator[tuple[int, dict, Any]]:
-    """(row, reference, HWC uint8 pixels or the exception that decoding raised) for rows [start, stop)."""
+def _rows(refs: list, start: int) -> Iterator[tuple[int, dict, Any]]:
+    """(row, reference, HWC uint8 pixels or the exception that decoding raised) for rows start, start + 1, ..."""
     import datasets
 
     rgb = datasets.Image(mode="RGB")
-    for row, ref in enumerate(ds[start:stop].column(img).to_pylist(), start):
+    for row, ref in enumerate(refs, start):
         ref = ref or {"bytes": None, "path": None}
         try:
             yield row, ref, np.array(rgb.decode_example(ref))
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
             yield row, ref, e
+
+
+def _refs(ds: Any, img: str, start: int, stop: int) -> list:
+    """The undecoded images (bytes and path) of rows [start, stop)."""
+    return ds[start:stop].column(img).to_pylist()
 
 
 def _bad_image(split: str, row: int, ref: dict, where: str, e: Exception) -> str:
@@ -192,7 +198,7 @@ def _bad_image(split: str, row: int, ref: dict, where: str, e: Exception) -> str
 def _first_size(split: str, ds: Any, img: str, where: str, skip: bool) -> tuple[tuple[int, int], str]:
     """The (H, W) of the first readable image, which every image must have, and where it is."""
     for row in range(len(ds)):
-        for _, ref, pixels in _rows(ds, img, row, row + 1):
+        for _, ref, pixels in _rows(_refs(ds, img, row, row + 1), row):
             if not isinstance(pixels, Exception):
                 return tuple(pixels.shape[:2]), f"split {split!r}, row {row}"
             if not skip:
@@ -202,14 +208,13 @@ def _first_size(split: str, ds: Any, img: str, where: str, skip: bool) -> tuple[
 
 @dataclass(frozen=True)
 class Chunk:
-    """One task: rows [start, stop) of split ``split`` (dataset ``ds``), written from byte ``offset`` of ``path``."""
+    """One task: the undecoded images ``refs`` of rows [start, ...) of split ``split``, written from byte ``offset``
+    of ``path``. The rows' bytes travel with the task: a worker needs no ``datasets`` object (seconds to unpickle)."""
 
-    ds: Any
-    img: str
+    refs: list
     split: str
     role: str
     start: int
-    stop: int
     path: str
     offset: int
     size: tuple[int, int]
@@ -220,11 +225,9 @@ class Chunk:
 
 def decode_chunk(c: Chunk) -> tuple[str, int, np.ndarray, str | None]:
     """Decode a chunk into its place in the file: (role, start, which rows were kept, an error message or None)."""
-    out = np.memmap(
-        c.path, np.uint8, "r+", c.offset + c.start * 3 * c.size[0] * c.size[1], (c.stop - c.start, 3, *c.size)
-    )
-    keep = np.zeros(c.stop - c.start, dtype=bool)
-    for row, ref, pixels in _rows(c.ds, c.img, c.start, c.stop):
+    out = np.memmap(c.path, np.uint8, "r+", c.offset + c.start * 3 * c.size[0] * c.size[1], (len(c.refs), 3, *c.size))
+    keep = np.zeros(len(c.refs), dtype=bool)
+    for row, ref, pixels in _rows(c.refs, c.start):
         if isinstance(pixels, Exception):
             if c.skip:
                 continue
@@ -254,14 +257,13 @@ def decode_chunk(c: Chunk) -> tuple[str, int, np.ndarray, str | None]:
 def _decode_parts(parts, img, where, first, options, writer, log) -> dict[str, np.ndarray]:
     """Every row of both splits, decoded in chunks by the workers; which rows were kept, by role."""
     keep = {role: np.zeros(len(ds), dtype=bool) for role, (_, ds) in zip(("train", "test"), parts)}
-    chunks = [
+    total = sum(len(k) for k in keep.values())
+    chunks = (  # made as the workers need them: only the chunks in flight are in memory
         Chunk(
-            ds,
-            img,
+            _refs(ds, img, a, a + CHUNK),
             split,
             role,
             a,
-            min(a + CHUNK, len(ds)),
             str(writer.tmp),
             writer.offset(f"{role}_images"),
             tuple(first[0]),
@@ -271,8 +273,7 @@ def _decode_parts(parts, img, where, first, options, writer, log) -> dict[str, n
         )
         for role, (split, ds) in zip(keep, parts)
         for a in range(0, len(ds), CHUNK)
-    ]
-    total = sum(len(k) for k in keep.values())
+    )
     progress = _Progress(total, log)
 
     def handle(result: tuple[str, int, np.ndarray, str | None]) -> None:
@@ -283,25 +284,32 @@ def _decode_parts(parts, img, where, first, options, writer, log) -> dict[str, n
         progress.add(len(kept))
 
     workers = options["decode_workers"] or min(os.cpu_count() or 1, -(-total // ROWS_PER_WORKER))
-    _run(chunks, min(workers, len(chunks)), handle)
+    _run(chunks, min(workers, sum(-(-len(k) // CHUNK) for k in keep.values())), handle)
     return keep
 
 
-def _run(chunks: list[Chunk], workers: int, handle: Callable[[Any], None]) -> None:
-    """``handle(decode_chunk(c))`` for every chunk: here with one worker, else in a pool of ``workers`` processes.
-    An error (or Ctrl-C) cancels the chunks not started and waits for the running ones, so no worker outlives it."""
+def _run(chunks: Iterator[Chunk], workers: int, handle: Callable[[Any], None]) -> None:
+    """``handle(decode_chunk(c))`` for every chunk, in order: here with one worker, else in a pool of ``workers``
+    processes, two chunks per worker in flight. An error (or Ctrl-C) cancels the chunks not started and waits for the
+    running ones, so no worker outlives it; the error reported is the first in row order, as with one worker."""
     if workers <= 1:
         for c in chunks:
             handle(decode_chunk(c))
         return
-    context = multiprocessing.get_context("spawn")  # not fork: this process may run torch's and arrow's threads
+    # fork where there is one: a worker starts in milliseconds, where spawn re-imports the main module (torch: seconds).
+    # Workers only decode with PIL and resize single-threaded, as forked DataLoader workers do.
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(workers, context, initializer=_worker_start, initargs=(os.getpid(),)) as pool:
-        futures = [pool.submit(decode_chunk, c) for c in chunks]
+        pending: collections.deque = collections.deque()
         try:
-            for future in futures:  # in order: the error reported is the first in row order, as with one worker
-                handle(future.result())
+            for c in chunks:
+                pending.append(pool.submit(decode_chunk, c))
+                if len(pending) >= 2 * workers:
+                    handle(pending.popleft().result())
+            while pending:
+                handle(pending.popleft().result())
         finally:
-            for future in futures:
+            for future in pending:
                 future.cancel()
 
 
