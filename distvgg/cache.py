@@ -63,6 +63,8 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     whole = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
     tensors = {}
     for name, e in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"]):
+        if e["dtype"] not in _DTYPES:
+            raise ValueError(f"tensor {name} has dtype {e['dtype']}, not U8 or I64")
         dtype, (b, t), shape = _DTYPES[e["dtype"]][0], e["data_offsets"], [int(d) for d in e["shape"]]
         if b != end or t - b != math.prod(shape) * dtype.itemsize or start + t > size:
             raise ValueError(f"tensor {name} at bytes [{b}, {t}) does not fit its shape {shape} or the file")
