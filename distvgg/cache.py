@@ -9,9 +9,12 @@ reader copies each tensor into private memory (one copy per process)."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
+import re
+import shutil
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -85,7 +88,7 @@ class Writer:
         self.tmp = final.with_name(f".{final.name}.{socket.gethostname()}-{os.getpid()}.tmp")
         head, self.ranges = header(shapes, metadata)
         self.reserved, self.shapes = len(head), dict(shapes)  # a shrunk header is padded back to this length
-        _remove_stale(final)
+        remove_stale(final.parent, f".{final.name}.")
         fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.posix_fallocate(fd, 0, self.data_start + max(r.stop for r in self.ranges.values()))
@@ -154,14 +157,14 @@ class Writer:
                 self.tmp.unlink()
 
 
-def _remove_stale(final: Path) -> None:
-    """Temporary files of this host's processes that no longer run (killed mid-decode) take disk space: remove them."""
+def remove_stale(folder: Path, prefix: str) -> None:
+    """Remove ``folder/<prefix><host>-<pid>...``, the temporary files and folders of this host's processes that no
+    longer run (killed mid-decode, they could not clean up): they can be as large as the dataset."""
     host = socket.gethostname()
-    for tmp in final.parent.glob(f".{final.name}.{host}-*.tmp"):
-        pid = tmp.name[len(f".{final.name}.{host}-") : -len(".tmp")]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+    for path in folder.glob(f"{glob.escape(prefix + host)}-*"):
+        pid = re.match(r"\d*", path.name[len(prefix + host) + 1 :]).group()
+        if pid and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -78,8 +79,12 @@ def local_dataset(kind: str, root: Path, where: str, cache_root: Path) -> Iterat
 
     with contextlib.suppress(OSError):
         cache_root.mkdir(parents=True, exist_ok=True)
-    parent = cache_root if os.access(cache_root, os.W_OK) else None
-    scratch_dir = tempfile.TemporaryDirectory(prefix=".hf-scratch-", dir=parent, ignore_cleanup_errors=True)
+    from distvgg.cache import remove_stale
+
+    parent = cache_root if os.access(cache_root, os.W_OK) else Path(tempfile.gettempdir())
+    remove_stale(parent, ".hf-scratch-")
+    prefix = f".hf-scratch-{socket.gethostname()}-{os.getpid()}-"  # a killed run's leftovers: removed by the next
+    scratch_dir = tempfile.TemporaryDirectory(prefix=prefix, dir=parent, ignore_cleanup_errors=True)
     with scratch_dir as scratch, quiet_datasets() as datasets:
         try:
             if kind == "save_to_disk":  # name an empty split: load_from_disk fails on one with an IndexError
