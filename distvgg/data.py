@@ -106,7 +106,7 @@ def load_image_data(
     if (cached := _read_cache(cache_root, key, log)) is not None:
         return cached
     options |= {"image_size": size, "decode_workers": decode_workers}
-    data, path = _decode(source, cache_root / f"{key}.safetensors", options, log)
+    data, path = _decode(source, cache_root, key, options, log)
     n, (h, w), secs = (
         f"{len(data.train):,} train + {len(data.test):,} test images",
         data.image_size,
@@ -230,36 +230,40 @@ def _from_file(path: Path, key: str) -> ImageData:
     return ImageData(*splits, [str(n) for n in meta["class_names"]], str(meta["source"]), key)
 
 
-def _decode(source: _Source, final: Path, options: dict[str, Any], log: Log) -> tuple[ImageData, Path | None]:
+def _decode(source: _Source, cache_root: Path, key: str, options: dict, log: Log) -> tuple[ImageData, Path | None]:
     """Decode into a new cache file and map it; also where it was cached (None: the cache could not be written)."""
-    writers = []
+    final, writers = cache_root / f"{key}.safetensors", []
 
     def create(shapes: dict[str, tuple[int, ...]], names: list[str]) -> cache.Writer:
-        writers.append(
-            _open_writer(final, shapes, json.dumps({"class_names": names, "source": source.description}), log)
-        )
+        meta = json.dumps({"class_names": names, "source": source.description})
+        writers.append(_open_writer(final, shapes, meta, log))
         return writers[-1]
 
     try:
-        if source.kind == "cifar-pickle":  # CIFAR's pickles are read whole: they are small
-            train, test, names = _read_cifar(source, options["image_size"])
-            writer = create(cache.shapes_for({"train": len(train), "test": len(test)}, train.images.shape[-2:]), names)
-            for role, split in (("train", train), ("test", test)):
-                writer.array(f"{role}_images")[:] = split.images.numpy()
-            writer.finish(
-                {"train": train.labels.numpy(), "test": test.labels.numpy()},
-                {"train": np.ones(len(train), bool), "test": np.ones(len(test), bool)},
-            )
+        if source.kind == "cifar-pickle":
+            _store_cifar(source, options["image_size"], create)
         elif source.kind == "hub":
             _decode_dataset_dict(source.dsd, source.description, options, create, log)
         else:
-            with decode.local_dataset(source.kind, source.root, source.description, final.parent) as dsd:
+            with decode.local_dataset(source.kind, source.root, source.description, cache_root) as dsd:
                 _decode_dataset_dict(dsd, source.description, options, create, log)
         path = writers[0].commit()
-        return _from_file(path, final.name.split(".")[0]), None if writers[0].scratch else path
+        return _from_file(path, key), None if writers[0].scratch else path
     finally:
         for writer in writers:
             writer.discard()  # an unfinished file; or a scratch file, already mapped
+
+
+def _store_cifar(source: _Source, size: tuple[int, int] | None, create: Any) -> None:
+    """CIFAR's pickles into the file ``create`` makes; they are read whole (they are small)."""
+    train, test, names = _read_cifar(source, size)
+    writer = create(cache.shapes_for({"train": len(train), "test": len(test)}, train.images.shape[-2:]), names)
+    for role, split in (("train", train), ("test", test)):
+        writer.array(f"{role}_images")[:] = split.images.numpy()
+    writer.finish(
+        {"train": train.labels.numpy(), "test": test.labels.numpy()},
+        {"train": np.ones(len(train), bool), "test": np.ones(len(test), bool)},
+    )
 
 
 def _decode_dataset_dict(dsd: Any, where: str, options: dict[str, Any], create: Any, log: Log) -> None:

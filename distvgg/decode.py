@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from distvgg.cache import SPLITS, remove_stale, shapes_for
+
 TEST_SPLIT_NAMES = ("test", "validation", "valid", "val")  # accepted in the test role, in this order
 _INT_LABEL_NAMES = ("label", "labels", "fine_label", "target", "targets", "class", "y")  # int labels, no ClassLabel
 CHUNK = 256  # rows per task: an even spread over workers and a prompt stop, at a small cost per task
@@ -79,8 +81,6 @@ def local_dataset(kind: str, root: Path, where: str, cache_root: Path) -> Iterat
 
     with contextlib.suppress(OSError):
         cache_root.mkdir(parents=True, exist_ok=True)
-    from distvgg.cache import remove_stale
-
     parent = cache_root if os.access(cache_root, os.W_OK) else Path(tempfile.gettempdir())
     remove_stale(parent, ".hf-scratch-")
     prefix = f".hf-scratch-{socket.gethostname()}-{os.getpid()}-"  # a killed run's leftovers: removed by the next
@@ -106,7 +106,7 @@ def local_dataset(kind: str, root: Path, where: str, cache_root: Path) -> Iterat
         yield dsd
 
 
-def _columns(dsd: Any, where: str, options: Mapping[str, Any], log: Log) -> tuple:
+def _columns(dsd: Any, where: str, options: Mapping[str, Any]) -> tuple:
     """The (train, test) split names, the image column, the label column, and the class names (else the first Image
     and ClassLabel, or int labels)."""
     splits = ("train", next((s for s in TEST_SPLIT_NAMES if s in dsd), None))
@@ -142,7 +142,7 @@ def decode_dataset_dict(dsd: Any, where: str, options: Mapping[str, Any], create
     """Pick the splits and columns, check the labels, decode every image into the file ``create`` makes."""
     import datasets
 
-    splits, img, lbl, names = _columns(dsd, where, options, log)
+    splits, img, lbl, names = _columns(dsd, where, options)
     columns = [dsd[s].with_format("arrow", columns=[lbl])[:].column(lbl) for s in splits]
     labels = [np.array(c.fill_null(-1).to_numpy(), dtype=np.int64) for c in columns]  # writable copies; -1: missing
     if names is None:
@@ -150,13 +150,15 @@ def decode_dataset_dict(dsd: Any, where: str, options: Mapping[str, Any], create
         log(f"warning: label column {lbl!r} of {where} is not a ClassLabel; using class names 0..{len(names) - 1}")
     for split, y in zip(splits, labels):
         check_labels(y, len(names), split, where)
-    # Undecoded references (bytes and path), also of a binary or path-string column; read as arrow by every worker.
+    # Undecoded references (bytes and path), also of a binary or path-string column, read chunk by chunk as arrow.
     parts = [
         (s, dsd[s].cast_column(img, datasets.Image(decode=False)).with_format("arrow", columns=[img])) for s in splits
     ]
     size = options["image_size"]
     first = (size, "") if size else _first_size(*parts[0], img, where, options["skip_bad_images"])
-    writer = create({**_shapes(parts, first[0])}, [str(n) for n in names])
+    writer = create(
+        shapes_for({r: len(ds) for r, (_, ds) in zip(SPLITS, parts)}, tuple(first[0])), [str(n) for n in names]
+    )
     keep = _decode_parts(parts, img, where, first, options, writer, log)
     for (split, ds), kept in zip(parts, keep.values()):
         bad = np.flatnonzero(~kept)
@@ -165,13 +167,7 @@ def decode_dataset_dict(dsd: Any, where: str, options: Mapping[str, Any], create
         if len(bad):
             rows = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
             log(f"warning: skipped {len(bad)} unreadable image(s) in split {split!r} of {where} (rows {rows})")
-    writer.finish({r: y[keep[r]] for r, y in zip(("train", "test"), labels)}, keep)
-
-
-def _shapes(parts: list, size: tuple[int, int]) -> dict[str, tuple[int, ...]]:
-    from distvgg.cache import shapes_for
-
-    return shapes_for({role: len(ds) for role, (_, ds) in zip(("train", "test"), parts)}, tuple(size))
+    writer.finish({r: y[keep[r]] for r, y in zip(SPLITS, labels)}, keep)
 
 
 def _rows(refs: list, start: int) -> Iterator[tuple[int, dict, Any]]:
@@ -261,7 +257,7 @@ def decode_chunk(c: Chunk) -> tuple[str, int, np.ndarray, str | None]:
 
 def _decode_parts(parts, img, where, first, options, writer, log) -> dict[str, np.ndarray]:
     """Every row of both splits, decoded in chunks by the workers; which rows were kept, by role."""
-    keep = {role: np.zeros(len(ds), dtype=bool) for role, (_, ds) in zip(("train", "test"), parts)}
+    keep = {role: np.zeros(len(ds), dtype=bool) for role, (_, ds) in zip(SPLITS, parts)}
     total = sum(len(k) for k in keep.values())
     chunks = (  # made as the workers need them: only the chunks in flight are in memory
         Chunk(
