@@ -133,3 +133,23 @@ def test_shrinking_keeps_rows_in_order(tmp_path):
         assert tensors[f"{s}_labels"].tolist() == np.flatnonzero(keep[s]).tolist()
     assert load_file(str(path)).keys() == tensors.keys()  # still a valid safetensors file
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_full_disk_leaves_nothing_behind_and_the_run_goes_on(tmp_path):
+    """A cache directory on a real 1 MB tmpfs, a 2 MB decode: the space is claimed before any pixel is written, so
+    the disk is found full at once; a warning, the decode goes to the temporary directory, the tmpfs is left empty."""
+    import subprocess
+
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=36, n_test=4, size=16)
+        log: list[str] = []
+        data = load_image_data(str(root), cache_dir=full, image_size=128, log=log.append)
+        assert "warning: could not write the data cache" in "\n".join(log) and "No space left" in "\n".join(log)
+        assert data.train.images.shape == (36, 3, 128, 128) and int(data.train.images[:, :, 60:68].sum()) > 0
+        assert not list(full.iterdir())
+    finally:
+        subprocess.run(["umount", str(full)], check=True)

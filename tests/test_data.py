@@ -592,7 +592,7 @@ def test_hub_load_failure_is_a_data_error(tmp_path, monkeypatch):
         load("someone/missing", tmp_path / "cache")
 
 
-def test_hub_dataset_cached_by_datasets_fingerprint(tmp_path, monkeypatch):
+def test_hub_dataset_cached_by_its_arrow_files(tmp_path, monkeypatch):
     """The Hub path with ``load_dataset`` faked (no network here): decode, then a cache hit."""
     import datasets
 

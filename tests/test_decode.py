@@ -128,19 +128,16 @@ def test_a_worker_that_dies_mid_decode_is_an_error_and_leaves_nothing(tmp_path, 
     assert not psutil.Process().children() and not list((tmp_path / "cache").iterdir())
 
 
-def test_imagenet_folder_decodes_at_64(tmp_path):
+@pytest.mark.slow
+def test_imagenet_folder_trains_at_64(tmp_path):
+    """ImageNet's layout: WordNet-id class folders, val/ as the test split, JPEGs of mixed sizes resized to 64x64."""
     root = datagen.make_imagenet_folder(tmp_path / "imagenet", n_train=24, n_val=12, num_classes=3)
     with pytest.raises(DataError, match="images of different sizes .*pass --image-size"):
         load_image_data(str(root), cache_dir=tmp_path / "cache", log=Log())
-    data = load_image_data(str(root), cache_dir=tmp_path / "cache", image_size=64, log=Log())
+    args = ["--dataset", str(root), "--image-size", "64", "--cache-dir", str(tmp_path / "cache"), *TINY]
+    text = ok(run_train([*args, "--output-dir", str(tmp_path / "run"), "--epochs", "1"]))
+    assert "decoded 24 train + 12 test images (64x64, 3 classes)" in text and "accuracy" in text
+    data = load_image_data(str(root), cache_dir=tmp_path / "cache", image_size=64, log=Log())  # the run's cache
     assert data.class_names == [f"n{c:08d}" for c in range(3)]  # the WordNet-id folders, in order
-    assert data.train.images.shape == (24, 3, 64, 64) and data.test.images.shape == (12, 3, 64, 64)  # val/: the test
+    assert data.train.images.shape == (24, 3, 64, 64) and data.test.images.shape == (12, 3, 64, 64)
     assert torch.bincount(data.train.labels).tolist() == [8, 8, 8]
-
-
-@pytest.mark.slow
-def test_imagenet_folder_trains_at_64(tmp_path):
-    root = datagen.make_imagenet_folder(tmp_path / "imagenet", n_train=24, n_val=12, num_classes=3)
-    args = ["--dataset", str(root), "--image-size", "64", "--output-dir", str(tmp_path / "run"), *TINY]
-    text = ok(run_train([*args, "--epochs", "1"]))
-    assert "(64x64, 3 classes)" in text and "accuracy" in text and "(12 images)" in text
