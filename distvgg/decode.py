@@ -284,7 +284,7 @@ def _decode_parts(parts, img, where, first, options, writer, log) -> dict[str, n
         keep[role][start : start + len(kept)] = kept
         progress.add(len(kept))
 
-    workers = options["decode_workers"] or min(os.cpu_count() or 1, -(-total // ROWS_PER_WORKER))
+    workers = options["decode_workers"] or min(_cores(), -(-total // ROWS_PER_WORKER))
     _run(chunks, min(workers, sum(-(-len(k) // CHUNK) for k in keep.values())), handle)
     return keep
 
@@ -312,6 +312,11 @@ def _run(chunks: Iterator[Chunk], workers: int, handle: Callable[[Any], None]) -
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _cores() -> int:
+    """The cores this process may run on (a container or a job scheduler may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _worker_start(parent: int) -> None:
