@@ -3,8 +3,9 @@ dtype, shape and byte range, then the raw bytes. Written in place by the decode 
 renamed when complete) and read back as a memory mapping, so every process of a machine shares one copy of the pixels
 through the page cache. Files written by ``safetensors.torch.save_file`` read the same way.
 
-Written by hand, not with ``safetensors``: its writer takes whole tensors (one process would gather them all) and its
-reader copies each tensor into private memory (one copy per process)."""
+Written by hand, not with ``safetensors``: its writer takes whole tensors (one process would gather them all), and
+whether ``safe_open(...).get_tensor`` returns a copy or a view of a mapping is not something its API promises, while
+here the pixels must stay a view."""
 
 from __future__ import annotations
 
@@ -91,7 +92,9 @@ class Writer:
         remove_stale(final.parent, f".{final.name}.")
         fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.posix_fallocate(fd, 0, self.data_start + max(r.stop for r in self.ranges.values()))
+            size = self.data_start + max(r.stop for r in self.ranges.values())
+            allocate = getattr(os, "posix_fallocate", None)  # not on macOS: a sparse file there
+            allocate(fd, 0, size) if allocate else os.ftruncate(fd, size)
             os.pwrite(fd, len(head).to_bytes(8, "little") + head, 0)
         except BaseException:
             os.close(fd)
