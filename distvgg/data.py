@@ -119,8 +119,8 @@ def load_image_data(
 
 
 def cache_key(source: _Source, dataset: str, options: dict[str, Any], size: tuple[int, int] | None) -> str:
-    """The cache key: the options that change the decoded pixels, and the source's files (local sources) or the
-    arrow files ``datasets`` keeps them in (Hub datasets), by name, size and modification time."""
+    """The cache key: the options that change the decoded pixels, and the source's files by name, size and
+    modification time (local sources) or the arrow files ``datasets`` keeps them in (Hub datasets)."""
     recipe = {"kind": source.kind, "format": FORMAT_VERSION, **options, **({"image_size": size} if size else {})}
     if source.kind == "hub":
         recipe |= {"name": dataset, "splits": {s: _arrow_files(d) for s, d in source.dsd.items()}}
@@ -131,13 +131,15 @@ def cache_key(source: _Source, dataset: str, options: dict[str, Any], size: tupl
 
 
 def _arrow_files(ds: Any) -> list | str:
-    """What identifies a ``datasets`` split through its public API: its arrow files (their names hold datasets' hash of
-    the source), else, for a split held only in memory, datasets' own hash of its content."""
+    """What identifies a ``datasets`` split through its public API: its arrow files, by size and by the end of their
+    path (dataset, config, version, the hash of the source, file name) as ``datasets`` names the folder it prepares,
+    so a download of the same revision again or a moved Hugging Face cache keeps the key; for a split held only in
+    memory, datasets' own hash of its content."""
     if not ds.cache_files:
         from datasets.fingerprint import Hasher
 
         return Hasher.hash(ds)
-    return [[f["filename"], os.stat(f["filename"]).st_size, os.stat(f["filename"]).st_mtime_ns] for f in ds.cache_files]
+    return [[*Path(f["filename"]).parts[-5:], os.stat(f["filename"]).st_size] for f in ds.cache_files]
 
 
 def _local_source(dataset: str) -> _Source | None:
