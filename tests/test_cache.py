@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -71,46 +72,52 @@ def _rss_kb(pid: int, field: str) -> int:
     return int(line.split()[1])
 
 
-def _two_ranks_memory(dataset: Path, cache_dir: Path, out: Path) -> tuple[list[int], int]:
-    """RssAnon (kB) of each rank of a 2-process run while it holds at its first step, and the peak RSS (kB) of its
-    largest process (wait4 reports the launcher's and its waited-for descendants')."""
-    release = out.parent / f"{out.name}.release"
+def _held_run(dataset: Path, cache_dir: Path, out: Path) -> subprocess.Popen:
+    """A 2-process run, data on the host, that holds at its first step until ``<out>.release`` exists."""
     args = ["--dataset", str(dataset), "--cache-dir", str(cache_dir), "--output-dir", str(out), *TINY]
     args += ["--batch-size", "4", "--max-steps", "2", "--data-on-device", "no"]
-    env = {"HOOK_TRACE": str(out / "trace"), "HOOK_HOLD_AT_STEP": "1", "HOOK_RELEASE": str(release)}
-    proc = start(train_command(args, nproc=2, module="tests.hooked_train"), env)
+    env = {"HOOK_TRACE": str(out / "trace"), "HOOK_HOLD_AT_STEP": "1", "HOOK_RELEASE": f"{out}.release"}
+    return start(train_command(args, nproc=2, module="tests.hooked_train"), env)
+
+
+def _anon_at_first_step(proc: subprocess.Popen, out: Path) -> list[int]:
+    """RssAnon (kB) of each rank, once both hold at their first step."""
     traces = [out / f"trace.rank{rank}.jsonl" for rank in (0, 1)]
     wait_for(lambda: all(t.exists() and t.read_text().endswith("\n") for t in traces), proc, "both ranks at step 1")
-    pids = [json.loads(t.read_text().splitlines()[0])["pid"] for t in traces]
-    anon = [_rss_kb(pid, "RssAnon") for pid in pids]
-    release.touch()
+    return [_rss_kb(json.loads(t.read_text().splitlines()[0])["pid"], "RssAnon") for t in traces]
+
+
+def _peak_at_the_end(proc: subprocess.Popen, out: Path) -> int:
+    """Release the run; the peak RSS (kB) of its largest process (wait4 reports the launcher's and its waited-for
+    descendants')."""
+    Path(f"{out}.release").touch()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     output = proc.stdout.read()
     assert proc.returncode == 0 and "2 process(es)" in output, output[-4000:]
-    return anon, usage.ru_maxrss
+    return usage.ru_maxrss
 
 
 @pytest.mark.slow
 def test_two_ranks_share_one_copy_and_a_dataset_larger_than_the_limit_trains(tmp_path):
-    """The same 2-process run, data on the host, on a dataset of 16 images and on one of 32,768 (400 MB): each
-    rank's private memory (RssAnon) grows by less than a tenth of the larger dataset's bytes, and the run's peak RSS
-    (which counts the pages of the mapping it has read, too) by less than a quarter. A rank that held its own copy
-    of the pixels would grow by all of them."""
+    """The same 2-process run, data on the host, on a dataset of 16 images and on one of 32,768 (400 MB), both at
+    once: each rank's private memory (RssAnon) grows by less than a tenth of the larger dataset's bytes, and the
+    run's peak RSS (which counts the pages of the mapping it has read, too) by less than a quarter. A rank that held
+    its own copy of the pixels would grow by all of them."""
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=16, n_test=6, size=64)
-    small = _load(root, tmp_path / "small-cache")
-    big = _load(root, tmp_path / "big-cache")
-    nbytes = datagen.grow_cache(tmp_path / "big-cache" / f"{big.fingerprint}.safetensors", 32_768)
+    assert len(_load(root, tmp_path / "small-cache").train) == 16
+    big = tmp_path / "big-cache" / f"{_load(root, tmp_path / 'big-cache').fingerprint}.safetensors"
+    nbytes = datagen.grow_cache(big, 32_768)
     limit_kb = nbytes // 10 // 1024  # the most RssAnon may grow by
-    assert len(small.train) == 16 and nbytes > 400e6
     try:
-        base_anon, base_peak = _two_ranks_memory(root, tmp_path / "small-cache", tmp_path / "small")
-        anon, peak = _two_ranks_memory(root, tmp_path / "big-cache", tmp_path / "big")
+        runs = {name: _held_run(root, tmp_path / f"{name}-cache", tmp_path / name) for name in ("small", "big")}
+        anon = {name: _anon_at_first_step(proc, tmp_path / name) for name, proc in runs.items()}
+        peak = {name: _peak_at_the_end(proc, tmp_path / name) for name, proc in runs.items()}
     finally:
-        (tmp_path / "big-cache" / f"{big.fingerprint}.safetensors").unlink()
-    print(f"RssAnon per rank (kB): {base_anon} -> {anon}; peak RSS (kB): {base_peak} -> {peak}; limit {limit_kb} kB")
-    assert all(a - b < limit_kb for a, b in zip(anon, base_anon)), (base_anon, anon, limit_kb)
-    assert peak - base_peak < nbytes // 4 // 1024, (base_peak, peak, nbytes)
+        big.unlink()
+    print(f"RssAnon per rank (kB): {anon}; peak RSS (kB): {peak}; dataset {nbytes} bytes")
+    assert nbytes > 400e6 and all(a - b < limit_kb for a, b in zip(anon["big"], anon["small"])), (anon, limit_kb)
+    assert peak["big"] - peak["small"] < nbytes // 4 // 1024, (peak, nbytes)
 
 
 def test_shrinking_keeps_rows_in_order(tmp_path):
@@ -139,8 +146,6 @@ def test_shrinking_keeps_rows_in_order(tmp_path):
 def test_a_full_disk_leaves_nothing_behind_and_the_run_goes_on(tmp_path):
     """A cache directory on a real 1 MB tmpfs, a 2 MB decode: the space is claimed before any pixel is written, so
     the disk is found full at once; a warning, the decode goes to the temporary directory, the tmpfs is left empty."""
-    import subprocess
-
     full = tmp_path / "full"
     full.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], capture_output=True).returncode:
