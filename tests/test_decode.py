@@ -80,25 +80,27 @@ load_image_data(sys.argv[1], cache_dir=sys.argv[2], decode_workers=2)
 
 @pytest.mark.slow
 def test_ctrl_c_or_killing_the_run_mid_decode_leaves_no_cache_file_and_no_worker(tmp_path):
-    """Ctrl-C, then SIGKILL, of a run decoding with 2 workers: no cache file, no worker left; the temporary files a
-    killed run could not remove are removed by the next decode."""
+    """Ctrl-C of one run, SIGKILL of another, both decoding with 2 workers: no cache file, no worker left; the
+    temporary files the killed run could not remove are removed by the next decode."""
     import psutil
 
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=1200, n_test=4, size=4)
-    cache_dir = tmp_path / "cache"
-    for sig in (signal.SIGINT, signal.SIGKILL):
-        proc = start([sys.executable, "-c", _SLOW_DECODE, str(root), str(cache_dir)])
+    signals = {"ctrl-c": signal.SIGINT, "kill": signal.SIGKILL}
+    runs = {how: start([sys.executable, "-c", _SLOW_DECODE, str(root), str(tmp_path / how)]) for how in signals}
+    workers = {}
+    for how, proc in runs.items():
         wait_for(lambda p=proc: len(psutil.Process(p.pid).children()) >= 2, proc, "two decode workers")
-        workers = psutil.Process(proc.pid).children()
-        os.kill(proc.pid, sig)
+        workers[how] = psutil.Process(proc.pid).children()
+        os.kill(proc.pid, signals[how])
+    for how, proc in runs.items():
         output = proc.communicate(timeout=60)[0]
-        assert proc.returncode != 0 and (sig == signal.SIGKILL or "KeyboardInterrupt" in output), output
-        _, alive = psutil.wait_procs(workers, timeout=10)
-        assert not alive, f"workers left running after {sig!r}: {alive}"
-        assert not list(cache_dir.glob("*.safetensors"))
-        assert sig == signal.SIGKILL or not list(cache_dir.glob(".*")), list(cache_dir.iterdir())
-    data = load_image_data(str(root), cache_dir=cache_dir, decode_workers=1, log=Log())
-    assert sorted(p.name for p in cache_dir.iterdir()) == [f"{data.fingerprint}.safetensors"]
+        assert proc.returncode != 0 and (how == "kill" or "KeyboardInterrupt" in output), output
+        _, alive = psutil.wait_procs(workers[how], timeout=10)
+        assert not alive, f"workers left running after {how}: {alive}"
+        assert not list((tmp_path / how).glob("*.safetensors"))
+    assert not list((tmp_path / "ctrl-c").iterdir())  # Ctrl-C cleans up; a killed run cannot
+    data = load_image_data(str(root), cache_dir=tmp_path / "kill", decode_workers=1, log=Log())
+    assert sorted(p.name for p in (tmp_path / "kill").iterdir()) == [f"{data.fingerprint}.safetensors"]
 
 
 @pytest.mark.slow
