@@ -52,7 +52,8 @@ class TrainConfig:
     skip_bad_images: bool = False
     """Drop images that fail to decode (counted and reported) instead of stopping with an error."""
     decode_workers: Optional[int] = None
-    """Processes that decode the images the first time (then they come from the cache); default: the machine's cores."""
+    """Processes that decode the images the first time (later runs read the cache); default: one per core, at most
+    one per 4,096 images."""
     image_size: Optional[list[int]] = None
     """Resize every image to N x N (one number) or H x W (two) when it is decoded; needed for a dataset of mixed
     sizes. Unset: the dataset's own size."""

@@ -93,7 +93,7 @@ def load_image_data(
     """``dataset`` (a local directory or a Hub name) as uint8 tensors, through the cache. ``image_size`` (H, W) resizes
     each image as it is decoded; ``skip_bad_images`` drops (and logs) undecodable ones instead of raising DataError;
     ``image_column``/``label_column`` name the columns of a ``datasets`` source (CIFAR pickles have none);
-    ``decode_workers`` processes decode a first time (default: one per core)."""
+    ``decode_workers`` processes decode a first time (default: one per core, at most one per 4,096 images)."""
     size = None if image_size is None else tuple(int(n) for n in np.broadcast_to(image_size, 2))  # N, [N]: N x N
     if size is not None and min(size) < 1:
         raise DataError(f"the image size must be positive, got {image_size}")
@@ -107,11 +107,8 @@ def load_image_data(
         return cached
     options |= {"image_size": size, "decode_workers": decode_workers}
     data, path = _decode(source, cache_root, key, options, log)
-    n, (h, w), secs = (
-        f"{len(data.train):,} train + {len(data.test):,} test images",
-        data.image_size,
-        time.perf_counter() - started,
-    )
+    n, (h, w) = f"{len(data.train):,} train + {len(data.test):,} test images", data.image_size
+    secs = time.perf_counter() - started
     log(f"data: decoded {n} ({h}x{w}, {data.num_classes} classes) from {data.source} in {secs:.1f} s")
     if path is not None:
         log(f"data: cached decoded images in {path}")
