@@ -21,7 +21,9 @@ class IndexedImages(Dataset):
     """A uint8 image tensor served a whole batch at a time through ``__getitems__``.
 
     The DataLoader hands ``__getitems__`` the list of indices of one batch, so a batch costs
-    one tensor gather instead of ``batch_size`` Python calls and a collate.
+    one tensor gather instead of ``batch_size`` Python calls and a collate. On the host the
+    tensor may be a view of the cache file's mapping: a gather reads only the batch's rows
+    (the DataLoader pins the gathered batch when it goes to a GPU).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -93,7 +95,8 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         end = self.steps_per_epoch * self.global_batch
-        yield from self.order(self.epoch)[self.start : end].tolist()
+        for part in self.order(self.epoch)[self.start : end].split(65_536):  # no list of a million Python ints
+            yield from part.tolist()
 
 
 def train_loader(

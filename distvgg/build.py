@@ -195,7 +195,9 @@ def loss_scale(scaler: Any) -> torch.Tensor | None:
 
 def load_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, Any]:
     """Decoded uint8 tensors, on the training device when they fit. The main process of each machine
-    decodes and caches first; the others then read its cache, so there is no N-way decode race."""
+    decodes and caches first; the others then map its cache, so there is no N-way decode race. On the host
+    the images stay a view of the cache file's mapping, one copy per machine in the page cache; a device copy
+    is made straight from that mapping, with no second host copy."""
     from distvgg.data import limited, load_image_data
 
     with accelerator.local_main_process_first():
@@ -206,6 +208,7 @@ def load_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, Any]:
             cache_dir=cfg.cache_dir,
             skip_bad_images=cfg.skip_bad_images,
             image_size=cfg.image_size,
+            decode_workers=cfg.decode_workers,
             log=accelerator.print,
         )
     train, test = limited(data.train, data.test, cfg.train_limit, cfg.eval_limit, cfg.seed)

@@ -33,7 +33,7 @@ OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
 # Options that count something: whole numbers of at least 1 (``positive_int``), or unset where the field may be.
 COUNTS = (
     "epochs batch_size eval_batch_size gradient_accumulation_steps log_every ddp_timeout keep_last max_steps "
-    "train_limit eval_limit lr_reference_batch cpu_threads log_media_every profile_steps"
+    "train_limit eval_limit lr_reference_batch cpu_threads log_media_every profile_steps decode_workers"
 ).split()
 
 
@@ -59,6 +59,9 @@ class TrainConfig:
     """Evaluate on a seeded, class-balanced subset of this many test images."""
     skip_bad_images: bool = False
     """Drop images that fail to decode (counted and reported) instead of stopping with an error."""
+    decode_workers: Optional[int] = None
+    """Processes that decode the images the first time (later runs read the cache); default: one per core, at most
+    one per 4,096 images."""
     image_size: Optional[list[int]] = None
     """Resize every image to N x N (one number) or H x W (two) when it is decoded; needed for a dataset of mixed
     sizes. Unset: the dataset's own size."""

@@ -1,10 +1,10 @@
-"""Load an image-classification dataset (see docs/data.md) as uint8 tensors: decode once, then reuse an on-disk cache.
-A local source's cache key comes from its files' names, sizes and mtimes alone, so a cache hit imports neither
-``datasets`` nor PIL (both imported lazily)."""
+"""Load an image-classification dataset (see docs/data.md) as uint8 tensors: decode once (``decode``, on every core)
+into an on-disk cache (``cache``), then map that file: every process of a machine shares one copy of the pixels. A local
+source's cache key comes from its files' names, sizes and mtimes alone, so a cache hit imports neither ``datasets`` nor
+PIL (both imported lazily)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections import namedtuple
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,12 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+from distvgg import cache, decode
+from distvgg.decode import DataError, quiet_datasets
 
 DEFAULT_DATASET = "uoft-cs/cifar10"
 FORMAT_VERSION = 1  # bump when the cache content changes, so old cache files are never misread
-TEST_SPLIT_NAMES = ("test", "validation", "valid", "val")  # accepted in the test role, in this order
-_INT_LABEL_NAMES = ("label", "labels", "fine_label", "target", "targets", "class", "y")  # int labels, no ClassLabel
 _LOCAL_HELP = "pass --dataset DIR: a local copy in the Hub's parquet layout, or torchvision's cifar-10-batches-py"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
 _Cifar = namedtuple("_Cifar", "title train test meta labels names")  # batch files, class-names file, their keys
@@ -41,16 +40,13 @@ _CIFAR = {  # torchvision's CIFAR downloads, by folder
 }
 _Source = namedtuple("_Source", "kind root description files cifar dsd", defaults=(None, None))  # files: the key's
 Log = Callable[[str], None]
-Decoded = tuple["ImageSplit", "ImageSplit", list[str]]
-
-
-class DataError(ValueError):
-    """Bad or unreachable dataset; the message says what is wrong and what to do."""
+__all__ = ["DataError", "ImageData", "ImageSplit", "balanced_subset", "limited", "load_image_data", "quiet_datasets"]
 
 
 @dataclass
 class ImageSplit:
-    """One split: ``images`` uint8 (N, 3, H, W) contiguous, ``labels`` int64 (N,)."""
+    """One split: ``images`` uint8 (N, 3, H, W) contiguous, ``labels`` int64 (N,). Loaded from the cache, ``images``
+    is a view of the file's memory mapping: reading it costs page cache shared by every process, not private memory."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -91,37 +87,56 @@ def load_image_data(
     cache_dir: str | os.PathLike | None = None,
     skip_bad_images: bool = False,
     image_size: int | Sequence[int] | None = None,
+    decode_workers: int | None = None,
     log: Log = print,
 ) -> ImageData:
     """``dataset`` (a local directory or a Hub name) as uint8 tensors, through the cache. ``image_size`` (H, W) resizes
     each image as it is decoded; ``skip_bad_images`` drops (and logs) undecodable ones instead of raising DataError;
-    ``image_column``/``label_column`` name the columns of a ``datasets`` source (CIFAR pickles have none)."""
+    ``image_column``/``label_column`` name the columns of a ``datasets`` source (CIFAR pickles have none);
+    ``decode_workers`` processes decode a first time (default: one per core, at most one per 4,096 images)."""
     size = None if image_size is None else tuple(int(n) for n in np.broadcast_to(image_size, 2))  # N, [N]: N x N
     if size is not None and min(size) < 1:
         raise DataError(f"the image size must be positive, got {image_size}")
+    if decode_workers is not None and decode_workers < 1:
+        raise DataError(f"--decode-workers must be at least 1, got {decode_workers}")
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     options = {"image_column": image_column, "label_column": label_column, "skip_bad_images": skip_bad_images}
     source = _local_source(dataset) or _open_hub(dataset)
+    key, started = cache_key(source, dataset, options, size), time.perf_counter()
+    if (cached := _read_cache(cache_root, key, log)) is not None:
+        return cached
+    options |= {"image_size": size, "decode_workers": decode_workers}
+    data, path = _decode(source, cache_root, key, options, log)
+    n, (h, w) = f"{len(data.train):,} train + {len(data.test):,} test images", data.image_size
+    secs = time.perf_counter() - started
+    log(f"data: decoded {n} ({h}x{w}, {data.num_classes} classes) from {data.source} in {secs:.1f} s")
+    if path is not None:
+        log(f"data: cached decoded images in {path}")
+    return data
+
+
+def cache_key(source: _Source, dataset: str, options: dict[str, Any], size: tuple[int, int] | None) -> str:
+    """The cache key: the options that change the decoded pixels, and the source's files by name, size and
+    modification time (local sources) or the arrow files ``datasets`` keeps them in (Hub datasets)."""
     recipe = {"kind": source.kind, "format": FORMAT_VERSION, **options, **({"image_size": size} if size else {})}
-    if source.kind == "hub":  # datasets' fingerprints of its splits make our key
-        recipe |= {"name": dataset, "splits": {s: d._fingerprint for s, d in source.dsd.items()}}
+    if source.kind == "hub":
+        recipe |= {"name": dataset, "splits": {s: _arrow_files(d) for s, d in source.dsd.items()}}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())  # no image_size: the key of older versions
     for f in source.files:  # each file's size, mtime and path relative to the root (not where it is mounted)
         digest.update(f"\n{f.relative_to(source.root).as_posix()}\0{f.stat().st_size}\0{f.stat().st_mtime_ns}".encode())
-    key, options["image_size"], started = digest.hexdigest(), size, time.perf_counter()
-    if (cached := _read_cache(cache_root, key, log)) is not None:
-        return cached
-    if source.kind == "hub":
-        decoded = _decode_dataset_dict(source.dsd, source.description, options, log)
-    elif source.kind == "cifar-pickle":
-        decoded = _read_cifar(source, options["image_size"])
-    else:
-        decoded = _decode_local(source, cache_root, options, log)
-    data, secs = ImageData(*decoded, source.description, key), time.perf_counter() - started
-    n, (h, w) = f"{len(data.train):,} train + {len(data.test):,} test images", data.image_size
-    log(f"data: decoded {n} ({h}x{w}, {data.num_classes} classes) from {data.source} in {secs:.1f} s")
-    _write_cache(cache_root, data, log)
-    return data
+    return digest.hexdigest()
+
+
+def _arrow_files(ds: Any) -> list | str:
+    """What identifies a ``datasets`` split through its public API: its arrow files, by size and by the end of their
+    path (dataset, config, version, the hash of the source, file name) as ``datasets`` names the folder it prepares,
+    so a download of the same revision again or a moved Hugging Face cache keeps the key; for a split held only in
+    memory, datasets' own hash of its content."""
+    if not ds.cache_files:
+        from datasets.fingerprint import Hasher
+
+        return Hasher.hash(ds)
+    return [[*Path(f["filename"]).parts[-5:], os.stat(f["filename"]).st_size] for f in ds.cache_files]
 
 
 def _local_source(dataset: str) -> _Source | None:
@@ -160,19 +175,6 @@ def _local_source(dataset: str) -> _Source | None:
     )
 
 
-@contextlib.contextmanager
-def quiet_datasets() -> Iterator[Any]:
-    """``datasets``, with no progress bars: in a log file they are carriage-return frames (we log one line instead)."""
-    import datasets
-
-    restore = (lambda: None) if datasets.are_progress_bars_disabled() else datasets.enable_progress_bars
-    datasets.disable_progress_bars()
-    try:
-        yield datasets
-    finally:
-        restore()
-
-
 def _open_hub(name: str, timeout: float = 3.0) -> _Source:
     """The Hub dataset, opened; a DataError within seconds (not minutes of retries) if the Hub is unreachable."""
     endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
@@ -203,15 +205,12 @@ def _open_hub(name: str, timeout: float = 3.0) -> _Source:
 
 
 def _read_cache(cache_root: Path, key: str, log: Log) -> ImageData | None:
-    """The cached ImageData for ``key``, or None when absent; a damaged file is reported and ignored."""
+    """The cached ImageData for ``key``, mapped; None when absent. A damaged file is reported and ignored."""
     path, started = cache_root / f"{key}.safetensors", time.perf_counter()
     if not path.is_file():
         return None
     try:  # the key holds FORMAT_VERSION: a file of another format has another name
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["distvgg"])
-            splits = [ImageSplit(f.get_tensor(f"{s}_images"), f.get_tensor(f"{s}_labels")) for s in ("train", "test")]
-        data = ImageData(*splits, [str(n) for n in meta["class_names"]], str(meta["source"]), key)
+        data = _from_file(path, key)
     except Exception as e:  # any damage (truncation, bad header, wrong content) means: decode again
         log(f"warning: ignoring damaged cache file {path} ({type(e).__name__}: {e}); decoding again")
         return None
@@ -220,34 +219,75 @@ def _read_cache(cache_root: Path, key: str, log: Log) -> ImageData | None:
     return data
 
 
-def _write_cache(cache_root: Path, data: ImageData, log: Log) -> None:
-    """Write atomically (temp file, fsync, rename): no reader ever sees half a file. Failing costs only a warning."""
-    path = cache_root / f"{data.fingerprint}.safetensors"
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")  # one writer per name
-    tensors = {f"{s}_{t}": getattr(getattr(data, s), t) for s in ("train", "test") for t in ("images", "labels")}
+def _from_file(path: Path, key: str) -> ImageData:
+    tensors, metadata = cache.read(path)
+    meta = json.loads(metadata["distvgg"])
+    splits = [ImageSplit(tensors[f"{s}_images"], tensors[f"{s}_labels"]) for s in cache.SPLITS]
+    for split in splits:
+        if split.images.ndim != 4 or split.images.shape[1] != 3 or split.labels.shape != split.images.shape[:1]:
+            raise ValueError(f"images {tuple(split.images.shape)} and labels {tuple(split.labels.shape)} do not match")
+    return ImageData(*splits, [str(n) for n in meta["class_names"]], str(meta["source"]), key)
+
+
+def _decode(source: _Source, cache_root: Path, key: str, options: dict, log: Log) -> tuple[ImageData, Path | None]:
+    """Decode into a new cache file and map it; also where it was cached (None: the cache could not be written)."""
+    final, writers = cache_root / f"{key}.safetensors", []
+
+    def create(shapes: dict[str, tuple[int, ...]], names: list[str]) -> cache.Writer:
+        meta = json.dumps({"class_names": names, "source": source.description})
+        writers.append(_open_writer(final, shapes, meta, log))
+        return writers[-1]
+
     try:
-        cache_root.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), {"distvgg": json.dumps({"class_names": data.class_names, "source": data.source})})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        log(f"data: cached decoded images in {path}")
-    except Exception as e:  # OSError, or safetensors' own error type: caching is only an optimisation
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        log(f"warning: could not write the data cache {path} ({type(e).__name__}: {e}); the next run will decode again")
+        if source.kind == "cifar-pickle":
+            _store_cifar(source, options["image_size"], create)
+        elif source.kind == "hub":
+            _decode_dataset_dict(source.dsd, source.description, options, create, log)
+        else:
+            with decode.local_dataset(source.kind, source.root, source.description, cache_root) as dsd:
+                _decode_dataset_dict(dsd, source.description, options, create, log)
+        path = writers[0].commit()
+        return _from_file(path, key), None if writers[0].scratch else path
+    finally:
+        for writer in writers:
+            writer.discard()  # an unfinished file; or a scratch file, already mapped
 
 
-def _resize(images: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """uint8 (..., 3, H, W) images resized to ``size`` (H, W), unless that is None or their size already."""
-    if size is None or tuple(images.shape[-2:]) == size:
-        return images
-    from torchvision.transforms.v2.functional import InterpolationMode, resize  # torchvision's, bilinear + antialias
+def _store_cifar(source: _Source, size: tuple[int, int] | None, create: Any) -> None:
+    """CIFAR's pickles into the file ``create`` makes; they are read whole (they are small)."""
+    train, test, names = _read_cifar(source, size)
+    writer = create(cache.shapes_for({"train": len(train), "test": len(test)}, train.images.shape[-2:]), names)
+    for role, split in (("train", train), ("test", test)):
+        writer.array(f"{role}_images")[:] = split.images.numpy()
+    writer.finish(
+        {"train": train.labels.numpy(), "test": test.labels.numpy()},
+        {"train": np.ones(len(train), bool), "test": np.ones(len(test), bool)},
+    )
 
-    return resize(images, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+def _decode_dataset_dict(dsd: Any, where: str, options: dict[str, Any], create: Any, log: Log) -> None:
+    """Every ``datasets`` source decodes here (one place for tests to record decodes)."""
+    decode.decode_dataset_dict(dsd, where, options, create, log)
 
 
-def _read_cifar(source: _Source, size: tuple[int, int] | None) -> Decoded:
+def _open_writer(final: Path, shapes: dict[str, tuple[int, ...]], meta: str, log: Log) -> cache.Writer:
+    """A new cache file; where the cache directory is unusable, a scratch file in the temporary directory instead
+    (a warning: the next run decodes again)."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return cache.Writer(final, shapes, {"distvgg": meta})
+    except OSError as e:
+        log(
+            f"warning: could not write the data cache {final} ({type(e).__name__}: {e}); the next run will decode again"
+        )
+        scratch = Path(tempfile.gettempdir()) / f"distvgg-{final.name}"
+        try:
+            return cache.Writer(scratch, shapes, {"distvgg": meta}, scratch=True)
+        except OSError as e2:
+            raise DataError(f"no room to decode the dataset: {final} ({e}) and {scratch.parent} ({e2})") from e2
+
+
+def _read_cifar(source: _Source, size: tuple[int, int] | None) -> tuple[ImageSplit, ImageSplit, list[str]]:
     """Train/test splits and class names from torchvision's CIFAR batches (rows of 3072 bytes, CHW order)."""
 
     class NumpyOnlyUnpickler(pickle.Unpickler):  # refuses globals but numpy's array rebuilders: pickles can run code
@@ -280,128 +320,9 @@ def _read_cifar(source: _Source, size: tuple[int, int] | None) -> Decoded:
                 raise DataError(f"CIFAR batch {source.root / name} holds no uint8 rows of 3072 bytes with a label each")
             parts.append((x.reshape(-1, 3, 32, 32), y))
         x, y = (np.concatenate(p) for p in zip(*parts))
-        _check_labels(y, len(names), split, source.description)
-        splits.append(ImageSplit(_resize(torch.from_numpy(x), size), torch.from_numpy(y)))
+        decode.check_labels(y, len(names), split, source.description)
+        splits.append(ImageSplit(decode.resize(torch.from_numpy(x), size), torch.from_numpy(y)))
     return splits[0], splits[1], names
-
-
-def _check_labels(labels: np.ndarray, num_classes: int, split: str, where: str) -> None:
-    """DataError naming the first row whose label is outside [0, num_classes) (-1 is a missing label)."""
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if len(bad):
-        raise DataError(
-            f"split {split!r} of {where}: row {int(bad[0])} has label {int(labels[bad[0]])}, outside "
-            f"[0, {num_classes}) ({len(bad)} such rows; -1 is a missing label); fix the labels or the class list"
-        )
-
-
-def _decode_local(source: _Source, cache_root: Path, options: dict[str, Any], log: Log) -> Decoded:
-    """A save_to_disk, parquet or image-folder source, decoded; ``datasets``' own loaders find its files and splits."""
-    import pyarrow.parquet as pq
-
-    root, where = source.root, source.description
-    with contextlib.suppress(OSError):
-        cache_root.mkdir(parents=True, exist_ok=True)
-    # datasets' arrow copies are throwaway (our cache replaces them): beside our cache, not in ~/.cache/huggingface.
-    parent = cache_root if os.access(cache_root, os.W_OK) else None
-    scratch_dir = tempfile.TemporaryDirectory(prefix=".hf-scratch-", dir=parent, ignore_cleanup_errors=True)
-    with scratch_dir as scratch, quiet_datasets() as datasets:
-        try:
-            if source.kind == "save_to_disk":  # name an empty split: load_from_disk fails on one with an IndexError
-                for split in json.loads((root / "dataset_dict.json").read_text())["splits"]:
-                    if not json.loads((root / split / "state.json").read_text()).get("_data_files"):
-                        raise DataError(f"split {split!r} of {where} is empty (it has no data files)")
-                dsd = datasets.load_from_disk(str(root))
-            else:
-                builder = datasets.load_dataset_builder(source.kind, data_dir=str(root), cache_dir=scratch)
-                for split, files in builder.config.data_files.items():  # the builder fails on an empty parquet split
-                    if source.kind == "parquet" and sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
-                        raise DataError(f"split {str(split)!r} of {where} is empty (0 rows in {', '.join(files)})")
-                builder.download_and_prepare()
-                dsd = builder.as_dataset()
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"cannot read {where}: {type(e).__name__}: {e}") from e
-        return _decode_dataset_dict(dsd, where, options, log)
-
-
-def _decode_dataset_dict(dsd: Any, where: str, options: dict[str, Any], log: Log) -> Decoded:
-    """Pick the splits and columns (else the first Image and ClassLabel, or int labels), check labels, decode."""
-    splits = ("train", next((s for s in TEST_SPLIT_NAMES if s in dsd), None))
-    if not all(s in dsd for s in splits):
-        found = ", ".join(repr(str(s)) for s in dsd) or "none"
-        raise DataError(f"{where} needs a 'train' and a {'/'.join(TEST_SPLIT_NAMES)} split; splits found: {found}")
-    train, test = dsd["train"].features, dsd[splits[1]].features
-    kinds = {n: type(f).__name__ for n, f in train.items()}
-    kinds |= {n: f"ClassLabel({f.num_classes} classes)" for n, f in train.items() if kinds[n] == "ClassLabel"}
-    kinds |= {n: f"Value({f.dtype})" for n, f in train.items() if kinds[n] == "Value"}
-    listing = ", ".join(f"{n} ({k})" for n, k in kinds.items()) or "none"
-    img, lbl, ints = options["image_column"], options["label_column"], r"ClassLabel.*|Value\(u?int\d+\)"
-    img = img or next((n for n, k in kinds.items() if k == "Image"), None)
-    lbl = lbl or next((n for n, k in kinds.items() if k.startswith("ClassLabel")), None)
-    lbl = lbl or next((n for n in _INT_LABEL_NAMES if re.fullmatch(ints, kinds.get(n, ""))), None)
-    for col, role, types in ((img, "image", r"Image|Value\((large_)?(binary|string)\)"), (lbl, "label", ints)):
-        if col is None:
-            raise DataError(f"no {role} column in {where}; columns: {listing}. Name one with --{role}-column")
-        if col not in kinds:
-            raise DataError(f"{role} column {col!r} not found in {where}; columns: {listing}")
-        if not re.fullmatch(types, kinds[col]):
-            what = "images (bytes or paths)" if role == "image" else "labels (a ClassLabel or integers)"
-            raise DataError(f"{role} column {col!r} of {where} is {kinds[col]}, not {what}; columns: {listing}")
-    if img not in test or lbl not in test:
-        raise DataError(f"the test split of {where} lacks {img!r} or {lbl!r}; it has {', '.join(test)}")
-    names = getattr(train[lbl], "names", None)
-    if names is not None and names != getattr(test[lbl], "names", names):
-        raise DataError(f"the train and test splits of {where} have different class names in column {lbl!r}")
-    columns = [dsd[s].with_format("arrow", columns=[lbl])[:].column(lbl) for s in splits]
-    labels = [np.array(c.fill_null(-1).to_numpy(), dtype=np.int64) for c in columns]  # writable copies; -1: missing
-    if names is None:
-        names = [str(i) for i in range(max(int(y.max(initial=-1)) for y in labels) + 1)]
-        log(f"warning: label column {lbl!r} of {where} is not a ClassLabel; using class names 0..{len(names) - 1}")
-    out, first = [], None  # first: the first image's (H, W) and where it is; every image must have that size
-    for split, y in zip(splits, labels):
-        _check_labels(y, len(names), split, where)
-        images, keep, first = _decode_images(dsd[split], split, img, where, first, options, log)
-        out.append(ImageSplit(images, torch.from_numpy(y[keep])))
-    return out[0], out[1], [str(n) for n in names]
-
-
-def _decode_images(ds: Any, split: str, img: str, where: str, first: Any, options: dict[str, Any], log: Log) -> tuple:
-    """(N, 3, H, W) uint8 pixels of a split's decodable rows, their mask, and ``first``. Our loop, not ``datasets``'
-    batch formatting: that stops at a bad image, neither naming nor skipping its row, and is slower."""
-    import datasets
-
-    ds = ds.cast_column(img, datasets.Image(decode=False))  # also a binary or path-string column: bytes and path
-    rgb, out, keep, bad = datasets.Image(mode="RGB"), None, np.zeros(len(ds), dtype=bool), []
-    batches = ds.with_format("arrow", columns=[img]).iter(batch_size=4096)
-    for row, ref in enumerate(r or {"bytes": None, "path": None} for t in batches for r in t.column(img).to_pylist()):
-        try:
-            pixels = torch.from_numpy(np.array(rgb.decode_example(ref))).permute(2, 0, 1)
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
-            if not options["skip_bad_images"]:
-                at = f"row {row} (file {ref['path']})" if ref["path"] else f"row {row}"
-                raise DataError(
-                    f"cannot decode the image in split {split!r} {at} of {where}: {type(e).__name__}: {e}. "
-                    f"Fix or remove that row, or pass --skip-bad-images to drop unreadable images"
-                ) from e
-            bad.append(row)
-            continue
-        pixels = _resize(pixels, options["image_size"])
-        first = first or (tuple(pixels.shape[1:]), f"split {split!r}, row {row}")
-        out = torch.empty((len(ds), 3, *first[0]), dtype=torch.uint8) if out is None else out
-        if pixels.shape[1:] != first[0]:
-            raise DataError(
-                f"images of different sizes in {where}: {first[0][0]}x{first[0][1]} ({first[1]}) and "
-                f"{pixels.shape[1]}x{pixels.shape[2]} (split {split!r}, row {row}); pass --image-size to resize them"
-            )
-        out[row], keep[row] = pixels, True
-    if out is None:
-        raise DataError(f"split {split!r} of {where} is empty or has no readable images ({len(bad)} unreadable)")
-    if bad:
-        rows = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        log(f"warning: skipped {len(bad)} unreadable image(s) in split {split!r} of {where} (rows {rows})")
-    return (out[torch.from_numpy(keep)] if bad else out), keep, first
 
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:

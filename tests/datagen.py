@@ -295,3 +295,48 @@ def make_save_to_disk_dataset(
     root = Path(root)
     datasets.DatasetDict(splits).save_to_disk(str(root))
     return root
+
+
+def make_imagenet_folder(
+    root: str | Path, n_train: int = 24, n_val: int = 12, num_classes: int = 3, seed: int = 0
+) -> Path:
+    """ImageNet's folder layout, small: ``root/train/<wnid>/<wnid>_<i>.JPEG`` and ``root/val/<wnid>/...``, the class
+    folders named like WordNet ids (``n00000000``, ...), JPEGs of mixed sizes around ImageNet's aspect ratios, so they
+    need ``--image-size``. Row i of a split has the pixels of ``make_arrays`` at size ``IMAGENET_SIZES[i % 3]``."""
+    root = Path(root)
+    for split, n, split_seed in (("train", n_train, seed), ("val", n_val, seed + 1)):
+        per_size = [make_arrays(n, num_classes, size, split_seed) for size in IMAGENET_SIZES]
+        for i in range(n):
+            label = int(per_size[0][1][i])
+            path = root / split / f"n{label:08d}" / f"n{label:08d}_{i}.JPEG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_image(per_size[i % len(IMAGENET_SIZES)][0][i], "JPEG"))
+    return root
+
+
+IMAGENET_SIZES = ((75, 100), (100, 75), (90, 90))  # (H, W): landscape, portrait, square
+
+
+def grow_cache(path: str | Path, n_train: int) -> int:
+    """Rewrite the cache file ``path`` (from a first load of a small dataset) with ``n_train`` training rows, its own
+    training rows repeated, through distvgg's own cache writer; returns the images' bytes. Writing the cache directly
+    stands in for decoding that many images, which would take minutes."""
+    from distvgg import cache
+
+    path = Path(path)
+    tensors, metadata = cache.read(path)
+    images, labels, test = tensors["train_images"], tensors["train_labels"], tensors["test_images"]
+    counts = {"train": n_train, "test": len(test)}
+    writer = cache.Writer(path, cache.shapes_for(counts, tuple(images.shape[-2:])), metadata)
+    block = np.resize(images.numpy(), (max(len(images), 1024 // len(images) * len(images)), *images.shape[1:]))
+    out = writer.array("train_images")
+    for a in range(0, n_train, len(block)):
+        out[a : a + len(block)] = block[: n_train - a]
+    out.flush()
+    writer.array("test_images")[:] = test.numpy()
+    writer.finish(
+        {"train": np.resize(labels.numpy(), n_train), "test": tensors["test_labels"].numpy()},
+        {s: np.ones(n, dtype=bool) for s, n in counts.items()},
+    )
+    writer.commit()
+    return out.nbytes

@@ -1,0 +1,147 @@
+"""distvgg.decode: the first decode on several worker processes gives the file one process gives; an interrupted or
+crashed decode leaves no cache file and no worker behind; long decodes report progress; ImageNet's folder layout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distvgg import decode
+from distvgg.data import DataError, load_image_data
+from tests import datagen
+from tests.helpers import TINY, ok, run_train, start, wait_for
+
+
+class Log(list):
+    def __call__(self, msg: str) -> None:
+        self.append(msg)
+
+
+def _bad_rows_dataset(root: Path, n: int = 1100) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A parquet dataset of ``n`` 8x8 training images (rows 5 and n - 300 unreadable) and 300 test images."""
+    images, labels = datagen.make_arrays(n, 4, 8)
+    blobs = [datagen.encode_image(im) for im in images]
+    blobs[5], blobs[n - 300] = b"not an image", blobs[n - 300][:20]
+    datagen.write_parquet_split(root / "train-0.parquet", blobs, labels, datagen.class_names(4))
+    test_images, test_labels = datagen.make_arrays(300, 4, 8, seed=1)
+    blobs = [datagen.encode_image(im) for im in test_images]
+    datagen.write_parquet_split(root / "test-0.parquet", blobs, test_labels, datagen.class_names(4))
+    return root, images, labels
+
+
+@pytest.mark.slow
+def test_two_workers_write_the_file_one_worker_writes(tmp_path):
+    root, images, labels = _bad_rows_dataset(tmp_path / "ds")
+    files = []
+    for workers in (1, 2):
+        with pytest.raises(DataError, match=r"split 'train' row 5 .*--skip-bad-images"):  # the first, as with one
+            load_image_data(str(root), cache_dir=tmp_path / f"c{workers}", decode_workers=workers, log=Log())
+        log = Log()
+        data = load_image_data(
+            str(root), cache_dir=tmp_path / f"c{workers}", decode_workers=workers, skip_bad_images=True, log=log
+        )
+        assert "skipped 2 unreadable image(s) in split 'train'" in "\n".join(log) and "rows 5, 800" in "\n".join(log)
+        keep = np.setdiff1d(np.arange(len(images)), [5, 800])
+        assert torch.equal(data.train.images, torch.from_numpy(images[keep]).permute(0, 3, 1, 2))
+        assert torch.equal(data.train.labels, torch.from_numpy(labels[keep]))
+        files.append(tmp_path / f"c{workers}" / f"{data.fingerprint}.safetensors")
+    assert files[0].name == files[1].name and files[0].read_bytes() == files[1].read_bytes()
+
+
+def test_long_decodes_report_progress_in_plain_lines(tmp_path, monkeypatch):
+    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=600, n_test=4, size=4)
+    quiet = Log()
+    load_image_data(str(root), cache_dir=tmp_path / "c1", log=quiet)
+    assert not [line for line in quiet if "decoding:" in line]  # a short decode says nothing on the way
+    monkeypatch.setattr(decode, "PROGRESS_EVERY", 0.0)  # as if every chunk took PROGRESS_EVERY seconds
+    log = Log()
+    load_image_data(str(root), cache_dir=tmp_path / "c2", decode_workers=1, log=log)
+    lines = [line for line in log if "decoding:" in line]
+    assert lines[0].startswith("data: decoding: 256 of 604 images, ") and lines[1].startswith("data: decoding: 512 of")
+    assert all(line.endswith(" s left") and "/s, about " in line and "\r" not in line for line in lines)
+
+
+_SLOW_DECODE = """
+import sys, time
+import datasets
+from distvgg.data import load_image_data
+
+decode_example = datasets.Image.decode_example
+datasets.Image.decode_example = lambda self, *a, **k: (time.sleep(0.005), decode_example(self, *a, **k))[1]
+load_image_data(sys.argv[1], cache_dir=sys.argv[2], decode_workers=2)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_or_killing_the_run_mid_decode_leaves_no_cache_file_and_no_worker(tmp_path):
+    """Ctrl-C of one run, SIGKILL of another, both decoding with 2 workers: no cache file, no worker left; the
+    temporary files the killed run could not remove are removed by the next decode."""
+    import psutil
+
+    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=1200, n_test=4, size=4)
+    signals = {"ctrl-c": signal.SIGINT, "kill": signal.SIGKILL}
+    runs = {how: start([sys.executable, "-c", _SLOW_DECODE, str(root), str(tmp_path / how)]) for how in signals}
+    workers = {}
+    for how, proc in runs.items():
+        wait_for(lambda p=proc: len(psutil.Process(p.pid).children()) >= 2, proc, "two decode workers")
+        workers[how] = psutil.Process(proc.pid).children()
+        os.kill(proc.pid, signals[how])
+    for how, proc in runs.items():
+        output = proc.communicate(timeout=60)[0]
+        assert proc.returncode != 0 and (how == "kill" or "KeyboardInterrupt" in output), output
+        _, alive = psutil.wait_procs(workers[how], timeout=10)
+        assert not alive, f"workers left running after {how}: {alive}"
+        assert not list((tmp_path / how).glob("*.safetensors"))
+    assert not list((tmp_path / "ctrl-c").iterdir())  # Ctrl-C cleans up; a killed run cannot
+    data = load_image_data(str(root), cache_dir=tmp_path / "kill", decode_workers=1, log=Log())
+    assert sorted(p.name for p in (tmp_path / "kill").iterdir()) == [f"{data.fingerprint}.safetensors"]
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_mid_decode_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import threading
+    import time
+    from concurrent.futures.process import BrokenProcessPool
+
+    import datasets
+    import psutil
+
+    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=1200, n_test=4, size=4)
+    decode_example = datasets.Image.decode_example
+    monkeypatch.setattr(
+        datasets.Image, "decode_example", lambda *a, **k: (time.sleep(0.005), decode_example(*a, **k))[1]
+    )
+
+    before = {p.pid for p in psutil.Process().children()}  # not the decode's: leave them alone
+
+    def kill_a_worker() -> None:
+        while not (workers := [p for p in psutil.Process().children() if p.pid not in before]):
+            time.sleep(0.02)
+        workers[0].kill()
+
+    (killer := threading.Thread(target=kill_a_worker, daemon=True)).start()
+    with pytest.raises(BrokenProcessPool):
+        load_image_data(str(root), cache_dir=tmp_path / "cache", decode_workers=2, log=Log())
+    killer.join(10)
+    assert {p.pid for p in psutil.Process().children()} <= before and not list((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.slow
+def test_imagenet_folder_trains_at_64(tmp_path):
+    """ImageNet's layout: WordNet-id class folders, val/ as the test split, JPEGs of mixed sizes resized to 64x64."""
+    root = datagen.make_imagenet_folder(tmp_path / "imagenet", n_train=24, n_val=12, num_classes=3)
+    with pytest.raises(DataError, match="images of different sizes .*pass --image-size"):
+        load_image_data(str(root), cache_dir=tmp_path / "cache", log=Log())
+    args = ["--dataset", str(root), "--image-size", "64", "--cache-dir", str(tmp_path / "cache"), *TINY]
+    text = ok(run_train([*args, "--output-dir", str(tmp_path / "run"), "--epochs", "1"]))
+    assert "decoded 24 train + 12 test images (64x64, 3 classes)" in text and "accuracy" in text
+    data = load_image_data(str(root), cache_dir=tmp_path / "cache", image_size=64, log=Log())  # the run's cache
+    assert data.class_names == [f"n{c:08d}" for c in range(3)]  # the WordNet-id folders, in order
+    assert data.train.images.shape == (24, 3, 64, 64) and data.test.images.shape == (12, 3, 64, 64)
+    assert torch.bincount(data.train.labels).tolist() == [8, 8, 8]
