@@ -10,7 +10,6 @@ writes in place and deletes old checkpoints before the new one is complete.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import re
@@ -239,19 +238,25 @@ def save_checkpoint(
     previous: Path | None = None,
     size: Callable[[], int] = lambda: 0,
 ) -> Path:
-    """Write one checkpoint (every process calls this at the same step). A failed save is one CheckpointError
-    on every process, naming the folder (and, for a full disk, about how many bytes the checkpoint needs);
-    the previous checkpoint stays good. ``size``: an estimate of the checkpoint's bytes, asked for on ENOSPC."""
+    """Write one checkpoint (every process calls this at the same step). A failed save is one error on every
+    process, naming the folder (``files.DiskFull`` with the bytes needed and free, for a full disk, whatever the
+    library raised); the half-written folder is removed at once, and the previous checkpoint stays good.
+    ``size``: an estimate of the checkpoint's bytes, asked for only when a write fails."""
+    root = Path(output_dir) / files.CHECKPOINTS_DIR
+    last = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+    need = lambda: _folder_bytes(previous) or size()  # noqa: E731
     try:
-        return _save_checkpoint(accelerator, Path(output_dir), state, keep_last, previous)
-    except OSError as e:
-        need = ""
-        if e.errno == errno.ENOSPC:
-            need = f"; the checkpoint needs about {_folder_bytes(previous) or size():,} bytes"
-        last = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        return _save_checkpoint(
+            accelerator, Path(output_dir), state, keep_last, previous, need, last[0].upper() + last[1:]
+        )
+    except Exception as e:
+        if accelerator.is_main_process:  # every process has finished writing (or never started): see _agree
+            shutil.rmtree(root / f".tmp-{files.step_folder_name(state.global_step)}", ignore_errors=True)
+        if not isinstance(e, OSError) or isinstance(e, files.DiskFull):
+            raise
         raise CheckpointError(
-            f"could not write the checkpoint of step {state.global_step} in {Path(output_dir) / files.CHECKPOINTS_DIR} "
-            f"({e.strerror or e}{need}); {last}. Free disk space or fix the folder, then run the same command again"
+            f"could not write the checkpoint of step {state.global_step} in {root} ({e.strerror or e}); {last}. "
+            f"Fix the folder, then run the same command again"
         ) from e
 
 
@@ -271,7 +276,7 @@ def _folder_bytes(folder: Path | None) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder and folder.is_dir() else 0
 
 
-def _agree(accelerator: Any, error: OSError | None) -> None:
+def _agree(accelerator: Any, error: Exception | None) -> None:
     """A sync point where every process learns whether any of them failed, so none waits for one that stopped."""
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
@@ -283,17 +288,24 @@ def _agree(accelerator: Any, error: OSError | None) -> None:
         raise error
 
 
-def _attempt(work: Callable[[], None], when: bool = True) -> OSError | None:
+def _attempt(work: Callable[[], None], when: bool = True) -> Exception | None:
+    """``work()``'s error, if any, to be agreed on: a process that raised at once would leave the others waiting."""
     try:
         if when:
             work()
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - whatever it is, every process must learn of it (see _agree)
         return e
     return None
 
 
 def _save_checkpoint(
-    accelerator: Any, output_dir: Path, state: TrainingState, keep_last: int, previous: Path | None
+    accelerator: Any,
+    output_dir: Path,
+    state: TrainingState,
+    keep_last: int,
+    previous: Path | None,
+    need: Callable[[], int],
+    note: str,
 ) -> Path:
     """``accelerator.save_state`` (model in safetensors, optimizer, scheduler, GradScaler, each process's RNG
     states) and ``training_state.json`` go to ``checkpoints/.tmp-step-N``; once every process has written
@@ -336,9 +348,11 @@ def _save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         rotate(output_dir, keep_last, newest_good=final)
 
-    _agree(accelerator, _attempt(prepare, main))
-    _agree(accelerator, _attempt(write))  # every process's files are in tmp
-    _agree(accelerator, _attempt(publish, main))
+    what = f"the checkpoint of step {state.global_step}"
+    with files.writing(root, need, what, note):
+        _agree(accelerator, _attempt(prepare, main))
+        _agree(accelerator, _attempt(write))  # every process's files are in tmp
+        _agree(accelerator, _attempt(publish, main))
     return final
 
 
@@ -408,4 +422,6 @@ def save_model_folder(folder: Path, model: torch.nn.Module, spec: dict[str, Any]
         if state is not None:
             (tmp / files.STATE_FILE).write_text(state.to_json())
 
-    return files.replace_folder(folder, write)
+    need = lambda: tensor_bytes(model.state_dict())  # noqa: E731
+    with files.writing(folder.parent, need, f"{folder.name}/"):
+        return files.replace_folder(folder, write)

@@ -26,6 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from distvgg.files import DiskFull, writing
+
 DEFAULT_DATASET = "uoft-cs/cifar10"
 FORMAT_VERSION = 1  # bump when the cache content changes, so old cache files are never misread
 TEST_SPLIT_NAMES = ("test", "validation", "valid", "val")  # accepted in the test role, in this order
@@ -225,13 +227,19 @@ def _write_cache(cache_root: Path, data: ImageData, log: Log) -> None:
     path = cache_root / f"{data.fingerprint}.safetensors"
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")  # one writer per name
     tensors = {f"{s}_{t}": getattr(getattr(data, s), t) for s in ("train", "test") for t in ("images", "labels")}
+    need = sum(t.numel() * t.element_size() for t in tensors.values())
     try:
-        cache_root.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), {"distvgg": json.dumps({"class_names": data.class_names, "source": data.source})})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(cache_root, need, "the data cache"):  # a full disk is an error, not a warning
+            cache_root.mkdir(parents=True, exist_ok=True)
+            meta = {"distvgg": json.dumps({"class_names": data.class_names, "source": data.source})}
+            save_file(tensors, str(tmp), meta)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
         log(f"data: cached decoded images in {path}")
+    except DiskFull:
+        tmp.unlink(missing_ok=True)
+        raise
     except Exception as e:  # OSError, or safetensors' own error type: caching is only an optimisation
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -317,9 +325,10 @@ def _decode_local(source: _Source, cache_root: Path, options: dict[str, Any], lo
                 for split, files in builder.config.data_files.items():  # the builder fails on an empty parquet split
                     if source.kind == "parquet" and sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
                         raise DataError(f"split {str(split)!r} of {where} is empty (0 rows in {', '.join(files)})")
-                builder.download_and_prepare()
+                with writing(scratch, what="a decoded copy of the dataset"):
+                    builder.download_and_prepare()
                 dsd = builder.as_dataset()
-        except DataError:
+        except (DataError, DiskFull):
             raise
         except Exception as e:
             raise DataError(f"cannot read {where}: {type(e).__name__}: {e}") from e

@@ -6,13 +6,15 @@ other file; ``verify`` checks that. ``replace_folder`` swaps a new folder in for
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -21,6 +23,53 @@ FINAL_DIR = "final"
 STATE_FILE = "training_state.json"
 MARKER_FILE = "COMPLETE"
 MARKER_FORMAT = 1
+# Below this many free bytes a filesystem counts as full when a write of unknown size fails.
+FULL_BELOW = 1 << 20
+
+
+class DiskFull(OSError):
+    """A write failed on a full filesystem; the message names the folder, the bytes needed and the bytes free.
+    An OSError, so that every CLI that reports OSErrors in one line reports this one too."""
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Free bytes on the filesystem that holds ``folder`` (or its nearest existing parent)."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+@contextlib.contextmanager
+def writing(
+    folder: str | os.PathLike, need: int | Callable[[], int] = 0, what: str = "", note: str = ""
+) -> Iterator[None]:
+    """Turn any failure of the writes in the block into ``DiskFull`` when the filesystem of ``folder`` is full.
+
+    Libraries report a full disk in their own ways (torch's zip writer raises RuntimeError "unexpected pos",
+    not OSError ENOSPC), so the test is the free space left: less than ``need`` bytes (an estimate of what the
+    write takes; a callable is asked only on failure), or under 1 MiB when the size is unknown. Any other
+    failure is re-raised as it is. ``note`` (e.g. that the previous checkpoint is intact) goes into the message.
+    """
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as e:
+        try:
+            free = free_bytes(folder)
+        except OSError:
+            raise e from None
+        size = need() if callable(need) else need
+        no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (no_space or free < max(size, FULL_BELOW)):
+            raise
+        needs = f"about {size:,} bytes, and {free:,} bytes are free" if size else f"more than the {free:,} bytes free"
+        raise DiskFull(
+            f"the disk is full: writing {what or 'files'} in {Path(folder)} needs {needs} on its filesystem"
+            f"{'. ' + note if note else ''}. Free some space (or use a folder on another disk), then run the same "
+            f"command again"
+        ) from e
 
 
 def fsync_file(path: Path) -> None:
@@ -120,9 +169,13 @@ def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
-    for p in files_in(tmp):
-        fsync_file(p)
+    try:
+        write(tmp)
+        for p in files_in(tmp):
+            fsync_file(p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder is never left behind
+        raise
     fsync_dir(tmp)
     if target.exists():
         target.rename(old)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from distvgg import machine
+from distvgg import files, machine
 
 METRICS_FILE = "metrics.jsonl"
 # The W&B run id of the training run in OUTPUT_DIR: a restarted or requeued job reads it back, so it
@@ -189,10 +189,12 @@ def start_trackers(
         init_kwargs["wandb"] = wandb_init_kwargs(cfg, tracking.wandb_run_id, tracking.wandb_mode)
         if tracking.wandb_mode == "offline" and not os.environ.get("WANDB_MODE"):
             tracking.messages.append("W&B: no credentials found (WANDB_API_KEY, `wandb login`): logged offline")
-    try:
-        accelerator.init_trackers(cfg.wandb_project, config=None, init_kwargs=init_kwargs)
-    except Exception as e:  # noqa: BLE001 - only W&B errors are handled; anything else is re-raised
-        _restart_wandb_offline(accelerator, tracking, e)
+    wandb_dir = init_kwargs.get("wandb", {}).get("dir", cfg.output_dir)
+    with files.writing(wandb_dir, what="the W&B run folder and TensorBoard's events"):
+        try:
+            accelerator.init_trackers(cfg.wandb_project, config=None, init_kwargs=init_kwargs)
+        except Exception as e:  # noqa: BLE001 - only W&B errors are handled; anything else is re-raised
+            _restart_wandb_offline(accelerator, tracking, e)
     for tracker in accelerator.trackers if accelerator.is_main_process else []:
         tracker.store_init_configuration(tensorboard_hparams(config) if tracker.name == "tensorboard" else config)
     run = tracking.wandb_run()
@@ -245,8 +247,9 @@ class RunLogger:
             return
         values = {k: _jsonable(v) for k, v in values.items()}
         record = {"step": step, **({"epoch": epoch} if epoch is not None else {}), **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        with files.writing(self.path.parent, len(line), self.path.name), self.path.open("a") as f:
+            f.write(line)
         scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if epoch is not None:
             scalars["epoch"] = epoch

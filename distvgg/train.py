@@ -22,7 +22,7 @@ from distvgg import batches, build, start, tracking
 from distvgg import checkpoint as ckpt
 from distvgg.build import make_accelerator
 from distvgg.config import ConfigError, TrainConfig, parse_config, save_config
-from distvgg.files import BEST_DIR, FINAL_DIR, STATE_FILE
+from distvgg.files import BEST_DIR, FINAL_DIR, STATE_FILE, DiskFull
 from distvgg.models import model_spec
 from distvgg.preemption import INTERRUPTED_EXIT_CODE, PREEMPT_EXIT_CODE, Preempted, StopSignals
 
@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return PREEMPT_EXIT_CODE
-    except (ConfigError, DataError, FloatingPointError, tracking.TrackingError, ckpt.CheckpointError) as e:
+    except (ConfigError, DataError, FloatingPointError, tracking.TrackingError, ckpt.CheckpointError, DiskFull) as e:
         if accelerator.is_main_process or not getattr(e, "reported_by_main", False):
             print(f"distvgg.train: error: {e}", file=sys.stderr)
         return 1

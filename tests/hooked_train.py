@@ -10,7 +10,9 @@ environment variables (all off unless set):
   disk (OSError ENOSPC);
 - ``HOOK_STEP_DELAY=s``: sleep s seconds after each step (so that a test can signal or kill a run mid-way);
 - ``HOOK_HOLD_AT_STEP=k`` with ``HOOK_RELEASE=PATH``: step k waits until PATH exists (so that a test can act
-  while the job is surely still running, however loaded the machine).
+  while the job is surely still running, however loaded the machine);
+- ``HOOK_FILL_AT_STEP=k`` with ``HOOK_FILL=PATH``: before step k, write PATH until its filesystem has only
+  ``HOOK_FILL_LEAVE`` bytes (default 256 KiB) free: a real full disk for the writes that follow.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -41,6 +44,7 @@ def install() -> None:
     fail_at = env.get("HOOK_FAIL_CHECKPOINT_AT")
     delay = float(env.get("HOOK_STEP_DELAY", "0") or 0)
     hold_at, release = int(env.get("HOOK_HOLD_AT_STEP", "0") or 0), env.get("HOOK_RELEASE")
+    fill_at, fill = int(env.get("HOOK_FILL_AT_STEP", "0") or 0), env.get("HOOK_FILL")
 
     def hooked_setup(cfg, accelerator):
         run = box["run"] = setup(cfg, accelerator)
@@ -68,6 +72,8 @@ def install() -> None:
         deadline = time.monotonic() + 600
         while number == hold_at and not Path(release).exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+        if number == fill_at:
+            fill_disk(Path(fill), int(env.get("HOOK_FILL_LEAVE", str(256 << 10))))
         result = step(*args, **kwargs)
         if number == signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -81,6 +87,14 @@ def install() -> None:
         return write_marker(folder)
 
     build.setup, train.train_step, files.write_marker = hooked_setup, hooked_step, failing_marker
+
+
+def fill_disk(path: Path, leave: int) -> None:
+    """Write zeros to ``path`` until ``leave`` bytes are free on its filesystem."""
+    with path.open("ab") as f:
+        while (free := shutil.disk_usage(path.parent).free) > leave:
+            f.write(bytes(min(free - leave, 1 << 20)))
+            f.flush()
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,8 +22,10 @@ import torch
 from distvgg import checkpoint as ckpt
 from distvgg import files, preemption
 from distvgg.config import ConfigError, parse_config
+from distvgg.models import load_model
 from tests import datagen
 from tests.helpers import TINY, ok, run_in_process, run_train
+from tests.hooked_train import fill_disk
 from tests.test_resume import assert_same_run, final_weights, tiny_args, traced, training_state
 
 # ------------------------------------------------------------------------------------ unit tests
@@ -217,10 +220,9 @@ def test_a_failed_or_damaged_checkpoint_is_never_used(dataset, reference, tmp_pa
     output = failed.stdout + failed.stderr
     assert "ignoring checkpoint" in output and "optimizer.bin has 1000 bytes" in output
     assert "no COMPLETE marker" in output and "resuming from" in output and "step-00000008" in output
-    assert "could not write the checkpoint of step 12" in failed.stderr
-    assert "No space left on device; the checkpoint needs about" in failed.stderr
-    assert f"the previous checkpoint {out / 'checkpoints' / 'step-00000008'} is intact" in failed.stderr
-    assert (out / "checkpoints" / ".tmp-step-00000012").is_dir()  # the partial save, never used
+    assert "the disk is full: writing the checkpoint of step 12" in failed.stderr  # ENOSPC, whatever is free
+    assert f"The previous checkpoint {out / 'checkpoints' / 'step-00000008'} is intact" in failed.stderr
+    assert not (out / "checkpoints" / ".tmp-step-00000012").exists()  # the partial save, removed at once
     assert files.verify(out / "checkpoints" / "step-00000008") is None
     # The same command again (keeping 2 checkpoints): it falls back to step 8 again and ends as the
     # uninterrupted run. The bad folders it meets on the way are renamed, not reused or deleted.
@@ -234,6 +236,73 @@ def test_a_failed_or_damaged_checkpoint_is_never_used(dataset, reference, tmp_pa
     assert torch.equal(
         torch.cat([w.flatten() for w in final_weights(out).values()]),
         torch.cat([w.flatten() for w in final_weights(reference).values()]),
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 32 MiB filesystem (tmpfs), mounted for the test and unmounted after it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs for a real full disk needs root and mount(8)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not allowed here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_clear_error_and_the_same_command_then_resumes(dataset, reference, small_disk):
+    out, filler = small_disk / "out", small_disk / "filler"
+    args = tiny_args(dataset, out)
+    # Before step 5 the disk is filled (256 KiB left): the checkpoint of step 8 cannot be written.
+    full = run_train(args, env={"HOOK_FILL_AT_STEP": "5", "HOOK_FILL": str(filler)})
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    [error] = [line for line in full.stderr.splitlines() if line.startswith("distvgg.train:")]
+    free = re.search(r"needs about ([\d,]+) bytes, and ([\d,]+) bytes are free", error)
+    assert free, error
+    assert int(free.group(1).replace(",", "")) > int(free.group(2).replace(",", "")), error
+    assert f"the checkpoint of step 8 in {out / 'checkpoints'}" in error
+    assert f"The previous checkpoint {out / 'checkpoints' / 'step-00000004'} is intact" in error
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]  # no half-written folder
+    assert files.verify(out / "checkpoints" / "step-00000004") is None
+    assert load_model(out / "checkpoints" / "step-00000004").model is not None
+    filler.unlink()
+    output = ok(run_train(args))
+    assert "resuming from" in output and "step-00000004: step 4 of 16" in output
+    reference_weights = final_weights(reference)
+    assert all(torch.equal(v, reference_weights[k]) for k, v in final_weights(out).items())
+
+
+@pytest.mark.slow
+def test_every_writer_reports_a_full_disk_the_same_way(small_disk, saved_run, tiny_dataset, tmp_path, capsys):
+    from distvgg import data, report, tracking
+
+    said: list[str] = []
+    decoded = data.load_image_data(str(tiny_dataset), cache_dir=tmp_path / "cache", log=said.append)
+    fill_disk(small_disk / "filler", leave=0)
+    quiet = SimpleNamespace(is_main_process=True, log=lambda *a, **k: None)
+    writers = {
+        "metrics.jsonl": lambda: tracking.RunLogger(quiet, small_disk).log({"train/loss": 1.0}, step=1),
+        "best/": lambda: ckpt.save_model_folder(small_disk / "best", load_model(saved_run).model, {}, None),
+        "the data cache": lambda: data._write_cache(small_disk, decoded, said.append),
+        "a decoded copy of the dataset": lambda: data.load_image_data(
+            str(tiny_dataset), cache_dir=small_disk, log=said.append
+        ),
+    }
+    for what, write in writers.items():
+        with pytest.raises(files.DiskFull) as e:
+            write()
+        assert f"the disk is full: writing {what} in {small_disk}" in str(e.value)
+        assert re.search(r"needs (about [\d,]+ bytes, and 0 bytes are free|more than the 0 bytes free)", str(e.value))
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "metrics.jsonl"]  # nothing half-written
+    assert report.main([str(saved_run), "--out", str(small_disk / "report.png")]) == 1
+    assert f"distvgg.report: error: the disk is full: writing report.png and report.html in {small_disk}" in (
+        capsys.readouterr().err
     )
 
 
