@@ -56,9 +56,11 @@ def parse_every(value: str) -> int | str:
 EXACT_OPTIONS = tuple(
     "model width dropout channels_last sync_bn compile epochs max_steps optimizer optimizer_impl"
     " lr momentum nesterov weight_decay schedule warmup_steps label_smoothing max_grad_norm seed augment"
-    " mean std train_limit ddp_comm_hook gradient_accumulation_steps tf32 lr_reference_batch deterministic"
-    " cutout mixup cutmix ema_decay".split()
+    " mean std train_limit ddp_comm_hook tf32 lr_reference_batch deterministic cutout mixup cutmix ema_decay".split()
 )
+# How the global batch is laid out: any layout that keeps the global batch continues the same run (see
+# docs/checkpoints.md), so these are recorded but not compared; the global batch is.
+LAYOUT = ("batch_size", "gradient_accumulation_steps", "num_processes")
 
 
 @dataclass
@@ -82,6 +84,7 @@ class TrainingState:
     exact: dict[str, Any] = field(default_factory=dict)  # EXACT_OPTIONS plus facts of the data and launch
     config: dict[str, Any] = field(default_factory=dict)  # every option, for the record
     saved_at: str = ""
+    metrics_rows: Optional[int] = None  # the records metrics.jsonl held: a resumed run cuts the later ones
     format: int = FORMAT_VERSION
 
     @property
@@ -383,9 +386,13 @@ def changed_message(where: Path, diff: list[str]) -> str:
     )
 
 
-def check_compatible(folder: str | os.PathLike, state: TrainingState, now: dict[str, Any]) -> None:
-    """Refuse to resume when settings that change the computation differ from the checkpoint's."""
-    diff = differences(state.exact, now)
+def check_compatible(
+    folder: str | os.PathLike, state: TrainingState, now: dict[str, Any], batch_change: bool = False
+) -> None:
+    """Refuse to resume when settings that change the computation differ from the checkpoint's (the layout of
+    the global batch aside; the global batch too with ``batch_change``: --allow-batch-change)."""
+    skip = (*LAYOUT, "global_batch") if batch_change else LAYOUT
+    diff = differences(state.exact, {k: v for k, v in now.items() if k not in skip})
     if not diff:
         return
     sizes = [d for d in diff if d.startswith("image_size:")]

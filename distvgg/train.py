@@ -22,9 +22,10 @@ from distvgg import batches, build, start, tracking
 from distvgg import checkpoint as ckpt
 from distvgg.build import make_accelerator
 from distvgg.config import ConfigError, TrainConfig, parse_config, save_config
-from distvgg.files import BEST_DIR, FINAL_DIR, STATE_FILE, DiskFull
-from distvgg.models import model_spec
+from distvgg.files import BEST_DIR, FINAL_DIR, DiskFull
+from distvgg.models import micro_batch_seed, running_stats_kept
 from distvgg.preemption import INTERRUPTED_EXIT_CODE, PREEMPT_EXIT_CODE, Preempted, StopSignals
+from distvgg.runfolder import fit_layout, preempt, resume, save_checkpoint, save_model, training_state
 
 
 def train_step(
@@ -35,18 +36,24 @@ def train_step(
     accelerator: Any,
     micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     max_grad_norm: float | None = None,
+    keys: Sequence[tuple[int, int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over one or more micro-batches: the guide's five steps. Returns the mean loss
     and whether the fp16 gradient scaler skipped the step, both still on the device.
 
     Gradient accumulation is done here rather than with ``accelerator.accumulate``, whose
     ``zero_grad`` only acts on the last micro-batch and so cannot come first, as in the guide.
+    ``keys``: (seed, step, slot in the global batch) of each micro-batch, for a result that does not depend on
+    the number of processes: dropout seeded by it, BatchNorm's running statistics updated by slot 0 only.
     """
     total = torch.zeros((), device=accelerator.device)
     optimizer.zero_grad(set_to_none=True)
     for i, (data, target) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with nullcontext() if last else accelerator.no_sync(model):  # all-reduce only on the last micro-batch
+        last, key = i == len(micro_batches) - 1, keys[i] if keys else None
+        if key is not None:
+            torch.manual_seed(micro_batch_seed(*key))  # host-side seeding: no sync
+        sync = nullcontext() if last else accelerator.no_sync(model)  # all-reduce only on the last micro-batch
+        with sync, running_stats_kept(model) if key is not None and key[2] else nullcontext():
             output = model(data)
             loss = criterion(output, target)
             accelerator.backward(loss / len(micro_batches))
@@ -73,6 +80,15 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         averaged.copy_(buffer)
 
 
+def share_buffers(model: nn.Module, accelerator: Any) -> None:
+    """Every process takes rank 0's buffers (BatchNorm's running statistics), as DDP does at each training forward:
+    evaluated on any number of processes, the model is the one a checkpoint saves (rank 0's)."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        broadcast(list(model.buffers()), from_process=0)
+
+
 def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals) -> None:
     """One pass over the training set (or the rest of it, after a resume mid-epoch)."""
     cfg, acc = run.cfg, run.accelerator
@@ -83,20 +99,22 @@ def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals) ->
     run.train_dl.set_epoch(epoch)
     run.sampler.set_position(epoch, run.step_in_epoch * run.global_batch)
     running, since_log = torch.zeros((), device=acc.device), 0
-    tick, micro = time.perf_counter(), []
+    tick, micro, keys = time.perf_counter(), [], []
     for batch in run.train_dl:
         data, target = run.prepare_batch(batch, epoch, True)
-        if cfg.mixup or cfg.cutmix:  # keyed by (seed, step, micro-batch of the global batch): any process count
-            slot = acc.process_index * cfg.gradient_accumulation_steps + len(micro)
-            key = (cfg.seed, run.global_step + 1, slot)
+        # Randomness keyed by (seed, step, place in the global batch), for any process count; Accelerate deals
+        # batches round-robin, so micro-batch i of process p is batch i x processes + p of the global batch.
+        key = (cfg.seed, run.global_step + 1, len(micro) * acc.num_processes + acc.process_index)
+        if cfg.mixup or cfg.cutmix:
             data, target = batches.mix(data, target, len(run.class_names), cfg.mixup, cfg.cutmix, key)
         micro.append((data, target))
+        keys.append(key)
         if len(micro) < cfg.gradient_accumulation_steps:
             continue
         loss, skipped = train_step(
-            run.model, run.criterion, run.optimizer, run.scheduler, acc, micro, cfg.max_grad_norm
+            run.model, run.criterion, run.optimizer, run.scheduler, acc, micro, cfg.max_grad_norm, keys
         )
-        micro = []
+        micro, keys = [], []
         if run.ema is not None:
             update_ema(run.ema, acc.unwrap_model(run.model), cfg.ema_decay)
         if cfg.compile and run.compile_seconds is None:
@@ -181,6 +199,7 @@ def validate(run: build.Run, epoch: int) -> dict[str, Any]:
     averaged weights are the ones evaluated (and saved); ``eval/weights`` says which."""
     cfg, acc = run.cfg, run.accelerator
     model = run.ema if run.ema is not None else acc.unwrap_model(run.model)
+    share_buffers(model, acc)
     result = evaluate(model, run.test_dl, acc, len(run.class_names), mean=cfg.mean, std=cfg.std, tta=cfg.tta)
     if result["accuracy"] > run.best_accuracy:
         run.best_accuracy, run.best_epoch = result["accuracy"], epoch + 1
@@ -248,95 +267,6 @@ def fit(run: build.Run, stop: StopSignals) -> None:
     run.logger.log(summary, step=run.global_step)
 
 
-# ------------------------------------------------------------- checkpoints of the run (checkpoint.py writes the files)
-
-
-def exact_settings(run: build.Run) -> dict[str, Any]:
-    """The options and facts a checkpoint can only be continued with (see ckpt.EXACT_OPTIONS)."""
-    options, acc = run.cfg.to_dict(), run.accelerator
-    return {
-        **{k: options[k] for k in ckpt.EXACT_OPTIONS if k in options},
-        "dataset_fingerprint": run.dataset_fingerprint,
-        "image_size": list(run.image_size),
-        "class_names": list(run.class_names),
-        "train_images": run.sampler.num_samples,
-        "global_batch": run.global_batch,
-        "num_processes": acc.num_processes,
-        "mixed_precision": str(acc.mixed_precision),
-    }
-
-
-def training_state(run: build.Run, reason: str, finished: bool = False) -> ckpt.TrainingState:
-    counters = "epoch global_step step_in_epoch total_steps steps_per_epoch global_batch best_accuracy best_epoch"
-    return ckpt.TrainingState(
-        **{name: getattr(run, name) for name in counters.split()},
-        num_processes=run.accelerator.num_processes,
-        skipped_steps=int(run.skipped_steps),
-        wandb_run_id=run.wandb_run_id,
-        seed=run.cfg.seed,
-        reason=reason,
-        finished=finished,
-        exact=exact_settings(run),
-        config=run.cfg.to_dict(),
-        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )
-
-
-def save_checkpoint(run: build.Run, reason: str, running_loss: torch.Tensor | None = None) -> Path:
-    """Check that the run is still finite, then write a checkpoint of it (every process)."""
-    acc = run.accelerator
-    if not ckpt.all_finite(acc, run.model, running_loss):
-        raise FloatingPointError(
-            f"the loss or the weights are not finite at step {run.global_step}: no checkpoint "
-            f"written. Lower --lr, set --max-grad-norm, or use bf16 instead of fp16"
-        )
-    state = training_state(run, reason)
-    folder = ckpt.save_checkpoint(
-        acc,
-        run.cfg.output_dir,
-        state,
-        run.cfg.keep_last,
-        previous=run.last_checkpoint,
-        size=lambda: ckpt.tensor_bytes(run.model.state_dict(), run.optimizer.state_dict()),
-    )
-    run.last_checkpoint = folder
-    acc.print(f"checkpoint: {folder} ({reason})")
-    return folder
-
-
-def preempt(run: build.Run, reason: str | None, saved: bool, running_loss: torch.Tensor | None = None) -> None:
-    """A stop signal: the checkpoint of this step (unless just written), then ``Preempted`` (exit 75)."""
-    folder = run.last_checkpoint if saved else save_checkpoint(run, str(reason), running_loss)
-    raise Preempted(str(reason), run.global_step, folder)
-
-
-def resume(run: build.Run, plan: start.StartPlan) -> None:
-    """Check the checkpoint fits this run, load it, restore the counters (and the W&B run id)."""
-    folder = Path(plan.folder or "")
-    state = ckpt.TrainingState.from_json(plan.state or "", str(folder / STATE_FILE))
-    ckpt.check_compatible(folder, state, exact_settings(run))
-    ckpt.load_checkpoint(run.accelerator, folder)
-    run.epoch, run.global_step, run.step_in_epoch = state.epoch, state.global_step, state.step_in_epoch
-    run.best_accuracy, run.best_epoch, run.skipped_steps = state.best_accuracy, state.best_epoch, state.skipped_steps
-    run.wandb_run_id, run.last_checkpoint = state.wandb_run_id, folder
-    run.accelerator.print(
-        f"resuming from {folder}: step {state.global_step} of {state.total_steps}, epoch "
-        f"{state.epoch + 1} at sample {state.sample_position} of its data order"
-    )
-
-
-def save_model(run: build.Run, name: str, state: ckpt.TrainingState | None = None) -> Path:
-    """``OUTPUT_DIR/<name>`` (best/, final/): weights and model.json, replaced atomically (main process)."""
-    cfg, folder = run.cfg, Path(run.cfg.output_dir) / name
-    if run.accelerator.is_main_process:
-        progress = {"best_accuracy": run.best_accuracy, "best_epoch": run.best_epoch, "global_step": run.global_step}
-        spec = model_spec(cfg.model, len(run.class_names), cfg.width, cfg.dropout, run.image_size, run.class_names)
-        spec.update(mean=cfg.mean, std=cfg.std, train_config=cfg.to_dict(), **progress)
-        weights = run.ema if run.ema is not None else run.accelerator.unwrap_model(run.model)
-        ckpt.save_model_folder(folder, weights, spec, state)
-    return folder
-
-
 def train(
     cfg: TrainConfig, accelerator: Any, stop: StopSignals, lock: start.OutputLock, started: list[tracking.Tracking]
 ) -> None:
@@ -349,10 +279,13 @@ def train(
         return
     if plan.note:
         accelerator.print(plan.note)
+    changed: dict[str, Any] = {}
+    if plan.mode == "resume":  # on another number of processes: the accumulation that keeps the global batch
+        cfg, changed = fit_layout(cfg, plan, accelerator.num_processes, accelerator.print)
     run = build.setup(cfg, accelerator)
-    if plan.mode == "resume":
-        resume(run, plan)  # restores run.wandb_run_id, before the trackers start
-    facts = {**tracking.run_facts(accelerator), "global_batch": run.global_batch, "lr": run.lr}
+    # Restores run.wandb_run_id before the trackers start, and cuts metrics.jsonl back to the checkpoint.
+    rewind = resume(run, plan) if plan.mode == "resume" else None
+    facts = {**tracking.run_facts(accelerator), "global_batch": run.global_batch, "lr": run.lr, **changed}
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml", extra=facts)
     # The main process picks the W&B mode and run id (restored from a checkpoint, or kept in OUTPUT_DIR).
@@ -362,6 +295,7 @@ def train(
         config={**cfg.to_dict(), **facts},
         restored_run_id=run.wandb_run_id,
         fresh=cfg.resume == "none",
+        rewind=rewind,
     )
     started.append(trackers)
     run.wandb_run_id = trackers.wandb_run_id or run.wandb_run_id

@@ -1,0 +1,191 @@
+"""A training run's part in OUTPUT_DIR: its checkpoints (what they hold, when they are written), how a checkpoint
+is continued (on any number of processes that keeps its global batch), the record cut back to it, best/ and final/.
+
+checkpoint.py writes and reads the files; this module knows the ``Run`` they come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distvgg import build, start, tracking
+from distvgg import checkpoint as ckpt
+from distvgg.config import TrainConfig
+from distvgg.files import STATE_FILE
+from distvgg.models import model_spec
+from distvgg.preemption import Preempted
+
+
+def exact_settings(run: build.Run) -> dict[str, Any]:
+    """The options and facts a checkpoint can only be continued with (see ckpt.EXACT_OPTIONS), and its layout."""
+    options, acc = run.cfg.to_dict(), run.accelerator
+    return {
+        **{k: options[k] for k in ckpt.EXACT_OPTIONS if k in options},
+        "dataset_fingerprint": run.dataset_fingerprint,
+        "image_size": list(run.image_size),
+        "class_names": list(run.class_names),
+        "train_images": run.sampler.num_samples,
+        "global_batch": run.global_batch,
+        "batch_size": run.cfg.batch_size,
+        "gradient_accumulation_steps": run.cfg.gradient_accumulation_steps,
+        "num_processes": acc.num_processes,
+        "mixed_precision": str(acc.mixed_precision),
+    }
+
+
+def training_state(run: build.Run, reason: str, finished: bool = False) -> ckpt.TrainingState:
+    counters = "epoch global_step step_in_epoch total_steps steps_per_epoch global_batch best_accuracy best_epoch"
+    return ckpt.TrainingState(
+        **{name: getattr(run, name) for name in counters.split()},
+        num_processes=run.accelerator.num_processes,
+        skipped_steps=int(run.skipped_steps),
+        wandb_run_id=run.wandb_run_id,
+        seed=run.cfg.seed,
+        reason=reason,
+        finished=finished,
+        exact=exact_settings(run),
+        config=run.cfg.to_dict(),
+        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        metrics_rows=run.logger.rows if run.accelerator.is_main_process else None,
+    )
+
+
+def save_checkpoint(run: build.Run, reason: str, running_loss: torch.Tensor | None = None) -> Path:
+    """Check that the run is still finite, then write a checkpoint of it (every process)."""
+    acc = run.accelerator
+    if not ckpt.all_finite(acc, run.model, running_loss):
+        raise FloatingPointError(
+            f"the loss or the weights are not finite at step {run.global_step}: no checkpoint "
+            f"written. Lower --lr, set --max-grad-norm, or use bf16 instead of fp16"
+        )
+    state = training_state(run, reason)
+    folder = ckpt.save_checkpoint(
+        acc,
+        run.cfg.output_dir,
+        state,
+        run.cfg.keep_last,
+        previous=run.last_checkpoint,
+        size=lambda: ckpt.tensor_bytes(run.model.state_dict(), run.optimizer.state_dict()),
+    )
+    run.last_checkpoint = folder
+    acc.print(f"checkpoint: {folder} ({reason})")
+    return folder
+
+
+def preempt(run: build.Run, reason: str | None, saved: bool, running_loss: torch.Tensor | None = None) -> None:
+    """A stop signal: the checkpoint of this step (unless just written), then ``Preempted`` (exit 75)."""
+    folder = run.last_checkpoint if saved else save_checkpoint(run, str(reason), running_loss)
+    raise Preempted(str(reason), run.global_step, folder)
+
+
+# ------------------------------------------------------------------------------------ continuing a checkpoint
+
+
+def fit_layout(
+    cfg: TrainConfig, plan: start.StartPlan, num_processes: int, say: ckpt.Say
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """The options that continue the checkpoint of ``plan`` on ``num_processes`` processes: its global batch kept
+    by choosing the accumulation steps when they were left at 1 (said in one line); a refusal naming the options
+    that would continue it when none do, unless --allow-batch-change (then returned as a fact to record)."""
+    state = ckpt.TrainingState.from_json(plan.state or "", str(Path(plan.folder or "") / STATE_FILE))
+    old, per_step = state.global_batch, cfg.batch_size * num_processes
+    if per_step * cfg.gradient_accumulation_steps == old:
+        return cfg, {}
+    if cfg.allow_batch_change:
+        say(
+            f"--allow-batch-change: continuing {plan.folder} with a global batch of "
+            f"{per_step * cfg.gradient_accumulation_steps} instead of its {old}"
+        )
+        return cfg, {"batch_changed_from": old, "batch_changed_at_step": state.global_step}
+    if cfg.gradient_accumulation_steps == 1 and old % per_step == 0:
+        steps = old // per_step
+        say(
+            f"keeping the checkpoint's global batch of {old}: {cfg.batch_size} x {num_processes} process(es) x "
+            f"{steps} accumulated micro-batches (--gradient-accumulation-steps {steps})"
+        )
+        return dataclasses.replace(cfg, gradient_accumulation_steps=steps), {}
+    raise ckpt.CheckpointError(
+        f"{plan.folder} was trained with a global batch of {old} ({layout(state.exact)}), and this run's is "
+        f"{per_step * cfg.gradient_accumulation_steps} ({cfg.batch_size} x {num_processes} process(es) x "
+        f"{cfg.gradient_accumulation_steps}). {continuing_command(state, num_processes)}, or add "
+        f"--allow-batch-change to continue with the new global batch (no longer the same run)"
+    )
+
+
+def layout(exact: dict[str, Any]) -> str:
+    return (
+        f"batch size {exact.get('batch_size', '?')} x {exact.get('num_processes', '?')} process(es) x "
+        f"{exact.get('gradient_accumulation_steps', '?')} accumulated micro-batches"
+    )
+
+
+def continuing_command(state: ckpt.TrainingState, num_processes: int) -> str:
+    """The options that continue ``state`` exactly on ``num_processes`` processes, in words."""
+    old = state.global_batch
+    if old % num_processes:
+        return f"On {num_processes} process(es) no batch size keeps it: launch {state.num_processes} process(es)"
+    micro = int(state.exact.get("batch_size") or old // num_processes)
+    if (old // num_processes) % micro:  # the checkpoint's micro-batch does not fit: the largest one that does
+        micro = max(b for b in range(1, micro + 1) if (old // num_processes) % b == 0)
+    steps = old // num_processes // micro
+    return (
+        f"To continue it, run the same command with --batch-size {micro} --gradient-accumulation-steps {steps} "
+        f"on {num_processes} process(es)"
+    )
+
+
+def resume(run: build.Run, plan: start.StartPlan) -> tracking.Rewind | None:
+    """Check the checkpoint fits this run, load it, restore the counters (and the W&B run id); cut metrics.jsonl
+    back to the checkpoint (main process: the returned ``Rewind``)."""
+    folder = Path(plan.folder or "")
+    state = ckpt.TrainingState.from_json(plan.state or "", str(folder / STATE_FILE))
+    ckpt.check_compatible(folder, state, exact_settings(run), batch_change=run.cfg.allow_batch_change)
+    fresh_schedule = run.scheduler.state_dict()
+    ckpt.load_checkpoint(run.accelerator, folder)
+    run.epoch, run.global_step, run.step_in_epoch = state.epoch, state.global_step, state.step_in_epoch
+    run.best_accuracy, run.best_epoch, run.skipped_steps = state.best_accuracy, state.best_epoch, state.skipped_steps
+    run.wandb_run_id, run.last_checkpoint = state.wandb_run_id, folder
+    if state.global_batch != run.global_batch:
+        continue_with_new_batch(run, state, fresh_schedule)
+    run.accelerator.print(
+        f"resuming from {folder}: step {state.global_step} of {state.total_steps}, epoch "
+        f"{state.epoch + 1} at sample {state.sample_position} of its data order"
+    )
+    if not run.accelerator.is_main_process:
+        return None
+    rewind = tracking.rewind_metrics(run.cfg.output_dir, state.global_step, state.metrics_rows)
+    run.logger.rows = len(rewind.kept)
+    if rewind.abandoned:
+        run.accelerator.print(
+            f"moved {rewind.abandoned} record(s) logged after that checkpoint from {tracking.METRICS_FILE} to "
+            f"{tracking.ABANDONED_FILE}: the steps they describe are run again"
+        )
+    return rewind
+
+
+def continue_with_new_batch(run: build.Run, state: ckpt.TrainingState, fresh_schedule: dict[str, Any]) -> None:
+    """--allow-batch-change: the same place in the data (rounded down to a whole new global batch, so no sample
+    is skipped), the step count of the new layout, and the new schedule (with the lr rule) at that step."""
+    run.step_in_epoch = state.sample_position // run.global_batch
+    run.global_step = min(run.epoch * run.steps_per_epoch + run.step_in_epoch, run.total_steps)
+    schedule = getattr(run.scheduler, "scheduler", run.scheduler)  # Accelerate's wrapper holds the scheduler
+    schedule.load_state_dict(fresh_schedule)
+    schedule.last_epoch = run.global_step - 1
+    schedule.step()  # sets every parameter group's lr for the step that comes next
+
+
+def save_model(run: build.Run, name: str, state: ckpt.TrainingState | None = None) -> Path:
+    """``OUTPUT_DIR/<name>`` (best/, final/): weights and model.json, replaced atomically (main process)."""
+    cfg, folder = run.cfg, Path(run.cfg.output_dir) / name
+    if run.accelerator.is_main_process:
+        progress = {"best_accuracy": run.best_accuracy, "best_epoch": run.best_epoch, "global_step": run.global_step}
+        spec = model_spec(cfg.model, len(run.class_names), cfg.width, cfg.dropout, run.image_size, run.class_names)
+        spec.update(mean=cfg.mean, std=cfg.std, train_config=cfg.to_dict(), **progress)
+        weights = run.ema if run.ema is not None else run.accelerator.unwrap_model(run.model)
+        ckpt.save_model_folder(folder, weights, spec, state)
+    return folder
