@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,7 @@ def resume(run: build.Run, plan: start.StartPlan) -> tracking.Rewind | None:
     state = ckpt.TrainingState.from_json(plan.state or "", str(folder / STATE_FILE))
     ckpt.check_compatible(folder, state, exact_settings(run), batch_change=run.cfg.allow_batch_change)
     fresh_schedule = run.scheduler.state_dict()
-    ckpt.load_checkpoint(run.accelerator, folder)
+    ckpt.load_checkpoint(run.accelerator, folder, state.num_processes)
     run.epoch, run.global_step, run.step_in_epoch = state.epoch, state.global_step, state.step_in_epoch
     run.best_accuracy, run.best_epoch, run.skipped_steps = state.best_accuracy, state.best_epoch, state.skipped_steps
     run.wandb_run_id, run.last_checkpoint = state.wandb_run_id, folder
@@ -176,7 +177,9 @@ def continue_with_new_batch(run: build.Run, state: ckpt.TrainingState, fresh_sch
     schedule = getattr(run.scheduler, "scheduler", run.scheduler)  # Accelerate's wrapper holds the scheduler
     schedule.load_state_dict(fresh_schedule)
     schedule.last_epoch = run.global_step - 1
-    schedule.step()  # sets every parameter group's lr for the step that comes next
+    with warnings.catch_warnings():  # torch warns of a step before any optimizer step: here that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        schedule.step()  # sets every parameter group's lr for the step that comes next
 
 
 def save_model(run: build.Run, name: str, state: ckpt.TrainingState | None = None) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -162,6 +163,8 @@ def two_process_story(dataset, tmp_path_factory) -> dict:
     story["kill_output"] = proc.communicate(timeout=120)[0]
     story["kill_code"], story["kill_seconds"] = proc.returncode, time.monotonic() - killed_at
     story["killed_pid"] = rank1
+    story["killed_copy"] = out.parent / "killed-copy"  # continued on 1 process by a test below
+    shutil.copytree(out, story["killed_copy"], ignore=shutil.ignore_patterns("trace.*"))
     # 3. The same command again, to the end.
     story["final_output"] = ok(run_train(args, nproc=2, env=traced(out)))
     return story
@@ -200,3 +203,68 @@ def test_exact_resume_two_processes(two_process_story, reference2):
     assert "2 process(es), global batch 8, lr 0.01, 16 steps" in two_process_story["final_output"]
     assert training_state(out / "checkpoints" / f"step-{STEPS:08d}")["num_processes"] == 2
     assert_same_run(reference2, out, nproc=2, dedupe=True)
+
+
+# ------------------------------------------------------------------- continuing on another number of processes
+
+
+def last_accuracy(out: Path) -> float:
+    from distvgg.tracking import read_metrics
+
+    return [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r][-1]
+
+
+def assert_close_run(reference: Path, out: Path) -> None:
+    """Within float tolerance (the order of the gradient reduction differs): every weight and buffer of final/
+    (the EMA), and the evaluated accuracy within 0.2 points."""
+    a, b = final_weights(reference), final_weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs")
+    assert abs(last_accuracy(reference) - last_accuracy(out)) <= 0.002
+
+
+def test_two_processes_killed_continue_on_one(two_process_story, reference2, dataset):
+    """The copy of the 2-process run taken after one of its ranks was killed (checkpoint of step 12), continued by
+    1 process with the same --batch-size: 2 accumulated micro-batches keep the global batch of 8."""
+    out = two_process_story["killed_copy"]
+    args = tiny_args(dataset, out, 2, *EMA)  # --batch-size 4, as each of the 2 processes had
+    refused = run_train([*args, "--batch-size", "3"])  # no whole number of micro-batches of 3 makes 8
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    [error] = [line for line in refused.stderr.splitlines() if line.startswith("distvgg.train:")]
+    assert "global batch of 8 (batch size 4 x 2 process(es) x 1 accumulated micro-batches)" in error
+    assert "run the same command with --batch-size 4 --gradient-accumulation-steps 2 on 1 process(es)" in error
+    output = ok(run_train(args))
+    assert "keeping the checkpoint's global batch of 8: 4 x 1 process(es) x 2 accumulated micro-batches" in output
+    assert "resuming from" in output and "step-00000012: step 12 of 16" in output
+    assert training_state(out / "final")["num_processes"] == 1
+    assert_close_run(reference2, out)
+
+
+def test_one_process_continues_on_two(reference2, dataset, tmp_path):
+    """1 process with 2 accumulated micro-batches of 4, stopped after its checkpoint of step 10, continued by 2
+    processes of batch 4: it ends as the uninterrupted 2-process run."""
+    out = tmp_path / "out"
+    args = tiny_args(dataset, out, 2, *EMA)
+    stopped = run_train([*args, "--gradient-accumulation-steps", "2"], env={"HOOK_SIGNAL_AT_STEP": "10"})
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert training_state(out / "checkpoints" / "step-00000010")["num_processes"] == 1
+    output = ok(run_train(args, nproc=2))
+    assert "2 process(es), global batch 8" in output and "step-00000010: step 10 of 16" in output
+    assert training_state(out / "final")["num_processes"] == 2
+    assert_close_run(reference2, out)
+
+
+def test_allow_batch_change_continues_with_another_global_batch(reference2, dataset, tmp_path):
+    """--allow-batch-change: global batch 8 -> 16 at step 12 (epoch 2, sample 32): the same place in the data
+    (step 2 of the new epoch of 4 steps), the new step count, recorded in config.yaml."""
+    out = tmp_path / "out"
+    shutil.copytree(reference2, out, ignore=shutil.ignore_patterns("trace.*", "final", "step-00000016"))
+    args = tiny_args(dataset, out, 2, *EMA, "--batch-size", "16")
+    refused = run_train(args)
+    assert refused.returncode == 1 and "--allow-batch-change" in refused.stderr, refused.stderr[-3000:]
+    output = ok(run_train([*args, "--allow-batch-change"]))
+    assert "continuing" in output and "with a global batch of 16 instead of its 8" in output
+    state = training_state(out / "final")
+    assert (state["global_batch"], state["global_step"], state["total_steps"]) == (16, 8, 8)
+    assert "batch_changed_from: 8" in (out / "config.yaml").read_text()

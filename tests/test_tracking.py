@@ -6,6 +6,7 @@ what ``wandb sync`` uploads, so what is asserted here is what the W&B server wou
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -189,6 +190,66 @@ def test_tracked_run_leaks_no_secret(tracked_run):
             files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
             leaked = [p for p in files if secret.encode() in p.read_bytes()]
             assert not leaked, (secret, leaked)
+
+
+@pytest.fixture(scope="module")
+def killed_run(dataset, tmp_path_factory) -> SimpleNamespace:
+    """A run tracked by TensorBoard and W&B (offline) killed with SIGKILL after logging past its checkpoint: 40
+    images / batch 8 = 5 steps an epoch, a checkpoint every 5 steps, so the evaluation of step 5 comes after the
+    checkpoint of step 5; the run is held before step 8 (step 7 logged) and killed, then run again to the end."""
+    from tests.helpers import start, train_command, wait_for
+
+    tmp = tmp_path_factory.mktemp("killed")
+    out, wandb_dir = tmp / "out", tmp / "wandb"
+    env = clean_env(tmp, WANDB_MODE="offline", WANDB_DIR=str(wandb_dir))
+    args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--report-to", "all", "--checkpoint-every", "5"]
+    held = {**env, "HOOK_HOLD_AT_STEP": "8", "HOOK_RELEASE": str(tmp / "never")}
+    first = start(train_command(args, module="tests.hooked_train"), held)
+    wait_for(
+        lambda: (out / "metrics.jsonl").is_file() and '"step": 7' in (out / "metrics.jsonl").read_text(), first, "7"
+    )
+    first_id = tracking.read_run_id(out)
+    first.kill()
+    first.communicate(timeout=60)
+    second = run_clean(args, env)
+    assert second.code == 0, second.text[-3000:]
+    return SimpleNamespace(out=out, wandb_dir=wandb_dir, first_id=first_id, second=second)
+
+
+def _steps(rows: list[dict], key: str) -> list[int]:
+    return [r["_step"] if "_step" in r else r["step"] for r in rows if key in r]
+
+
+@pytest.mark.slow
+def test_after_a_kill_every_record_shows_each_step_once(killed_run):
+    """metrics.jsonl (as the report loads it), TensorBoard's reader and the W&B run that is synced show the steps of
+    the run that made the final model, once each; the rows logged after the checkpoint are kept aside."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from distvgg.report import load_metrics
+
+    out, train_steps, eval_steps = killed_run.out, [2, 4, 7, 9, 10], [5, 10]
+    records = load_metrics(out)
+    assert _steps(records, "train/loss") == train_steps and _steps(records, "eval/accuracy") == eval_steps
+    abandoned = [json.loads(line) for line in (out / tracking.ABANDONED_FILE).read_text().splitlines()]
+    assert [(r["step"], "eval/accuracy" in r) for r in abandoned] == [(5, True), (7, False)]
+    assert "moved 2 record(s) logged after that checkpoint" in killed_run.second.text
+    board = EventAccumulator(str(out / tracking.TENSORBOARD_DIR / "distvgg"))
+    board.Reload()
+    for key, steps in (("train/loss", train_steps), ("eval/accuracy", eval_steps)):
+        events = board.Scalars(key)
+        assert [e.step for e in events] == steps, key
+        assert [e.value for e in events] == pytest.approx([r[key] for r in records if key in r], rel=1e-6)
+    # W&B keeps the first value of a step: the run continues in a new W&B run that holds the kept rows too.
+    run_id = tracking.read_run_id(out)
+    assert run_id != killed_run.first_id and f"continues in a new W&B run, {run_id}" in killed_run.second.text
+    [record_log] = [f for f in wandb_files(killed_run.wandb_dir, "offline-run-") if f.parent.name.endswith(run_id)]
+    history = wandb_records.history(record_log)
+    assert _steps(history, "train/loss") == train_steps and _steps(history, "eval/accuracy") == eval_steps
+    assert steps_of(history, "train/loss") == steps_of(records, "train/loss")
+    config = wandb_records.config(record_log)
+    assert (config["resumed_from_wandb_run"], config["resumed_from_step"]) == (killed_run.first_id, 5)
+    assert f"wandb sync {record_log.parent}" in killed_run.second.stdout
 
 
 @pytest.mark.slow
