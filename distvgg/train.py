@@ -305,6 +305,10 @@ def train(
     )
     try:
         fit(run, stop)
+    except RuntimeError as e:  # torch.OutOfMemoryError (a GPU) and the CPU allocator's failure are RuntimeErrors
+        if not is_oom(e):
+            raise
+        raise OutOfMemory(out_of_memory_message(cfg, run.global_batch, e)) from None
     except FloatingPointError as e:
         raise FloatingPointError(
             f"{e}\nthe last good checkpoint is {run.last_checkpoint or '(none yet)'}; no checkpoint is written after "
@@ -318,6 +322,26 @@ def train(
         tracking.log_model_artifact(
             trackers, final, {"best_accuracy": run.best_accuracy, "global_step": run.global_step}
         )
+
+
+class OutOfMemory(RuntimeError):
+    """Training or evaluation ran out of device or host memory; the message says with what, and what to try."""
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
+def out_of_memory_message(cfg: TrainConfig, global_batch: int, error: BaseException) -> str:
+    where = "GPU" if isinstance(error, torch.OutOfMemoryError) else "CPU"
+    half = max((d for d in range(1, cfg.batch_size) if cfg.batch_size % d == 0), default=1)  # the largest divisor
+    steps = cfg.gradient_accumulation_steps * cfg.batch_size // half
+    return (
+        f"out of {where} memory with --model {cfg.model} --width {cfg.width} and --batch-size {cfg.batch_size} "
+        f"per process (--eval-batch-size {cfg.eval_batch_size} when evaluating). Use a smaller --batch-size with more "
+        f"--gradient-accumulation-steps, which keeps the global batch of {global_batch}: --batch-size {half} "
+        f"--gradient-accumulation-steps {steps} (or a smaller --eval-batch-size)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -346,7 +370,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return PREEMPT_EXIT_CODE
-    except (ConfigError, DataError, FloatingPointError, tracking.TrackingError, ckpt.CheckpointError, DiskFull) as e:
+    except (
+        ConfigError,
+        DataError,
+        FloatingPointError,
+        tracking.TrackingError,
+        ckpt.CheckpointError,
+        DiskFull,
+        OutOfMemory,
+    ) as e:
         if accelerator.is_main_process or not getattr(e, "reported_by_main", False):
             print(f"distvgg.train: error: {e}", file=sys.stderr)
         return 1

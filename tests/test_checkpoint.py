@@ -388,6 +388,31 @@ def test_nan_stops_the_run_and_the_last_checkpoint_stays_good(dataset, tmp_path)
     assert not (out / "final").exists()
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+            "tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+)
+def test_out_of_memory_is_one_clear_error(dataset, tmp_path, monkeypatch, error):
+    from distvgg.models import VGG
+
+    def allocation_fails(self, x):
+        raise error
+
+    monkeypatch.setattr(VGG, "forward", allocation_fails)
+    proc = run_in_process(tiny_args(dataset, tmp_path / "out"), dict(os.environ))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("distvgg.train:")]
+    where = "CPU" if "DefaultCPUAllocator" in str(error) else "GPU"
+    assert f"out of {where} memory with --model vgg3layer --width 0.125 and --batch-size 8 per process" in line
+    assert "--batch-size 4 --gradient-accumulation-steps 2" in line and "global batch of 8" in line
+
+
 # -------------------------------------------------------------------------------------- bad input
 
 
