@@ -388,29 +388,33 @@ def test_nan_stops_the_run_and_the_last_checkpoint_stays_good(dataset, tmp_path)
     assert not (out / "final").exists()
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        RuntimeError(
-            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
-            "tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"
-        ),
-        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
-    ],
-)
-def test_out_of_memory_is_one_clear_error(dataset, tmp_path, monkeypatch, error):
+def test_out_of_memory_is_one_clear_error(dataset, tmp_path, monkeypatch):
+    """The CPU allocator's failure in the model's forward pass (a real one would need tens of GiB), end to end; the
+    GPU's OutOfMemoryError gets the same message."""
+    from distvgg import train
     from distvgg.models import VGG
 
+    failure = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"
+    )
+
     def allocation_fails(self, x):
-        raise error
+        raise failure
 
     monkeypatch.setattr(VGG, "forward", allocation_fails)
     proc = run_in_process(tiny_args(dataset, tmp_path / "out"), dict(os.environ))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("distvgg.train:")]
-    where = "CPU" if "DefaultCPUAllocator" in str(error) else "GPU"
-    assert f"out of {where} memory with --model vgg3layer --width 0.125 and --batch-size 8 per process" in line
-    assert "--batch-size 4 --gradient-accumulation-steps 2" in line and "global batch of 8" in line
+    assert "out of CPU memory with --model vgg3layer --width 0.125 and --batch-size 8 per process" in line
+    assert "keeps the global batch of 8: --batch-size 4 --gradient-accumulation-steps 2" in line
+    cfg = parse_config(["--batch-size", "6", "--gradient-accumulation-steps", "2"])
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert train.is_oom(gpu) and not train.is_oom(RuntimeError("shape mismatch"))
+    assert "out of GPU memory" in train.out_of_memory_message(cfg, 48, gpu)
+    assert "global batch of 48: --batch-size 3 --gradient-accumulation-steps 4" in train.out_of_memory_message(
+        cfg, 48, gpu
+    )
 
 
 # -------------------------------------------------------------------------------------- bad input
