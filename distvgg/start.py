@@ -15,7 +15,15 @@ from distvgg.files import BEST_DIR, CHECKPOINTS_DIR, FINAL_DIR, STATE_FILE, step
 
 LOCK_FILE = ".lock"
 # What the run's outputs are: moved aside, never deleted, when a run starts over in the same folder.
-RUN_OUTPUTS = (CHECKPOINTS_DIR, BEST_DIR, FINAL_DIR, "metrics.jsonl", "config.yaml")
+RUN_OUTPUTS = (
+    CHECKPOINTS_DIR,
+    BEST_DIR,
+    FINAL_DIR,
+    "metrics.jsonl",
+    "metrics.abandoned.jsonl",
+    "config.yaml",
+    "tensorboard",
+)
 
 
 @dataclass
@@ -44,7 +52,7 @@ def check_writable(output_dir: str | os.PathLike) -> None:
 
 
 def move_aside(output_dir: str | os.PathLike) -> Path | None:
-    """Move an earlier run's outputs (checkpoints, best, final, metrics, config) into
+    """Move an earlier run's outputs (checkpoints, best, final, metrics, config, TensorBoard events) into
     ``OUTPUT_DIR/previous-<UTC time>/``, so that starting over loses nothing."""
     out = Path(output_dir)
     present = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
