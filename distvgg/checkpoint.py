@@ -136,25 +136,21 @@ def _normal(v: Any) -> Any:
 def latest_good(output_dir: str | os.PathLike, say: Say) -> Path | None:
     """The newest checkpoint that verifies, warning about each newer one that does not. None when
     there is no checkpoint at all; CheckpointError when there are some but none is usable."""
-    problems = []
-    for _, folder in reversed(files.step_folders(output_dir)):
-        problem = files.verify(folder)
-        if problem is None:
-            if problems:
-                say(f"warning: resuming from the previous good checkpoint {folder}")
-            return folder
-        problems.append(f"{folder}: {problem}")
+    good, bad = files.newest_good(output_dir)
+    for folder, problem in bad:
         say(f"warning: ignoring checkpoint {folder}: {problem}")
-    if problems:
-        raise CheckpointError(
-            "no usable checkpoint in "
-            + str(Path(output_dir) / files.CHECKPOINTS_DIR)
-            + ":\n  - "
-            + "\n  - ".join(problems)
-            + "\nMove these folders away (or pass --resume none, which "
-            "moves the run's outputs aside) to start over, or --resume PATH to use another checkpoint."
-        )
-    return None
+    if good is not None and bad:
+        say(f"warning: resuming from the previous good checkpoint {good}")
+    if good is not None or not bad:
+        return good
+    raise CheckpointError(
+        "no usable checkpoint in "
+        + str(Path(output_dir) / files.CHECKPOINTS_DIR)
+        + ":\n  - "
+        + "\n  - ".join(f"{folder}: {problem}" for folder, problem in bad)
+        + "\nMove these folders away (or pass --resume none, which "
+        "moves the run's outputs aside) to start over, or --resume PATH to use another checkpoint."
+    )
 
 
 def rotate(output_dir: str | os.PathLike, keep_last: int, newest_good: Path | None = None) -> list[Path]:

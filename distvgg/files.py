@@ -196,3 +196,15 @@ def step_folders(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
         return []
     found = [(int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name)]
     return sorted(found)
+
+
+def newest_good(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of ``output_dir`` that verifies (None when none does), and each newer one with what
+    is wrong with it: the one search for a checkpoint, used to resume and to load a model."""
+    problems = []
+    for _, folder in reversed(step_folders(output_dir)):
+        problem = verify(folder)
+        if problem is None:
+            return folder, problems
+        problems.append((folder, problem))
+    return None, problems

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from distvgg.files import BEST_DIR, CHECKPOINTS_DIR, FINAL_DIR, MARKER_FILE, STATE_FILE, step_folders, verify
+from distvgg.files import BEST_DIR, CHECKPOINTS_DIR, FINAL_DIR, MARKER_FILE, STATE_FILE, newest_good, verify
 
 # Layer lists in timm's style: an int is a 3x3 conv (+BN+ReLU) with that many output channels, "M" a 2x2 max pool.
 CFGS: dict[str, list[int | str]] = {
@@ -228,13 +228,12 @@ def find_weights(path: str | os.PathLike, warn: Callable[[str], None] | None = N
     elif found := [f for f in (p / FINAL_DIR, p / BEST_DIR) if (f / MODEL_FILE).is_file()]:
         folder = found[0]
     else:
-        problems = []
-        for _, folder in reversed(step_folders(p)):
-            if (problem := verify(folder)) is None:
-                if warn is not None:
-                    warn(f"no final/ or best/ model in {p} yet: using its newest complete checkpoint, {folder}")
-                return folder / MODEL_FILE
-            problems.append(f"{folder.name}: {problem}")
+        good, bad = newest_good(p)
+        if good is not None:
+            if warn is not None:
+                warn(f"no final/ or best/ model in {p} yet: using its newest complete checkpoint, {good}")
+            return good / MODEL_FILE
+        problems = [f"{folder.name}: {problem}" for folder, problem in bad]
         if problems:
             raise ModelLoadError(f"no final/ or best/ model in {p}, and no usable checkpoint: " + "; ".join(problems))
         raise ModelLoadError(f"no model in {p}: nothing in it, its final/ and best/ or {CHECKPOINTS_DIR}/step-N")

@@ -24,9 +24,18 @@ from distvgg import files, preemption
 from distvgg.config import ConfigError, parse_config
 from distvgg.models import load_model
 from tests import datagen
-from tests.helpers import TINY, ok, run_in_process, run_train
+from tests.helpers import (
+    TINY,
+    assert_same_run,
+    final_weights,
+    ok,
+    run_in_process,
+    run_train,
+    tiny_args,
+    traced,
+    training_state,
+)
 from tests.hooked_train import fill_disk
-from tests.test_resume import assert_same_run, final_weights, tiny_args, traced, training_state
 
 # ------------------------------------------------------------------------------------ unit tests
 
