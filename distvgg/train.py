@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distvgg import batches, build, start, tracking
+from distvgg import batches, build, runfolder, tracking
 from distvgg import checkpoint as ckpt
 from distvgg.build import make_accelerator
 from distvgg.config import ConfigError, TrainConfig, parse_config, save_config
@@ -268,14 +268,14 @@ def fit(run: build.Run, stop: StopSignals) -> None:
 
 
 def train(
-    cfg: TrainConfig, accelerator: Any, stop: StopSignals, lock: start.OutputLock, started: list[tracking.Tracking]
+    cfg: TrainConfig, accelerator: Any, stop: StopSignals, lock: runfolder.OutputLock, started: list[tracking.Tracking]
 ) -> None:
     """Plan the start (fresh, resume or complete), set up, fit, save ``final/``. ``started`` receives the
     trackers, so that the caller can report where an offline W&B run is however the run ends."""
     # Before any training time is spent: a writable --output-dir, and what to resume from.
-    plan = start.agree_on_start(accelerator, cfg.output_dir, cfg.resume, cfg.to_dict(), lock)
+    plan = runfolder.agree_on_start(accelerator, cfg.output_dir, cfg.resume, cfg.to_dict(), lock)
     if plan.mode == "complete":
-        accelerator.print(start.complete_message(cfg.output_dir, plan))
+        accelerator.print(runfolder.complete_message(cfg.output_dir, plan))
         return
     if plan.note:
         accelerator.print(plan.note)
@@ -355,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from distvgg.data import DataError
 
     started: list[tracking.Tracking] = []
-    lock = start.OutputLock(cfg.output_dir)  # one job per --output-dir, held by the main process
+    lock = runfolder.OutputLock(cfg.output_dir)  # one job per --output-dir, held by the main process
     stop = StopSignals().install()  # SIGTERM/SIGUSR1: checkpoint after the current step, then exit 75
     try:
         train(cfg, accelerator, stop, lock, started)
