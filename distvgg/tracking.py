@@ -266,6 +266,12 @@ def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exceptio
     tracker = accelerator.get_tracker("wandb")
     wandb.teardown()  # the failed attempt keeps the run id "in use" inside W&B's service until it stops
     tracker.init_kwargs["mode"] = "offline"
+    if "resume_from" in tracker.init_kwargs:  # --wandb-rewind: an offline run cannot be rewound, so it continues
+        run_id = tracker.init_kwargs.pop("resume_from").split("?")[0]
+        tracker.init_kwargs.update(id=run_id, resume="allow")
+        tracking.messages.append(
+            "W&B: offline, the run could not be rewound: the steps run again keep their first values"
+        )
     tracker.start()
     tracking.wandb_mode = "offline"
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
