@@ -64,12 +64,23 @@ def writing(
         no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
         if not (no_space or free < max(size, FULL_BELOW)):
             raise
-        needs = f"about {size:,} bytes, and {free:,} bytes are free" if size else f"more than the {free:,} bytes free"
-        raise DiskFull(
-            f"the disk is full: writing {what or 'files'} in {Path(folder)} needs {needs} on its filesystem"
-            f"{'. ' + note if note else ''}. Free some space (or use a folder on another disk), then run the same "
-            f"command again"
-        ) from e
+        raise DiskFull(_full(folder, size, free, what, note)) from e
+
+
+def ensure_room(folder: str | os.PathLike, what: str) -> None:
+    """``DiskFull`` now when the filesystem of ``folder`` has under 1 MiB free: for a writer that does not report
+    its failures (W&B's service logs them, and goes on)."""
+    if (free := free_bytes(folder)) < FULL_BELOW:
+        raise DiskFull(_full(folder, FULL_BELOW, free, what, ""))
+
+
+def _full(folder: str | os.PathLike, size: int, free: int, what: str, note: str) -> str:
+    needs = f"about {size:,} bytes, and {free:,} bytes are free" if size else f"more than the {free:,} bytes free"
+    return (
+        f"the disk is full: writing {what or 'files'} in {Path(folder)} needs {needs} on its filesystem"
+        f"{'. ' + note if note else ''}. Free some space (or use a folder on another disk), then run the same "
+        f"command again"
+    )
 
 
 def fsync_file(path: Path) -> None:

@@ -198,6 +198,8 @@ def start_trackers(
             tracking.messages.append("W&B: no credentials found (WANDB_API_KEY, `wandb login`): logged offline")
     replay = rewind_trackers(tracking, cfg, rewind, init_kwargs, config) if accelerator.is_main_process else []
     wandb_dir = init_kwargs.get("wandb", {}).get("dir", cfg.output_dir)
+    if accelerator.is_main_process:  # W&B starts on a full disk, logs its own errors and fails at the first image
+        files.ensure_room(wandb_dir, "the W&B run folder and TensorBoard's events")
     with files.writing(wandb_dir, what="the W&B run folder and TensorBoard's events"):
         try:
             accelerator.init_trackers(cfg.wandb_project, config=None, init_kwargs=init_kwargs)
@@ -375,11 +377,13 @@ def log_eval_media(logger: RunLogger, result: dict, class_names: Sequence[str], 
     if wants_wandb:
         import wandb
 
-        image = wandb.Image(grid.permute(1, 2, 0).numpy(), caption=f"true > predicted: {pairs}")
-        chart = confusion_chart(result["confusion"], class_names)
-        logger.accelerator.get_tracker("wandb").log(
-            {"eval/confusion_matrix": chart, "eval/predictions": image}, step=step
-        )
+        media = logger.accelerator.get_tracker("wandb", unwrap=True).dir  # wandb.Image copies its file there
+        with files.writing(media, what="W&B's media (the prediction grid, the confusion chart)"):
+            image = wandb.Image(grid.permute(1, 2, 0).numpy(), caption=f"true > predicted: {pairs}")
+            chart = confusion_chart(result["confusion"], class_names)
+            logger.accelerator.get_tracker("wandb").log(
+                {"eval/confusion_matrix": chart, "eval/predictions": image}, step=step
+            )
     if wants_tb:
         logger.accelerator.get_tracker("tensorboard", unwrap=True).add_image("eval/predictions", grid, step)
 

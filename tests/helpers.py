@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
-from contextlib import nullcontext, redirect_stderr, redirect_stdout
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 from unittest import mock
 
@@ -244,3 +245,21 @@ def assert_same_run(reference: Path, resumed: Path, nproc: int, dedupe: bool = F
         ref_trace = read_trace(reference, rank)
         assert [s for s, _ in ref_trace] == list(range(1, STEPS + 1))
         assert read_trace(resumed, rank, dedupe) == ref_trace, f"rank {rank} saw other samples"
+
+
+@contextmanager
+def small_filesystem(folder: Path, size: str = "32m") -> Iterator[Path]:
+    """A real filesystem of ``size`` (tmpfs) mounted at ``folder`` for the block, unmounted after it; the test is
+    skipped, with the reason, where mounting is not allowed (it needs root)."""
+    import pytest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs for a real full disk needs root and mount(8)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not allowed here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)

@@ -31,6 +31,7 @@ from tests.helpers import (
     ok,
     run_in_process,
     run_train,
+    small_filesystem,
     tiny_args,
     traced,
     training_state,
@@ -251,17 +252,8 @@ def test_a_failed_or_damaged_checkpoint_is_never_used(dataset, reference, tmp_pa
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 32 MiB filesystem (tmpfs), mounted for the test and unmounted after it."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs for a real full disk needs root and mount(8)")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not allowed here: {mounted.stderr.decode().strip()}")
-    try:
+    with small_filesystem(tmp_path / "disk") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 @pytest.mark.slow

@@ -240,6 +240,23 @@ def test_two_processes_without_credentials_make_one_offline_run(dataset, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_full_disk_under_the_wandb_folder_stops_the_run_before_training(dataset, tmp_path):
+    """W&B starts on a full disk without an error (its service logs its own) and fails at the first image: the run
+    checks the room in its folder first."""
+    from tests.helpers import small_filesystem
+    from tests.hooked_train import fill_disk
+
+    with small_filesystem(tmp_path / "disk", "4m") as disk:
+        fill_disk(disk / "filler", leave=0)
+        env = clean_env(tmp_path, WANDB_MODE="offline", WANDB_DIR=str(disk))
+        run = run_clean(["--dataset", str(dataset), "--output-dir", str(tmp_path / "out"), *TINY_WANDB], env)
+    assert run.code == 1 and "Traceback" not in run.text and "Logging error" not in run.text, run.text[-3000:]
+    [error] = [line for line in run.stderr.splitlines() if line.startswith("distvgg.train:")]
+    assert f"the disk is full: writing the W&B run folder and TensorBoard's events in {disk}" in error
+    assert "bytes, and 0 bytes are free" in error and "training" not in run.stdout
+
+
+@pytest.mark.slow
 def test_invalid_key_stops_the_run_before_training(dataset, tmp_path):
     """A key in an invalid format: the run stops before training, with an error naming WANDB_API_KEY."""
     out = tmp_path / "out"
