@@ -290,7 +290,7 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
     ema = make_ema(cfg, model, accelerator)
     if cfg.compile:
         model = torch.compile(model)
-    set_seed(cfg.seed + accelerator.process_index)  # different dropout masks on different processes
+    set_seed(cfg.seed + accelerator.process_index)  # per process; dropout is reseeded per micro-batch (train_step)
     return Run(
         cfg=cfg,
         accelerator=accelerator,

@@ -249,13 +249,17 @@ def save_checkpoint(
             accelerator, Path(output_dir), state, keep_last, previous, need, last[0].upper() + last[1:]
         )
     except Exception as e:
-        if accelerator.is_main_process:  # every process has finished writing (or never started): see _agree
+        main = accelerator.is_main_process
+        if main:  # every process has finished writing (or never started): see _agree
             shutil.rmtree(root / f".tmp-{files.step_folder_name(state.global_step)}", ignore_errors=True)
+        else:
+            e.reported_by_main = True  # every process has the error: the main process tells the user, once
         if not isinstance(e, OSError) or isinstance(e, files.DiskFull):
             raise
         raise CheckpointError(
             f"could not write the checkpoint of step {state.global_step} in {root} ({e.strerror or e}); {last}. "
-            f"Fix the folder, then run the same command again"
+            f"Fix the folder, then run the same command again",
+            reported_by_main=not main,
         ) from e
 
 
