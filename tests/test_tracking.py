@@ -19,7 +19,6 @@ import torch
 
 from distvgg import tracking
 from distvgg.config import TrainConfig
-from distvgg.preemption import PREEMPT_EXIT_CODE
 from distvgg.tracking import read_metrics
 from tests import wandb_records
 from tests.datagen import make_parquet_dataset
@@ -80,10 +79,9 @@ SECRET_ENV_VALUE = "sentinel-env-value-0451"
 def tracked_run(dataset, tmp_path_factory) -> SimpleNamespace:
     """One run tracked by every tracker with every W&B option, as a job on a node without internet sees it: W&B
     credentials (a fake key) but no reachable server, so W&B falls back offline. 40 images / batch 8 = 5 steps an
-    epoch, a checkpoint every 5 steps (so the evaluation of step 5 comes after the checkpoint of step 5). Three
-    attempts, as a requeued job: stopped at step 3 by SIGUSR1 (a checkpoint, exit 75: nothing logged after it);
-    killed with SIGKILL while held before step 8 (steps 5 and 7 logged after the checkpoint of step 5); run again to
-    the end. Another environment value is set too, to check that no value leaks."""
+    epoch, a checkpoint every 5 steps (so the evaluation of step 5 comes after the checkpoint of step 5). Killed
+    with SIGKILL while held before step 8 (steps 5 and 7 logged after the checkpoint of step 5), then run again to
+    the end, as a requeued job. Another environment value is set too, to check that no value leaks."""
     from tests.helpers import REPO, train_command, wait_for
 
     tmp = tmp_path_factory.mktemp("tracked")
@@ -95,20 +93,27 @@ def tracked_run(dataset, tmp_path_factory) -> SimpleNamespace:
     env = clean_env(tmp, **env, DISTVGG_TEST_TOKEN=SECRET_ENV_VALUE)
     args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--report-to", "all", "--wandb-log-model"]
     args += ["--wandb-tags", "tiny", "ci", "--wandb-name", "tiny-run", "--checkpoint-every", "5"]
-    first = run_clean(args, {**env, "HOOK_SIGNAL_AT_STEP": "3"}, module="tests.hooked_train")
-    assert first.code == PREEMPT_EXIT_CODE, first.text[-3000:]
     held = {**env, "HOOK_HOLD_AT_STEP": "8", "HOOK_RELEASE": str(tmp / "never")}
     command = train_command(args, module="tests.hooked_train")
-    killed = subprocess.Popen(command, env=held, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(
+        command,
+        env=held,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = out / "metrics.jsonl"
-    wait_for(lambda: '"step": 7' in metrics.read_text(), killed, "the log of step 7")
+    wait_for(lambda: metrics.is_file() and '"step": 7' in metrics.read_text(), killed, "the log of step 7")
+    first_id = tracking.read_run_id(out)
     killed.kill()
-    killed.communicate(timeout=60)
+    first = SimpleNamespace(text=killed.communicate(timeout=60)[0])
     second = run_clean(args, env)
     assert second.code == 0, second.text[-3000:]
     run = SimpleNamespace(dataset=dataset, out=out, wandb_dir=wandb_dir, first=first, second=second)
     run.files, run.metrics = wandb_files(wandb_dir, "offline-run-"), read_metrics(out)
-    run.first_id, run.final_id = wandb_records.run_record(run.files[0]).run_id, tracking.read_run_id(out)
+    run.first_id, run.final_id = first_id, tracking.read_run_id(out)
     return run
 
 
@@ -117,25 +122,21 @@ def test_unreachable_server_falls_back_offline_under_the_same_run_id(tracked_run
     """Credentials but no server: wandb.init gives up after WANDB_INIT_TIMEOUT and the run id is logged offline,
     once per attempt; the job trains instead of hanging, and ends with the `wandb sync` command."""
     ids = [f.parent.name.rsplit("-", 1)[1] for f in tracked_run.files]
-    assert ids == [tracked_run.first_id] * 2 + [tracked_run.final_id]  # the last attempt ran logged steps again
+    assert ids == [tracked_run.first_id, tracked_run.final_id]  # the last attempt ran logged steps again
     for attempt in (tracked_run.first, tracked_run.second):
         assert "could not start online" in attempt.text
-    assert f"wandb sync {tracked_run.files[0].parent}" in tracked_run.first.stdout
-    assert f"wandb sync {tracked_run.files[2].parent}" in tracked_run.second.stdout
+    assert f"wandb sync {tracked_run.files[1].parent}" in tracked_run.second.stdout
     assert not (tracked_run.out / "wandb").exists()  # WANDB_DIR is respected
 
 
 @pytest.mark.slow
 def test_resumed_run_is_one_wandb_run_with_the_names_given(tracked_run):
-    """The second attempt (resumed from the stop signal's checkpoint, nothing logged after it) reuses the run id
-    kept in OUTPUT_DIR and the checkpoint (its record log is cut short by the kill: W&B's writer buffers). The last
-    attempt ran steps again that W&B had: its new W&B run, linked to the first, holds every value of
-    metrics.jsonl, each step once."""
-    for f in tracked_run.files[::2]:
-        record = wandb_records.run_record(f)
-        assert (record.project, record.display_name, list(record.tags)) == ("distvgg", "tiny-run", ["tiny", "ci"])
-    first, final = wandb_records.history(tracked_run.files[0]), wandb_records.history(tracked_run.files[2])
-    assert [r["_step"] for r in first] == [2]  # stopped at step 3
+    """The last attempt ran steps again that W&B had (W&B keeps the first value of a step): its new W&B run, with
+    the names given and linked to the first one, holds every value of metrics.jsonl, each step once."""
+    record = wandb_records.run_record(tracked_run.files[-1])
+    assert (record.project, record.display_name, list(record.tags)) == ("distvgg", "tiny-run", ["tiny", "ci"])
+    assert record.run_id == tracked_run.final_id != tracked_run.first_id
+    final = wandb_records.history(tracked_run.files[-1])
     final_steps = [r["_step"] for r in final]
     assert final_steps == sorted(set(final_steps)) and final_steps[-1] == tracked_run.metrics[-1]["step"] == 10
     keys = ["train/loss", "train/lr", "train/images_per_second", "eval/loss", "eval/accuracy"]
@@ -215,7 +216,7 @@ def test_tracked_run_leaks_no_secret(tracked_run):
     """The API key and another environment value are in no output and in no file, the failed online attempts'
     W&B folders included."""
     for secret in (FAKE_KEY, SECRET_ENV_VALUE):
-        assert secret not in tracked_run.first.text + tracked_run.second.text
+        assert secret not in tracked_run.first.text + tracked_run.second.text  # the killed attempt's output too
         for root in (tracked_run.out, tracked_run.wandb_dir):
             files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
             leaked = [p for p in files if secret.encode() in p.read_bytes()]
@@ -290,6 +291,11 @@ def test_rewind_cuts_metrics_back_and_keeps_the_cut_rows(tmp_path):
 def test_rewind_trackers_purge_tensorboard_and_rewind_or_restart_wandb(tmp_path):
     rewind = tracking.Rewind(4, [{"step": 2, "epoch": 0.5, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9}], 2)
     cfg = SimpleNamespace(output_dir=str(tmp_path), wandb_rewind=True)
+    # Nothing logged after the checkpoint (a stop signal checkpoints where it stops): the same W&B run continues.
+    kwargs = {"wandb": {"id": "old12345", "resume": "allow"}}
+    state = tracking.Tracking(None, ["tensorboard", "wandb"], "offline", "old12345")
+    tracking.rewind_trackers(state, cfg, tracking.Rewind(4, rewind.kept, 0), kwargs, {})
+    assert kwargs["wandb"] == {"id": "old12345", "resume": "allow"} and state.wandb_run_id == "old12345"
     for mode, rewound in (("online", True), ("offline", False)):
         kwargs = {"wandb": {"id": "old12345", "resume": "allow"}}
         state, config = tracking.Tracking(None, ["tensorboard", "wandb"], mode, "old12345"), {}
