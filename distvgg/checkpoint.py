@@ -245,9 +245,8 @@ def save_checkpoint(
     last = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
     need = lambda: _folder_bytes(previous) or size()  # noqa: E731
     try:
-        return _save_checkpoint(
-            accelerator, Path(output_dir), state, keep_last, previous, need, last[0].upper() + last[1:]
-        )
+        with files.writing(root, need, f"the checkpoint of step {state.global_step}", last[0].upper() + last[1:]):
+            return _save_checkpoint(accelerator, Path(output_dir), state, keep_last, previous)
     except Exception as e:
         main = accelerator.is_main_process
         if main:  # every process has finished writing (or never started): see _agree
@@ -302,13 +301,7 @@ def _attempt(work: Callable[[], None], when: bool = True) -> Exception | None:
 
 
 def _save_checkpoint(
-    accelerator: Any,
-    output_dir: Path,
-    state: TrainingState,
-    keep_last: int,
-    previous: Path | None,
-    need: Callable[[], int],
-    note: str,
+    accelerator: Any, output_dir: Path, state: TrainingState, keep_last: int, previous: Path | None
 ) -> Path:
     """``accelerator.save_state`` (model in safetensors, optimizer, scheduler, GradScaler, each process's RNG
     states) and ``training_state.json`` go to ``checkpoints/.tmp-step-N``; once every process has written
@@ -351,11 +344,9 @@ def _save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         rotate(output_dir, keep_last, newest_good=final)
 
-    what = f"the checkpoint of step {state.global_step}"
-    with files.writing(root, need, what, note):
-        _agree(accelerator, _attempt(prepare, main))
-        _agree(accelerator, _attempt(write))  # every process's files are in tmp
-        _agree(accelerator, _attempt(publish, main))
+    _agree(accelerator, _attempt(prepare, main))
+    _agree(accelerator, _attempt(write))  # every process's files are in tmp
+    _agree(accelerator, _attempt(publish, main))
     return final
 
 

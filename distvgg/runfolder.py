@@ -310,6 +310,17 @@ def continuing_command(state: ckpt.TrainingState, num_processes: int) -> str:
     )
 
 
+def begin(cfg: TrainConfig, accelerator: Any, plan: StartPlan) -> tuple[build.Run, tracking.Rewind | None, dict]:
+    """Set up the run of ``plan``. Resuming: first the accumulation steps that keep the checkpoint's global batch
+    (``fit_layout``), then the checkpoint's state (``resume``). Returns the run, the record's ``Rewind`` (main
+    process) and the facts to record (a changed global batch)."""
+    changed: dict[str, Any] = {}
+    if plan.mode == "resume":
+        cfg, changed = fit_layout(cfg, plan, accelerator.num_processes, accelerator.print)
+    run = build.setup(cfg, accelerator)
+    return run, resume(run, plan) if plan.mode == "resume" else None, changed
+
+
 def resume(run: build.Run, plan: StartPlan) -> tracking.Rewind | None:
     """Check the checkpoint fits this run, load it, restore the counters (and the W&B run id); cut metrics.jsonl
     back to the checkpoint (main process: the returned ``Rewind``)."""

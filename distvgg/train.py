@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from distvgg.config import ConfigError, TrainConfig, parse_config, save_config
 from distvgg.files import BEST_DIR, FINAL_DIR, DiskFull
 from distvgg.models import micro_batch_seed, running_stats_kept
 from distvgg.preemption import INTERRUPTED_EXIT_CODE, PREEMPT_EXIT_CODE, Preempted, StopSignals
-from distvgg.runfolder import fit_layout, preempt, resume, save_checkpoint, save_model, training_state
+from distvgg.runfolder import preempt, save_checkpoint, save_model, training_state
 
 
 def train_step(
@@ -279,12 +279,10 @@ def train(
         return
     if plan.note:
         accelerator.print(plan.note)
-    changed: dict[str, Any] = {}
-    if plan.mode == "resume":  # on another number of processes: the accumulation that keeps the global batch
-        cfg, changed = fit_layout(cfg, plan, accelerator.num_processes, accelerator.print)
-    run = build.setup(cfg, accelerator)
-    # Restores run.wandb_run_id before the trackers start, and cuts metrics.jsonl back to the checkpoint.
-    rewind = resume(run, plan) if plan.mode == "resume" else None
+    # Resuming (on any number of processes that keeps the global batch): the checkpoint's state, the W&B run id
+    # before the trackers start, and metrics.jsonl cut back to it.
+    run, rewind, changed = runfolder.begin(cfg, accelerator, plan)
+    cfg = run.cfg
     facts = {**tracking.run_facts(accelerator), "global_batch": run.global_batch, "lr": run.lr, **changed}
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml", extra=facts)
@@ -303,18 +301,8 @@ def train(
         f"training {cfg.model} on {run.sampler.num_samples} images, {accelerator.num_processes} "
         f"process(es), global batch {run.global_batch}, lr {run.lr:g}, {run.total_steps} steps"
     )
-    try:
+    with explained(run):
         fit(run, stop)
-    except RuntimeError as e:  # torch.OutOfMemoryError (a GPU) and the CPU allocator's failure are RuntimeErrors
-        if not is_oom(e):
-            raise
-        raise OutOfMemory(out_of_memory_message(cfg, run.global_batch, e)) from None
-    except FloatingPointError as e:
-        raise FloatingPointError(
-            f"{e}\nthe last good checkpoint is {run.last_checkpoint or '(none yet)'}; no checkpoint is written after "
-            f"a non-finite loss, and resuming with the same options would repeat the same steps: change them and "
-            f"start over (--resume none moves this run's outputs aside)"
-        ) from None
     accelerator.wait_for_everyone()
     final = save_model(run, FINAL_DIR, training_state(run, "final", finished=True))
     accelerator.print(f"saved the final model to {final}")
@@ -326,6 +314,23 @@ def train(
 
 class OutOfMemory(RuntimeError):
     """Training or evaluation ran out of device or host memory; the message says with what, and what to try."""
+
+
+@contextmanager
+def explained(run: build.Run) -> Iterator[None]:
+    """Out of memory and a non-finite loss, as one error that says what to do."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError (a GPU) and the CPU allocator's failure are RuntimeErrors
+        if not is_oom(e):
+            raise
+        raise OutOfMemory(out_of_memory_message(run.cfg, run.global_batch, e)) from None
+    except FloatingPointError as e:
+        raise FloatingPointError(
+            f"{e}\nthe last good checkpoint is {run.last_checkpoint or '(none yet)'}; no checkpoint is written after "
+            f"a non-finite loss, and resuming with the same options would repeat the same steps: change them and "
+            f"start over (--resume none moves this run's outputs aside)"
+        ) from None
 
 
 def is_oom(error: BaseException) -> bool:
@@ -354,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from distvgg.data import DataError
 
+    # The errors that are one line on stderr and exit code 1 (each message says what to fix).
+    reported = (ConfigError, DataError, FloatingPointError, tracking.TrackingError, ckpt.CheckpointError, DiskFull)
+    reported += (OutOfMemory,)
     started: list[tracking.Tracking] = []
     lock = runfolder.OutputLock(cfg.output_dir)  # one job per --output-dir, held by the main process
     stop = StopSignals().install()  # SIGTERM/SIGUSR1: checkpoint after the current step, then exit 75
@@ -370,15 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return PREEMPT_EXIT_CODE
-    except (
-        ConfigError,
-        DataError,
-        FloatingPointError,
-        tracking.TrackingError,
-        ckpt.CheckpointError,
-        DiskFull,
-        OutOfMemory,
-    ) as e:
+    except reported as e:
         if accelerator.is_main_process or not getattr(e, "reported_by_main", False):
             print(f"distvgg.train: error: {e}", file=sys.stderr)
         return 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -31,12 +30,10 @@ from tests.helpers import (
     ok,
     run_in_process,
     run_train,
-    small_filesystem,
     tiny_args,
     traced,
     training_state,
 )
-from tests.hooked_train import fill_disk
 
 # ------------------------------------------------------------------------------------ unit tests
 
@@ -249,64 +246,6 @@ def test_a_failed_or_damaged_checkpoint_is_never_used(dataset, reference, tmp_pa
     )
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 32 MiB filesystem (tmpfs), mounted for the test and unmounted after it."""
-    with small_filesystem(tmp_path / "disk") as disk:
-        yield disk
-
-
-@pytest.mark.slow
-def test_a_full_disk_is_one_clear_error_and_the_same_command_then_resumes(dataset, reference, small_disk):
-    out, filler = small_disk / "out", small_disk / "filler"
-    args = tiny_args(dataset, out)
-    # Before step 5 the disk is filled (256 KiB left): the checkpoint of step 8 cannot be written.
-    full = run_train(args, env={"HOOK_FILL_AT_STEP": "5", "HOOK_FILL": str(filler)})
-    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
-    [error] = [line for line in full.stderr.splitlines() if line.startswith("distvgg.train:")]
-    free = re.search(r"needs about ([\d,]+) bytes, and ([\d,]+) bytes are free", error)
-    assert free, error
-    assert int(free.group(1).replace(",", "")) > int(free.group(2).replace(",", "")), error
-    assert f"the checkpoint of step 8 in {out / 'checkpoints'}" in error
-    assert f"The previous checkpoint {out / 'checkpoints' / 'step-00000004'} is intact" in error
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]  # no half-written folder
-    assert files.verify(out / "checkpoints" / "step-00000004") is None
-    assert load_model(out / "checkpoints" / "step-00000004").model is not None
-    filler.unlink()
-    output = ok(run_train(args))
-    assert "resuming from" in output and "step-00000004: step 4 of 16" in output
-    reference_weights = final_weights(reference)
-    assert all(torch.equal(v, reference_weights[k]) for k, v in final_weights(out).items())
-
-
-@pytest.mark.slow
-def test_every_writer_reports_a_full_disk_the_same_way(small_disk, saved_run, tiny_dataset, tmp_path, capsys):
-    from distvgg import data, report, tracking
-
-    said: list[str] = []
-    decoded = data.load_image_data(str(tiny_dataset), cache_dir=tmp_path / "cache", log=said.append)
-    fill_disk(small_disk / "filler", leave=0)
-    quiet = SimpleNamespace(is_main_process=True, log=lambda *a, **k: None)
-    writers = {
-        "metrics.jsonl": lambda: tracking.RunLogger(quiet, small_disk).log({"train/loss": 1.0}, step=1),
-        "best/": lambda: ckpt.save_model_folder(small_disk / "best", load_model(saved_run).model, {}, None),
-        "the data cache": lambda: data._write_cache(small_disk, decoded, said.append),
-        "a decoded copy of the dataset": lambda: data.load_image_data(
-            str(tiny_dataset), cache_dir=small_disk, log=said.append
-        ),
-    }
-    for what, write in writers.items():
-        with pytest.raises(files.DiskFull) as e:
-            write()
-        assert f"the disk is full: writing {what} in {small_disk}" in str(e.value)
-        assert re.search(r"needs (about [\d,]+ bytes, and 0 bytes are free|more than the 0 bytes free)", str(e.value))
-    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "metrics.jsonl"]  # nothing half-written
-    assert report.main([str(saved_run), "--out", str(small_disk / "report.png")]) == 1
-    assert f"distvgg.report: error: the disk is full: writing report.png and report.html in {small_disk}" in (
-        capsys.readouterr().err
-    )
-
-
 @pytest.mark.slow
 def test_resume_from_a_given_checkpoint(dataset, reference, tmp_path):
     out = tmp_path / "elsewhere"
@@ -341,7 +280,6 @@ def test_finished_run_reports_complete(dataset, reference, tmp_path):
     assert f"the run in {out} is complete (16 of 16 steps" in output
     assert written() == before  # nothing trained or written
     # best/ holds the model of the best evaluation, in the format final/ has.
-    from distvgg.models import load_model
     from distvgg.tracking import read_metrics
 
     best_accuracy = max(r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r)
@@ -387,35 +325,6 @@ def test_nan_stops_the_run_and_the_last_checkpoint_stays_good(dataset, tmp_path)
         weights = load_file(str(folder / "model.safetensors"))
         assert all(torch.isfinite(w).all() for w in weights.values()), folder
     assert not (out / "final").exists()
-
-
-def test_out_of_memory_is_one_clear_error(dataset, tmp_path, monkeypatch):
-    """The CPU allocator's failure in the model's forward pass (a real one would need tens of GiB), end to end; the
-    GPU's OutOfMemoryError gets the same message."""
-    from distvgg import train
-    from distvgg.models import VGG
-
-    failure = RuntimeError(
-        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
-        "allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"
-    )
-
-    def allocation_fails(self, x):
-        raise failure
-
-    monkeypatch.setattr(VGG, "forward", allocation_fails)
-    proc = run_in_process(tiny_args(dataset, tmp_path / "out"), dict(os.environ))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    [line] = [line for line in proc.stderr.splitlines() if line.startswith("distvgg.train:")]
-    assert "out of CPU memory with --model vgg3layer --width 0.125 and --batch-size 8 per process" in line
-    assert "keeps the global batch of 8: --batch-size 4 --gradient-accumulation-steps 2" in line
-    cfg = parse_config(["--batch-size", "6", "--gradient-accumulation-steps", "2"])
-    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    assert train.is_oom(gpu) and not train.is_oom(RuntimeError("shape mismatch"))
-    assert "out of GPU memory" in train.out_of_memory_message(cfg, 48, gpu)
-    assert "global batch of 48: --batch-size 3 --gradient-accumulation-steps 4" in train.out_of_memory_message(
-        cfg, 48, gpu
-    )
 
 
 # -------------------------------------------------------------------------------------- bad input

@@ -241,23 +241,6 @@ def test_two_processes_without_credentials_make_one_offline_run(dataset, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_full_disk_under_the_wandb_folder_stops_the_run_before_training(dataset, tmp_path):
-    """W&B starts on a full disk without an error (its service logs its own) and fails at the first image: the run
-    checks the room in its folder first."""
-    from tests.helpers import small_filesystem
-    from tests.hooked_train import fill_disk
-
-    with small_filesystem(tmp_path / "disk", "4m") as disk:
-        fill_disk(disk / "filler", leave=0)
-        env = clean_env(tmp_path, WANDB_MODE="offline", WANDB_DIR=str(disk))
-        run = run_clean(["--dataset", str(dataset), "--output-dir", str(tmp_path / "out"), *TINY_WANDB], env)
-    assert run.code == 1 and "Traceback" not in run.text and "Logging error" not in run.text, run.text[-3000:]
-    [error] = [line for line in run.stderr.splitlines() if line.startswith("distvgg.train:")]
-    assert f"the disk is full: writing the W&B run folder and TensorBoard's events in {disk}" in error
-    assert "bytes, and 0 bytes are free" in error and "training" not in run.stdout
-
-
-@pytest.mark.slow
 def test_invalid_key_stops_the_run_before_training(dataset, tmp_path):
     """A key in an invalid format: the run stops before training, with an error naming WANDB_API_KEY."""
     out = tmp_path / "out"
@@ -268,47 +251,6 @@ def test_invalid_key_stops_the_run_before_training(dataset, tmp_path):
 
 
 # ----------------------------------------------------------------------------------- unit level
-
-
-def test_rewind_cuts_metrics_back_and_keeps_the_cut_rows(tmp_path):
-    rows = [{"step": 2, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9}, {"step": 4, "eval/accuracy": 0.5}]
-    rows += [{"step": 6, "train/loss": 0.8}]
-    metrics = tmp_path / tracking.METRICS_FILE
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "train/lo')  # a torn last line
-    # The checkpoint of step 4 was written after its training row and before its evaluation (3 rows counted).
-    rewind = tracking.rewind_metrics(tmp_path, 4, rows=2)
-    assert (rewind.kept, rewind.abandoned) == (rows[:2], 3) and read_metrics(tmp_path) == rows[:2]
-    aside = (tmp_path / tracking.ABANDONED_FILE).read_text().splitlines()
-    assert [json.loads(line) for line in aside[:2]] == rows[2:] and aside[2] == '{"step": 8, "train/lo'
-    # A checkpoint that did not count its rows: cut by step. Nothing to cut: nothing written.
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert tracking.rewind_metrics(tmp_path, 4, rows=None).kept == rows[:3]
-    before = metrics.stat().st_mtime_ns
-    assert tracking.rewind_metrics(tmp_path, 4, rows=None).abandoned == 0 and metrics.stat().st_mtime_ns == before
-    assert len((tmp_path / tracking.ABANDONED_FILE).read_text().splitlines()) == 4
-
-
-def test_rewind_trackers_purge_tensorboard_and_rewind_or_restart_wandb(tmp_path):
-    rewind = tracking.Rewind(4, [{"step": 2, "epoch": 0.5, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9}], 2)
-    cfg = SimpleNamespace(output_dir=str(tmp_path), wandb_rewind=True)
-    # Nothing logged after the checkpoint (a stop signal checkpoints where it stops): the same W&B run continues.
-    kwargs = {"wandb": {"id": "old12345", "resume": "allow"}}
-    state = tracking.Tracking(None, ["tensorboard", "wandb"], "offline", "old12345")
-    tracking.rewind_trackers(state, cfg, tracking.Rewind(4, rewind.kept, 0), kwargs, {})
-    assert kwargs["wandb"] == {"id": "old12345", "resume": "allow"} and state.wandb_run_id == "old12345"
-    for mode, rewound in (("online", True), ("offline", False)):
-        kwargs = {"wandb": {"id": "old12345", "resume": "allow"}}
-        state, config = tracking.Tracking(None, ["tensorboard", "wandb"], mode, "old12345"), {}
-        replay = tracking.rewind_trackers(state, cfg, rewind, kwargs, config)
-        assert kwargs["tensorboard"] == {"purge_step": 4}
-        assert ("tensorboard", 4, {"train/loss": 0.9}) in replay and ("tensorboard", 2) not in [r[:2] for r in replay]
-        if rewound:  # W&B's own rewind, same run
-            assert kwargs["wandb"] == {"resume_from": "old12345?_step=4"} and state.wandb_run_id == "old12345"
-        else:  # a new run, linked, with the kept rows logged first
-            assert state.wandb_run_id != "old12345" and kwargs["wandb"]["id"] == state.wandb_run_id
-            assert tracking.read_run_id(tmp_path) == state.wandb_run_id
-            assert config == {"resumed_from_wandb_run": "old12345", "resumed_from_step": 4}
-            assert ("wandb", 2, {"epoch": 0.5, "train/loss": 1.0}) in replay
 
 
 def test_trackers_for_puts_wandb_last():
