@@ -344,7 +344,7 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
     for loader in (train_dl, test_dl):
         loader.base_dataloader.generator = torch.Generator().manual_seed(cfg.seed)
     ema = make_ema(cfg, model, accelerator)
-    set_seed(cfg.seed + accelerator.process_index)  # different dropout masks on different processes
+    set_seed(cfg.seed + accelerator.process_index)  # per process; dropout is reseeded per micro-batch (train_step)
     return Run(
         cfg=cfg,
         accelerator=accelerator,

@@ -10,7 +10,6 @@ writes in place and deletes old checkpoints before the new one is complete.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import re
@@ -57,9 +56,11 @@ def parse_every(value: str) -> int | str:
 EXACT_OPTIONS = tuple(
     "model width dropout channels_last sync_bn compile epochs max_steps optimizer optimizer_impl"
     " lr momentum nesterov weight_decay schedule warmup_steps label_smoothing max_grad_norm seed augment"
-    " mean std train_limit ddp_comm_hook gradient_accumulation_steps tf32 lr_reference_batch deterministic"
-    " cutout mixup cutmix ema_decay".split()
+    " mean std train_limit ddp_comm_hook tf32 lr_reference_batch deterministic cutout mixup cutmix ema_decay".split()
 )
+# How the global batch is laid out: any layout that keeps the global batch continues the same run (see
+# docs/checkpoints.md), so these are recorded but not compared; the global batch is.
+LAYOUT = ("batch_size", "gradient_accumulation_steps", "num_processes")
 
 
 @dataclass
@@ -83,6 +84,7 @@ class TrainingState:
     exact: dict[str, Any] = field(default_factory=dict)  # EXACT_OPTIONS plus facts of the data and launch
     config: dict[str, Any] = field(default_factory=dict)  # every option, for the record
     saved_at: str = ""
+    metrics_rows: Optional[int] = None  # the records metrics.jsonl held: a resumed run cuts the later ones
     format: int = FORMAT_VERSION
 
     @property
@@ -134,25 +136,21 @@ def _normal(v: Any) -> Any:
 def latest_good(output_dir: str | os.PathLike, say: Say) -> Path | None:
     """The newest checkpoint that verifies, warning about each newer one that does not. None when
     there is no checkpoint at all; CheckpointError when there are some but none is usable."""
-    problems = []
-    for _, folder in reversed(files.step_folders(output_dir)):
-        problem = files.verify(folder)
-        if problem is None:
-            if problems:
-                say(f"warning: resuming from the previous good checkpoint {folder}")
-            return folder
-        problems.append(f"{folder}: {problem}")
+    good, bad = files.newest_good(output_dir)
+    for folder, problem in bad:
         say(f"warning: ignoring checkpoint {folder}: {problem}")
-    if problems:
-        raise CheckpointError(
-            "no usable checkpoint in "
-            + str(Path(output_dir) / files.CHECKPOINTS_DIR)
-            + ":\n  - "
-            + "\n  - ".join(problems)
-            + "\nMove these folders away (or pass --resume none, which "
-            "moves the run's outputs aside) to start over, or --resume PATH to use another checkpoint."
-        )
-    return None
+    if good is not None and bad:
+        say(f"warning: resuming from the previous good checkpoint {good}")
+    if good is not None or not bad:
+        return good
+    raise CheckpointError(
+        "no usable checkpoint in "
+        + str(Path(output_dir) / files.CHECKPOINTS_DIR)
+        + ":\n  - "
+        + "\n  - ".join(f"{folder}: {problem}" for folder, problem in bad)
+        + "\nMove these folders away (or pass --resume none, which "
+        "moves the run's outputs aside) to start over, or --resume PATH to use another checkpoint."
+    )
 
 
 def rotate(output_dir: str | os.PathLike, keep_last: int, newest_good: Path | None = None) -> list[Path]:
@@ -239,19 +237,28 @@ def save_checkpoint(
     previous: Path | None = None,
     size: Callable[[], int] = lambda: 0,
 ) -> Path:
-    """Write one checkpoint (every process calls this at the same step). A failed save is one CheckpointError
-    on every process, naming the folder (and, for a full disk, about how many bytes the checkpoint needs);
-    the previous checkpoint stays good. ``size``: an estimate of the checkpoint's bytes, asked for on ENOSPC."""
+    """Write one checkpoint (every process calls this at the same step). A failed save is one error on every
+    process, naming the folder (``files.DiskFull`` with the bytes needed and free, for a full disk, whatever the
+    library raised); the half-written folder is removed at once, and the previous checkpoint stays good.
+    ``size``: an estimate of the checkpoint's bytes, asked for only when a write fails."""
+    root = Path(output_dir) / files.CHECKPOINTS_DIR
+    last = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+    need = lambda: _folder_bytes(previous) or size()  # noqa: E731
     try:
-        return _save_checkpoint(accelerator, Path(output_dir), state, keep_last, previous)
-    except OSError as e:
-        need = ""
-        if e.errno == errno.ENOSPC:
-            need = f"; the checkpoint needs about {_folder_bytes(previous) or size():,} bytes"
-        last = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        with files.writing(root, need, f"the checkpoint of step {state.global_step}", last[0].upper() + last[1:]):
+            return _save_checkpoint(accelerator, Path(output_dir), state, keep_last, previous)
+    except Exception as e:
+        main = accelerator.is_main_process
+        if main:  # every process has finished writing (or never started): see _agree
+            shutil.rmtree(root / f".tmp-{files.step_folder_name(state.global_step)}", ignore_errors=True)
+        else:
+            e.reported_by_main = True  # every process has the error: the main process tells the user, once
+        if not isinstance(e, OSError) or isinstance(e, files.DiskFull):
+            raise
         raise CheckpointError(
-            f"could not write the checkpoint of step {state.global_step} in {Path(output_dir) / files.CHECKPOINTS_DIR} "
-            f"({e.strerror or e}{need}); {last}. Free disk space or fix the folder, then run the same command again"
+            f"could not write the checkpoint of step {state.global_step} in {root} ({e.strerror or e}); {last}. "
+            f"Fix the folder, then run the same command again",
+            reported_by_main=not main,
         ) from e
 
 
@@ -271,7 +278,7 @@ def _folder_bytes(folder: Path | None) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder and folder.is_dir() else 0
 
 
-def _agree(accelerator: Any, error: OSError | None) -> None:
+def _agree(accelerator: Any, error: Exception | None) -> None:
     """A sync point where every process learns whether any of them failed, so none waits for one that stopped."""
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
@@ -283,11 +290,12 @@ def _agree(accelerator: Any, error: OSError | None) -> None:
         raise error
 
 
-def _attempt(work: Callable[[], None], when: bool = True) -> OSError | None:
+def _attempt(work: Callable[[], None], when: bool = True) -> Exception | None:
+    """``work()``'s error, if any, to be agreed on: a process that raised at once would leave the others waiting."""
     try:
         if when:
             work()
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - whatever it is, every process must learn of it (see _agree)
         return e
     return None
 
@@ -342,14 +350,17 @@ def _save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Any, folder: str | os.PathLike) -> None:
-    """Restore model, optimizer, scheduler, GradScaler and this process's RNG states (every process)."""
+def load_checkpoint(accelerator: Any, folder: str | os.PathLike, saved_processes: int | None = None) -> None:
+    """Restore model, optimizer, scheduler, GradScaler and this process's RNG states (every process). A process
+    beyond the ``saved_processes`` that wrote the checkpoint has no RNG states to restore: training draws nothing
+    from them (its randomness is keyed by seed, step and sample), so it goes on without."""
     check_loadable(folder, accelerator.process_index)
     try:
         accelerator.load_state(str(folder))
     except Exception as e:  # noqa: BLE001 - whatever Accelerate/torch raise, say which checkpoint
         raise CheckpointError(f"cannot load checkpoint {folder}: {type(e).__name__}: {e}") from e
-    if not restore_rng(folder, accelerator.process_index):
+    beyond = saved_processes is not None and accelerator.process_index >= saved_processes
+    if not restore_rng(folder, accelerator.process_index) and not beyond:
         raise CheckpointError(
             f"{folder} has no random_states_{accelerator.process_index}.pkl for process "
             f"{accelerator.process_index}: with several machines, OUTPUT_DIR must be on a "
@@ -369,9 +380,13 @@ def changed_message(where: Path, diff: list[str]) -> str:
     )
 
 
-def check_compatible(folder: str | os.PathLike, state: TrainingState, now: dict[str, Any]) -> None:
-    """Refuse to resume when settings that change the computation differ from the checkpoint's."""
-    diff = differences(state.exact, now)
+def check_compatible(
+    folder: str | os.PathLike, state: TrainingState, now: dict[str, Any], batch_change: bool = False
+) -> None:
+    """Refuse to resume when settings that change the computation differ from the checkpoint's (the layout of
+    the global batch aside; the global batch too with ``batch_change``: --allow-batch-change)."""
+    skip = (*LAYOUT, "global_batch") if batch_change else LAYOUT
+    diff = differences(state.exact, {k: v for k, v in now.items() if k not in skip})
     if not diff:
         return
     sizes = [d for d in diff if d.startswith("image_size:")]
@@ -408,4 +423,6 @@ def save_model_folder(folder: Path, model: torch.nn.Module, spec: dict[str, Any]
         if state is not None:
             (tmp / files.STATE_FILE).write_text(state.to_json())
 
-    return files.replace_folder(folder, write)
+    need = lambda: tensor_bytes(model.state_dict())  # noqa: E731
+    with files.writing(folder.parent, need, f"{folder.name}/"):
+        return files.replace_folder(folder, write)

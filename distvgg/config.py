@@ -175,6 +175,9 @@ class TrainConfig:
     """W&B tags."""
     wandb_log_model: bool = False
     """Upload final/ (weights and model.json) as a W&B model artifact of the run."""
+    wandb_rewind: bool = False
+    """When a resumed run runs steps again that W&B already has, rewind the W&B run to the checkpoint's step
+    (W&B's resume_from; the server must offer run rewind). Without it, or offline, a new W&B run continues."""
     ddp_timeout: int = 1800
     """Seconds a collective may wait before the job fails (a dead process ends the job, not hangs it)."""
     ddp_comm_hook: str = "none"
@@ -185,6 +188,9 @@ class TrainConfig:
     never (none; a stop signal still writes one)."""
     keep_last: int = 3
     """Keep this many of the newest checkpoints; older ones are deleted once a newer one is complete."""
+    allow_batch_change: bool = False
+    """Continue a checkpoint with another global batch (batch size x processes x accumulation steps): from the
+    same place in the data, with the learning-rate rule applied to the new batch. Not the same run any more."""
     resume: str = "auto"
     """auto: continue from the latest good checkpoint in --output-dir, or start fresh when there is none; PATH:
     continue from that checkpoint folder; none: start over (checkpoints/, best/, final/, metrics.jsonl and

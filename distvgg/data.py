@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -26,6 +27,7 @@ import torch
 
 from distvgg import cache, decode
 from distvgg.decode import DataError, quiet_datasets
+from distvgg.files import DiskFull, writing
 
 DEFAULT_DATASET = "uoft-cs/cifar10"
 FORMAT_VERSION = 1  # bump when the cache content changes, so old cache files are never misread
@@ -273,9 +275,13 @@ def _decode_dataset_dict(dsd: Any, where: str, options: dict[str, Any], create: 
 def _open_writer(final: Path, shapes: dict[str, tuple[int, ...]], meta: str, log: Log) -> cache.Writer:
     """A new cache file; where the cache directory is unusable, a scratch file in the temporary directory instead
     (a warning: the next run decodes again)."""
+    need = sum(math.prod(shape) * (8 if name.endswith("labels") else 1) for name, shape in shapes.items())
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        return cache.Writer(final, shapes, {"distvgg": meta})
+        with writing(final.parent, need, "the data cache"):  # a full disk is an error; another failure, a warning
+            final.parent.mkdir(parents=True, exist_ok=True)
+            return cache.Writer(final, shapes, {"distvgg": meta})
+    except DiskFull:
+        raise
     except OSError as e:
         log(
             f"warning: could not write the data cache {final} ({type(e).__name__}: {e}); the next run will decode again"

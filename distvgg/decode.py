@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from distvgg.cache import SPLITS, remove_stale, shapes_for
+from distvgg.files import DiskFull, writing
 
 TEST_SPLIT_NAMES = ("test", "validation", "valid", "val")  # accepted in the test role, in this order
 _INT_LABEL_NAMES = ("label", "labels", "fine_label", "target", "targets", "class", "y")  # int labels, no ClassLabel
@@ -97,9 +98,10 @@ def local_dataset(kind: str, root: Path, where: str, cache_root: Path) -> Iterat
                 for split, files in builder.config.data_files.items():  # the builder fails on an empty parquet split
                     if kind == "parquet" and sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
                         raise DataError(f"split {str(split)!r} of {where} is empty (0 rows in {', '.join(files)})")
-                builder.download_and_prepare()
+                with writing(scratch, what="a decoded copy of the dataset"):
+                    builder.download_and_prepare()
                 dsd = builder.as_dataset()
-        except DataError:
+        except (DataError, DiskFull):
             raise
         except Exception as e:
             raise DataError(f"cannot read {where}: {type(e).__name__}: {e}") from e

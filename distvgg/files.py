@@ -6,13 +6,15 @@ other file; ``verify`` checks that. ``replace_folder`` swaps a new folder in for
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -21,6 +23,64 @@ FINAL_DIR = "final"
 STATE_FILE = "training_state.json"
 MARKER_FILE = "COMPLETE"
 MARKER_FORMAT = 1
+# Below this many free bytes a filesystem counts as full when a write of unknown size fails.
+FULL_BELOW = 1 << 20
+
+
+class DiskFull(OSError):
+    """A write failed on a full filesystem; the message names the folder, the bytes needed and the bytes free.
+    An OSError, so that every CLI that reports OSErrors in one line reports this one too."""
+
+
+def free_bytes(folder: str | os.PathLike) -> int:
+    """Free bytes on the filesystem that holds ``folder`` (or its nearest existing parent)."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+@contextlib.contextmanager
+def writing(
+    folder: str | os.PathLike, need: int | Callable[[], int] = 0, what: str = "", note: str = ""
+) -> Iterator[None]:
+    """Turn any failure of the writes in the block into ``DiskFull`` when the filesystem of ``folder`` is full.
+
+    Libraries report a full disk in their own ways (torch's zip writer raises RuntimeError "unexpected pos",
+    not OSError ENOSPC), so the test is the free space left: less than ``need`` bytes (an estimate of what the
+    write takes; a callable is asked only on failure), or under 1 MiB when the size is unknown. Any other
+    failure is re-raised as it is. ``note`` (e.g. that the previous checkpoint is intact) goes into the message.
+    """
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as e:
+        try:
+            free = free_bytes(folder)
+        except OSError:
+            raise e from None
+        size = need() if callable(need) else need
+        no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (no_space or free < max(size, FULL_BELOW)):
+            raise
+        raise DiskFull(_full(folder, size, free, what, note)) from e
+
+
+def ensure_room(folder: str | os.PathLike, what: str) -> None:
+    """``DiskFull`` now when the filesystem of ``folder`` has under 1 MiB free: for a writer that does not report
+    its failures (W&B's service logs them, and goes on)."""
+    if (free := free_bytes(folder)) < FULL_BELOW:
+        raise DiskFull(_full(folder, FULL_BELOW, free, what, ""))
+
+
+def _full(folder: str | os.PathLike, size: int, free: int, what: str, note: str) -> str:
+    needs = f"about {size:,} bytes, and {free:,} bytes are free" if size else f"more than the {free:,} bytes free"
+    return (
+        f"the disk is full: writing {what or 'files'} in {Path(folder)} needs {needs} on its filesystem"
+        f"{'. ' + note if note else ''}. Free some space (or use a folder on another disk), then run the same "
+        f"command again"
+    )
 
 
 def fsync_file(path: Path) -> None:
@@ -120,9 +180,13 @@ def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
-    for p in files_in(tmp):
-        fsync_file(p)
+    try:
+        write(tmp)
+        for p in files_in(tmp):
+            fsync_file(p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written folder is never left behind
+        raise
     fsync_dir(tmp)
     if target.exists():
         target.rename(old)
@@ -143,3 +207,15 @@ def step_folders(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
         return []
     found = [(int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name)]
     return sorted(found)
+
+
+def newest_good(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of ``output_dir`` that verifies (None when none does), and each newer one with what
+    is wrong with it: the one search for a checkpoint, used to resume and to load a model."""
+    problems = []
+    for _, folder in reversed(step_folders(output_dir)):
+        problem = verify(folder)
+        if problem is None:
+            return folder, problems
+        problems.append((folder, problem))
+    return None, problems

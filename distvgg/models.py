@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from distvgg.files import BEST_DIR, CHECKPOINTS_DIR, FINAL_DIR, MARKER_FILE, STATE_FILE, step_folders, verify
+from distvgg.files import BEST_DIR, CHECKPOINTS_DIR, FINAL_DIR, MARKER_FILE, STATE_FILE, newest_good, verify
 
 # Layer lists in timm's style: an int is a 3x3 conv (+BN+ReLU) with that many output channels, "M" a 2x2 max pool.
 CFGS: dict[str, list[int | str]] = {
@@ -135,6 +136,30 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     return VGG(CFGS[name], num_classes, hidden=HIDDEN[name], **kwargs)
 
 
+def micro_batch_seed(seed: int, step: int, slot: int) -> int:
+    """The RNG seed of micro-batch ``slot`` of the global batch of optimizer step ``step``: dropout draws from it, so
+    the masks depend on (seed, step, slot), never on how many processes share the global batch. A splitmix64 hash
+    on Python ints (no device work); ``slot`` is the micro-batch's place in the global batch, as the data order has
+    it (``micro index x processes + process index``)."""
+    x = (seed * 1_000_003 + step) * 1_000_003 + slot
+    for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = ((x ^ (x >> shift)) * factor) % 2**64
+    return (x ^ (x >> 31)) % 2**63
+
+
+@contextmanager
+def running_stats_kept(model: nn.Module) -> Iterator[None]:
+    """BatchNorm's running statistics as they were before the block: the micro-batches other than the first of a
+    global batch leave them untouched, whatever the layout (DDP keeps rank 0's, whose first micro-batch is slot 0;
+    see docs/checkpoints.md). Copies on the device, no host sync."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(b, b.clone()) for m in norms for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    yield
+    with torch.no_grad():
+        for buffer, value in saved:
+            buffer.copy_(value)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -203,13 +228,12 @@ def find_weights(path: str | os.PathLike, warn: Callable[[str], None] | None = N
     elif found := [f for f in (p / FINAL_DIR, p / BEST_DIR) if (f / MODEL_FILE).is_file()]:
         folder = found[0]
     else:
-        problems = []
-        for _, folder in reversed(step_folders(p)):
-            if (problem := verify(folder)) is None:
-                if warn is not None:
-                    warn(f"no final/ or best/ model in {p} yet: using its newest complete checkpoint, {folder}")
-                return folder / MODEL_FILE
-            problems.append(f"{folder.name}: {problem}")
+        good, bad = newest_good(p)
+        if good is not None:
+            if warn is not None:
+                warn(f"no final/ or best/ model in {p} yet: using its newest complete checkpoint, {good}")
+            return good / MODEL_FILE
+        problems = [f"{folder.name}: {problem}" for folder, problem in bad]
         if problems:
             raise ModelLoadError(f"no final/ or best/ model in {p}, and no usable checkpoint: " + "; ".join(problems))
         raise ModelLoadError(f"no model in {p}: nothing in it, its final/ and best/ or {CHECKPOINTS_DIR}/step-N")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from distvgg import files
 from distvgg.config import positive_int
 from distvgg.evaluate import IMAGE_SIZE, evaluate_model, plot_confusion, result_tables
 from distvgg.files import BEST_DIR, FINAL_DIR, step_folders
@@ -192,8 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ModelLoadError, DataError) as e:  # OSError: no run folder or metrics, unreadable files
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    render(out, records, results, title)
-    write_html(out.with_suffix(".html"), out, title, final_numbers(records, results), results)
+    try:
+        with files.writing(out.parent, what=f"{out.name} and {out.with_suffix('.html').name}"):
+            render(out, records, results, title)
+            write_html(out.with_suffix(".html"), out, title, final_numbers(records, results), results)
+    except files.DiskFull as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {out} and {out.with_suffix('.html')}")
     return 0
 

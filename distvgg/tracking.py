@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from distvgg import machine
+from distvgg import files, machine
 
 METRICS_FILE = "metrics.jsonl"
+ABANDONED_FILE = "metrics.abandoned.jsonl"  # rows a resumed run cut from metrics.jsonl: logged after its checkpoint
 # The W&B run id of the training run in OUTPUT_DIR: a restarted or requeued job reads it back, so it
 # continues the same W&B run even before its first checkpoint exists.
 WANDB_RUN_ID_FILE = "wandb_run_id"
@@ -171,11 +172,17 @@ class Tracking:
 
 
 def start_trackers(
-    accelerator: Any, cfg: Any, config: dict[str, Any], restored_run_id: str | None = None, fresh: bool = False
+    accelerator: Any,
+    cfg: Any,
+    config: dict[str, Any],
+    restored_run_id: str | None = None,
+    fresh: bool = False,
+    rewind: Rewind | None = None,
 ) -> Tracking:
     """``accelerator.init_trackers`` with the W&B mode and run id chosen here (main process only), the config in
     each tracker's form, and an offline fallback when W&B cannot start online (server unreachable after
-    ``WANDB_INIT_TIMEOUT`` seconds): tracking problems never cost a training run."""
+    ``WANDB_INIT_TIMEOUT`` seconds): tracking problems never cost a training run. ``rewind`` (a resumed run):
+    each tracker's record continues from the checkpoint's step (``rewind_trackers``)."""
     names = trackers_for(cfg.report_to)
     tracking = Tracking(accelerator, names)
     if not names:
@@ -189,17 +196,61 @@ def start_trackers(
         init_kwargs["wandb"] = wandb_init_kwargs(cfg, tracking.wandb_run_id, tracking.wandb_mode)
         if tracking.wandb_mode == "offline" and not os.environ.get("WANDB_MODE"):
             tracking.messages.append("W&B: no credentials found (WANDB_API_KEY, `wandb login`): logged offline")
-    try:
-        accelerator.init_trackers(cfg.wandb_project, config=None, init_kwargs=init_kwargs)
-    except Exception as e:  # noqa: BLE001 - only W&B errors are handled; anything else is re-raised
-        _restart_wandb_offline(accelerator, tracking, e)
+    replay = rewind_trackers(tracking, cfg, rewind, init_kwargs, config) if accelerator.is_main_process else []
+    wandb_dir = init_kwargs.get("wandb", {}).get("dir", cfg.output_dir)
+    if accelerator.is_main_process:  # W&B starts on a full disk, logs its own errors and fails at the first image
+        files.ensure_room(wandb_dir, "the W&B run folder and TensorBoard's events")
+    with files.writing(wandb_dir, what="the W&B run folder and TensorBoard's events"):
+        try:
+            accelerator.init_trackers(cfg.wandb_project, config=None, init_kwargs=init_kwargs)
+        except Exception as e:  # noqa: BLE001 - only W&B errors are handled; anything else is re-raised
+            _restart_wandb_offline(accelerator, tracking, e)
     for tracker in accelerator.trackers if accelerator.is_main_process else []:
         tracker.store_init_configuration(tensorboard_hparams(config) if tracker.name == "tensorboard" else config)
     run = tracking.wandb_run()
     if run is not None:
         tracking.wandb_root = Path(run.settings.sync_dir).parent
         tracking.wandb_mode = "offline" if run.offline else "online"
+    for tracker, step, values in replay:  # what the rewound trackers dropped, or a new W&B run never had
+        if tracker in names and (tracker != "wandb" or run is not None):
+            accelerator.get_tracker(tracker).log(values, step=step)
     return tracking
+
+
+def rewind_trackers(
+    tracking: Tracking, cfg: Any, rewind: Rewind | None, init_kwargs: dict[str, Any], config: dict[str, Any]
+) -> list[tuple[str, int, dict[str, Any]]]:
+    """Make each tracker's record continue from the checkpoint's step, as metrics.jsonl does (docs/tracking.md);
+    returns the (tracker, step, values) to log again once they have started.
+
+    TensorBoard: ``purge_step`` hides every event from that step on, and the kept rows of that step are logged
+    again. W&B, when rows were cut (steps that will be run again): with ``--wandb-rewind`` online, W&B's rewind
+    (``resume_from``); otherwise W&B keeps the first values of a step, so a new W&B run starts, linked to the
+    old one in its config, and the kept rows are logged into it: its history is the run of the final model.
+    """
+    if rewind is None:
+        return []
+    init_kwargs["tensorboard"] = {"purge_step": rewind.step}
+    replay = [("tensorboard", r["step"], scalars(_values(r))) for r in rewind.kept if r.get("step") == rewind.step]
+    wandb_kwargs = init_kwargs.get("wandb")
+    if wandb_kwargs is None or not rewind.abandoned or tracking.wandb_mode == "disabled":
+        return replay
+    old = tracking.wandb_run_id
+    if tracking.wandb_mode == "online" and cfg.wandb_rewind:
+        wandb_kwargs.pop("resume")
+        wandb_kwargs["resume_from"] = f"{wandb_kwargs.pop('id')}?_step={rewind.step}"
+        return replay
+    tracking.wandb_run_id = wandb_kwargs["id"] = resolve_run_id(cfg.output_dir, new_run_id())
+    config.update(resumed_from_wandb_run=old, resumed_from_step=rewind.step)
+    tracking.messages.append(
+        f"W&B: steps after {rewind.step} were run again, so this run continues in a new W&B run, "
+        f"{tracking.wandb_run_id} (its config names the earlier one, {old})"
+    )
+    return replay + [("wandb", r["step"], scalars(_values(r))) for r in rewind.kept if "step" in r]
+
+
+def _values(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "step"}
 
 
 def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exception) -> None:
@@ -217,6 +268,12 @@ def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exceptio
     tracker = accelerator.get_tracker("wandb")
     wandb.teardown()  # the failed attempt keeps the run id "in use" inside W&B's service until it stops
     tracker.init_kwargs["mode"] = "offline"
+    if "resume_from" in tracker.init_kwargs:  # --wandb-rewind: an offline run cannot be rewound, so it continues
+        run_id = tracker.init_kwargs.pop("resume_from").split("?")[0]
+        tracker.init_kwargs.update(id=run_id, resume="allow")
+        tracking.messages.append(
+            "W&B: offline, the run could not be rewound: the steps run again keep their first values"
+        )
     tracker.start()
     tracking.wandb_mode = "offline"
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -232,12 +289,19 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def scalars(values: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of a record (what the trackers chart; lists such as the confusion counts stay in metrics.jsonl)."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 class RunLogger:
-    """Writes every log event to metrics.jsonl and to the Accelerate trackers, from the main process."""
+    """Writes every log event to metrics.jsonl and to the Accelerate trackers, from the main process. ``rows``:
+    the records metrics.jsonl holds, saved with each checkpoint so that a resumed run can cut the later ones."""
 
     def __init__(self, accelerator: Any, output_dir: str | os.PathLike) -> None:
         self.accelerator = accelerator
         self.path = Path(output_dir) / METRICS_FILE
+        self.rows = 0
 
     def log(self, values: dict[str, Any], step: int, epoch: float | int | None = None) -> None:
         """Numbers go everywhere; lists (confusion counts) only to metrics.jsonl (``log_eval_media`` charts them)."""
@@ -245,12 +309,11 @@ class RunLogger:
             return
         values = {k: _jsonable(v) for k, v in values.items()}
         record = {"step": step, **({"epoch": epoch} if epoch is not None else {}), **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if epoch is not None:
-            scalars["epoch"] = epoch
-        self.accelerator.log(scalars, step=step)
+        line = json.dumps(record) + "\n"
+        with files.writing(self.path.parent, len(line), self.path.name), self.path.open("a") as f:
+            f.write(line)
+        self.rows += 1
+        self.accelerator.log(scalars({**values, **({"epoch": epoch} if epoch is not None else {})}), step=step)
 
     def has_tracker(self, name: str) -> bool:
         return self.accelerator.is_main_process and any(t.name == name for t in self.accelerator.trackers)
@@ -319,11 +382,13 @@ def log_eval_media(logger: RunLogger, result: dict, class_names: Sequence[str], 
     if wants_wandb:
         import wandb
 
-        image = wandb.Image(grid.permute(1, 2, 0).numpy(), caption=f"true > predicted: {pairs}")
-        chart = confusion_chart(result["confusion"], class_names)
-        logger.accelerator.get_tracker("wandb").log(
-            {"eval/confusion_matrix": chart, "eval/predictions": image}, step=step
-        )
+        media = logger.accelerator.get_tracker("wandb", unwrap=True).dir  # wandb.Image copies its file there
+        with files.writing(media, what="W&B's media (the prediction grid, the confusion chart)"):
+            image = wandb.Image(grid.permute(1, 2, 0).numpy(), caption=f"true > predicted: {pairs}")
+            chart = confusion_chart(result["confusion"], class_names)
+            logger.accelerator.get_tracker("wandb").log(
+                {"eval/confusion_matrix": chart, "eval/predictions": image}, step=step
+            )
     if wants_tb:
         logger.accelerator.get_tracker("tensorboard", unwrap=True).add_image("eval/predictions", grid, step)
 
@@ -338,6 +403,46 @@ def log_model_artifact(tracking: Tracking, final_dir: str | os.PathLike, metadat
     artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=metadata)
     artifact.add_dir(str(final_dir))
     run.log_artifact(artifact, aliases=["latest", "final"])
+
+
+@dataclass
+class Rewind:
+    """A resumed run's record: metrics.jsonl cut back to what was logged before the checkpoint of ``step``."""
+
+    step: int
+    kept: list[dict[str, Any]]  # the rows metrics.jsonl keeps
+    abandoned: int  # rows moved to metrics.abandoned.jsonl: logged after the checkpoint, by an attempt that died
+
+
+def rewind_metrics(output_dir: str | os.PathLike, step: int, rows: int | None) -> Rewind:
+    """Cut metrics.jsonl back to its first ``rows`` records (those written before the checkpoint; for a checkpoint
+    that did not count them, those up to ``step``). The cut lines are appended to metrics.abandoned.jsonl first,
+    then metrics.jsonl is replaced atomically: a crash leaves both files whole, and no line is ever lost."""
+    path, aside = Path(output_dir) / METRICS_FILE, Path(output_dir) / ABANDONED_FILE
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    parsed = [_parse_line(line) for line in lines]
+    if rows is None:
+        rows = next((i for i, r in enumerate(parsed) if r is None or r.get("step", 0) > step), len(lines))
+    keep, cut = lines[:rows], lines[rows:]
+    if cut:
+        with files.writing(path.parent, sum(map(len, lines)), f"{path.name} and {aside.name}"):
+            with aside.open("a") as f:
+                f.writelines(line if line.endswith("\n") else line + "\n" for line in cut)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(keep))
+            files.fsync_file(tmp)
+            os.replace(tmp, path)
+    return Rewind(step, [r for r in parsed[:rows] if r is not None], len(cut))
+
+
+def _parse_line(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a killed run's torn last line
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:

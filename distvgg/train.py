@@ -9,22 +9,23 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from distvgg import batches, build, start, timing, tracking
+from distvgg import batches, build, runfolder, timing, tracking
 from distvgg import checkpoint as ckpt
 from distvgg.build import make_accelerator
 from distvgg.config import ConfigError, TrainConfig, parse_config, save_config
 from distvgg.evaluation import evaluate
-from distvgg.files import BEST_DIR, FINAL_DIR, STATE_FILE
-from distvgg.models import model_spec
+from distvgg.files import FINAL_DIR, DiskFull
+from distvgg.models import micro_batch_seed, running_stats_kept
 from distvgg.preemption import INTERRUPTED_EXIT_CODE, PREEMPT_EXIT_CODE, Preempted, StopSignals
+from distvgg.runfolder import checkpoint, preempt, save_best, save_model, training_state
 
 
 def train_step(
@@ -35,18 +36,24 @@ def train_step(
     accelerator: Any,
     micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     max_grad_norm: float | None = None,
+    keys: Sequence[tuple[int, int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over one or more micro-batches: the guide's five steps. Returns the mean loss
     and whether the fp16 gradient scaler skipped the step, both still on the device.
 
     Gradient accumulation is done here rather than with ``accelerator.accumulate``, whose
     ``zero_grad`` only acts on the last micro-batch and so cannot come first, as in the guide.
+    ``keys``: (seed, step, slot in the global batch) of each micro-batch, for a result that does not depend on
+    the number of processes: dropout seeded by it, BatchNorm's running statistics updated by slot 0 only.
     """
     total = torch.zeros((), device=accelerator.device)
     optimizer.zero_grad(set_to_none=True)
     for i, (data, target) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with nullcontext() if last else accelerator.no_sync(model):  # all-reduce only on the last micro-batch
+        last, key = i == len(micro_batches) - 1, keys[i] if keys else None
+        if key is not None:
+            torch.manual_seed(micro_batch_seed(*key))  # host-side seeding: no sync
+        sync = nullcontext() if last else accelerator.no_sync(model)  # all-reduce only on the last micro-batch
+        with sync, running_stats_kept(model) if key is not None and key[2] else nullcontext():
             output = model(data)
             loss = criterion(output, target)
             accelerator.backward(loss / len(micro_batches))
@@ -79,6 +86,15 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
 
 
+def share_buffers(model: nn.Module, accelerator: Any) -> None:
+    """Every process takes rank 0's buffers (BatchNorm's running statistics), as DDP does at each training forward:
+    evaluated on any number of processes, the model is the one a checkpoint saves (rank 0's)."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        broadcast(list(model.buffers()), from_process=0)
+
+
 def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals, profiler: Any = None) -> None:
     """One pass over the training set (or the rest of it, after a resume mid-epoch)."""
     cfg, acc, clock = run.cfg, run.accelerator, run.clock
@@ -89,19 +105,22 @@ def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals, pr
     run.train_dl.set_epoch(epoch)
     run.sampler.set_position(epoch, run.step_in_epoch * run.global_batch)
     running, since_log = torch.zeros((), device=acc.device), 0
-    tick, micro = time.perf_counter(), []
+    tick, micro, keys = time.perf_counter(), [], []
     for batch in run.train_dl:
         data, target = run.prepare_batch(batch, epoch, True)
-        if cfg.mixup or cfg.cutmix:  # keyed by (seed, step, micro-batch of the global batch): any process count
-            slot = acc.process_index * cfg.gradient_accumulation_steps + len(micro)
-            key = (cfg.seed, run.global_step + 1, slot)
+        # Randomness keyed by (seed, step, place in the global batch), for any process count; Accelerate deals
+        # batches round-robin, so micro-batch i of process p is batch i x processes + p of the global batch.
+        key = (cfg.seed, run.global_step + 1, len(micro) * acc.num_processes + acc.process_index)
+        if cfg.mixup or cfg.cutmix:
             data, target = batches.mix(data, target, len(run.class_names), cfg.mixup, cfg.cutmix, key)
         micro.append((data, target))
+        keys.append(key)
         if len(micro) < cfg.gradient_accumulation_steps:
             continue
         compiling = cfg.compile and run.compile_seconds is None
-        loss, skipped = optimizer_step(run, micro)
-        micro, tick = [], time.perf_counter() if compiling else tick  # the compiled step is not in images/s
+        loss, skipped = optimizer_step(run, micro, keys)
+        micro, keys = [], []
+        tick = time.perf_counter() if compiling else tick  # the compiled step is not in images/s
         running += loss
         run.skipped_steps += skipped
         since_log, run.global_step, run.step_in_epoch = since_log + 1, run.global_step + 1, run.step_in_epoch + 1
@@ -125,13 +144,13 @@ def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals, pr
     timing.sync_device(acc.device)  # the epoch's queued steps count as training, not as the evaluation after it
 
 
-def optimizer_step(run: build.Run, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, Any]:
+def optimizer_step(run: build.Run, micro: list[tuple[torch.Tensor, torch.Tensor]], keys: list) -> tuple[Any, Any]:
     """``train_step`` on the training module, then the EMA update; the first step under --compile is timed apart."""
     cfg, clock = run.cfg, run.clock
     compiling = cfg.compile and run.compile_seconds is None
     with clock.part("compile") if compiling else nullcontext():
         parts = run.criterion, run.optimizer, run.scheduler, run.accelerator
-        loss, skipped = train_step(run.train_model, *parts, micro, cfg.max_grad_norm)
+        loss, skipped = train_step(run.train_model, *parts, micro, cfg.max_grad_norm, keys)
         if run.ema is not None:
             update_ema(run.ema, run.plain, cfg.ema_decay)
         if compiling:
@@ -169,6 +188,7 @@ def validate(run: build.Run, epoch: int) -> dict[str, Any]:
     cfg, acc, clock = run.cfg, run.accelerator, run.clock
     model = run.ema if run.ema is not None else run.plain
     options = {"mean": cfg.mean, "std": cfg.std, "tta": cfg.tta, "channels_last": cfg.channels_last}
+    share_buffers(model, acc)
     result = evaluate(model, run.test_dl, acc, len(run.class_names), **options)
     if result["accuracy"] > run.best_accuracy:
         run.best_accuracy, run.best_epoch, run.best_unsaved = result["accuracy"], epoch + 1, True
@@ -193,21 +213,6 @@ def validate(run: build.Run, epoch: int) -> dict[str, Any]:
         f"({result['count']} images{', EMA weights' if run.ema is not None else ''})"
     )
     return result
-
-
-def save_best(run: build.Run) -> None:
-    """best/ from the device copy, when it changed since it was last written (main process writes)."""
-    if run.best_unsaved and run.best_weights is not None:
-        with run.clock.part("best"):
-            save_model(run, BEST_DIR, weights=run.best_weights)
-        run.best_unsaved = False
-
-
-def checkpoint(run: build.Run, reason: str, running_loss: torch.Tensor | None = None) -> Path:
-    """best/ first (so that it is never behind a checkpoint's best accuracy), then the checkpoint of the run."""
-    save_best(run)
-    with run.clock.part("checkpoint"):
-        return save_checkpoint(run, reason, running_loss)
 
 
 def fit(run: build.Run, stop: StopSignals) -> None:
@@ -255,113 +260,23 @@ def fit(run: build.Run, stop: StopSignals) -> None:
     run.logger.log({**best, **split}, step=run.global_step)
 
 
-# ------------------------------------------------------------- checkpoints of the run (checkpoint.py writes the files)
-
-
-def exact_settings(run: build.Run) -> dict[str, Any]:
-    """The options and facts a checkpoint can only be continued with (see ckpt.EXACT_OPTIONS)."""
-    options, acc = run.cfg.to_dict(), run.accelerator
-    return {
-        **{k: options[k] for k in ckpt.EXACT_OPTIONS if k in options},
-        "dataset_fingerprint": run.dataset_fingerprint,
-        "image_size": list(run.image_size),
-        "class_names": list(run.class_names),
-        "train_images": run.sampler.num_samples,
-        "global_batch": run.global_batch,
-        "num_processes": acc.num_processes,
-        "mixed_precision": str(acc.mixed_precision),
-    }
-
-
-def training_state(run: build.Run, reason: str, finished: bool = False) -> ckpt.TrainingState:
-    counters = "epoch global_step step_in_epoch total_steps steps_per_epoch global_batch best_accuracy best_epoch"
-    return ckpt.TrainingState(
-        **{name: getattr(run, name) for name in counters.split()},
-        num_processes=run.accelerator.num_processes,
-        skipped_steps=int(run.skipped_steps),
-        wandb_run_id=run.wandb_run_id,
-        seed=run.cfg.seed,
-        reason=reason,
-        finished=finished,
-        exact=exact_settings(run),
-        config=run.cfg.to_dict(),
-        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )
-
-
-def save_checkpoint(run: build.Run, reason: str, running_loss: torch.Tensor | None = None) -> Path:
-    """Check that the run is still finite, then write a checkpoint of it (every process)."""
-    acc = run.accelerator
-    if not ckpt.all_finite(acc, run.model, running_loss):
-        raise FloatingPointError(
-            f"the loss or the weights are not finite at step {run.global_step}: no checkpoint "
-            f"written. Lower --lr, set --max-grad-norm, or use bf16 instead of fp16"
-        )
-    state = training_state(run, reason)
-    folder = ckpt.save_checkpoint(
-        acc,
-        run.cfg.output_dir,
-        state,
-        run.cfg.keep_last,
-        previous=run.last_checkpoint,
-        size=lambda: ckpt.tensor_bytes(run.model.state_dict(), run.optimizer.state_dict()),
-    )
-    run.last_checkpoint = folder
-    acc.print(f"checkpoint: {folder} ({reason})")
-    return folder
-
-
-def preempt(run: build.Run, reason: str | None, saved: bool, running_loss: torch.Tensor | None = None) -> None:
-    """A stop signal: the checkpoint of this step (unless just written), then ``Preempted`` (exit 75)."""
-    folder = run.last_checkpoint if saved else checkpoint(run, str(reason), running_loss)
-    raise Preempted(str(reason), run.global_step, folder)
-
-
-def resume(run: build.Run, plan: start.StartPlan) -> None:
-    """Check the checkpoint fits this run, load it, restore the counters (and the W&B run id)."""
-    folder = Path(plan.folder or "")
-    state = ckpt.TrainingState.from_json(plan.state or "", str(folder / STATE_FILE))
-    ckpt.check_compatible(folder, state, exact_settings(run))
-    ckpt.load_checkpoint(run.accelerator, folder)
-    run.epoch, run.global_step, run.step_in_epoch = state.epoch, state.global_step, state.step_in_epoch
-    run.best_accuracy, run.best_epoch, run.skipped_steps = state.best_accuracy, state.best_epoch, state.skipped_steps
-    run.wandb_run_id, run.last_checkpoint = state.wandb_run_id, folder
-    run.accelerator.print(
-        f"resuming from {folder}: step {state.global_step} of {state.total_steps}, epoch "
-        f"{state.epoch + 1} at sample {state.sample_position} of its data order"
-    )
-
-
-def save_model(
-    run: build.Run, name: str, state: ckpt.TrainingState | None = None, weights: nn.Module | None = None
-) -> Path:
-    """``OUTPUT_DIR/<name>`` (best/, final/): weights and model.json, replaced atomically (main process)."""
-    cfg, folder = run.cfg, Path(run.cfg.output_dir) / name
-    if run.accelerator.is_main_process:
-        progress = {"best_accuracy": run.best_accuracy, "best_epoch": run.best_epoch, "global_step": run.global_step}
-        spec = model_spec(cfg.model, len(run.class_names), cfg.width, cfg.dropout, run.image_size, run.class_names)
-        spec.update(mean=cfg.mean, std=cfg.std, train_config=cfg.to_dict(), **progress)
-        weights = weights or (run.ema if run.ema is not None else run.accelerator.unwrap_model(run.model))
-        ckpt.save_model_folder(folder, weights, spec, state)
-    return folder
-
-
 def train(
-    cfg: TrainConfig, accelerator: Any, stop: StopSignals, lock: start.OutputLock, started: list[tracking.Tracking]
+    cfg: TrainConfig, accelerator: Any, stop: StopSignals, lock: runfolder.OutputLock, started: list[tracking.Tracking]
 ) -> None:
     """Plan the start (fresh, resume or complete), set up, fit, save ``final/``. ``started`` receives the
     trackers, so that the caller can report where an offline W&B run is however the run ends."""
     # Before any training time is spent: a writable --output-dir, and what to resume from.
-    plan = start.agree_on_start(accelerator, cfg.output_dir, cfg.resume, cfg.to_dict(), lock)
+    plan = runfolder.agree_on_start(accelerator, cfg.output_dir, cfg.resume, cfg.to_dict(), lock)
     if plan.mode == "complete":
-        accelerator.print(start.complete_message(cfg.output_dir, plan))
+        accelerator.print(runfolder.complete_message(cfg.output_dir, plan))
         return
     if plan.note:
         accelerator.print(plan.note)
-    run = build.setup(cfg, accelerator)
-    if plan.mode == "resume":
-        resume(run, plan)  # restores run.wandb_run_id, before the trackers start
-    facts = {**tracking.run_facts(accelerator), "global_batch": run.global_batch, "lr": run.lr}
+    # Resuming (on any number of processes that keeps the global batch): the checkpoint's state, the W&B run id
+    # before the trackers start, and metrics.jsonl cut back to it.
+    run, rewind, changed = runfolder.begin(cfg, accelerator, plan)
+    cfg = run.cfg
+    facts = {**tracking.run_facts(accelerator), "global_batch": run.global_batch, "lr": run.lr, **changed}
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml", extra=facts)
     # The main process picks the W&B mode and run id (restored from a checkpoint, or kept in OUTPUT_DIR).
@@ -371,6 +286,7 @@ def train(
         config={**cfg.to_dict(), **facts},
         restored_run_id=run.wandb_run_id,
         fresh=cfg.resume == "none",
+        rewind=rewind,
     )
     started.append(trackers)
     run.wandb_run_id = trackers.wandb_run_id or run.wandb_run_id
@@ -378,15 +294,8 @@ def train(
         f"training {cfg.model} on {run.sampler.num_samples} images, {accelerator.num_processes} "
         f"process(es), global batch {run.global_batch}, lr {run.lr:g}, {run.total_steps} steps"
     )
-    try:
+    with explained(run):
         fit(run, stop)
-    except FloatingPointError as e:
-        save_best(run)  # the best weights were evaluated while finite; best/ may not have been written yet
-        raise FloatingPointError(
-            f"{e}\nthe last good checkpoint is {run.last_checkpoint or '(none yet)'}; no checkpoint is written after "
-            f"a non-finite loss, and resuming with the same options would repeat the same steps: change them and "
-            f"start over (--resume none moves this run's outputs aside)"
-        ) from None
     accelerator.wait_for_everyone()
     final = save_model(run, FINAL_DIR, training_state(run, "final", finished=True))
     accelerator.print(f"saved the final model to {final}")
@@ -394,6 +303,44 @@ def train(
         tracking.log_model_artifact(
             trackers, final, {"best_accuracy": run.best_accuracy, "global_step": run.global_step}
         )
+
+
+class OutOfMemory(RuntimeError):
+    """Training or evaluation ran out of device or host memory; the message says with what, and what to try."""
+
+
+@contextmanager
+def explained(run: build.Run) -> Iterator[None]:
+    """Out of memory and a non-finite loss, as one error that says what to do."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError (a GPU) and the CPU allocator's failure are RuntimeErrors
+        if not is_oom(e):
+            raise
+        raise OutOfMemory(out_of_memory_message(run.cfg, run.global_batch, e)) from None
+    except FloatingPointError as e:
+        save_best(run)  # the best weights were evaluated while finite; best/ may not have been written yet
+        raise FloatingPointError(
+            f"{e}\nthe last good checkpoint is {run.last_checkpoint or '(none yet)'}; no checkpoint is written after "
+            f"a non-finite loss, and resuming with the same options would repeat the same steps: change them and "
+            f"start over (--resume none moves this run's outputs aside)"
+        ) from None
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
+def out_of_memory_message(cfg: TrainConfig, global_batch: int, error: BaseException) -> str:
+    where = "GPU" if isinstance(error, torch.OutOfMemoryError) else "CPU"
+    half = max((d for d in range(1, cfg.batch_size) if cfg.batch_size % d == 0), default=1)  # the largest divisor
+    steps = cfg.gradient_accumulation_steps * cfg.batch_size // half
+    return (
+        f"out of {where} memory with --model {cfg.model} --width {cfg.width} and --batch-size {cfg.batch_size} "
+        f"per process (--eval-batch-size {cfg.eval_batch_size} when evaluating). Use a smaller --batch-size with more "
+        f"--gradient-accumulation-steps, which keeps the global batch of {global_batch}: --batch-size {half} "
+        f"--gradient-accumulation-steps {steps} (or a smaller --eval-batch-size)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -406,8 +353,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from distvgg.data import DataError
 
+    # The errors that are one line on stderr and exit code 1 (each message says what to fix).
+    reported = (ConfigError, DataError, FloatingPointError, tracking.TrackingError, ckpt.CheckpointError, DiskFull)
+    reported += (OutOfMemory,)
     started: list[tracking.Tracking] = []
-    lock = start.OutputLock(cfg.output_dir)  # one job per --output-dir, held by the main process
+    lock = runfolder.OutputLock(cfg.output_dir)  # one job per --output-dir, held by the main process
     stop = StopSignals().install()  # SIGTERM/SIGUSR1: checkpoint after the current step, then exit 75
     try:
         train(cfg, accelerator, stop, lock, started)
@@ -422,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return PREEMPT_EXIT_CODE
-    except (ConfigError, DataError, FloatingPointError, tracking.TrackingError, ckpt.CheckpointError) as e:
+    except reported as e:
         if accelerator.is_main_process or not getattr(e, "reported_by_main", False):
             print(f"distvgg.train: error: {e}", file=sys.stderr)
         return 1

@@ -4,15 +4,17 @@ unless the run needs its own), ``accelerate launch`` for N."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
-from contextlib import nullcontext, redirect_stderr, redirect_stdout
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 from unittest import mock
 
@@ -170,3 +172,103 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120)
             proc.kill()
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+# ------------------------------------------------------------------- runs that are interrupted and resumed
+# Tiny runs (width 0.125, 64 images of 32x32, a global batch of 8, 16 steps over 2 epochs, a checkpoint every 4
+# steps), compared bitwise with an uninterrupted run (tests/test_checkpoint.py, tests/test_resume.py).
+
+STEPS = 16  # 64 images / global batch 8 = 8 steps per epoch, 2 epochs
+
+
+def tiny_args(dataset: Path, out: Path, nproc: int = 1, *extra: str) -> list[str]:
+    """TINY with a global batch of 8 whatever the number of processes, a checkpoint every 4 steps."""
+    return [
+        *TINY,
+        "--dataset",
+        str(dataset),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        str(8 // nproc),
+        "--checkpoint-every",
+        "4",
+        "--keep-last",
+        "10",
+        *extra,
+    ]
+
+
+def traced(out: Path, **env: str) -> dict[str, str]:
+    return {"HOOK_TRACE": str(out / "trace"), **env}
+
+
+# ----------------------------------------------------------------------------------- comparisons
+
+
+def checkpoint_file(out: Path, step: int, name: str):
+    return torch.load(out / "checkpoints" / f"step-{step:08d}" / name, weights_only=True)
+
+
+def training_state(folder: Path) -> dict:
+    return json.loads((folder / "training_state.json").read_text())
+
+
+def read_trace(out: Path, rank: int, dedupe: bool = False) -> list[tuple[int, list[int]]]:
+    """(step, sample indices) of every micro-batch process ``rank`` trained on, in order. ``dedupe``:
+    steps that a crashed attempt ran after its last checkpoint, and a later attempt ran again,
+    count once (the later attempt's)."""
+    records = [json.loads(line) for line in (out / f"trace.rank{rank}.jsonl").read_text().splitlines()]
+    pairs = [(r["step"], r["indices"]) for r in records]
+    if not dedupe:
+        return pairs
+    by_step: dict[int, list[int]] = {}
+    for step, indices in pairs:
+        by_step[step] = indices
+    return sorted(by_step.items())
+
+
+def assert_same_run(reference: Path, resumed: Path, nproc: int, dedupe: bool = False) -> None:
+    """Bitwise: final weights, optimizer state and LR schedule at the last step, and the samples seen."""
+    from safetensors.torch import load_file
+
+    last = f"checkpoints/step-{STEPS:08d}/model.safetensors"  # the raw weights, where final/ holds an EMA
+    raw = load_file(reference / last), load_file(resumed / last)
+    for a, b in [(final_weights(reference), final_weights(resumed)), raw]:
+        assert a.keys() == b.keys()
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, f"weights differ: {different}"
+    opt_a, opt_b = checkpoint_file(reference, STEPS, "optimizer.bin"), checkpoint_file(resumed, STEPS, "optimizer.bin")
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
+    for key in opt_a["state"]:
+        for name, value in opt_a["state"][key].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][name])), (key, name)
+    sched_a, sched_b = (
+        checkpoint_file(reference, STEPS, "scheduler.bin"),
+        checkpoint_file(resumed, STEPS, "scheduler.bin"),
+    )
+    assert sched_a == sched_b and sched_a["last_epoch"] == STEPS
+    assert sched_a["_last_lr"] == sched_b["_last_lr"]
+    for rank in range(nproc):
+        ref_trace = read_trace(reference, rank)
+        assert [s for s, _ in ref_trace] == list(range(1, STEPS + 1))
+        assert read_trace(resumed, rank, dedupe) == ref_trace, f"rank {rank} saw other samples"
+
+
+@contextmanager
+def small_filesystem(folder: Path, size: str = "32m") -> Iterator[Path]:
+    """A real filesystem of ``size`` (tmpfs) mounted at ``folder`` for the block, unmounted after it; the test is
+    skipped, with the reason, where mounting is not allowed (it needs root)."""
+    import pytest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs for a real full disk needs root and mount(8)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not allowed here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)

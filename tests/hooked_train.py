@@ -16,6 +16,8 @@ environment variables (all off unless set):
   Inductor's C++ compilation, which takes minutes on a CPU);
 - ``HOOK_ALLREDUCES=PREFIX``: a DDP comm hook counts the gradient all-reduces that complete each optimizer step
   (buckets marked last), appending (step, count) to ``PREFIX.rank<r>.jsonl``.
+- ``HOOK_FILL_AT_STEP=k`` with ``HOOK_FILL=PATH``: before step k, write PATH until its filesystem has only
+  ``HOOK_FILL_LEAVE`` bytes (default 256 KiB) free: a real full disk for the writes that follow.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -46,6 +49,7 @@ def install() -> None:
     hold_at, release = int(env.get("HOOK_HOLD_AT_STEP", "0") or 0), env.get("HOOK_RELEASE")
     backend, allreduces = env.get("HOOK_COMPILE_BACKEND"), env.get("HOOK_ALLREDUCES")
     box["allreduces"] = 0
+    fill_at, fill = int(env.get("HOOK_FILL_AT_STEP", "0") or 0), env.get("HOOK_FILL")
 
     def hooked_setup(cfg, accelerator):
         with _compile_backend(backend):
@@ -68,8 +72,7 @@ def install() -> None:
         if trace:
             _write_trace(Path(f"{trace}.rank{run.accelerator.process_index}.jsonl"), number, box["pending"])
         box["pending"].clear()
-        if number == hold_at:
-            _wait_for(Path(release), seconds=600)
+        _before_step(number, hold_at, release, fill_at, fill)
         box["allreduces"] = 0
         result = step(*args, **kwargs)
         _append_json(allreduces and f"{allreduces}.rank{run.accelerator.process_index}.jsonl", number, box)
@@ -82,6 +85,14 @@ def install() -> None:
     build.setup, train.train_step = hooked_setup, hooked_step
     files.write_marker = _failing_marker(write_marker, f".tmp-step-{int(fail_at):08d}") if fail_at else write_marker
     _record_data_events(env.get("HOOK_EVENTS"))
+
+
+def _before_step(number: int, hold_at: int, release: str | None, fill_at: int, fill: str | None) -> None:
+    """Step ``hold_at`` waits for the file ``release``; before step ``fill_at`` the disk of ``fill`` is filled."""
+    if number == hold_at:
+        _wait_for(Path(str(release)), seconds=600)
+    if number == fill_at:
+        fill_disk(Path(str(fill)), int(os.environ.get("HOOK_FILL_LEAVE", str(256 << 10))))
 
 
 @contextlib.contextmanager
@@ -166,6 +177,14 @@ def _wait_for(path: Path, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def fill_disk(path: Path, leave: int) -> None:
+    """Write zeros to ``path`` until ``leave`` bytes are free on its filesystem."""
+    with path.open("ab") as f:
+        while (free := shutil.disk_usage(path.parent).free) > leave:
+            f.write(bytes(min(free - leave, 1 << 20)))
+            f.flush()
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from distvgg import cache
 from distvgg.data import load_image_data
+from distvgg.files import DiskFull
 from tests import datagen
 from tests.helpers import TINY, start, train_command, wait_for
 
@@ -143,19 +145,22 @@ def test_shrinking_keeps_rows_in_order(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_a_full_disk_leaves_nothing_behind_and_the_run_goes_on(tmp_path):
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing_behind(tmp_path):
     """A cache directory on a real 1 MB tmpfs, a 2 MB decode: the space is claimed before any pixel is written, so
-    the disk is found full at once; a warning, the decode goes to the temporary directory, the tmpfs is left empty."""
+    the disk is found full at once: one error naming the folder and the bytes, and the tmpfs is left empty."""
     full = tmp_path / "full"
     full.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=36, n_test=4, size=16)
-        log: list[str] = []
-        data = load_image_data(str(root), cache_dir=full, image_size=128, log=log.append)
-        assert "warning: could not write the data cache" in "\n".join(log) and "No space left" in "\n".join(log)
-        assert data.train.images.shape == (36, 3, 128, 128) and int(data.train.images[:, :, 60:68].sum()) > 0
+        with pytest.raises(DiskFull) as e:
+            load_image_data(str(root), cache_dir=full, image_size=128, log=lambda *_: None)
+        pattern = r"writing the data cache in (.+) needs about ([\d,]+) bytes, and ([\d,]+) bytes are free"
+        found = re.search(pattern, str(e.value))
+        assert found and found[1] == str(full), str(e.value)
+        need, free = (int(found[i].replace(",", "")) for i in (2, 3))
+        assert need >= 40 * 3 * 128 * 128 > 1 << 20 > free  # the 40 decoded images, more than the tmpfs holds
         assert not list(full.iterdir())
-    finally:
-        subprocess.run(["umount", str(full)], check=True)
+    finally:  # lazily: the error's traceback may still map datasets' deleted arrow copy
+        subprocess.run(["umount", "--lazy", str(full)], check=True)

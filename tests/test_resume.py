@@ -1,6 +1,6 @@
 """Interrupted runs resume exactly: 2 gloo processes stopped by SIGUSR1, then one of them killed
 with SIGKILL, end with bitwise the weights, optimizer state, learning rate and data order of an
-uninterrupted run (the 1-process case is in test_checkpoint.py, which shares these helpers).
+uninterrupted run (the 1-process case is in test_checkpoint.py; both use the helpers in tests/helpers.py).
 
 Runs are tiny (width 0.125, 64 images of 32x32, batch 8 global, 16 steps over 2 epochs, a
 checkpoint every 4 steps); dropout is on, so the RNG states must be restored too.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,88 +19,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TINY, final_weights, ok, run_train, start, train_command, wait_for
+from tests.helpers import (
+    STEPS,
+    assert_same_run,
+    final_weights,
+    ok,
+    run_train,
+    start,
+    tiny_args,
+    traced,
+    train_command,
+    training_state,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow  # every test here starts several processes or a long run
-
-STEPS = 16  # 64 images / global batch 8 = 8 steps per epoch, 2 epochs
 EMA = ("--ema-decay", "0.9")  # the 2-process runs keep an EMA of the weights: part of exact resume too
-
-
-def tiny_args(dataset: Path, out: Path, nproc: int = 1, *extra: str) -> list[str]:
-    """TINY with a global batch of 8 whatever the number of processes, a checkpoint every 4 steps."""
-    return [
-        *TINY,
-        "--dataset",
-        str(dataset),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        str(8 // nproc),
-        "--checkpoint-every",
-        "4",
-        "--keep-last",
-        "10",
-        *extra,
-    ]
-
-
-def traced(out: Path, **env: str) -> dict[str, str]:
-    return {"HOOK_TRACE": str(out / "trace"), **env}
-
-
-# ----------------------------------------------------------------------------------- comparisons
-
-
-def checkpoint_file(out: Path, step: int, name: str):
-    return torch.load(out / "checkpoints" / f"step-{step:08d}" / name, weights_only=True)
-
-
-def training_state(folder: Path) -> dict:
-    return json.loads((folder / "training_state.json").read_text())
-
-
-def read_trace(out: Path, rank: int, dedupe: bool = False) -> list[tuple[int, list[int]]]:
-    """(step, sample indices) of every micro-batch process ``rank`` trained on, in order. ``dedupe``:
-    steps that a crashed attempt ran after its last checkpoint, and a later attempt ran again,
-    count once (the later attempt's)."""
-    records = [json.loads(line) for line in (out / f"trace.rank{rank}.jsonl").read_text().splitlines()]
-    pairs = [(r["step"], r["indices"]) for r in records]
-    if not dedupe:
-        return pairs
-    by_step: dict[int, list[int]] = {}
-    for step, indices in pairs:
-        by_step[step] = indices
-    return sorted(by_step.items())
-
-
-def assert_same_run(reference: Path, resumed: Path, nproc: int, dedupe: bool = False) -> None:
-    """Bitwise: final weights, optimizer state and LR schedule at the last step, and the samples seen."""
-    from safetensors.torch import load_file
-
-    last = f"checkpoints/step-{STEPS:08d}/model.safetensors"  # the raw weights, where final/ holds an EMA
-    raw = load_file(reference / last), load_file(resumed / last)
-    for a, b in [(final_weights(reference), final_weights(resumed)), raw]:
-        assert a.keys() == b.keys()
-        different = [k for k in a if not torch.equal(a[k], b[k])]
-        assert not different, f"weights differ: {different}"
-    opt_a, opt_b = checkpoint_file(reference, STEPS, "optimizer.bin"), checkpoint_file(resumed, STEPS, "optimizer.bin")
-    assert opt_a["param_groups"] == opt_b["param_groups"]
-    assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
-    for key in opt_a["state"]:
-        for name, value in opt_a["state"][key].items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][name])), (key, name)
-    sched_a, sched_b = (
-        checkpoint_file(reference, STEPS, "scheduler.bin"),
-        checkpoint_file(resumed, STEPS, "scheduler.bin"),
-    )
-    assert sched_a == sched_b and sched_a["last_epoch"] == STEPS
-    assert sched_a["_last_lr"] == sched_b["_last_lr"]
-    for rank in range(nproc):
-        ref_trace = read_trace(reference, rank)
-        assert [s for s, _ in ref_trace] == list(range(1, STEPS + 1))
-        assert read_trace(resumed, rank, dedupe) == ref_trace, f"rank {rank} saw other samples"
-
 
 # ------------------------------------------------------------------------------------- fixtures
 
@@ -150,6 +85,8 @@ def two_process_story(dataset, tmp_path_factory) -> dict:
     story["kill_output"] = proc.communicate(timeout=120)[0]
     story["kill_code"], story["kill_seconds"] = proc.returncode, time.monotonic() - killed_at
     story["killed_pid"] = rank1
+    story["killed_copy"] = out.parent / "killed-copy"  # continued on 1 process by a test below
+    shutil.copytree(out, story["killed_copy"], ignore=shutil.ignore_patterns("trace.*"))
     # 3. The same command again, to the end.
     story["final_output"] = ok(run_train(args, nproc=2, env=traced(out)))
     return story
@@ -188,3 +125,68 @@ def test_exact_resume_two_processes(two_process_story, reference2):
     assert "2 process(es), global batch 8, lr 0.01, 16 steps" in two_process_story["final_output"]
     assert training_state(out / "checkpoints" / f"step-{STEPS:08d}")["num_processes"] == 2
     assert_same_run(reference2, out, nproc=2, dedupe=True)
+
+
+# ------------------------------------------------------------------- continuing on another number of processes
+
+
+def last_accuracy(out: Path) -> float:
+    from distvgg.tracking import read_metrics
+
+    return [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r][-1]
+
+
+def assert_close_run(reference: Path, out: Path) -> None:
+    """Within float tolerance (the order of the gradient reduction differs): every weight and buffer of final/
+    (the EMA), and the evaluated accuracy within 0.2 points."""
+    a, b = final_weights(reference), final_weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{k} differs")
+    assert abs(last_accuracy(reference) - last_accuracy(out)) <= 0.002
+
+
+def test_two_processes_killed_continue_on_one(two_process_story, reference2, dataset):
+    """The copy of the 2-process run taken after one of its ranks was killed (checkpoint of step 12), continued by
+    1 process with the same --batch-size: 2 accumulated micro-batches keep the global batch of 8."""
+    out = two_process_story["killed_copy"]
+    args = tiny_args(dataset, out, 2, *EMA)  # --batch-size 4, as each of the 2 processes had
+    refused = run_train([*args, "--batch-size", "3"])  # no whole number of micro-batches of 3 makes 8
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    [error] = [line for line in refused.stderr.splitlines() if line.startswith("distvgg.train:")]
+    assert "global batch of 8 (batch size 4 x 2 process(es) x 1 accumulated micro-batches)" in error
+    assert "run the same command with --batch-size 4 --gradient-accumulation-steps 2 on 1 process(es)" in error
+    output = ok(run_train(args))
+    assert "keeping the checkpoint's global batch of 8: 4 x 1 process(es) x 2 accumulated micro-batches" in output
+    assert "resuming from" in output and "step-00000012: step 12 of 16" in output
+    assert training_state(out / "final")["num_processes"] == 1
+    assert_close_run(reference2, out)
+
+
+def test_one_process_continues_on_two(reference2, dataset, tmp_path):
+    """1 process with 2 accumulated micro-batches of 4, stopped after its checkpoint of step 10, continued by 2
+    processes of batch 4: it ends as the uninterrupted 2-process run."""
+    out = tmp_path / "out"
+    args = tiny_args(dataset, out, 2, *EMA)
+    stopped = run_train([*args, "--gradient-accumulation-steps", "2"], env={"HOOK_SIGNAL_AT_STEP": "10"})
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert training_state(out / "checkpoints" / "step-00000010")["num_processes"] == 1
+    output = ok(run_train(args, nproc=2))
+    assert "2 process(es), global batch 8" in output and "step-00000010: step 10 of 16" in output
+    assert training_state(out / "final")["num_processes"] == 2
+    assert_close_run(reference2, out)
+
+
+def test_allow_batch_change_continues_with_another_global_batch(reference2, dataset, tmp_path):
+    """--allow-batch-change: global batch 8 -> 16 at step 12 (epoch 2, sample 32): the same place in the data
+    (step 2 of the new epoch of 4 steps), the new step count, recorded in config.yaml."""
+    out = tmp_path / "out"
+    shutil.copytree(reference2, out, ignore=shutil.ignore_patterns("trace.*", "final", "step-00000016"))
+    args = tiny_args(dataset, out, 2, *EMA, "--batch-size", "16")
+    refused = run_train(args)
+    assert refused.returncode == 1 and "--allow-batch-change" in refused.stderr, refused.stderr[-3000:]
+    output = ok(run_train([*args, "--allow-batch-change"]))
+    assert "continuing" in output and "with a global batch of 16 instead of its 8" in output
+    state = training_state(out / "final")
+    assert (state["global_batch"], state["global_step"], state["total_steps"]) == (16, 8, 8)
+    assert "batch_changed_from: 8" in (out / "config.yaml").read_text()

@@ -19,7 +19,6 @@ import torch
 
 from distvgg import tracking
 from distvgg.config import TrainConfig
-from distvgg.preemption import PREEMPT_EXIT_CODE
 from distvgg.tracking import read_metrics
 from tests import wandb_records
 from tests.helpers import TINY, output, run_train
@@ -61,9 +60,12 @@ SECRET_ENV_VALUE = "sentinel-env-value-0451"
 @pytest.fixture(scope="module")
 def tracked_run(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
     """One run tracked by every tracker with every W&B option, as a job on a node without internet sees it: W&B
-    credentials (a fake key) but no reachable server, so W&B falls back offline. It is stopped at step 3 by
-    SIGUSR1 (a checkpoint, exit 75) and run again to the end, as a requeued job, so it has two W&B record logs.
-    Another environment value is set too, to check that no value leaks."""
+    credentials (a fake key) but no reachable server, so W&B falls back offline. 40 images / batch 8 = 5 steps an
+    epoch, a checkpoint every 5 steps (so the evaluation of step 5 comes after the checkpoint of step 5). Killed
+    with SIGKILL while held before step 8 (steps 5 and 7 logged after the checkpoint of step 5), then run again to
+    the end, as a requeued job. Another environment value is set too, to check that no value leaks."""
+    from tests.helpers import REPO, train_command, wait_for
+
     tmp = tmp_path_factory.mktemp("tracked")
     out, wandb_dir = tmp / "out", tmp / "wandb"
     with socket.socket() as s:  # a port nobody listens on
@@ -72,13 +74,28 @@ def tracked_run(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
     env = {"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": server, "WANDB_INIT_TIMEOUT": "1", "WANDB_DIR": str(wandb_dir)}
     env = clean_env(tmp, **env, DISTVGG_TEST_TOKEN=SECRET_ENV_VALUE)
     args = ["--dataset", str(tiny_dataset), "--output-dir", str(out), *TINY, "--report-to", "all", "--wandb-log-model"]
-    args += ["--wandb-tags", "tiny", "ci", "--wandb-name", "tiny-run"]
-    first = run_train(args, env={**env, "HOOK_SIGNAL_AT_STEP": "3"}, **CLEAN)
-    assert first.returncode == PREEMPT_EXIT_CODE, output(first)[-3000:]
+    args += ["--wandb-tags", "tiny", "ci", "--wandb-name", "tiny-run", "--checkpoint-every", "5"]
+    held = {**env, "HOOK_HOLD_AT_STEP": "8", "HOOK_RELEASE": str(tmp / "never")}
+    command = train_command(args, module="tests.hooked_train")
+    killed = subprocess.Popen(
+        command,
+        env=held,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and '"step": 7' in metrics.read_text(), killed, "the log of step 7")
+    first_id = tracking.read_run_id(out)
+    killed.kill()
+    first = subprocess.CompletedProcess(command, killed.wait(timeout=60), killed.communicate()[0], "")
     second = run_train(args, env=env, **CLEAN)
     assert second.returncode == 0, output(second)[-3000:]
     run = SimpleNamespace(dataset=tiny_dataset, out=out, wandb_dir=wandb_dir, first=first, second=second)
     run.files, run.metrics = wandb_files(wandb_dir, "offline-run-"), read_metrics(out)
+    run.first_id, run.final_id = first_id, tracking.read_run_id(out)
     return run
 
 
@@ -91,37 +108,62 @@ def test_log_every_counts_the_runs_steps_across_epochs_and_a_resume(tracked_run)
 
 @pytest.mark.slow
 def test_unreachable_server_falls_back_offline_under_the_same_run_id(tracked_run):
-    """Credentials but no server: wandb.init gives up after WANDB_INIT_TIMEOUT and the same run id is logged
-    offline, once per attempt; the job trains instead of hanging, and ends with the `wandb sync` command."""
-    run_id = tracking.read_run_id(tracked_run.out)
-    assert len(tracked_run.files) == 2 and all(f.parent.name.endswith(run_id) for f in tracked_run.files)
+    """Credentials but no server: wandb.init gives up after WANDB_INIT_TIMEOUT and the run id is logged offline,
+    once per attempt; the job trains instead of hanging, and ends with the `wandb sync` command."""
+    ids = [f.parent.name.rsplit("-", 1)[1] for f in tracked_run.files]
+    assert ids == [tracked_run.first_id, tracked_run.final_id]  # the last attempt ran logged steps again
     for attempt in (tracked_run.first, tracked_run.second):
-        assert (
-            "could not start online" in output(attempt)
-            and f"wandb sync {tracked_run.files[0].parent}" in attempt.stdout
-        )
-    assert f"wandb sync {tracked_run.files[0].parent} {tracked_run.files[1].parent}" in tracked_run.second.stdout
+        assert "could not start online" in output(attempt)
+    assert f"wandb sync {tracked_run.files[1].parent}" in tracked_run.second.stdout
     assert not (tracked_run.out / "wandb").exists()  # WANDB_DIR is respected
 
 
 @pytest.mark.slow
 def test_resumed_run_is_one_wandb_run_with_the_names_given(tracked_run):
-    """The second attempt reuses the run id kept in OUTPUT_DIR and the checkpoint, and logs from its restored
-    step on: the steps keep increasing across the two record logs, which together hold metrics.jsonl's values."""
-    run_id = tracking.read_run_id(tracked_run.out)
-    for f in tracked_run.files:
-        record = wandb_records.run_record(f)
-        assert (record.run_id, record.project, record.display_name) == (run_id, "distvgg", "tiny-run")
-        assert list(record.tags) == ["tiny", "ci"]
-    first, second = (wandb_records.history(f) for f in tracked_run.files)
-    first_steps, second_steps = [r["_step"] for r in first], [r["_step"] for r in second]
-    assert first_steps and max(first_steps) < 3 < min(second_steps), (first_steps, second_steps)  # restored at 3
-    assert second_steps == sorted(set(second_steps)) and second_steps[-1] == tracked_run.metrics[-1]["step"] == 10
+    """The last attempt ran steps again that W&B had (W&B keeps the first value of a step): its new W&B run, with
+    the names given and linked to the first one, holds every value of metrics.jsonl, each step once."""
+    record = wandb_records.run_record(tracked_run.files[-1])
+    assert (record.project, record.display_name, list(record.tags)) == ("distvgg", "tiny-run", ["tiny", "ci"])
+    assert record.run_id == tracked_run.final_id != tracked_run.first_id
+    final = wandb_records.history(tracked_run.files[-1])
+    final_steps = [r["_step"] for r in final]
+    assert final_steps == sorted(set(final_steps)) and final_steps[-1] == tracked_run.metrics[-1]["step"] == 10
     keys = ["train/loss", "train/lr", "train/images_per_second", "eval/loss", "eval/accuracy"]
     for key in [*keys, "eval/accuracy/class_00", "summary/best_accuracy"]:
         assert steps_of(tracked_run.metrics, key), key
-        assert steps_of(first + second, key) == steps_of(tracked_run.metrics, key), key
-    assert steps_of(first, "epoch")[2] == pytest.approx(0.4)  # epoch is logged with the training rows
+        assert steps_of(final, key) == steps_of(tracked_run.metrics, key), key
+    assert steps_of(final, "epoch")[2] == pytest.approx(0.4)  # epoch is logged with the training rows
+    config = wandb_records.config(tracked_run.files[-1])
+    assert (config["resumed_from_wandb_run"], config["resumed_from_step"]) == (tracked_run.first_id, 5)
+    assert f"continues in a new W&B run, {tracked_run.final_id}" in tracked_run.second.text
+
+
+def _steps(rows: list[dict], key: str) -> list[int]:
+    return [r["_step"] if "_step" in r else r["step"] for r in rows if key in r]
+
+
+@pytest.mark.slow
+def test_after_a_kill_every_record_shows_each_step_once(tracked_run):
+    """metrics.jsonl (as the report loads it), TensorBoard's reader and the W&B run that is synced show the steps of
+    the run that made the final model, once each; the rows logged after the checkpoint are kept aside."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from distvgg.report import load_metrics
+
+    out, train_steps, eval_steps = tracked_run.out, [2, 4, 7, 9, 10], [5, 10]
+    records = load_metrics(out)
+    assert _steps(records, "train/loss") == train_steps and _steps(records, "eval/accuracy") == eval_steps
+    abandoned = [json.loads(line) for line in (out / tracking.ABANDONED_FILE).read_text().splitlines()]
+    assert [(r["step"], "eval/accuracy" in r) for r in abandoned] == [(5, True), (7, False)]
+    assert "moved 2 record(s) logged after that checkpoint" in tracked_run.second.text
+    board = EventAccumulator(str(out / tracking.TENSORBOARD_DIR / "distvgg"))  # Accelerate: logging_dir / project
+    board.Reload()
+    for key, steps in (("train/loss", train_steps), ("eval/accuracy", eval_steps)):
+        events = board.Scalars(key)
+        assert [e.step for e in events] == steps, key
+        assert [e.value for e in events] == pytest.approx([r[key] for r in records if key in r], rel=1e-6)
+    history = wandb_records.history(tracked_run.files[-1])
+    assert _steps(history, "train/loss") == train_steps and _steps(history, "eval/accuracy") == eval_steps
 
 
 @pytest.mark.slow
@@ -159,18 +201,6 @@ def test_tracked_run_config_holds_every_option_and_the_run_facts(tracked_run):
     for fact in [*facts, "git_commit"]:
         assert fact in config, fact
     assert config["num_processes"] == 1
-
-
-@pytest.mark.slow
-def test_tracked_run_tensorboard_has_the_same_losses(tracked_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    writer_dir = tracked_run.out / tracking.TENSORBOARD_DIR / "distvgg"  # Accelerate: logging_dir / project name
-    assert list(writer_dir.glob("events.out.tfevents.*"))
-    acc = EventAccumulator(str(writer_dir))
-    acc.Reload()
-    tb_loss = {e.step: e.value for e in acc.Scalars("train/loss")}
-    assert tb_loss == pytest.approx(steps_of(tracked_run.metrics, "train/loss"), rel=1e-6)  # TensorBoard: float32
 
 
 @pytest.mark.slow
