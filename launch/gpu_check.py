@@ -80,10 +80,11 @@ def check_sync(dataset: str, device: str, extra: list[str]) -> dict:
     def steps(n: int, mix: bool) -> None:
         for _ in range(n):
             images, target = run.prepare_batch(next(data), 0, True)
+            key = (cfg.seed, run.global_step + 1, 0)  # dropout is seeded by it, as in training
             if mix:
-                images, target = batches.mix(images, target, classes, 0.2, 0.0, (cfg.seed, run.global_step + 1, 0))
+                images, target = batches.mix(images, target, classes, 0.2, 0.0, key)
             ema, run.ema = run.ema, run.ema if mix else None
-            loss, skipped = train.optimizer_step(run, [(images, target)])
+            loss, skipped = train.optimizer_step(run, [(images, target)], [key])
             run.ema, run.skipped_steps, run.global_step = ema, run.skipped_steps + skipped, run.global_step + 1
 
     result = {"sync_debug_mode": "error" if device == "cuda" else "not on CPU"}

@@ -87,7 +87,7 @@ def tracked_run(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
         text=True,
     )
     metrics = out / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and '"step": 7' in metrics.read_text(), killed, "the log of step 7")
+    wait_for(lambda: metrics.is_file() and '"step": 6' in metrics.read_text(), killed, "the log of step 6")
     first_id = tracking.read_run_id(out)
     killed.kill()
     first = subprocess.CompletedProcess(command, killed.wait(timeout=60), killed.communicate()[0], "")
@@ -135,7 +135,7 @@ def test_resumed_run_is_one_wandb_run_with_the_names_given(tracked_run):
     assert steps_of(final, "epoch")[2] == pytest.approx(0.4)  # epoch is logged with the training rows
     config = wandb_records.config(tracked_run.files[-1])
     assert (config["resumed_from_wandb_run"], config["resumed_from_step"]) == (tracked_run.first_id, 5)
-    assert f"continues in a new W&B run, {tracked_run.final_id}" in tracked_run.second.text
+    assert f"continues in a new W&B run, {tracked_run.final_id}" in output(tracked_run.second)
 
 
 def _steps(rows: list[dict], key: str) -> list[int]:
@@ -150,12 +150,13 @@ def test_after_a_kill_every_record_shows_each_step_once(tracked_run):
 
     from distvgg.report import load_metrics
 
-    out, train_steps, eval_steps = tracked_run.out, [2, 4, 7, 9, 10], [5, 10]
+    out, train_steps, eval_steps = tracked_run.out, [2, 4, 6, 8, 10], [5, 10]
     records = load_metrics(out)
     assert _steps(records, "train/loss") == train_steps and _steps(records, "eval/accuracy") == eval_steps
     abandoned = [json.loads(line) for line in (out / tracking.ABANDONED_FILE).read_text().splitlines()]
-    assert [(r["step"], "eval/accuracy" in r) for r in abandoned] == [(5, True), (7, False)]
-    assert "moved 2 record(s) logged after that checkpoint" in tracked_run.second.text
+    # After the checkpoint of step 5: its evaluation, the epoch's time split, the training loss of step 6.
+    assert [(r["step"], "eval/accuracy" in r) for r in abandoned] == [(5, True), (5, False), (6, False)]
+    assert "moved 3 record(s) logged after that checkpoint" in output(tracked_run.second)
     board = EventAccumulator(str(out / tracking.TENSORBOARD_DIR / "distvgg"))  # Accelerate: logging_dir / project
     board.Reload()
     for key, steps in (("train/loss", train_steps), ("eval/accuracy", eval_steps)):
