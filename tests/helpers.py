@@ -1,5 +1,6 @@
-"""Running distvgg.train as users do: ``main`` as the command line calls it for one process (in this process,
-unless the run needs its own), ``accelerate launch`` for N."""
+"""Running distvgg.train as users do: ``main`` as the command line calls it, in this process for one process
+where that is alike, else in processes forked with torch already imported (``run_forked``); ``accelerate launch``
+where a test is about the launch itself (``train_command``)."""
 
 from __future__ import annotations
 
@@ -93,6 +94,8 @@ def run_train(
     in_process = inherit_env and not kwargs and module in ("distvgg.train", "tests.hooked_train")
     if nproc == 1 and in_process and _in_process_is_alike(args):
         return run_in_process(args, full_env, hooked=module == "tests.hooked_train")
+    if kwargs in ({}, {"stdin": subprocess.DEVNULL}) and module in FORKABLE:  # a forked process reads no stdin
+        return run_forked(args, nproc, full_env, module, timeout)
     return subprocess.run(
         train_command(args, nproc, module),
         capture_output=True,
@@ -102,6 +105,71 @@ def run_train(
         cwd=kwargs.pop("cwd", REPO),
         **kwargs,
     )
+
+
+# What ``run_forked`` can start: modules with ``main(argv) -> exit code``.
+FORKABLE = ("distvgg.train", "tests.hooked_train", "distvgg.evaluate")
+# What ``accelerate launch --config_file accelerate_configs/cpu_ddp2.yaml`` sets for each process (torchrun's
+# rendezvous variables besides), so that a forked rank sees the launch that users make.
+LAUNCH_ENV = {
+    "ACCELERATE_DYNAMO_BACKEND": "NO",
+    "ACCELERATE_DYNAMO_MODE": "default",
+    "ACCELERATE_DYNAMO_USE_FULLGRAPH": "False",
+    "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "False",
+    "ACCELERATE_MIXED_PRECISION": "no",
+    "MASTER_ADDR": "127.0.0.1",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def run_forked(args: Sequence[str], nproc: int, env: dict, module: str, timeout: float) -> subprocess.CompletedProcess:
+    """``nproc`` real processes (one gloo group when more than one), forked from a server process of this test
+    process that has imported torch and distvgg once: a new interpreter per process spends seconds of CPU on
+    importing torch, most of a tiny run. Each process runs ``module.main(args)`` with ``env`` and, for several,
+    the variables ``accelerate launch`` sets; the exit code is theirs (1 for several when any failed, as torchrun
+    reports it), and stdout and stderr are the processes' own, rank after rank."""
+    import multiprocessing
+    import tempfile
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch._dynamo", "accelerate", *FORKABLE])
+    group = {**LAUNCH_ENV, "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc)} if nproc > 1 else {}
+    with tempfile.TemporaryDirectory() as logs:
+        ranks = []
+        for rank in range(nproc):
+            ids = {"RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nproc)} if group else {}
+            streams = f"{logs}/{rank}.out", f"{logs}/{rank}.err"
+            work = (module, list(args), {**env, **group, **ids}, streams)
+            ranks.append(context.Process(target=_forked_main, args=work))
+            ranks[-1].start()
+        deadline = time.monotonic() + timeout
+        for process in ranks:
+            process.join(max(0.0, deadline - time.monotonic()))
+        if any(process.is_alive() for process in ranks):
+            for process in ranks:
+                process.kill()
+            raise subprocess.TimeoutExpired([module, *args], timeout)
+        codes = [process.exitcode for process in ranks]
+        out, err = ("".join(Path(f"{logs}/{r}.{kind}").read_text() for r in range(nproc)) for kind in ("out", "err"))
+    code = codes[0] if nproc == 1 else int(any(codes))
+    return subprocess.CompletedProcess([module, *args], code, out, err)
+
+
+def _forked_main(module: str, args: list[str], env: dict, streams: tuple[str, str]) -> None:
+    """One process of ``run_forked``: the environment, stdout and stderr of its own, then ``python -m module``."""
+    import importlib
+
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(REPO)
+    for fd, path in zip((1, 2), streams):
+        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(file, fd)
+        os.close(file)
+    if module == "tests.hooked_train":
+        importlib.import_module(module).install()
+        module = "distvgg.train"
+    sys.exit(importlib.import_module(module).main(args))
 
 
 def _in_process_is_alike(args: Sequence[str]) -> bool:
