@@ -108,7 +108,7 @@ def run_train(
 
 
 # What ``run_forked`` can start: modules with ``main(argv) -> exit code``.
-FORKABLE = ("distvgg.train", "tests.hooked_train", "distvgg.evaluate")
+FORKABLE = ("distvgg.train", "tests.hooked_train", "distvgg.evaluate", "distvgg.predict", "distvgg.report")
 # What ``accelerate launch --config_file accelerate_configs/cpu_ddp2.yaml`` sets for each process (torchrun's
 # rendezvous variables besides), so that a forked rank sees the launch that users make.
 LAUNCH_ENV = {
