@@ -312,11 +312,23 @@ def make_ema(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> nn.Module 
     return ema
 
 
+def make_loaders(cfg: TrainConfig, accelerator: Any, train: Any, test: Any, global_batch: int) -> tuple[Any, Any, Any]:
+    """The training loader and its epoch sampler, and the evaluation loader; pinned when host data goes to a GPU."""
+    from distvgg.data import DataError
+
+    pin = not train.images.is_cuda and accelerator.device.type == "cuda"
+    try:
+        train_dl, sampler = batches.train_loader(
+            train.images, train.labels, cfg.batch_size, global_batch, cfg.seed, cfg.num_workers, pin_memory=pin
+        )
+    except ValueError as e:  # fewer training images than one global batch: the sampler's message, without a traceback
+        raise DataError(str(e)) from None
+    return train_dl, sampler, batches.eval_loader(test.images, test.labels, cfg.eval_batch_size, pin_memory=pin)
+
+
 def setup(cfg: TrainConfig, accelerator: Any) -> Run:
     """Data, model, optimizer, schedule and loaders, all wrapped by ``accelerator.prepare``."""
     from accelerate.utils import set_seed
-
-    from distvgg.data import DataError
 
     configure_backends(accelerator.device, threads=cfg.cpu_threads, tf32=cfg.tf32, deterministic=cfg.deterministic)
     warn_slow_bf16(accelerator.mixed_precision, accelerator.device)
@@ -325,14 +337,7 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
     set_seed(cfg.seed)  # identical initial weights on every process
     model = make_model(cfg, data, accelerator)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    pin = not train.images.is_cuda and accelerator.device.type == "cuda"
-    try:
-        train_dl, sampler = batches.train_loader(
-            train.images, train.labels, cfg.batch_size, global_batch, cfg.seed, cfg.num_workers, pin_memory=pin
-        )
-    except ValueError as e:  # fewer training images than one global batch: the sampler's message, without a traceback
-        raise DataError(str(e)) from None
-    test_dl = batches.eval_loader(test.images, test.labels, cfg.eval_batch_size, pin_memory=pin)
+    train_dl, sampler, test_dl = make_loaders(cfg, accelerator, train, test, global_batch)
     total_steps = min(cfg.epochs * sampler.steps_per_epoch, cfg.max_steps or math.inf)
     # The documented rule for more processes: lr grows with the global batch when a reference batch is set.
     lr = cfg.lr * global_batch / cfg.lr_reference_batch if cfg.lr_reference_batch else cfg.lr

@@ -1,8 +1,7 @@
 """Every knob of a training run: one dataclass, one validation, one command line.
 
-Each field's docstring is its ``--help`` text, and its annotation its type. Options come from defaults, then a
-recipe (``--recipe``), then a YAML file (``--config FILE``), then the command line, each overriding the last; the
-YAML ones are spelled as a command line and go through the same argparse parser, so types are checked once.
+Each field's docstring is its ``--help`` text, its annotation its type. Defaults, a recipe (``--recipe``), a YAML
+file (``--config FILE``), the command line: each overrides the last, all through one argparse parser.
 """
 
 from __future__ import annotations

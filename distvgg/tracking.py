@@ -1,8 +1,7 @@
 """Where a run's numbers go: metrics.jsonl (always), and Accelerate's trackers (W&B, TensorBoard); docs/tracking.md.
 
-Only the main process writes. ``metrics.jsonl`` holds every value sent to a tracker, at the same step (the global
-optimizer step); W&B's rich objects are built from values also there (the confusion counts) or are pictures of the
-model's predictions. W&B is imported only when a tracker that needs it is used.
+Only the main process writes. ``metrics.jsonl`` holds every value sent to a tracker, at the same (optimizer) step;
+W&B's rich objects are built from values also there, or are pictures of predictions. W&B is imported when used.
 """
 
 from __future__ import annotations

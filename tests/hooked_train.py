@@ -39,8 +39,7 @@ def install() -> None:
     import distvgg.files as files
     import distvgg.train as train
 
-    env = os.environ
-    box: dict = {}
+    env, box = os.environ, {"allreduces": 0}
     setup, step, write_marker = build.setup, train.train_step, files.write_marker
     trace = env.get("HOOK_TRACE")
     signal_at = int(env.get("HOOK_SIGNAL_AT_STEP", "0") or 0)
@@ -48,7 +47,6 @@ def install() -> None:
     delay = float(env.get("HOOK_STEP_DELAY", "0") or 0)
     hold_at, release = int(env.get("HOOK_HOLD_AT_STEP", "0") or 0), env.get("HOOK_RELEASE")
     backend, allreduces = env.get("HOOK_COMPILE_BACKEND"), env.get("HOOK_ALLREDUCES")
-    box["allreduces"] = 0
     fill_at, fill = int(env.get("HOOK_FILL_AT_STEP", "0") or 0), env.get("HOOK_FILL")
 
     def hooked_setup(cfg, accelerator):
