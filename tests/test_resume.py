@@ -190,3 +190,36 @@ def test_allow_batch_change_continues_with_another_global_batch(reference2, data
     state = training_state(out / "final")
     assert (state["global_batch"], state["global_step"], state["total_steps"]) == (16, 8, 8)
     assert "batch_changed_from: 8" in (out / "config.yaml").read_text()
+
+
+def test_a_two_process_checkpoint_evaluates_and_predicts_the_same_on_any_count(reference2, dataset, tmp_path, capsys):
+    """The 2-process run's last checkpoint (raw weights, BatchNorm statistics as rank 0 kept them), evaluated by 1
+    and by 2 processes: the same count, confusion matrix and accuracy; and predict gives the probabilities of
+    the saved model's own forward pass."""
+    import numpy as np
+    from PIL import Image
+
+    from distvgg import evaluate, predict
+    from distvgg.batches import normalize
+    from distvgg.models import load_model
+
+    folder = reference2 / "checkpoints" / f"step-{STEPS:08d}"
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert evaluate.main(["--checkpoint", str(folder), "--dataset", str(dataset), "--json", str(one)]) == 0
+    args = ["--checkpoint", str(folder), "--dataset", str(dataset), "--batch-size", "3", "--json", str(two)]
+    ok(run_train(args, nproc=2, module="distvgg.evaluate"))
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["num_processes"], b["num_processes"]) == (1, 2)
+    assert a["count"] == b["count"] == 20 and a["confusion"] == b["confusion"]
+    assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
+    loaded = load_model(folder)
+    pixels = np.random.default_rng(0).integers(0, 256, (*loaded.image_size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "image.png")
+    capsys.readouterr()
+    assert predict.main(["--checkpoint", str(folder), "--json", str(tmp_path / "image.png")]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        x = normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None], loaded.mean, loaded.std)
+        want = loaded.model(x).softmax(1)[0].sort(descending=True)[0].tolist()
+    got = [p["probability"] for p in result["predictions"]]
+    assert got == pytest.approx(want[: len(got)], abs=1e-5) and len(got) >= 2
