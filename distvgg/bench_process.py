@@ -35,7 +35,12 @@ class RemoteLoop:
     """The parent's handle on a ``serve`` process: the same ``warm_up``, ``measure``, ``summary`` as a local loop."""
 
     def __init__(self, loop: Any, cfg: Any, flags: Any = None) -> None:
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no CUDA or Accelerate state inherited
+        # Forked from a server process that imported torch once and never started CUDA or Accelerate: no state
+        # inherited, and no new interpreter per loop (importing torch takes seconds). Spawned where there is none.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if context.get_start_method() == "forkserver":
+            context.set_forkserver_preload(["torch", "distvgg.bench"])
         self.loop, self.windows, (self.conn, child) = loop, [], context.Pipe()
         self.process = context.Process(target=serve, args=(child, loop, cfg, torch.get_num_threads(), flags))
         self.process.start()  # it sets up while this process goes on; the first command waits for that

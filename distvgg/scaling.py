@@ -145,7 +145,7 @@ def measure_compute(work: Workload, device: torch.device, steps: int = 3) -> flo
 
 
 def _two_process_worker(rank: int, folder: str, work: Workload, steps: int, threads: int) -> None:
-    """One of 2 local gloo processes (``torch.multiprocessing.spawn``). Whatever happens, it leaves its process
+    """One of 2 local gloo processes (``start_processes``). Whatever happens, it leaves its process
     group destroyed: a gloo group alive at interpreter exit can abort the process."""
     env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": 2, "LOCAL_WORLD_SIZE": 2, "OMP_NUM_THREADS": threads}
     os.environ.update({k: str(v) for k, v in env.items()})  # OMP_NUM_THREADS: else Accelerate sets it to 1
@@ -200,7 +200,10 @@ def check_two_processes(work: Workload, steps: int = 3, overlap: float = 0.0) ->
     apart: one process's compute alone (with the threads each of the 2 gets) and the gloo all-reduce bandwidth."""
     threads, load_before = max(1, (os.cpu_count() or 2) // 2), machine.load_average()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_two_process_worker, args=(tmp, work, steps, threads), nprocs=2, join=True)
+        # Forked from a server that imports torch once, rather than two new interpreters importing it each.
+        mp.get_context("forkserver").set_forkserver_preload(["torch", "distvgg.scaling"])
+        work_args = (tmp, work, steps, threads)
+        mp.start_processes(_two_process_worker, args=work_args, nprocs=2, join=True, start_method="forkserver")
         measured = json.loads((Path(tmp) / "result.json").read_text())
     nbytes, compute, comm = 4 * measured["numel"], measured["compute_alone_seconds"], measured["allreduce_seconds"]
     bandwidth, measured_step = ring_allreduce_bytes(2, nbytes) / comm, measured["ddp_step_seconds"]
