@@ -40,7 +40,7 @@ class RemoteLoop:
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         if context.get_start_method() == "forkserver":
-            context.set_forkserver_preload(["torch", "distvgg.bench"])
+            context.set_forkserver_preload(["torch", "distvgg.train"])  # not bench: it may be __main__
         self.loop, self.windows, (self.conn, child) = loop, [], context.Pipe()
         self.process = context.Process(target=serve, args=(child, loop, cfg, torch.get_num_threads(), flags))
         self.process.start()  # it sets up while this process goes on; the first command waits for that

@@ -152,7 +152,8 @@ def running_stats_kept(model: nn.Module) -> Iterator[None]:
     """BatchNorm's running statistics as they were before the block: the micro-batches other than the first of a
     global batch leave them untouched, whatever the layout (DDP keeps rank 0's, whose first micro-batch is slot 0;
     see docs/checkpoints.md). Copies on the device, no host sync."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    norms = [m for m in model.modules() if isinstance(m, kinds) and m.track_running_stats]
     saved = [(b, b.clone()) for m in norms for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
     yield
     with torch.no_grad():

@@ -201,7 +201,7 @@ def check_two_processes(work: Workload, steps: int = 3, overlap: float = 0.0) ->
     threads, load_before = max(1, (os.cpu_count() or 2) // 2), machine.load_average()
     with tempfile.TemporaryDirectory() as tmp:
         # Forked from a server that imports torch once, rather than two new interpreters importing it each.
-        mp.get_context("forkserver").set_forkserver_preload(["torch", "distvgg.scaling"])
+        mp.get_context("forkserver").set_forkserver_preload(["torch"])  # scaling itself may be __main__
         work_args = (tmp, work, steps, threads)
         mp.start_processes(_two_process_worker, args=work_args, nprocs=2, join=True, start_method="forkserver")
         measured = json.loads((Path(tmp) / "result.json").read_text())

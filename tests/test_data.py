@@ -692,7 +692,7 @@ def test_limited_none_or_more_than_the_split_keeps_it_whole():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(REAL_DATA is None, reason="no real CIFAR-10 copy (shared/data/cifar10-jpeg or $DISTVGG_REAL_DATA)")
+@pytest.mark.skipif(REAL_DATA is None, reason="no real CIFAR-10 copy: set $DISTVGG_REAL_DATA")
 def test_real_cifar10_decodes_once_then_loads_from_cache(tmp_path):
     import io
 
