@@ -204,7 +204,8 @@ def steps(args: argparse.Namespace, data: str, runs: Path) -> list[tuple[str, in
     the sync check, the fast recipe to TARGET with its time split and a profiler trace, the bench, then the rest."""
     py, me = [sys.executable], [sys.executable, str(Path(__file__).resolve())]
     cpu = args.device == "cpu"
-    plumbing = ["--width", "0.125", "--batch-size", "32", "--eval-limit", "200"] if cpu else []
+    # On a CPU, a plumbing check: a tiny network on one thread, so that it runs beside other work (as in CI).
+    plumbing = ["--width", "0.125", "--batch-size", "32", "--eval-limit", "200", "--cpu-threads", "1"] if cpu else []
     launch = [*py, "-m", "accelerate.commands.launch", "--config_file", args.accelerate_config]
     train = ["-m", "distvgg.train", "--dataset", data, "--report-to", "none", *plumbing]
     quick = ["--epochs", "1", "--max-steps", "30" if cpu else "200", "--checkpoint-every", "none"]

@@ -28,11 +28,14 @@ def _isolated_environment(tmp_path_factory):
             "WANDB_MODE": "offline",
             "WANDB_SILENT": "true",
             "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+            "OMP_NUM_THREADS": "1",
         }
     )
     os.environ.pop("WANDB_API_KEY", None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two pytest workers share the cores: more threads per worker only contend
     yield
+    torch.set_num_threads(threads)
     os.environ.clear()
     os.environ.update(saved)
 

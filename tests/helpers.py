@@ -59,6 +59,7 @@ def free_port() -> int:
 
 def train_command(args: Sequence[str], nproc: int = 1, module: str = "distvgg.train") -> list[str]:
     """``python -m distvgg.train`` for one process; ``accelerate launch`` with the 2-process CPU config else."""
+    args = one_thread(args, module)
     if nproc == 1:
         return [sys.executable, "-m", module, *args]
     return [
@@ -89,6 +90,7 @@ def run_train(
     """Run to completion and return the CompletedProcess (stdout and stderr as text). The environment is this
     process's with ``env`` on top, or exactly ``env`` (``inherit_env=False``); ``kwargs`` go to subprocess.run."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})} if inherit_env else dict(env or {})
+    args = one_thread(args, module)
     if module == "distvgg.train" and any(k.startswith("HOOK_") for k in env or {}):
         module = "tests.hooked_train"  # the test-only behaviour, patched in process (tests/hooked_train.py)
     in_process = inherit_env and not kwargs and module in ("distvgg.train", "tests.hooked_train")
@@ -105,6 +107,13 @@ def run_train(
         cwd=kwargs.pop("cwd", REPO),
         **kwargs,
     )
+
+
+def one_thread(args: Sequence[str], module: str) -> list[str]:
+    """``--cpu-threads 1`` for a training run that does not choose: two pytest workers share the machine's cores,
+    and the default (the physical cores per process) would have each run contend with the other worker's."""
+    chosen = any(a.startswith("--cpu-threads") for a in args)
+    return [*args, "--cpu-threads", "1"] if module in FORKABLE[:2] and not chosen else list(args)
 
 
 # What ``run_forked`` can start: modules with ``main(argv) -> exit code``.
