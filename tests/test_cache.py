@@ -3,7 +3,6 @@ held once in the page cache, not once per process; a dataset far larger than wha
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -19,7 +18,7 @@ from distvgg import cache
 from distvgg.data import load_image_data
 from distvgg.files import DiskFull
 from tests import datagen
-from tests.helpers import TINY, start, train_command, wait_for
+from tests.helpers import TINY, small_filesystem, start, train_command, wait_for
 
 
 def _load(root: Path, cache_dir: Path, **kw):
@@ -149,11 +148,7 @@ def test_shrinking_keeps_rows_in_order(tmp_path):
 def test_a_full_disk_is_one_clear_error_and_leaves_nothing_behind(tmp_path):
     """A cache directory on a real 1 MB tmpfs, a 2 MB decode: the space is claimed before any pixel is written, so
     the disk is found full at once: one error naming the folder and the bytes, and the tmpfs is left empty."""
-    full = tmp_path / "full"
-    full.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with small_filesystem(tmp_path / "full", "1m") as full:
         root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=36, n_test=4, size=16)
         with pytest.raises(DiskFull) as e:
             load_image_data(str(root), cache_dir=full, image_size=128, log=lambda *_: None)
@@ -163,7 +158,3 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing_behind(tmp_path):
         need, free = (int(found[i].replace(",", "")) for i in (2, 3))
         assert need >= 40 * 3 * 128 * 128 > 1 << 20 > free  # the 40 decoded images, more than the tmpfs holds
         assert not list(full.iterdir())
-        del e  # its traceback holds datasets' arrow copy, deleted but still mapped: the mount would stay busy
-        gc.collect()
-    finally:
-        subprocess.run(["umount", str(full)], check=True)
