@@ -151,17 +151,8 @@ def _local_source(dataset: str) -> _Source | None:
             raise DataError(f"no such directory: {path.absolute()}; or pass a hub name such as {DEFAULT_DATASET}")
         return None
     root = path.resolve()
-    for folder, c in _CIFAR.items():  # torchvision's CIFAR layout, at root/<folder> or at root itself
-        for cand in (root / folder, root):
-            missing = [n for n in c.train + c.test if not (cand / n).is_file()]
-            if len(missing) == len(c.train + c.test) or (missing and cand == root and root.name != folder):
-                continue  # not this layout: a partial match in a folder named otherwise is no CIFAR download
-            if missing:
-                run = f"run torchvision.datasets.{c.title.replace('-', '')}(root, download=True)"
-                raise DataError(f"{cand} looks like a {c.title} download but is missing {', '.join(missing)}; {run}")
-            # Files relative to the batches folder: DIR and DIR/cifar-10-batches-py share one cache key.
-            files = tuple(cand / n for n in c.train + c.test + [c.meta] * (cand / c.meta).is_file())
-            return _Source("cifar-pickle", cand, f"{c.title} pickle batches in {cand}", files, c)
+    if (cifar := _cifar_source(root)) is not None:
+        return cifar
     files = tuple(sorted(p for p in root.rglob("*") if p.is_file()))
     if (root / "dataset_dict.json").is_file():
         return _Source("save_to_disk", root, f"datasets save_to_disk folder {root}", files)
@@ -175,6 +166,22 @@ def _local_source(dataset: str) -> _Source | None:
         f"(torchvision), dataset_dict.json (save_to_disk), *.parquet or data/*.parquet (the Hub's layout), "
         f"train/<class>/*.png (image folder). Found: {', '.join(found[:15]) + ', ...' * (len(found) > 15) or 'nothing'}"
     )
+
+
+def _cifar_source(root: Path) -> _Source | None:
+    """torchvision's CIFAR layout at root/<folder> or at root itself, or None; a partial download is an error."""
+    for folder, c in _CIFAR.items():
+        for cand in (root / folder, root):
+            missing = [n for n in c.train + c.test if not (cand / n).is_file()]
+            if len(missing) == len(c.train + c.test) or (missing and cand == root and root.name != folder):
+                continue  # not this layout: a partial match in a folder named otherwise is no CIFAR download
+            if missing:
+                run = f"run torchvision.datasets.{c.title.replace('-', '')}(root, download=True)"
+                raise DataError(f"{cand} looks like a {c.title} download but is missing {', '.join(missing)}; {run}")
+            # Files relative to the batches folder: DIR and DIR/cifar-10-batches-py share one cache key.
+            files = tuple(cand / n for n in c.train + c.test + [c.meta] * (cand / c.meta).is_file())
+            return _Source("cifar-pickle", cand, f"{c.title} pickle batches in {cand}", files, c)
+    return None
 
 
 def _open_hub(name: str, timeout: float = 3.0) -> _Source:
