@@ -187,12 +187,6 @@ def warn_scaler_sync(mixed_precision: str | None, impl: str) -> None:
         )
 
 
-def loss_scale(scaler: Any) -> torch.Tensor | None:
-    """The fp16 GradScaler's scale as a device tensor (None without one). torch has no public accessor that
-    does not sync with the host (``get_scale()`` does), so this one function reads the private attribute."""
-    return getattr(scaler, "_scale", None) if scaler is not None else None
-
-
 def load_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, Any]:
     """Decoded uint8 tensors, on the training device when they fit. The main process of each machine
     decodes and caches first; the others then map its cache, so there is no N-way decode race. On the host

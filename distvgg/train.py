@@ -23,6 +23,7 @@ from distvgg.build import make_accelerator
 from distvgg.config import ConfigError, TrainConfig, parse_config, save_config
 from distvgg.evaluation import evaluate
 from distvgg.files import FINAL_DIR, DiskFull
+from distvgg.internals import copy_tensors_, loss_scale
 from distvgg.models import micro_batch_seed, running_stats_kept
 from distvgg.preemption import INTERRUPTED_EXIT_CODE, PREEMPT_EXIT_CODE, Preempted, StopSignals
 from distvgg.runfolder import checkpoint, preempt, save_best, save_model, training_state
@@ -63,7 +64,7 @@ def train_step(
     # With fused kernels the kernel skips an overflowing fp16 step itself (Accelerate's optimizer_step_was_skipped
     # stays False): the scaler lowered its scale exactly then, compared on the device, without a host sync.
     fused = accelerator.scaler is not None and optimizer.defaults.get("fused")
-    scale = build.loss_scale(accelerator.scaler) if fused else None
+    scale = loss_scale(accelerator.scaler) if fused else None
     before = scale.clone() if scale is not None else None
     optimizer.step()
     scheduler.step()
@@ -78,12 +79,11 @@ def train_step(
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay x ema + (1 - decay) x weights, on the device (torch's own EMA update); buffers are copied
-    in one multi-tensor call (torch's _foreach kernels, as its EMA update uses; there is no public one)."""
+    """ema = decay x ema + (1 - decay) x weights, on the device (torch's own EMA update); buffers are copied."""
     from torch.optim.swa_utils import get_ema_multi_avg_fn
 
     get_ema_multi_avg_fn(decay)(list(ema.parameters()), list(model.parameters()), None)
-    torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+    copy_tensors_(list(ema.buffers()), list(model.buffers()))
 
 
 def share_buffers(model: nn.Module, accelerator: Any) -> None:

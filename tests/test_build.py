@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from distvgg import build, train
+from distvgg import build, internals, train
 from distvgg.checkpoint import restore_rng
 from distvgg.config import TrainConfig
 from tests import datagen
@@ -36,12 +36,12 @@ def test_tf32_switches_read_back_through_both_apis(enabled):
 
 
 def test_loss_scale_reads_the_scalers_device_tensor():
-    """The one private access (GradScaler's scale tensor): fails loudly if torch renames it."""
+    """A torch internal (GradScaler's scale tensor, distvgg.internals): fails loudly if torch renames it."""
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale(torch.ones((), requires_grad=True))
-    scale = build.loss_scale(scaler)
+    scale = internals.loss_scale(scaler)
     assert torch.is_tensor(scale) and scale.item() == 1024.0
-    assert build.loss_scale(None) is None
+    assert internals.loss_scale(None) is None
 
 
 def test_fp16_skipped_steps_are_counted_with_the_fused_optimizer():

@@ -18,6 +18,7 @@ from tests.helpers import LEVERS, TINY, ok, run_train
 
 
 def test_ema_follows_the_weights_as_computed_by_hand():
+    """Also checks the buffer copy through a torch internal (distvgg.internals): fails loudly if torch drops it."""
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     ema, d = copy.deepcopy(model), 0.9
     w = [model[0].weight.detach().clone()]
