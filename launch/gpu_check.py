@@ -4,8 +4,8 @@ Each step runs as its own process group with a timeout taken from what is left o
 times out is ended with its whole group, training children included); a step that no longer fits is recorded
 as skipped, not started. The most informative steps come first. OUT/summary.json is rewritten after every step,
 so a call cut off part-way still brings back what it measured. Every step imports this checkout's distvgg.
-Needs torch, torchvision and accelerate; when `datasets` is missing, also pyarrow and PIL: a parquet copy of the data is read
-with pyarrow and PIL into the pickled CIFAR layout that distvgg reads without `datasets`.
+Needs torch, torchvision and accelerate; when `datasets` is missing, also pyarrow and PIL, which read a parquet copy
+of the data into the pickled CIFAR layout that distvgg reads without `datasets`.
 """
 
 from __future__ import annotations
