@@ -1,9 +1,8 @@
 """The training hot path: uint8 batches by index, augmentation and normalisation on the device.
 
-Kept apart from ``data.py`` (which decodes and caches) because everything here runs every
-step: no PIL, no per-sample Python. Batches are ``(images_uint8, labels, indices)``; the
-sample indices travel with the batch so that augmentation can be derived from them and
-so that tests can record exactly which samples a run has seen.
+Apart from ``data.py`` (which decodes and caches) because everything here runs every step: no PIL, no per-sample
+Python. Batches are ``(images_uint8, labels, indices)``: augmentation is derived from the sample indices, and tests
+read from them exactly which samples a run has seen.
 """
 
 from __future__ import annotations
@@ -18,13 +17,9 @@ PrepareBatch = Callable[[Batch, int, bool], tuple[torch.Tensor, torch.Tensor]]
 
 
 class IndexedImages(Dataset):
-    """A uint8 image tensor served a whole batch at a time through ``__getitems__``.
-
-    The DataLoader hands ``__getitems__`` the list of indices of one batch, so a batch costs
-    one tensor gather instead of ``batch_size`` Python calls and a collate. On the host the
-    tensor may be a view of the cache file's mapping: a gather reads only the batch's rows
-    (the DataLoader pins the gathered batch when it goes to a GPU).
-    """
+    """A uint8 image tensor served a batch at a time: the DataLoader hands ``__getitems__`` a batch's indices, so a
+    batch costs one tensor gather, not ``batch_size`` Python calls and a collate. On the host the tensor may be a
+    view of the cache file's mapping, of which a gather reads only the batch's rows."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
@@ -55,21 +50,20 @@ def keep_batch(batch: Batch) -> Batch:
 class EpochSampler(Sampler[int]):
     """A seeded permutation per epoch that can start part-way through.
 
-    The order of epoch ``e`` depends only on ``(seed, e)``, never on the number of processes,
-    and is cut to a whole number of global batches, so that Accelerate's batch sharding hands
-    every process a full batch and the global step ``s`` always covers samples
-    ``[s * global_batch, (s + 1) * global_batch)`` of the permutation. Resuming at step ``s``
-    is then ``set_position(epoch, s * global_batch)``: the same samples, none skipped or repeated
+    The order of epoch ``e`` depends only on ``(seed, e)``, never on the number of processes, and is cut to a whole
+    number of global batches, so that Accelerate's batch sharding hands every process a full batch and the global
+    step ``s`` always covers samples ``[s * global_batch, (s + 1) * global_batch)`` of the permutation. Resuming at
+    step ``s`` is then ``set_position(epoch, s * global_batch)``: the same samples, none skipped or repeated
     (Accelerate's ``skip_first_batches`` over a RandomSampler would replay a different order).
     """
 
-    def __init__(self, num_samples: int, seed: int, global_batch: int = 1, shuffle: bool = True) -> None:
+    def __init__(self, num_samples: int, seed: int, global_batch: int = 1) -> None:
         if num_samples < global_batch:
             raise ValueError(
                 f"the training set has {num_samples} images, fewer than one global batch of "
                 f"{global_batch}: lower --batch-size or --gradient-accumulation-steps, or use more data"
             )
-        self.num_samples, self.seed, self.global_batch, self.shuffle = num_samples, seed, global_batch, shuffle
+        self.num_samples, self.seed, self.global_batch = num_samples, seed, global_batch
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -84,18 +78,13 @@ class EpochSampler(Sampler[int]):
     def steps_per_epoch(self) -> int:
         return self.num_samples // self.global_batch
 
-    def order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=g)
-
     def __len__(self) -> int:
         return self.steps_per_epoch * self.global_batch - self.start
 
     def __iter__(self) -> Iterator[int]:
-        end = self.steps_per_epoch * self.global_batch
-        for part in self.order(self.epoch)[self.start : end].split(65_536):  # no list of a million Python ints
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g)[self.start : self.steps_per_epoch * self.global_batch]
+        for part in order.split(65_536):  # no list of a million Python ints
             yield from part.tolist()
 
 
@@ -130,8 +119,8 @@ def eval_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, pin
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 64-bit integer hash (splitmix64's finaliser) on int64 tensors, on any device.
-    Written by hand because torch has no counter-based RNG keyed by sample."""
+    """A 64-bit integer hash (splitmix64's finaliser) on int64 tensors, on any device; by hand because torch has no
+    counter-based RNG keyed by sample."""
     x = x ^ (x >> 31)
     x = x * 0x7FB5D329728EA185
     x = x ^ (x >> 27)
@@ -142,26 +131,20 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def augment(
     images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int, pad: int = 4, flip: bool = True
 ) -> torch.Tensor:
-    """Random crop with zero padding ``pad`` and horizontal flip, for a whole uint8 batch at once.
-
-    The random draws are a hash of (seed, epoch, sample index), not of a generator's state, so a
-    sample gets the same crop in a run of 1 process or 8, and a resumed run replays it exactly.
-    """
+    """Random crop with zero padding ``pad`` and horizontal flip, for a whole uint8 batch at once. The draws are a
+    hash of (seed, epoch, sample index), not of a generator's state, so a sample gets the same crop in a run of 1
+    process or 8, and a resumed run replays it exactly."""
     n, c, h, w = images.shape
     # The (seed, epoch) part is hashed on the host: a tensor made on the GPU every step would be a blocking copy.
-    base = int(_mix(torch.tensor(seed * 65_537 + epoch)))
-    key = _mix(indices.long() + base)
-    span = 2 * pad + 1
-    dy = key.remainder(span)
-    dx = (key >> 16).remainder(span)
+    key = _mix(indices.long() + int(_mix(torch.tensor(seed * 65_537 + epoch))))
+    span, dev = 2 * pad + 1, images.device
+    dy, dx = key.remainder(span), (key >> 16).remainder(span)
     flipped = ((key >> 32) & 1).bool() if flip else torch.zeros_like(key, dtype=torch.bool)
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    ar_h = torch.arange(h, device=images.device)
-    ar_w = torch.arange(w, device=images.device)
+    ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
     rows = dy[:, None] + ar_h  # (N, H)
     cols = dx[:, None] + torch.where(flipped[:, None], w - 1 - ar_w, ar_w)  # (N, W)
-    b = torch.arange(n, device=images.device)[:, None, None, None]
-    ch = torch.arange(c, device=images.device)[None, :, None, None]
+    b, ch = torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None]
     return padded[b, ch, rows[:, None, :, None], cols[:, None, None, :]]
 
 
@@ -185,11 +168,9 @@ def cutout(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int, s
 def mix(
     images: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup: float, cutmix: float, key: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixup or CutMix of a batch with itself reversed; returns the images and soft targets.
-
-    The weight, the box and the choice between the two come from a generator keyed by ``key`` (seed, step,
-    micro-batch of the global batch), on the host: the same for any number of processes, and no host sync.
-    """
+    """Mixup or CutMix of a batch with itself reversed; returns the images and soft targets. The weight, the box and
+    the choice between the two come from a generator keyed by ``key`` (seed, step, micro-batch of the global batch),
+    on the host: the same for any number of processes, and no host sync."""
     import numpy as np
 
     rng = np.random.default_rng(list(key))
@@ -200,12 +181,8 @@ def mix(
         h, w = images.shape[-2:]
         bh, bw = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
         cy, cx = int(rng.integers(h)), int(rng.integers(w))
-        y0, y1, x0, x1 = (
-            max(cy - bh // 2, 0),
-            min(cy + bh - bh // 2, h),
-            max(cx - bw // 2, 0),
-            min(cx + bw - bw // 2, w),
-        )
+        y0, y1 = max(cy - bh // 2, 0), min(cy + bh - bh // 2, h)
+        x0, x1 = max(cx - bw // 2, 0), min(cx + bw - bw // 2, w)
         images = images.clone()
         images[..., y0:y1, x0:x1] = other[..., y0:y1, x0:x1]
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)

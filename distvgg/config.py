@@ -21,14 +21,6 @@ from typing import Any, NamedTuple, Optional, get_args, get_origin, get_type_hin
 
 from distvgg.models import MODEL_NAMES
 
-REPORT_TO = ("wandb", "tensorboard", "all", "none")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "onecycle", "none")
-COMM_HOOKS = ("none", "fp16", "bf16")
-OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
-
-
 # Options that count something: whole numbers of at least 1 (``positive_int``), or unset where the field may be.
 COUNTS = (
     "epochs batch_size eval_batch_size gradient_accumulation_steps log_every ddp_timeout keep_last max_steps "
@@ -62,8 +54,8 @@ class TrainConfig:
     """Processes that decode the images the first time (later runs read the cache); default: one per core, at most
     one per 4,096 images."""
     image_size: Optional[list[int]] = None
-    """Resize every image to N x N (one number) or H x W (two) when it is decoded; needed for a dataset of mixed
-    sizes. Unset: the dataset's own size."""
+    """Resize every image to N x N (one number) or H x W (two) when it is decoded, as a dataset of mixed sizes needs
+    (default: the dataset's own size)."""
     augment: bool = True
     """Random crop (pad 4) and horizontal flip, done on the training device."""
     cutout: int = 0
@@ -153,9 +145,8 @@ class TrainConfig:
     mixed_precision: Optional[str] = None
     """no, fp16 or bf16 (default: the accelerate config's)."""
     log_every: int = 100
-    """Print and log the training loss every this many optimizer steps of the run, counted across epochs, and at
-    the last step (the guide's 100); each value is the mean over the steps since the previous log point or the
-    start of the epoch, whichever is later."""
+    """Print and log the training loss every this many optimizer steps, counted across epochs, and at the last step
+    (the guide's 100); each value is the mean since the later of the previous log point and the epoch's start."""
     report_to: str = "wandb"
     """Trackers: wandb, tensorboard, all or none (metrics.jsonl is always written)."""
     log_media_every: Optional[int] = None
@@ -200,13 +191,13 @@ class TrainConfig:
         """Every invalid option, one message each."""
         choices = {
             "model": MODEL_NAMES,
-            "optimizer": OPTIMIZERS,
-            "schedule": SCHEDULES,
-            "report_to": REPORT_TO,
-            "ddp_comm_hook": COMM_HOOKS,
+            "optimizer": ("sgd", "adamw"),
+            "schedule": ("cosine", "onecycle", "none"),
+            "report_to": ("wandb", "tensorboard", "all", "none"),
+            "ddp_comm_hook": ("none", "fp16", "bf16"),
             "data_on_device": ("auto", "yes", "no"),
-            "optimizer_impl": OPTIMIZER_IMPLS,
-            "mixed_precision": MIXED_PRECISION,
+            "optimizer_impl": ("auto", "fused", "foreach", "loop"),
+            "mixed_precision": ("no", "fp16", "bf16"),
         }
         out = [
             f"--{_flag(k)} must be one of {', '.join(v)}, got {getattr(self, k)!r}"
@@ -214,27 +205,21 @@ class TrainConfig:
             if getattr(self, k) not in (*v, None)
         ]
         out += [f"--{_flag(k)} {p}" for k in COUNTS if (p := count_problem(getattr(self, k)))]
-        ranges = {  # option: (valid, what a valid value is)
-            "lr": (math.isfinite(self.lr) and self.lr > 0, "a positive number"),
-            "width": (self.width > 0, "positive"),
-            "std": (self.std > 0, "positive"),
-            "max_grad_norm": (self.max_grad_norm is None or self.max_grad_norm > 0, "positive"),
-            "dropout": (0 <= self.dropout < 1, "in [0, 1)"),
-            "momentum": (0 <= self.momentum < 1, "in [0, 1)"),
-            "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
-            "ema_decay": (self.ema_decay is None or 0 < self.ema_decay < 1, "in (0, 1)"),
-            "weight_decay": (self.weight_decay >= 0, ">= 0"),
-            "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
-            "num_workers": (self.num_workers >= 0, ">= 0"),
-            "cutout": (self.cutout >= 0, ">= 0"),
-            "mixup": (self.mixup >= 0, ">= 0"),
-            "cutmix": (self.cutmix >= 0, ">= 0"),
-            "image_size": (
-                self.image_size is None or (len(self.image_size) in (1, 2) and min(self.image_size) >= 1),
-                "one or two positive numbers (N, or H W)",
-            ),
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            out.append(f"--lr must be a positive number, got {self.lr}")
+        rules = {  # what a valid value is: the options it applies to (unset is valid), and its test
+            "positive": ("width std max_grad_norm", lambda v: v > 0),
+            "in [0, 1)": ("dropout momentum label_smoothing", lambda v: 0 <= v < 1),
+            "in (0, 1)": ("ema_decay", lambda v: 0 < v < 1),
+            ">= 0": ("weight_decay warmup_steps num_workers cutout mixup cutmix", lambda v: v >= 0),
+            "one or two positive numbers (N, or H W)": ("image_size", lambda v: len(v) in (1, 2) and min(v) >= 1),
         }
-        out += [f"--{_flag(k)} must be {what}, got {getattr(self, k)}" for k, (ok, what) in ranges.items() if not ok]
+        out += [
+            f"--{_flag(k)} must be {what}, got {v}"
+            for what, (names, ok) in rules.items()
+            for k in names.split()
+            if (v := getattr(self, k)) is not None and not ok(v)
+        ]
         every = str(self.checkpoint_every).strip().lower()
         if not (every in ("epoch", "none") or (every.isdigit() and int(every) > 0)):
             out.append(f"--checkpoint-every must be epoch, none or a positive number of steps, got {every!r}")
@@ -244,17 +229,13 @@ class TrainConfig:
             out.append("--resume must be auto, none or a checkpoint folder")
         return out
 
-    def validate(self) -> None:
-        """Raise ConfigError listing every invalid option at once."""
-        _raise_if(self.problems())
+    def validate(self, problems: Sequence[str] = ()) -> None:
+        """Raise ConfigError listing every invalid option at once (after ``problems`` found while parsing)."""
+        if problems := [*problems, *self.problems()]:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _raise_if(problems: list[str]) -> None:
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
 def _flag(name: str) -> str:
@@ -284,13 +265,12 @@ def count_problem(value: int | None) -> str | None:
 
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:
     """Each field's attribute docstring (the string literal right after it), for --help."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
-    return docs
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    return {
+        node.target.id: " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+        for node, nxt in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+    }
 
 
 class _Invalid(NamedTuple):
@@ -325,13 +305,13 @@ def _kind(hint: Any) -> tuple[type, bool, bool]:
     return (get_args(base)[0], optional, True) if get_origin(base) is list else (base, optional, False)
 
 
-def build_parser(cls: type = TrainConfig, prog: str = "distvgg.train") -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     """One option per field, typed from its annotation; defaults are suppressed, so that a parse returns only what
     was given. The command line, YAML files and recipes all go through it (``parse_config``)."""
-    parser = argparse.ArgumentParser(prog=prog, argument_default=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(prog="distvgg.train", argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", metavar="FILE", help="YAML file of options; the command line overrides it")
-    docs, hints, defaults = field_docs(cls), get_type_hints(cls), cls()
-    for f in fields(cls):
+    docs, hints, defaults = field_docs(), get_type_hints(TrainConfig), TrainConfig()
+    for f in fields(TrainConfig):
         kind, optional, many = _kind(hints[f.name])
         flag, help_text = _flag(f.name), f"{docs.get(f.name, '')} (default: {getattr(defaults, f.name)!r})"
         shape = {"metavar": f.name.upper()}
@@ -369,7 +349,7 @@ def _parse_yaml(parser: argparse.ArgumentParser, data: dict[str, Any], source: s
     return {**_parse(parser, args, source, problems), **unset}
 
 
-def load_yaml(path: str | os.PathLike, cls: type = TrainConfig, flag: str = "--config") -> dict[str, Any]:
+def load_yaml(path: str | os.PathLike, flag: str = "--config") -> dict[str, Any]:
     """Options from a YAML mapping; keys may use - or _. Unknown keys are an error."""
     import yaml
 
@@ -382,10 +362,8 @@ def load_yaml(path: str | os.PathLike, cls: type = TrainConfig, flag: str = "--c
         raise ConfigError(f"{flag} {p}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{flag} {p}: expected a mapping of option: value, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - names)
-    if unknown:
+    if unknown := sorted(set(data) - {f.name for f in fields(TrainConfig)}):
         raise ConfigError(
             f"{flag} {p}: unknown option(s) {', '.join(unknown)}; "
             f"see `python -m distvgg.train --help` for the valid names"
@@ -393,47 +371,37 @@ def load_yaml(path: str | os.PathLike, cls: type = TrainConfig, flag: str = "--c
     return data
 
 
-def recipe_names() -> list[str]:
-    """The recipes shipped in distvgg/recipes/ (``--recipe NAME``)."""
+def load_recipe(name: str) -> dict[str, Any]:
+    """The options of a recipe shipped in distvgg/recipes/ (by name) or of a YAML file (by path)."""
     from importlib import resources
 
     folder = resources.files("distvgg") / "recipes"
-    return sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml")) if folder.is_dir() else []
-
-
-def load_recipe(name: str, cls: type = TrainConfig) -> dict[str, Any]:
-    """The options of a shipped recipe (by name) or of a YAML file (by path)."""
-    from importlib import resources
-
-    shipped = resources.files("distvgg") / "recipes" / f"{name}.yaml"
-    if shipped.is_file():
+    if (shipped := folder / f"{name}.yaml").is_file():
         with resources.as_file(shipped) as path:
-            data = load_yaml(path, cls, flag=f"--recipe {name}")
+            data = load_yaml(path, flag=f"--recipe {name}")
     elif Path(name).is_file():
-        data = load_yaml(name, cls, flag="--recipe")
+        data = load_yaml(name, flag="--recipe")
     else:
+        names = sorted(f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml")) if folder.is_dir() else []
         raise ConfigError(
-            f"--recipe: no recipe named {name!r} and no such file; "
-            f"shipped recipes: {', '.join(recipe_names()) or 'none'}"
+            f"--recipe: no recipe named {name!r} and no such file; shipped recipes: {', '.join(names) or 'none'}"
         )
     data.pop("recipe", None)  # a recipe names itself at most; it does not chain to another
     return data
 
 
-def parse_config(
-    argv: Sequence[str] | None = None, cls: type = TrainConfig, prog: str = "distvgg.train"
-) -> TrainConfig:
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """Defaults < recipe < YAML file < command line, each parsed by the same parser, then validated; every problem
     is reported at once. A W&B sweep trial (WANDB_SWEEP_ID set by ``wandb agent``) writes into
     OUTPUT_DIR/<its run id>, so that trials never share a folder."""
-    parser, problems = build_parser(cls, prog), []
+    parser, problems = build_parser(), []
     layers = [_parse(parser, sys.argv[1:] if argv is None else argv, "", problems)]  # the command line
     if config_file := layers[0].pop("config", None):
-        layers.insert(0, _parse_yaml(parser, load_yaml(config_file, cls), f"--config {config_file}: ", problems))
+        layers.insert(0, _parse_yaml(parser, load_yaml(config_file), f"--config {config_file}: ", problems))
     if recipe := layers[-1].get("recipe", layers[0].get("recipe")):
-        layers.insert(0, _parse_yaml(parser, load_recipe(recipe, cls), f"--recipe {recipe}: ", problems))
-    cfg = cls(**{name: value for layer in layers for name, value in layer.items()})  # later layers override
-    _raise_if(problems + cfg.problems())
+        layers.insert(0, _parse_yaml(parser, load_recipe(recipe), f"--recipe {recipe}: ", problems))
+    cfg = TrainConfig(**{name: value for layer in layers for name, value in layer.items()})  # later layers override
+    cfg.validate(problems)
     if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID") and cfg.output_dir:
         cfg.output_dir = str(Path(cfg.output_dir) / os.environ["WANDB_RUN_ID"])
     return cfg
@@ -443,8 +411,7 @@ def save_config(cfg: TrainConfig, path: str | os.PathLike, extra: dict[str, Any]
     """The resolved config as YAML (loadable again with --config once ``extra`` is dropped)."""
     import yaml
 
-    data = cfg.to_dict()
-    text = yaml.safe_dump(data, sort_keys=False)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if extra:
         text += "# run facts (not options):\n" + textwrap.indent(yaml.safe_dump(extra, sort_keys=False), "# ")
     Path(path).write_text(text)

@@ -29,8 +29,6 @@ CFGS: dict[str, list[int | str]] = {
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
     "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
-# Hidden FC width at width=1.0: the guide's 4096; the CIFAR VGGs' features are 512x1x1, so their head is 512 wide.
-HIDDEN: dict[str, int] = {"vgg3layer": 4096, "vgg11": 512, "vgg13": 512, "vgg16": 512, "vgg19": 512}
 MODEL_NAMES = (*CFGS, "resnet18")
 
 
@@ -52,11 +50,8 @@ def make_features(cfg: Sequence[int | str], in_channels: int = 3, width: float =
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
             out = _scaled(int(v), width)
-            layers += [
-                nn.Conv2d(in_channels=channels, out_channels=out, kernel_size=3, padding=1),
-                nn.BatchNorm2d(out),
-                nn.ReLU(inplace=True),
-            ]
+            conv = nn.Conv2d(in_channels=channels, out_channels=out, kernel_size=3, padding=1)
+            layers += [conv, nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
             channels = out
     return nn.Sequential(*layers)
 
@@ -109,7 +104,7 @@ class VGG3Layer(VGG):
     """The quick guide's network: conv blocks of 64, 128, 256 channels, a 4096-wide classifier; kwargs as for VGG."""
 
     def __init__(self, num_classes: int = 1000, **kwargs: Any) -> None:
-        super().__init__(CFGS["vgg3layer"], num_classes, hidden=HIDDEN["vgg3layer"], **kwargs)
+        super().__init__(CFGS["vgg3layer"], num_classes, hidden=4096, **kwargs)
 
 
 def resnet18(num_classes: int, image_size: tuple[int, int] = (32, 32)) -> nn.Module:
@@ -133,7 +128,8 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         return resnet18(num_classes, tuple(kwargs.get("image_size") or (32, 32)))
     if name == "vgg3layer":
         return VGG3Layer(num_classes, **kwargs)
-    return VGG(CFGS[name], num_classes, hidden=HIDDEN[name], **kwargs)
+    # The CIFAR VGGs' features are 512x1x1 at width 1, so their hidden FC layers are 512 wide, not the guide's 4096.
+    return VGG(CFGS[name], num_classes, hidden=512, **kwargs)
 
 
 def micro_batch_seed(seed: int, step: int, slot: int) -> int:
