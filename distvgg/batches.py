@@ -162,7 +162,8 @@ def cutout(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int, s
     rows = torch.arange(h, device=images.device) - top[:, None]  # (N, H)
     cols = torch.arange(w, device=images.device) - left[:, None]  # (N, W)
     inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
-    return images.masked_fill(inside[:, None], 0)
+    # A copy in the input's memory format (masked_fill's output would lose channels_last), then zeroed in place.
+    return images.clone(memory_format=torch.preserve_format).masked_fill_(inside[:, None], 0)
 
 
 def mix(

@@ -44,6 +44,9 @@ def test_cutout_is_keyed_by_sample_not_by_batch():
     zeros = (whole == 0).all(1).flatten(1).sum(1)
     assert zeros.min() >= 9 and zeros.max() <= 36  # a 6x6 square, clipped at most to 3x3 at a corner
     assert not torch.equal(whole, batches.cutout(images, indices, seed=0, epoch=2, size=6))  # new each epoch
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    kept = batches.cutout(channels_last, indices, seed=0, epoch=1, size=6)
+    assert torch.equal(kept, whole) and kept.is_contiguous(memory_format=torch.channels_last)  # the layout is kept
 
 
 @pytest.mark.parametrize("mixup, cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
