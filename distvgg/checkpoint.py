@@ -173,10 +173,9 @@ def latest_good(output_dir: str | os.PathLike, say: Say) -> Path | None:
 
 
 def rotate(output_dir: str | os.PathLike, keep_last: int, newest_good: Path | None = None) -> list[Path]:
-    """Delete checkpoints older than the ``keep_last`` newest ones that have a marker, but never the
-    newest good one (``newest_good``, e.g. the one just written; else the newest that verifies).
-    Folders without a marker are left alone: never used, they may help to find out what went wrong.
-    Returns the deleted folders."""
+    """Delete (and return) the checkpoints older than the ``keep_last`` newest ones that have a marker, but never the
+    newest good one (``newest_good``, e.g. the one just written; else the newest that verifies). Folders without a
+    marker are left alone: never used, they may help to find out what went wrong."""
     # Counting markers rather than verifying every kept checkpoint: hashing them all at every save
     # would cost seconds for large models; the one that must survive is verified (or just written).
     marked = [folder for _, folder in files.step_folders(output_dir) if (folder / files.MARKER_FILE).is_file()]
@@ -291,11 +290,8 @@ def save_checkpoint(
 def _save_checkpoint(
     accelerator: Any, tmp: Path, final: Path, state: TrainingState, keep_last: int, previous: Path | None
 ) -> Path:
-    """``accelerator.save_state`` (model in safetensors, optimizer, scheduler, GradScaler, each process's RNG
-    states) and ``training_state.json`` go to ``tmp``; once every process has written and flushed its files, the
-    main process writes the ``COMPLETE`` marker, renames ``tmp`` to ``final`` and rotates old checkpoints.
-    ``previous``: the last checkpoint this run wrote; at the same step (an epoch end right after a periodic
-    checkpoint) the new one replaces it."""
+    """``save_state`` and ``training_state.json`` go to ``tmp``; once every process has written and flushed its files,
+    the main process writes the ``COMPLETE`` marker, renames ``tmp`` to ``final`` and rotates old checkpoints."""
     root, main = final.parent, accelerator.is_main_process
 
     def prepare() -> None:
@@ -335,19 +331,17 @@ def _save_checkpoint(
 def _together(accelerator: Any, work: Callable[[], None], on_this_process: bool = True) -> None:
     """``work()``, then a sync point where every process learns whether any of them failed: a process that raised at
     once would leave the others waiting in the next collective."""
+    from accelerate.utils import gather_object
+
     error = None
     try:
         if on_this_process:
             work()
     except Exception as e:  # noqa: BLE001 - whatever it is, every process must learn of it
         error = e
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        messages = gather_object([(str(error) or type(error).__name__) if error else ""])
-        failed = [message for message in messages if message]
-        if failed and error is None:
-            raise CheckpointError(f"another process could not write the checkpoint: {failed[0]}")
+    failed = [m for m in gather_object([(str(error) or type(error).__name__) if error else ""]) if m]
+    if failed and error is None:
+        raise CheckpointError(f"another process could not write the checkpoint: {failed[0]}")
     if error is not None:
         raise error
 
