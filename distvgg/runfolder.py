@@ -94,6 +94,8 @@ def agree_on_start(
 ) -> StartPlan:
     """Take the output folder's lock and ``plan_start`` on the main process; its outcome (or its error) is
     given to every process, so that no process waits in a collective for one that has stopped."""
+    from accelerate.utils import broadcast_object_list
+
     outcome: tuple[str, Any] = ("error", "no plan")
     if accelerator.is_main_process:
         try:
@@ -101,10 +103,7 @@ def agree_on_start(
             outcome = ("ok", dataclasses.asdict(plan_start(output_dir, resume, options, accelerator.print)))
         except ckpt.CheckpointError as e:
             outcome = ("error", str(e))
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        outcome = broadcast_object_list([outcome], from_process=0)[0]
+    outcome = broadcast_object_list([outcome], from_process=0)[0]
     if outcome[0] == "error":
         raise ckpt.CheckpointError(outcome[1], reported_by_main=True)
     return StartPlan(**outcome[1])
@@ -221,11 +220,11 @@ def checkpoint(run: build.Run, reason: str, running_loss: torch.Tensor | None = 
                 f"written. Lower --lr, set --max-grad-norm, or use bf16 instead of fp16"
             )
         size = lambda: ckpt.tensor_bytes(run.model.state_dict(), run.optimizer.state_dict())  # noqa: E731
-        state, keep = training_state(run, reason), run.cfg.keep_last
-        folder = ckpt.save_checkpoint(acc, run.cfg.output_dir, state, keep, previous=run.last_checkpoint, size=size)
-        run.last_checkpoint = folder
-        acc.print(f"checkpoint: {folder} ({reason})")
-    return folder
+        run.last_checkpoint = ckpt.save_checkpoint(
+            acc, run.cfg.output_dir, training_state(run, reason), run.cfg.keep_last, run.last_checkpoint, size
+        )
+        acc.print(f"checkpoint: {run.last_checkpoint} ({reason})")
+    return run.last_checkpoint
 
 
 def preempt(run: build.Run, reason: str | None, saved: bool, running_loss: torch.Tensor | None = None) -> None:
