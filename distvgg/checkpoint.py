@@ -124,20 +124,12 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return out
 
 
-def changed_message(where: Path, diff: list[str]) -> str:
-    return (
-        f"this run's settings differ from those of {where}, so it cannot continue it exactly:\n  - "
-        + "\n  - ".join(diff)
-        + "\nRun with the checkpoint's settings to continue it, or start a new run: "
-        "another --output-dir, or --resume none (which moves the earlier outputs aside, deleting nothing)."
-    )
-
-
 def check_compatible(
     folder: str | os.PathLike, state: TrainingState, now: dict[str, Any], batch_change: bool = False
 ) -> None:
-    """Refuse to resume when settings that change the computation differ from the checkpoint's (the layout of
-    the global batch aside; the global batch too with ``batch_change``: --allow-batch-change)."""
+    """Refuse to continue ``folder`` (a checkpoint, or final/) when settings that change the computation differ from
+    its own (the layout of the global batch aside; the global batch too with ``batch_change``: --allow-batch-change),
+    listing the differences."""
     skip = (*LAYOUT, "global_batch") if batch_change else LAYOUT
     diff = differences(state.exact, {k: v for k, v in now.items() if k not in skip})
     if any(d.startswith("image_size:") for d in diff):
@@ -148,7 +140,12 @@ def check_compatible(
             f"{new[0]}x{new[1]} images: its layers do not fit them (use the dataset it was trained on)",
         )
     if diff:
-        raise CheckpointError(changed_message(Path(folder), diff))
+        raise CheckpointError(
+            f"this run's settings differ from those of {Path(folder)}, so it cannot continue it exactly:\n  - "
+            + "\n  - ".join(diff)
+            + "\nRun with the checkpoint's settings to continue it, or start a new run: "
+            "another --output-dir, or --resume none (which moves the earlier outputs aside, deleting nothing)."
+        )
 
 
 # ---------------------------------------------------------------------------------- files on disk

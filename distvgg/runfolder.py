@@ -127,9 +127,7 @@ def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.
         final_state = out / FINAL_DIR / STATE_FILE
         if final_state.is_file():
             state = ckpt.TrainingState.from_json(final_state.read_text(), str(final_state))
-            diff = ckpt.differences(state.exact, {k: options[k] for k in ckpt.EXACT_OPTIONS if k in options})
-            if diff:
-                raise ckpt.CheckpointError(ckpt.changed_message(out / FINAL_DIR, diff))
+            ckpt.check_compatible(out / FINAL_DIR, state, {k: options[k] for k in ckpt.EXACT_OPTIONS if k in options})
             if state.finished:
                 return StartPlan("complete", None, final_state.read_text())
         folder = ckpt.latest_good(output_dir, say)
