@@ -113,10 +113,8 @@ def write_marker(folder: Path) -> None:
     for p in files_in(folder):
         fsync_file(p)
         files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256(p)}
-    with open(folder / MARKER_FILE, "w") as f:
-        json.dump({"format": MARKER_FORMAT, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    (folder / MARKER_FILE).write_text(json.dumps({"format": MARKER_FORMAT, "files": files}, indent=1))
+    fsync_file(folder / MARKER_FILE)
     fsync_dir(folder)
 
 
