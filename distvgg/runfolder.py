@@ -42,36 +42,37 @@ class OutputLock:
         self.path, self.file = Path(output_dir) / ".lock", None
 
     def acquire(self) -> None:
-        """Check that the folder is writable (before any training time is spent), then take the lock."""
+        """Take the lock, then check that the folder is writable, before any training time is spent."""
         import fcntl
         import socket
 
         folder, probe = self.path.parent, self.path.parent / f".write-test-{os.getpid()}"
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")  # held open for the whole job; "a+" never truncates another's
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             probe.write_text("ok\n")
             probe.unlink()
-            f = open(self.path, "a+")  # noqa: SIM115 - held open for the whole job; "a+" never truncates another's
-        except OSError as e:
-            raise ckpt.CheckpointError(
-                f"cannot write to --output-dir {folder} ({e.strerror or e}): choose a folder you can write to, or "
-                f"fix its permissions"
-            ) from e
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "holder unknown"
-            f.close()
+        except BlockingIOError:  # the lock is held
+            self.file.seek(0)
+            holder = self.file.read().strip() or "holder unknown"
+            self.release()
             raise ckpt.CheckpointError(
                 f"--output-dir {folder} is in use by another job ({holder}); nothing was read or written. "
                 f"Wait for it to end, stop it, or choose another --output-dir"
             ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
-        f.flush()
-        self.file = f
+        except OSError as e:
+            self.release()
+            raise ckpt.CheckpointError(
+                f"cannot write to --output-dir {folder} ({e.strerror or e}): choose a folder you can write to, or "
+                f"fix its permissions"
+            ) from e
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(
+            f"host {socket.gethostname()}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+        )
+        self.file.flush()
 
     def release(self) -> None:
         if self.file is not None:
