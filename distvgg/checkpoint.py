@@ -193,10 +193,10 @@ def check_loadable(folder: str | os.PathLike, process_index: int | None = None) 
     from accelerate.utils import load
 
     for path in sorted(Path(folder).iterdir()):
+        if path.suffix not in (".bin", ".pkl", ".pt", ".pth"):  # the pickled files (safetensors cannot run code)
+            continue
         rank = re.fullmatch(r"random_states_(\d+)\.pkl", path.name)
         if rank and process_index is not None and int(rank.group(1)) != process_index:
-            continue
-        if path.suffix not in (".bin", ".pkl", ".pt", ".pth"):  # the pickled files (safetensors cannot run code)
             continue
         try:
             load(path, map_location="cpu")

@@ -29,8 +29,15 @@ from distvgg.preemption import Preempted
 # ------------------------------------------------------------------------------------------ starting a job
 
 # What the run's outputs are: moved aside, never deleted, when a run starts over in the same folder.
-RUN_OUTPUTS = (CHECKPOINTS_DIR, BEST_DIR, FINAL_DIR, "metrics.jsonl", "metrics.abandoned.jsonl", "config.yaml")
-RUN_OUTPUTS += ("tensorboard",)
+RUN_OUTPUTS = (
+    CHECKPOINTS_DIR,
+    BEST_DIR,
+    FINAL_DIR,
+    "metrics.jsonl",
+    "metrics.abandoned.jsonl",
+    "config.yaml",
+    "tensorboard",
+)
 
 
 class OutputLock:
