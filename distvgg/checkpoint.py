@@ -24,7 +24,6 @@ import torch
 from distvgg import files
 
 FORMAT_VERSION = 1
-_PICKLED_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 Say = Callable[[str], None]
 
 
@@ -120,14 +119,33 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
         old = saved.get(key, "<absent>")
         if old == "<absent>" and value in (None, False):
             continue  # an option newer than the checkpoint, left off: the checkpoint ran without it too
-        if _normal(old) != _normal(value):
+        if json.loads(json.dumps(old)) != json.loads(json.dumps(value)):  # tuples and lists compare as saved
             out.append(f"{key}: {old!r} in the checkpoint, {value!r} now")
     return out
 
 
-def _normal(v: Any) -> Any:
-    """JSON round-trip, so that tuples and lists (and ints and floats) compare as they are saved."""
-    return json.loads(json.dumps(v))
+def check_compatible(
+    folder: str | os.PathLike, state: TrainingState, now: dict[str, Any], batch_change: bool = False
+) -> None:
+    """Refuse to continue ``folder`` (a checkpoint, or final/) when settings that change the computation differ from
+    its own (the layout of the global batch aside; the global batch too with ``batch_change``: --allow-batch-change),
+    listing the differences."""
+    skip = (*LAYOUT, "global_batch") if batch_change else LAYOUT
+    diff = differences(state.exact, {k: v for k, v in now.items() if k not in skip})
+    if any(d.startswith("image_size:") for d in diff):
+        old, new = state.exact.get("image_size"), now.get("image_size")
+        diff.insert(
+            0,
+            f"the checkpoint's model was trained on {old[0]}x{old[1]} images but the dataset has "
+            f"{new[0]}x{new[1]} images: its layers do not fit them (use the dataset it was trained on)",
+        )
+    if diff:
+        raise CheckpointError(
+            f"this run's settings differ from those of {Path(folder)}, so it cannot continue it exactly:\n  - "
+            + "\n  - ".join(diff)
+            + "\nRun with the checkpoint's settings to continue it, or start a new run: "
+            "another --output-dir, or --resume none (which moves the earlier outputs aside, deleting nothing)."
+        )
 
 
 # ---------------------------------------------------------------------------------- files on disk
@@ -143,21 +161,18 @@ def latest_good(output_dir: str | os.PathLike, say: Say) -> Path | None:
         say(f"warning: resuming from the previous good checkpoint {good}")
     if good is not None or not bad:
         return good
+    listed = "".join(f"\n  - {folder}: {problem}" for folder, problem in bad)
     raise CheckpointError(
-        "no usable checkpoint in "
-        + str(Path(output_dir) / files.CHECKPOINTS_DIR)
-        + ":\n  - "
-        + "\n  - ".join(f"{folder}: {problem}" for folder, problem in bad)
-        + "\nMove these folders away (or pass --resume none, which "
-        "moves the run's outputs aside) to start over, or --resume PATH to use another checkpoint."
+        f"no usable checkpoint in {Path(output_dir) / files.CHECKPOINTS_DIR}:{listed}\nMove these folders away (or "
+        "pass --resume none, which moves the run's outputs aside) to start over, or --resume PATH to use another "
+        "checkpoint."
     )
 
 
 def rotate(output_dir: str | os.PathLike, keep_last: int, newest_good: Path | None = None) -> list[Path]:
-    """Delete checkpoints older than the ``keep_last`` newest ones that have a marker, but never the
-    newest good one (``newest_good``, e.g. the one just written; else the newest that verifies).
-    Folders without a marker are left alone: never used, they may help to find out what went wrong.
-    Returns the deleted folders."""
+    """Delete (and return) the checkpoints older than the ``keep_last`` newest ones that have a marker, but never the
+    newest good one (``newest_good``, e.g. the one just written; else the newest that verifies). Folders without a
+    marker are left alone: never used, they may help to find out what went wrong."""
     # Counting markers rather than verifying every kept checkpoint: hashing them all at every save
     # would cost seconds for large models; the one that must survive is verified (or just written).
     marked = [folder for _, folder in files.step_folders(output_dir) if (folder / files.MARKER_FILE).is_file()]
@@ -169,27 +184,22 @@ def rotate(output_dir: str | os.PathLike, keep_last: int, newest_good: Path | No
     return doomed
 
 
-def _load_weights_only(path: Path) -> Any:
-    """Accelerate's own loader (``torch.load(weights_only=True)`` plus its NumPy allow-list)."""
-    from accelerate.utils import load
-
-    return load(path, map_location="cpu")
-
-
 def check_loadable(folder: str | os.PathLike, process_index: int | None = None) -> None:
-    """Open every pickled file of a checkpoint with ``weights_only=True``; refuse, naming the file,
-    any that holds something else (a pickle can run code when loaded). With ``process_index``, other
-    processes' RNG files are left to them."""
+    """Open every pickled file of a checkpoint with Accelerate's own loader (``torch.load(weights_only=True)`` plus
+    its NumPy allow-list); refuse, naming the file, any that holds something else (a pickle can run code when
+    loaded). With ``process_index``, other processes' RNG files are left to them."""
     import pickle
 
+    from accelerate.utils import load
+
     for path in sorted(Path(folder).iterdir()):
-        if path.suffix not in _PICKLED_SUFFIXES:
+        if path.suffix not in (".bin", ".pkl", ".pt", ".pth"):  # the pickled files (safetensors cannot run code)
             continue
         rank = re.fullmatch(r"random_states_(\d+)\.pkl", path.name)
         if rank and process_index is not None and int(rank.group(1)) != process_index:
             continue
         try:
-            _load_weights_only(path)
+            load(path, map_location="cpu")
         except pickle.UnpicklingError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
@@ -206,16 +216,17 @@ def check_loadable(folder: str | os.PathLike, process_index: int | None = None) 
 
 
 def restore_rng(folder: str | os.PathLike, process_index: int) -> bool:
-    """Set this process's RNG states from the checkpoint (Accelerate's ``random_states_<rank>.pkl``).
-    Returns False when the file is absent."""
+    """Set this process's RNG states from the checkpoint (Accelerate's ``random_states_<rank>.pkl``; its
+    ``load_state`` swallows a failure to read them). Returns False when the file is absent."""
     import random
 
     import numpy as np
+    from accelerate.utils import load
 
     path = Path(folder) / f"random_states_{process_index}.pkl"
     if not path.is_file():
         return False
-    states = _load_weights_only(path)
+    states = load(path, map_location="cpu")
     random.setstate(states["random_state"])
     np.random.set_state(states["numpy_random_seed"])
     torch.set_rng_state(states["torch_manual_seed"])
@@ -224,6 +235,18 @@ def restore_rng(folder: str | os.PathLike, process_index: int) -> bool:
         for device, state in enumerate(states["torch_cuda_manual_seed"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(state, device)
     return True
+
+
+def tensor_bytes(*state_dicts: dict[str, Any]) -> int:
+    """The bytes of every tensor in (nested) state dicts: about what a checkpoint of them takes."""
+
+    def walk(x: Any) -> int:
+        if torch.is_tensor(x):
+            return x.numel() * x.element_size()
+        values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
+        return sum(walk(v) for v in values)
+
+    return walk(list(state_dicts))
 
 
 # ----------------------------------------------------------------------------------- collective save
@@ -242,15 +265,14 @@ def save_checkpoint(
     library raised); the half-written folder is removed at once, and the previous checkpoint stays good.
     ``size``: an estimate of the checkpoint's bytes, asked for only when a write fails."""
     root = Path(output_dir) / files.CHECKPOINTS_DIR
+    name, main = files.step_folder_name(state.global_step), accelerator.is_main_process
     last = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
-    need = lambda: _folder_bytes(previous) or size()  # noqa: E731
     try:
-        with files.writing(root, need, f"the checkpoint of step {state.global_step}", last[0].upper() + last[1:]):
-            return _save_checkpoint(accelerator, Path(output_dir), state, keep_last, previous)
+        with files.writing(root, size, f"the checkpoint of step {state.global_step}", last[0].upper() + last[1:]):
+            return _save_checkpoint(accelerator, root / f".tmp-{name}", root / name, state, keep_last, previous)
     except Exception as e:
-        main = accelerator.is_main_process
-        if main:  # every process has finished writing (or never started): see _agree
-            shutil.rmtree(root / f".tmp-{files.step_folder_name(state.global_step)}", ignore_errors=True)
+        if main:  # every process has finished writing (or never started): see _together
+            shutil.rmtree(root / f".tmp-{name}", ignore_errors=True)
         else:
             e.reported_by_main = True  # every process has the error: the main process tells the user, once
         if not isinstance(e, OSError) or isinstance(e, files.DiskFull):
@@ -262,59 +284,12 @@ def save_checkpoint(
         ) from e
 
 
-def tensor_bytes(*state_dicts: dict[str, Any]) -> int:
-    """The bytes of every tensor in (nested) state dicts: about what a checkpoint of them takes."""
-
-    def walk(x: Any) -> int:
-        if torch.is_tensor(x):
-            return x.numel() * x.element_size()
-        values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
-        return sum(walk(v) for v in values)
-
-    return walk(list(state_dicts))
-
-
-def _folder_bytes(folder: Path | None) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder and folder.is_dir() else 0
-
-
-def _agree(accelerator: Any, error: Exception | None) -> None:
-    """A sync point where every process learns whether any of them failed, so none waits for one that stopped."""
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        failed = [e for e in gather_object([str(error) if error else ""]) if e]
-        if failed and error is None:
-            raise CheckpointError(f"another process could not write the checkpoint: {failed[0]}")
-    if error is not None:
-        raise error
-
-
-def _attempt(work: Callable[[], None], when: bool = True) -> Exception | None:
-    """``work()``'s error, if any, to be agreed on: a process that raised at once would leave the others waiting."""
-    try:
-        if when:
-            work()
-    except Exception as e:  # noqa: BLE001 - whatever it is, every process must learn of it (see _agree)
-        return e
-    return None
-
-
 def _save_checkpoint(
-    accelerator: Any, output_dir: Path, state: TrainingState, keep_last: int, previous: Path | None
+    accelerator: Any, tmp: Path, final: Path, state: TrainingState, keep_last: int, previous: Path | None
 ) -> Path:
-    """``accelerator.save_state`` (model in safetensors, optimizer, scheduler, GradScaler, each process's RNG
-    states) and ``training_state.json`` go to ``checkpoints/.tmp-step-N``; once every process has written
-    and flushed its files, the main process writes the ``COMPLETE`` marker, renames the folder to
-    ``checkpoints/step-N`` and rotates old checkpoints. ``previous``: the last checkpoint this run wrote; if
-    it has the same step (an epoch end right after a periodic checkpoint) the new one replaces it.
-    """
-    root = output_dir / files.CHECKPOINTS_DIR
-    tmp, final = (
-        root / f".tmp-{files.step_folder_name(state.global_step)}",
-        root / files.step_folder_name(state.global_step),
-    )
-    main = accelerator.is_main_process
+    """``save_state`` and ``training_state.json`` go to ``tmp``; once every process has written and flushed its files,
+    the main process writes the ``COMPLETE`` marker, renames ``tmp`` to ``final`` and rotates old checkpoints."""
+    root, main = final.parent, accelerator.is_main_process
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -342,12 +317,30 @@ def _save_checkpoint(
         files.fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        rotate(output_dir, keep_last, newest_good=final)
+        rotate(root.parent, keep_last, newest_good=final)
 
-    _agree(accelerator, _attempt(prepare, main))
-    _agree(accelerator, _attempt(write))  # every process's files are in tmp
-    _agree(accelerator, _attempt(publish, main))
+    _together(accelerator, prepare, on_this_process=main)
+    _together(accelerator, write)  # every process's files are in tmp
+    _together(accelerator, publish, on_this_process=main)
     return final
+
+
+def _together(accelerator: Any, work: Callable[[], None], on_this_process: bool = True) -> None:
+    """``work()``, then a sync point where every process learns whether any of them failed: a process that raised at
+    once would leave the others waiting in the next collective."""
+    from accelerate.utils import gather_object
+
+    error = None
+    try:
+        if on_this_process:
+            work()
+    except Exception as e:  # noqa: BLE001 - whatever it is, every process must learn of it
+        error = e
+    failed = [m for m in gather_object([(str(error) or type(error).__name__) if error else ""]) if m]
+    if failed and error is None:
+        raise CheckpointError(f"another process could not write the checkpoint: {failed[0]}")
+    if error is not None:
+        raise error
 
 
 def load_checkpoint(accelerator: Any, folder: str | os.PathLike, saved_processes: int | None = None) -> None:
@@ -368,39 +361,7 @@ def load_checkpoint(accelerator: Any, folder: str | os.PathLike, saved_processes
         )
 
 
-# ------------------------------------------------------------------------------ starting or resuming
-
-
-def changed_message(where: Path, diff: list[str]) -> str:
-    return (
-        f"this run's settings differ from those of {where}, so it cannot continue it exactly:\n  - "
-        + "\n  - ".join(diff)
-        + "\nRun with the checkpoint's settings to continue it, or start a new run: "
-        "another --output-dir, or --resume none (which moves the earlier outputs aside, deleting nothing)."
-    )
-
-
-def check_compatible(
-    folder: str | os.PathLike, state: TrainingState, now: dict[str, Any], batch_change: bool = False
-) -> None:
-    """Refuse to resume when settings that change the computation differ from the checkpoint's (the layout of
-    the global batch aside; the global batch too with ``batch_change``: --allow-batch-change)."""
-    skip = (*LAYOUT, "global_batch") if batch_change else LAYOUT
-    diff = differences(state.exact, {k: v for k, v in now.items() if k not in skip})
-    if not diff:
-        return
-    sizes = [d for d in diff if d.startswith("image_size:")]
-    if sizes:
-        old, new = state.exact.get("image_size"), now.get("image_size")
-        diff.insert(
-            0,
-            f"the checkpoint's model was trained on {old[0]}x{old[1]} images but the dataset has "
-            f"{new[0]}x{new[1]} images: its layers do not fit them (use the dataset it was trained on)",
-        )
-    raise CheckpointError(changed_message(Path(folder), diff))
-
-
-# ------------------------------------------------------------------------------------- stop signals
+# ------------------------------------------------------------------------------------- models and numbers
 
 
 def all_finite(accelerator: Any, model: torch.nn.Module, running_loss: torch.Tensor | None) -> bool:
@@ -423,6 +384,5 @@ def save_model_folder(folder: Path, model: torch.nn.Module, spec: dict[str, Any]
         if state is not None:
             (tmp / files.STATE_FILE).write_text(state.to_json())
 
-    need = lambda: tensor_bytes(model.state_dict())  # noqa: E731
-    with files.writing(folder.parent, need, f"{folder.name}/"):
+    with files.writing(folder.parent, lambda: tensor_bytes(model.state_dict()), f"{folder.name}/"):
         return files.replace_folder(folder, write)

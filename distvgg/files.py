@@ -44,13 +44,10 @@ def free_bytes(folder: str | os.PathLike) -> int:
 def writing(
     folder: str | os.PathLike, need: int | Callable[[], int] = 0, what: str = "", note: str = ""
 ) -> Iterator[None]:
-    """Turn any failure of the writes in the block into ``DiskFull`` when the filesystem of ``folder`` is full.
-
-    Libraries report a full disk in their own ways (torch's zip writer raises RuntimeError "unexpected pos",
-    not OSError ENOSPC), so the test is the free space left: less than ``need`` bytes (an estimate of what the
-    write takes; a callable is asked only on failure), or under 1 MiB when the size is unknown. Any other
-    failure is re-raised as it is. ``note`` (e.g. that the previous checkpoint is intact) goes into the message.
-    """
+    """Any failure of the writes in the block becomes ``DiskFull`` when the filesystem of ``folder`` is full: with
+    ENOSPC/EDQUOT, or less free space than ``need`` (an estimate of the write's bytes; a callable is asked only on
+    failure) or 1 MiB, since libraries report a full disk in their own ways (torch's zip writer raises RuntimeError
+    "unexpected pos"). Other failures are re-raised as they are; ``note`` goes into the message."""
     try:
         yield
     except DiskFull:
@@ -90,16 +87,12 @@ def fsync_file(path: Path) -> None:
 
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in ``path`` durable (POSIX: fsync the directory)."""
-    try:
+    with contextlib.suppress(OSError):  # some filesystems do not support fsync on directories
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems do not support fsync on directories
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def sha256(path: Path) -> str:
@@ -120,10 +113,8 @@ def write_marker(folder: Path) -> None:
     for p in files_in(folder):
         fsync_file(p)
         files[p.relative_to(folder).as_posix()] = {"size": p.stat().st_size, "sha256": sha256(p)}
-    with open(folder / MARKER_FILE, "w") as f:
-        json.dump({"format": MARKER_FORMAT, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    (folder / MARKER_FILE).write_text(json.dumps({"format": MARKER_FORMAT, "files": files}, indent=1))
+    fsync_file(folder / MARKER_FILE)
     fsync_dir(folder)
 
 
@@ -153,26 +144,19 @@ def verify(folder: str | os.PathLike, required: str = STATE_FILE) -> str | None:
     return None
 
 
-def stamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-
-
 def unused_name(path: Path, suffix: str) -> Path:
     """``path`` with ``<suffix>-<UTC time>`` appended, and a counter if that exists too."""
-    dest, n = path.with_name(f"{path.name}{suffix}-{stamp()}"), 1
+    dest = first = path.with_name(f"{path.name}{suffix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    n = 1
     while dest.exists():
-        dest, n = path.with_name(f"{path.name}{suffix}-{stamp()}-{n}"), n + 1
+        dest, n = first.with_name(f"{first.name}-{n}"), n + 1
     return dest
 
 
 def replace_folder(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write a folder with ``write(tmp)`` and put it at ``target`` in place of the old one.
-
-    A directory cannot be replaced by one atomic rename, so: write ``.NAME.tmp``, fsync it, rename
-    the old folder to ``.NAME.old``, rename the new one into place, delete the old one. A crash
-    leaves either the old or the new folder at ``target``, or (between the two renames) the old one
-    at ``.NAME.old``, which the next call puts back first.
-    """
+    """Write a folder with ``write(tmp)`` and put it at ``target`` in place of the old one. No single rename replaces
+    a directory, so: write and fsync ``.NAME.tmp``, rename the old folder to ``.NAME.old``, the new one into place,
+    delete the old one. A crash between the two renames leaves the old one at ``.NAME.old``: put back first."""
     target = Path(target)
     tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
     if old.exists() and not target.exists():
@@ -203,10 +187,8 @@ def step_folder_name(step: int) -> str:
 def step_folders(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """``(step, folder)`` of every ``checkpoints/step-XXXXXXXX`` (good or not), oldest first."""
     root = Path(output_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [(int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name)]
-    return sorted(found)
+    found = root.iterdir() if root.is_dir() else ()
+    return sorted((int(p.name[5:]), p) for p in found if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name))
 
 
 def newest_good(output_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:

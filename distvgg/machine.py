@@ -1,7 +1,4 @@
-"""Facts about the machine a run or a benchmark runs on: device name, load, package versions, bf16 support.
-
-Nothing runs at import time; each function reads its facts when it is called.
-"""
+"""Facts about the machine a run or a benchmark runs on: device name, load, package versions, bf16 support."""
 
 from __future__ import annotations
 
@@ -17,18 +14,15 @@ CPUINFO = "/proc/cpuinfo"
 BF16_FLAGS = {"flags": {"avx512_bf16", "amx_bf16"}, "Features": {"bf16"}}
 
 
-def read_cpuinfo() -> str:
-    """/proc/cpuinfo's text; empty where there is none (not Linux)."""
-    try:
-        with open(CPUINFO) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def _cpuinfo_fields(cpuinfo: str | None) -> Iterable[tuple[str, str]]:
-    # The stdlib has no cpuinfo parser: each line is "key<tabs>: value".
-    for line in (read_cpuinfo() if cpuinfo is None else cpuinfo).splitlines():
+    """(key, value) of each line of ``cpuinfo`` (default: /proc/cpuinfo's text; none where it is absent)."""
+    if cpuinfo is None:
+        try:
+            with open(CPUINFO) as f:
+                cpuinfo = f.read()
+        except OSError:  # not Linux
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():  # the stdlib has no cpuinfo parser: each line is "key<tabs>: value"
         key, sep, value = line.partition(":")
         if sep:
             yield key.strip(), value.strip()
@@ -49,8 +43,8 @@ def device_name(device: Any = "cpu") -> str:
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes bf16 natively (x86: avx512_bf16 or amx_bf16; arm: bf16). Without it, torch
-    emulates bf16 in fp32 and is many times slower than fp32. Unknown (no /proc/cpuinfo): False."""
+    """Whether this CPU computes bf16 natively; without it torch emulates bf16, many times slower than fp32.
+    Unknown (no /proc/cpuinfo): False."""
     return any(BF16_FLAGS.get(key, set()) & set(value.split()) for key, value in _cpuinfo_fields(cpuinfo))
 
 

@@ -28,15 +28,9 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """SIGTERM/SIGUSR1 set a flag; the training loop checks it between steps.
-
-    The handler only records the signal (nothing else is safe in a signal handler). Every process
-    of a SLURM job gets the signal, but ranks may see it at different steps, so the decision to stop
-    is an all-reduce of the flags: every step with one process (no communication needed), every
-    ``SIGNAL_CHECK_EVERY`` steps and at epoch ends with several. On a GPU the periodic all-reduce is queued
-    without waiting and its result read at the next check, so every process still stops at the same step,
-    ``SIGNAL_CHECK_EVERY`` steps later. Repeated signals are ignored: the launcher (torchrun) forwards
-    SIGTERM to its workers, which SLURM may have signalled already.
+    """SIGTERM/SIGUSR1 set a flag (nothing else is safe in a signal handler); the training loop checks it between
+    steps. Ranks may see a signal at different steps, so stopping is agreed on by an all-reduce of the flags (see
+    SIGNAL_CHECK_EVERY). Repeated signals are ignored: torchrun forwards SIGTERM to workers SLURM signalled already.
     """
 
     def __init__(self) -> None:
@@ -45,10 +39,7 @@ class StopSignals:
         self._pending: tuple[torch.Tensor, Any] | None = None  # the queued all-reduce: its result and done-event
 
     def install(self) -> StopSignals:
-        for name in STOP_SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in _stop_signals()}
         return self
 
     def uninstall(self) -> None:
@@ -58,14 +49,11 @@ class StopSignals:
         self._previous.clear()
 
     def ignore_from_now(self) -> None:
-        """Ignore the stop signals for the rest of the process: after a preemption checkpoint, the
-        launcher may SIGTERM a worker that is still shutting down (its peer exited first), and a
-        Python handler would not help: Python resets its handlers to the default while it finalises,
+        """Ignore the stop signals for the rest of the process: after a preemption checkpoint, the launcher may
+        SIGTERM a worker still shutting down, and Python resets its handlers to the default while it finalises
         but leaves an ignored signal ignored. (A hung process is still ended by the launcher's SIGKILL.)"""
-        for name in STOP_SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                signal.signal(sig, signal.SIG_IGN)
+        for sig in _stop_signals():
+            signal.signal(sig, signal.SIG_IGN)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -94,8 +82,7 @@ class StopSignals:
         previous, cuda = self._pending, accelerator.device.type == "cuda"
         flag = torch.tensor([1.0 if self.reason else 0.0], pin_memory=cuda)
         reduced = accelerator.reduce(flag.to(accelerator.device, non_blocking=True), reduction="sum")
-        result = torch.empty(1, pin_memory=cuda)
-        result.copy_(reduced, non_blocking=True)
+        result = torch.empty(1, pin_memory=cuda).copy_(reduced, non_blocking=True)
         event = torch.cuda.Event() if cuda else None
         if event is not None:
             event.record()
@@ -105,3 +92,7 @@ class StopSignals:
         if previous[1] is not None:
             previous[1].synchronize()  # finished SIGNAL_CHECK_EVERY steps ago: returns at once
         return previous[0].item() > 0
+
+
+def _stop_signals() -> list[signal.Signals]:
+    return [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]  # no SIGUSR1 on Windows

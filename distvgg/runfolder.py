@@ -28,7 +28,6 @@ from distvgg.preemption import Preempted
 
 # ------------------------------------------------------------------------------------------ starting a job
 
-LOCK_FILE = ".lock"
 # What the run's outputs are: moved aside, never deleted, when a run starts over in the same folder.
 RUN_OUTPUTS = (
     CHECKPOINTS_DIR,
@@ -41,6 +40,53 @@ RUN_OUTPUTS = (
 )
 
 
+class OutputLock:
+    """One job per --output-dir: an OS file lock (``flock``) on ``OUTPUT_DIR/.lock``, taken by the main process
+    before it reads or writes anything else there and held until the job ends. The OS frees it when its
+    process ends, however it ends (kill -9, a crash, a reboot), so a dead job never blocks the next one."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.path, self.file = Path(output_dir) / ".lock", None
+
+    def acquire(self) -> None:
+        """Take the lock, then check that the folder is writable, before any training time is spent."""
+        import fcntl
+        import socket
+
+        folder, probe = self.path.parent, self.path.parent / f".write-test-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a+")  # held open for the whole job; "a+" never truncates another's
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            probe.write_text("ok\n")
+            probe.unlink()
+        except BlockingIOError:  # the lock is held
+            self.file.seek(0)
+            holder = self.file.read().strip() or "holder unknown"
+            self.release()
+            raise ckpt.CheckpointError(
+                f"--output-dir {folder} is in use by another job ({holder}); nothing was read or written. "
+                f"Wait for it to end, stop it, or choose another --output-dir"
+            ) from None
+        except OSError as e:
+            self.release()
+            raise ckpt.CheckpointError(
+                f"cannot write to --output-dir {folder} ({e.strerror or e}): choose a folder you can write to, or "
+                f"fix its permissions"
+            ) from e
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(
+            f"host {socket.gethostname()}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+        )
+        self.file.flush()
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the file releases the lock
+            self.file = None
+
+
 @dataclass
 class StartPlan:
     """What ``plan_start`` decided, as plain data (it is broadcast to every process)."""
@@ -51,25 +97,58 @@ class StartPlan:
     note: str = ""
 
 
-def check_writable(output_dir: str | os.PathLike) -> None:
-    """Create ``output_dir`` and write a file in it, before any training time is spent."""
-    path = Path(output_dir)
-    probe = path / f".write-test-{os.getpid()}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok\n")
-        probe.unlink()
-    except OSError as e:
-        raise ckpt.CheckpointError(
-            f"cannot write to --output-dir {path} ({e.strerror or e}): choose a folder you can "
-            f"write to, or fix its permissions"
-        ) from e
+def agree_on_start(
+    accelerator: Any, output_dir: str, resume: str, options: dict[str, Any], lock: OutputLock
+) -> StartPlan:
+    """Take the output folder's lock and ``plan_start`` on the main process; its outcome (or its error) is
+    given to every process, so that no process waits in a collective for one that has stopped."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome: tuple[str, Any] = ("error", "no plan")
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+            outcome = ("ok", dataclasses.asdict(plan_start(output_dir, resume, options, accelerator.print)))
+        except ckpt.CheckpointError as e:
+            outcome = ("error", str(e))
+    outcome = broadcast_object_list([outcome], from_process=0)[0]
+    if outcome[0] == "error":
+        raise ckpt.CheckpointError(outcome[1], reported_by_main=True)
+    return StartPlan(**outcome[1])
 
 
-def move_aside(output_dir: str | os.PathLike) -> Path | None:
-    """Move an earlier run's outputs (checkpoints, best, final, metrics, config, TensorBoard events) into
-    ``OUTPUT_DIR/previous-<UTC time>/``, so that starting over loses nothing."""
+def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.Say) -> StartPlan:
+    """Decide how this run starts (main process only): resume from a checkpoint, report a finished run, or start
+    fresh with earlier outputs moved aside."""
     out = Path(output_dir)
+    if resume not in ("auto", "none"):
+        folder = Path(resume).expanduser()
+        if not folder.exists():
+            raise ckpt.CheckpointError(
+                f"--resume {resume}: no such checkpoint folder. Pass a folder such as "
+                f"{out / CHECKPOINTS_DIR / step_folder_name(400)}, or --resume auto"
+            )
+        if problem := verify(folder):
+            raise ckpt.CheckpointError(f"--resume {resume} is not a usable checkpoint: {problem}")
+        return StartPlan("resume", str(folder), (folder / STATE_FILE).read_text())
+    if resume == "auto":
+        final_state = out / FINAL_DIR / STATE_FILE
+        if final_state.is_file():
+            state = ckpt.TrainingState.from_json(final_state.read_text(), str(final_state))
+            ckpt.check_compatible(out / FINAL_DIR, state, {k: options[k] for k in ckpt.EXACT_OPTIONS if k in options})
+            if state.finished:
+                return StartPlan("complete", None, final_state.read_text())
+        folder = ckpt.latest_good(output_dir, say)
+        if folder is not None:
+            return StartPlan("resume", str(folder), (folder / STATE_FILE).read_text())
+    moved = move_aside(out)
+    note = f"; moved the earlier run's outputs to {moved}" if moved else ""
+    how = "--resume none" if resume == "none" else f"no checkpoint in {out / CHECKPOINTS_DIR}"
+    return StartPlan("fresh", note=f"starting a fresh run ({how}){note}")
+
+
+def move_aside(out: Path) -> Path | None:
+    """Move an earlier run's outputs into ``OUTPUT_DIR/previous-<UTC time>/``, so that starting over loses nothing."""
     present = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
     if not present:
         return None
@@ -78,106 +157,6 @@ def move_aside(output_dir: str | os.PathLike) -> Path | None:
     for p in present:
         p.rename(dest / p.name)
     return dest
-
-
-def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.Say) -> StartPlan:
-    """Decide how this run starts (main process only): check the output folder, then resume from a
-    checkpoint, report a finished run, or start fresh with earlier outputs moved aside."""
-    check_writable(output_dir)
-    if resume not in ("auto", "none"):
-        folder = Path(resume).expanduser()
-        if not folder.exists():
-            raise ckpt.CheckpointError(
-                f"--resume {resume}: no such checkpoint folder. Pass a folder such as "
-                f"{Path(output_dir) / CHECKPOINTS_DIR / step_folder_name(400)}, or --resume auto"
-            )
-        problem = verify(folder)
-        if problem:
-            raise ckpt.CheckpointError(f"--resume {resume} is not a usable checkpoint: {problem}")
-        return StartPlan("resume", str(folder), (folder / STATE_FILE).read_text())
-    if resume == "auto":
-        final_state = Path(output_dir) / FINAL_DIR / STATE_FILE
-        if final_state.is_file():
-            state = ckpt.TrainingState.from_json(final_state.read_text(), str(final_state))
-            diff = ckpt.differences(state.exact, {k: options[k] for k in ckpt.EXACT_OPTIONS if k in options})
-            if state.finished and not diff:
-                return StartPlan("complete", None, final_state.read_text())
-            if diff:
-                raise ckpt.CheckpointError(ckpt.changed_message(Path(output_dir) / FINAL_DIR, diff))
-        folder = ckpt.latest_good(output_dir, say)
-        if folder is not None:
-            return StartPlan("resume", str(folder), (folder / STATE_FILE).read_text())
-    moved = move_aside(output_dir)
-    note = f"; moved the earlier run's outputs to {moved}" if moved else ""
-    how = "--resume none" if resume == "none" else f"no checkpoint in {Path(output_dir) / CHECKPOINTS_DIR}"
-    return StartPlan("fresh", note=f"starting a fresh run ({how}){note}")
-
-
-class OutputLock:
-    """One job per --output-dir: an OS file lock (``flock``) on ``OUTPUT_DIR/.lock``, taken by the main process
-    before it reads or writes anything else there and held until the job ends. The OS frees it when its
-    process ends, however it ends (kill -9, a crash, a reboot), so a dead job never blocks the next one."""
-
-    def __init__(self, output_dir: str | os.PathLike) -> None:
-        self.path, self.file = Path(output_dir) / LOCK_FILE, None
-
-    def acquire(self) -> None:
-        import fcntl
-        import socket
-
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(self.path, "a+")  # noqa: SIM115 - held open for the whole job; "a+" never truncates another's
-        except OSError as e:
-            raise ckpt.CheckpointError(
-                f"cannot write to --output-dir {self.path.parent} ({e.strerror or e}): choose a "
-                f"folder you can write to, or fix its permissions"
-            ) from e
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "holder unknown"
-            f.close()
-            raise ckpt.CheckpointError(
-                f"--output-dir {self.path.parent} is in use by another job ({holder}); nothing was read or written. "
-                f"Wait for it to end, stop it, or choose another --output-dir"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n")
-        f.flush()
-        self.file = f
-
-    def release(self) -> None:
-        if self.file is not None:
-            self.file.close()  # closing the file releases the lock
-            self.file = None
-
-
-def agree_on_start(
-    accelerator: Any, output_dir: str, resume: str, options: dict[str, Any], lock: OutputLock
-) -> StartPlan:
-    """Take the output folder's lock and ``plan_start`` on the main process; its outcome (or its error) is
-    given to every process, so that no process waits in a collective for one that has stopped."""
-    outcome: tuple[str, Any] = ("error", "no plan")
-    if accelerator.is_main_process:
-        try:
-            lock.acquire()
-            plan = plan_start(output_dir, resume, options, accelerator.print)
-            outcome = ("ok", dataclasses.asdict(plan))
-        except ckpt.CheckpointError as e:
-            outcome = ("error", str(e))
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [outcome]
-        broadcast_object_list(box, from_process=0)
-        outcome = box[0]
-    if outcome[0] == "error":
-        raise ckpt.CheckpointError(outcome[1], reported_by_main=True)
-    return StartPlan(**outcome[1])
 
 
 def complete_message(output_dir: str, plan: StartPlan) -> str:
@@ -227,28 +206,6 @@ def training_state(run: build.Run, reason: str, finished: bool = False) -> ckpt.
     )
 
 
-def save_checkpoint(run: build.Run, reason: str, running_loss: torch.Tensor | None = None) -> Path:
-    """Check that the run is still finite, then write a checkpoint of it (every process)."""
-    acc = run.accelerator
-    if not ckpt.all_finite(acc, run.model, running_loss):
-        raise FloatingPointError(
-            f"the loss or the weights are not finite at step {run.global_step}: no checkpoint "
-            f"written. Lower --lr, set --max-grad-norm, or use bf16 instead of fp16"
-        )
-    state = training_state(run, reason)
-    folder = ckpt.save_checkpoint(
-        acc,
-        run.cfg.output_dir,
-        state,
-        run.cfg.keep_last,
-        previous=run.last_checkpoint,
-        size=lambda: ckpt.tensor_bytes(run.model.state_dict(), run.optimizer.state_dict()),
-    )
-    run.last_checkpoint = folder
-    acc.print(f"checkpoint: {folder} ({reason})")
-    return folder
-
-
 def save_best(run: build.Run) -> None:
     """best/ from the device copy, when it changed since it was last written (main process writes)."""
     if run.best_unsaved and run.best_weights is not None:
@@ -258,10 +215,22 @@ def save_best(run: build.Run) -> None:
 
 
 def checkpoint(run: build.Run, reason: str, running_loss: torch.Tensor | None = None) -> Path:
-    """best/ first (so that it is never behind a checkpoint's best accuracy), then the checkpoint of the run."""
+    """best/ first (so that it is never behind a checkpoint's best accuracy), then, if the loss and the weights are
+    still finite, the checkpoint of the run (every process)."""
     save_best(run)
+    acc = run.accelerator
     with run.clock.part("checkpoint"):
-        return save_checkpoint(run, reason, running_loss)
+        if not ckpt.all_finite(acc, run.model, running_loss):
+            raise FloatingPointError(
+                f"the loss or the weights are not finite at step {run.global_step}: no checkpoint "
+                f"written. Lower --lr, set --max-grad-norm, or use bf16 instead of fp16"
+            )
+        size = lambda: ckpt.tensor_bytes(run.model.state_dict(), run.optimizer.state_dict())  # noqa: E731
+        run.last_checkpoint = ckpt.save_checkpoint(
+            acc, run.cfg.output_dir, training_state(run, reason), run.cfg.keep_last, run.last_checkpoint, size
+        )
+        acc.print(f"checkpoint: {run.last_checkpoint} ({reason})")
+    return run.last_checkpoint
 
 
 def preempt(run: build.Run, reason: str | None, saved: bool, running_loss: torch.Tensor | None = None) -> None:
@@ -270,7 +239,32 @@ def preempt(run: build.Run, reason: str | None, saved: bool, running_loss: torch
     raise Preempted(str(reason), run.global_step, folder)
 
 
+def save_model(
+    run: build.Run, name: str, state: ckpt.TrainingState | None = None, weights: nn.Module | None = None
+) -> Path:
+    """``OUTPUT_DIR/<name>`` (best/, final/): weights and model.json, replaced atomically (main process)."""
+    cfg, folder = run.cfg, Path(run.cfg.output_dir) / name
+    if run.accelerator.is_main_process:
+        progress = {"best_accuracy": run.best_accuracy, "best_epoch": run.best_epoch, "global_step": run.global_step}
+        spec = model_spec(cfg.model, len(run.class_names), cfg.width, cfg.dropout, run.image_size, run.class_names)
+        spec.update(mean=cfg.mean, std=cfg.std, train_config=cfg.to_dict(), **progress)
+        weights = weights or (run.ema if run.ema is not None else run.plain)
+        ckpt.save_model_folder(folder, weights, spec, state)
+    return folder
+
+
 # ------------------------------------------------------------------------------------ continuing a checkpoint
+
+
+def begin(cfg: TrainConfig, accelerator: Any, plan: StartPlan) -> tuple[build.Run, tracking.Rewind | None, dict]:
+    """Set up the run of ``plan``. Resuming: first the accumulation steps that keep the checkpoint's global batch
+    (``fit_layout``), then the checkpoint's state (``resume``). Returns the run, the record's ``Rewind`` (main
+    process) and the facts to record (a changed global batch)."""
+    if plan.mode != "resume":
+        return build.setup(cfg, accelerator), None, {}
+    cfg, changed = fit_layout(cfg, plan, accelerator.num_processes, accelerator.print)
+    run = build.setup(cfg, accelerator)
+    return run, resume(run, plan), changed
 
 
 def fit_layout(
@@ -280,34 +274,29 @@ def fit_layout(
     by choosing the accumulation steps when they were left at 1 (said in one line); a refusal naming the options
     that would continue it when none do, unless --allow-batch-change (then returned as a fact to record)."""
     state = ckpt.TrainingState.from_json(plan.state or "", str(Path(plan.folder or "") / STATE_FILE))
-    old, per_step = state.global_batch, cfg.batch_size * num_processes
-    if per_step * cfg.gradient_accumulation_steps == old:
+    old, per_step, steps = state.global_batch, cfg.batch_size * num_processes, cfg.gradient_accumulation_steps
+    if per_step * steps == old:
         return cfg, {}
     if cfg.allow_batch_change:
         say(
-            f"--allow-batch-change: continuing {plan.folder} with a global batch of "
-            f"{per_step * cfg.gradient_accumulation_steps} instead of its {old}"
+            f"--allow-batch-change: continuing {plan.folder} with a global batch of {per_step * steps} instead of "
+            f"its {old}"
         )
         return cfg, {"batch_changed_from": old, "batch_changed_at_step": state.global_step}
-    if cfg.gradient_accumulation_steps == 1 and old % per_step == 0:
+    if steps == 1 and old % per_step == 0:
         steps = old // per_step
         say(
             f"keeping the checkpoint's global batch of {old}: {cfg.batch_size} x {num_processes} process(es) x "
             f"{steps} accumulated micro-batches (--gradient-accumulation-steps {steps})"
         )
         return dataclasses.replace(cfg, gradient_accumulation_steps=steps), {}
+    saved = {k: state.exact.get(k, "?") for k in ckpt.LAYOUT}
     raise ckpt.CheckpointError(
-        f"{plan.folder} was trained with a global batch of {old} ({layout(state.exact)}), and this run's is "
-        f"{per_step * cfg.gradient_accumulation_steps} ({cfg.batch_size} x {num_processes} process(es) x "
-        f"{cfg.gradient_accumulation_steps}). {continuing_command(state, num_processes)}, or add "
-        f"--allow-batch-change to continue with the new global batch (no longer the same run)"
-    )
-
-
-def layout(exact: dict[str, Any]) -> str:
-    return (
-        f"batch size {exact.get('batch_size', '?')} x {exact.get('num_processes', '?')} process(es) x "
-        f"{exact.get('gradient_accumulation_steps', '?')} accumulated micro-batches"
+        f"{plan.folder} was trained with a global batch of {old} (batch size {saved['batch_size']} x "
+        f"{saved['num_processes']} process(es) x {saved['gradient_accumulation_steps']} accumulated micro-batches), "
+        f"and this run's is {per_step * steps} ({cfg.batch_size} x {num_processes} process(es) x {steps}). "
+        f"{continuing_command(state, num_processes)}, or add --allow-batch-change to continue with the new global "
+        f"batch (no longer the same run)"
     )
 
 
@@ -316,50 +305,38 @@ def continuing_command(state: ckpt.TrainingState, num_processes: int) -> str:
     old = state.global_batch
     if old % num_processes:
         return f"On {num_processes} process(es) no batch size keeps it: launch {state.num_processes} process(es)"
-    micro = int(state.exact.get("batch_size") or old // num_processes)
-    if (old // num_processes) % micro:  # the checkpoint's micro-batch does not fit: the largest one that does
-        micro = max(b for b in range(1, micro + 1) if (old // num_processes) % b == 0)
-    steps = old // num_processes // micro
+    per_process = old // num_processes
+    micro = int(state.exact.get("batch_size") or per_process)
+    micro = max(b for b in range(1, micro + 1) if per_process % b == 0)  # the largest micro-batch that fits
     return (
-        f"To continue it, run the same command with --batch-size {micro} --gradient-accumulation-steps {steps} "
-        f"on {num_processes} process(es)"
+        f"To continue it, run the same command with --batch-size {micro} --gradient-accumulation-steps "
+        f"{per_process // micro} on {num_processes} process(es)"
     )
-
-
-def begin(cfg: TrainConfig, accelerator: Any, plan: StartPlan) -> tuple[build.Run, tracking.Rewind | None, dict]:
-    """Set up the run of ``plan``. Resuming: first the accumulation steps that keep the checkpoint's global batch
-    (``fit_layout``), then the checkpoint's state (``resume``). Returns the run, the record's ``Rewind`` (main
-    process) and the facts to record (a changed global batch)."""
-    changed: dict[str, Any] = {}
-    if plan.mode == "resume":
-        cfg, changed = fit_layout(cfg, plan, accelerator.num_processes, accelerator.print)
-    run = build.setup(cfg, accelerator)
-    return run, resume(run, plan) if plan.mode == "resume" else None, changed
 
 
 def resume(run: build.Run, plan: StartPlan) -> tracking.Rewind | None:
     """Check the checkpoint fits this run, load it, restore the counters (and the W&B run id); cut metrics.jsonl
     back to the checkpoint (main process: the returned ``Rewind``)."""
-    folder = Path(plan.folder or "")
+    folder, acc = Path(plan.folder or ""), run.accelerator
     state = ckpt.TrainingState.from_json(plan.state or "", str(folder / STATE_FILE))
     ckpt.check_compatible(folder, state, exact_settings(run), batch_change=run.cfg.allow_batch_change)
     fresh_schedule = run.scheduler.state_dict()
-    ckpt.load_checkpoint(run.accelerator, folder, state.num_processes)
+    ckpt.load_checkpoint(acc, folder, state.num_processes)
     run.epoch, run.global_step, run.step_in_epoch = state.epoch, state.global_step, state.step_in_epoch
     run.best_accuracy, run.best_epoch, run.skipped_steps = state.best_accuracy, state.best_epoch, state.skipped_steps
     run.wandb_run_id, run.last_checkpoint = state.wandb_run_id, folder
     if state.global_batch != run.global_batch:
         continue_with_new_batch(run, state, fresh_schedule)
-    run.accelerator.print(
+    acc.print(
         f"resuming from {folder}: step {state.global_step} of {state.total_steps}, epoch "
         f"{state.epoch + 1} at sample {state.sample_position} of its data order"
     )
-    if not run.accelerator.is_main_process:
+    if not acc.is_main_process:
         return None
     rewind = tracking.rewind_metrics(run.cfg.output_dir, state.global_step, state.metrics_rows)
     run.logger.rows = len(rewind.kept)
     if rewind.abandoned:
-        run.accelerator.print(
+        acc.print(
             f"moved {rewind.abandoned} record(s) logged after that checkpoint from {tracking.METRICS_FILE} to "
             f"{tracking.ABANDONED_FILE}: the steps they describe are run again"
         )
@@ -377,17 +354,3 @@ def continue_with_new_batch(run: build.Run, state: ckpt.TrainingState, fresh_sch
     with warnings.catch_warnings():  # torch warns of a step before any optimizer step: here that is the point
         warnings.simplefilter("ignore", UserWarning)
         schedule.step()  # sets every parameter group's lr for the step that comes next
-
-
-def save_model(
-    run: build.Run, name: str, state: ckpt.TrainingState | None = None, weights: nn.Module | None = None
-) -> Path:
-    """``OUTPUT_DIR/<name>`` (best/, final/): weights and model.json, replaced atomically (main process)."""
-    cfg, folder = run.cfg, Path(run.cfg.output_dir) / name
-    if run.accelerator.is_main_process:
-        progress = {"best_accuracy": run.best_accuracy, "best_epoch": run.best_epoch, "global_step": run.global_step}
-        spec = model_spec(cfg.model, len(run.class_names), cfg.width, cfg.dropout, run.image_size, run.class_names)
-        spec.update(mean=cfg.mean, std=cfg.std, train_config=cfg.to_dict(), **progress)
-        weights = weights or (run.ema if run.ema is not None else run.plain)
-        ckpt.save_model_folder(folder, weights, spec, state)
-    return folder

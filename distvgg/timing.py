@@ -29,11 +29,10 @@ class Clock:
     to the inner part only, so the parts never count a second twice and ``other`` is never negative."""
 
     def __init__(self) -> None:
-        self.totals = dict.fromkeys(PARTS, 0.0)
-        self.epoch = dict.fromkeys(PARTS, 0.0)
-        self.epoch_started = self.run_started = time.perf_counter()
         self._stack: list[str] = []
         self._since = 0.0
+        self.start_run()
+        self.start_epoch()
 
     @contextmanager
     def part(self, name: str) -> Iterator[None]:
@@ -54,30 +53,26 @@ class Clock:
         self.epoch[name] += seconds
 
     def start_run(self) -> None:
-        self.totals = dict.fromkeys(PARTS, 0.0)
-        self.run_started = time.perf_counter()
+        self.totals, self.run_started = dict.fromkeys(PARTS, 0.0), time.perf_counter()
 
     def start_epoch(self) -> None:
-        self.epoch = dict.fromkeys(PARTS, 0.0)
-        self.epoch_started = time.perf_counter()
+        self.epoch, self.epoch_started = dict.fromkeys(PARTS, 0.0), time.perf_counter()
 
     def end_epoch(self) -> dict[str, float]:
         """The epoch's split as ``time/<part>_seconds`` values (``time/wall_seconds`` their sum, with other)."""
-        wall = time.perf_counter() - self.epoch_started
-        split = {f"time/{name}_seconds": seconds for name, seconds in self.epoch.items()}
-        split["time/other_seconds"] = wall - sum(self.epoch.values())
-        split["time/wall_seconds"] = wall
-        return split
+        return _split("time", self.epoch, self.epoch_started)
 
     def summary(self, images: int) -> dict[str, float]:
         """The run's split so far as ``summary/<part>_seconds`` (train: the training steps only, the first compiled
         one apart), and ``summary/images_per_second``: the ``images`` of those steps over their seconds."""
-        wall = time.perf_counter() - self.run_started
-        split = {f"summary/{name}_seconds": seconds for name, seconds in self.totals.items()}
-        split["summary/other_seconds"] = wall - sum(self.totals.values())
-        split["summary/wall_seconds"] = wall
-        split["summary/images_per_second"] = images / max(self.totals["train"], 1e-9)
-        return split
+        images_per_second = images / max(self.totals["train"], 1e-9)
+        return {**_split("summary", self.totals, self.run_started), "summary/images_per_second": images_per_second}
+
+
+def _split(prefix: str, parts: dict[str, float], started: float) -> dict[str, float]:
+    wall = time.perf_counter() - started
+    split = {f"{prefix}/{name}_seconds": seconds for name, seconds in parts.items()}
+    return {**split, f"{prefix}/other_seconds": wall - sum(parts.values()), f"{prefix}/wall_seconds": wall}
 
 
 def describe(split: dict[str, float]) -> str:
@@ -101,10 +96,9 @@ def profiling(accelerator: Any, steps: int | None, output_dir: Path) -> Iterator
     from torch.profiler import tensorboard_trace_handler
 
     folder, written = output_dir / PROFILE_DIR, []
-    handler = tensorboard_trace_handler(str(folder))
 
     def ready(profiler: Any) -> None:
-        handler(profiler)
+        tensorboard_trace_handler(str(folder))(profiler)
         written.append(folder)
         accelerator.print(f"profile: {steps} training steps traced into {folder} (open with TensorBoard or Perfetto)")
 
