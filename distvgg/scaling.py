@@ -46,8 +46,6 @@ INTERCONNECTS = dict(zip(LINKS, (300e9, 50e9, 25e9, 3.125e9, 1.25e9)))
 
 def ring_allreduce_bytes(n: int, nbytes: float) -> float:
     """Bytes each of ``n`` ranks sends in a ring all-reduce: reduce-scatter, then all-gather, n - 1 steps each."""
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
     return 2 * (n - 1) / n * nbytes
 
 
@@ -59,9 +57,8 @@ def min_batch_per_gpu(seconds_per_image: float, comm: float, overlap: float = 0.
 def predict(num_params: int, seconds_per_image: float, batch_per_gpu: int, overlap: float = 0.0) -> list[dict]:
     """One row per (interconnect, gradient format, number of GPUs)."""
     compute, rows = batch_per_gpu * seconds_per_image, []
-    for (link, bandwidth), (fmt, width), n in itertools.product(
-        INTERCONNECTS.items(), GRADIENT_FORMATS.items(), GPU_COUNTS
-    ):
+    combinations = itertools.product(INTERCONNECTS.items(), GRADIENT_FORMATS.items(), GPU_COUNTS)
+    for (link, bandwidth), (fmt, width), n in combinations:
         sent = ring_allreduce_bytes(n, num_params * width)
         comm = sent / bandwidth
         step = compute + comm * (1.0 - overlap)
