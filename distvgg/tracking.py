@@ -419,7 +419,7 @@ def rewind_metrics(output_dir: str | os.PathLike, step: int, rows: int | None) -
     then metrics.jsonl is replaced atomically: a crash leaves both files whole, and no line is ever lost."""
     path, aside = Path(output_dir) / METRICS_FILE, Path(output_dir) / ABANDONED_FILE
     lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
-    parsed = [_parse_line(line) for line in lines]
+    parsed = [parse_record(line) for line in lines]
     if rows is None:
         rows = next((i for i, r in enumerate(parsed) if r is None or r.get("step", 0) > step), len(lines))
     keep, cut = lines[:rows], lines[rows:]
@@ -436,7 +436,8 @@ def rewind_metrics(output_dir: str | os.PathLike, step: int, rows: int | None) -
     return Rewind(step, [r for r in parsed[:rows] if r is not None], len(cut))
 
 
-def _parse_line(line: str) -> dict[str, Any] | None:
+def parse_record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl record, or None for a line that is not one."""
     try:
         record = json.loads(line)
     except ValueError:  # a killed run's torn last line
