@@ -165,8 +165,7 @@ class Tracking:
             return
         for message in self.messages:
             print(message, flush=True)
-        if self.wandb_mode == "offline" and self.offline_dirs():
-            dirs = " ".join(self.offline_dirs())
+        if self.wandb_mode == "offline" and (dirs := " ".join(self.offline_dirs())):
             print(f"W&B run {self.wandb_run_id} is saved offline in {dirs}\nupload it with:  wandb sync {dirs}")
 
 
@@ -230,7 +229,7 @@ def rewind_trackers(
     if rewind is None:
         return []
     init_kwargs["tensorboard"] = {"purge_step": rewind.step}
-    replay = [("tensorboard", r["step"], scalars(_values(r))) for r in rewind.kept if r.get("step") == rewind.step]
+    replay = [("tensorboard", r["step"], scalars(r)) for r in rewind.kept if r.get("step") == rewind.step]
     wandb_kwargs = init_kwargs.get("wandb")
     if wandb_kwargs is None or not rewind.abandoned or tracking.wandb_mode == "disabled":
         return replay
@@ -245,11 +244,7 @@ def rewind_trackers(
         f"W&B: steps after {rewind.step} were run again, so this run continues in a new W&B run, "
         f"{tracking.wandb_run_id} (its config names the earlier one, {old})"
     )
-    return replay + [("wandb", r["step"], scalars(_values(r))) for r in rewind.kept if "step" in r]
-
-
-def _values(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k != "step"}
+    return replay + [("wandb", r["step"], scalars(r)) for r in rewind.kept if "step" in r]
 
 
 def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exception) -> None:
@@ -289,8 +284,9 @@ def _jsonable(v: Any) -> Any:
 
 
 def scalars(values: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of a record (what the trackers chart; lists such as the confusion counts stay in metrics.jsonl)."""
-    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The numbers of a record but its step (what the trackers chart at that step; lists such as the confusion counts
+    stay in metrics.jsonl)."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
 class RunLogger:
@@ -306,13 +302,12 @@ class RunLogger:
         """Numbers go everywhere; lists (confusion counts) only to metrics.jsonl (``log_eval_media`` charts them)."""
         if not self.accelerator.is_main_process:
             return
-        values = {k: _jsonable(v) for k, v in values.items()}
-        record = {"step": step, **({"epoch": epoch} if epoch is not None else {}), **values}
-        line = json.dumps(record) + "\n"
+        values = {**({} if epoch is None else {"epoch": epoch}), **{k: _jsonable(v) for k, v in values.items()}}
+        line = json.dumps({"step": step, **values}) + "\n"
         with files.writing(self.path.parent, len(line), self.path.name), self.path.open("a") as f:
             f.write(line)
         self.rows += 1
-        self.accelerator.log(scalars({**values, **({"epoch": epoch} if epoch is not None else {})}), step=step)
+        self.accelerator.log(scalars(values), step=step)
 
     def has_tracker(self, name: str) -> bool:
         return self.accelerator.is_main_process and any(t.name == name for t in self.accelerator.trackers)
@@ -427,8 +422,7 @@ def rewind_metrics(output_dir: str | os.PathLike, step: int, rows: int | None) -
         with files.writing(path.parent, sum(map(len, lines)), f"{path.name} and {aside.name}"):
             with aside.open("a") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for line in cut)
-                f.flush()
-                os.fsync(f.fileno())
+            files.fsync_file(aside)
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(keep))
             files.fsync_file(tmp)
