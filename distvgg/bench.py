@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 import distvgg
-from distvgg import build, machine, train
+from distvgg import build, machine, timing, train
 from distvgg.bench_process import BenchError, RemoteLoop
 from distvgg.config import ConfigError, TrainConfig, count_problem, parse_config
 from distvgg.data import DEFAULT_DATASET, DataError, limited, load_image_data
@@ -114,14 +114,12 @@ class Timed:
         self.windows, self.first_step_seconds = [], 0.0  # windows: images/s of each timed window
 
     def time_steps(self, n: int) -> float:
-        cuda = self.device.type == "cuda"
-        if cuda:
+        if self.device.type == "cuda":
             set_backend_flags(self.flags)
-            torch.cuda.synchronize(self.device)
+        timing.sync_device(self.device)
         started = time.perf_counter()
         self.steps(n)
-        if cuda:
-            torch.cuda.synchronize(self.device)
+        timing.sync_device(self.device)
         return time.perf_counter() - started
 
     def warm_up(self, n: int) -> None:

@@ -19,6 +19,8 @@ PROG = "distvgg.evaluate"
 
 
 class _OneOrTwo(argparse.Action):
+    """``nargs="+"`` held to one or two values: argparse has no range of counts."""
+
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
         if len(values) > 2:
             parser.error(f"{option_string} takes one or two numbers (N, or H W), got {len(values)}")

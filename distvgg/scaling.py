@@ -11,6 +11,7 @@ DDP all-reduces every gradient once per step, in a ring (each GPU sends and rece
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -28,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from distvgg import machine
+from distvgg import machine, timing
 from distvgg.config import count_problem
 from distvgg.models import MODEL_NAMES, build_model, count_parameters
 
@@ -137,7 +138,7 @@ def timed_rounds(fns: Sequence[Callable[[], Any]], rounds: int, before: Callable
 
 def measure_compute(work: Workload, device: torch.device, steps: int = 3) -> float:
     """Seconds per image of one training step on ``device`` alone: the median of ``steps`` after a warm-up step."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = functools.partial(timing.sync_device, device)
     return statistics.median(timed_rounds([work.local_step(device)], steps, sync, sync)[0].tolist()) / work.batch
 
 
