@@ -253,6 +253,7 @@ def _decode_parts(parts, img, where, first, options, writer, log) -> dict[str, n
     """Every row of both splits, decoded in chunks by the workers; which rows were kept, by role."""
     keep = {role: np.zeros(len(ds), dtype=bool) for role, (_, ds) in zip(SPLITS, parts)}
     total, done, started = sum(len(k) for k in keep.values()), 0, time.monotonic()
+    last = started  # the time of the last progress line
     chunk = functools.partial(
         Chunk, path=str(writer.tmp), size=tuple(first[0]), first=first[1], skip=options["skip_bad_images"], where=where
     )
@@ -276,7 +277,6 @@ def _decode_parts(parts, img, where, first, options, writer, log) -> dict[str, n
             log(f"data: decoding: {done:,} of {total:,} images, {rate:,.0f}/s, about {left:,.0f} s left")
             last = now
 
-    last = started
     # The cores this process may run on: a container or a job scheduler may allow fewer than the machine has.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = options["decode_workers"] or min(cores, -(-total // ROWS_PER_WORKER))

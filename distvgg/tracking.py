@@ -219,13 +219,11 @@ def rewind_trackers(
     tracking: Tracking, cfg: Any, rewind: Rewind | None, init_kwargs: dict[str, Any], config: dict[str, Any]
 ) -> list[tuple[str, int, dict[str, Any]]]:
     """Make each tracker's record continue from the checkpoint's step, as metrics.jsonl does (docs/tracking.md);
-    returns the (tracker, step, values) to log again once they have started.
-
-    TensorBoard: ``purge_step`` hides every event from that step on, and the kept rows of that step are logged
-    again. W&B, when rows were cut (steps that will be run again): with ``--wandb-rewind`` online, W&B's rewind
-    (``resume_from``); otherwise W&B keeps the first values of a step, so a new W&B run starts, linked to the
-    old one in its config, and the kept rows are logged into it: its history is the run of the final model.
-    """
+    returns the (tracker, step, values) to log again once they have started. TensorBoard: ``purge_step`` hides every
+    event from that step on, and the kept rows of that step are logged again. W&B, when rows were cut (steps that
+    will be run again): with ``--wandb-rewind`` online, W&B's rewind (``resume_from``); otherwise W&B keeps the first
+    values of a step, so a new W&B run starts, linked to the old one in its config, and the kept rows are logged
+    into it: its history is the run of the final model."""
     if rewind is None:
         return []
     init_kwargs["tensorboard"] = {"purge_step": rewind.step}
