@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 import distvgg
-from distvgg import build, machine, train
+from distvgg import build, machine, timing, train
 from distvgg.bench_process import BenchError, RemoteLoop
 from distvgg.config import ConfigError, TrainConfig, count_problem, parse_config
 from distvgg.data import DEFAULT_DATASET, DataError, limited, load_image_data
@@ -82,14 +82,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--epochs", type=int, help="--time-to-accuracy: override the recipe's epochs")
     add("--seed", type=int, default=0)
     add("--json", default="runs/bench/bench.json", help="where to write the results (JSON)")
-    for flag, text in (
-        ("--compile", "torch.compile distvgg_best (compile time reported apart)"),
-        ("--search-best", "time candidate settings first; the fastest is distvgg_best"),
-        ("--fresh-cache", "decode into a temporary cache (a full first decode)"),
-        ("--no-throughput", "skip the three-loop comparison"),
-        ("--tiny", "CI mode: width 0.125, 256 images, steps 2, warm-up 1, repeats 2"),
-    ):
-        add(flag, action="store_true", help=text)
+    add("--compile", action="store_true", help="torch.compile distvgg_best (compile time reported apart)")
+    add("--search-best", action="store_true", help="time candidate settings first; the fastest is distvgg_best")
+    add("--fresh-cache", action="store_true", help="decode into a temporary cache (a full first decode)")
+    add("--no-throughput", action="store_true", help="skip the three-loop comparison")
+    add("--tiny", action="store_true", help="CI mode: width 0.125, 256 images, steps 2, warm-up 1, repeats 2")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -117,14 +114,12 @@ class Timed:
         self.windows, self.first_step_seconds = [], 0.0  # windows: images/s of each timed window
 
     def time_steps(self, n: int) -> float:
-        cuda = self.device.type == "cuda"
-        if cuda:
+        if self.device.type == "cuda":
             set_backend_flags(self.flags)
-            torch.cuda.synchronize(self.device)
+        timing.sync_device(self.device)
         started = time.perf_counter()
         self.steps(n)
-        if cuda:
-            torch.cuda.synchronize(self.device)
+        timing.sync_device(self.device)
         return time.perf_counter() - started
 
     def warm_up(self, n: int) -> None:
@@ -147,9 +142,8 @@ class Timed:
 
 
 class GuideImages(torch.utils.data.Dataset):
-    """torchvision's ``CIFAR10.__getitem__``, step for step, over images already in memory: an (H, W, C) uint8
-    array made a PIL image, then the guide's transform, per sample (``CIFAR10``'s constructor only reads its
-    pickle files, which the data here does not come from)."""
+    """torchvision's ``CIFAR10.__getitem__`` step for step (an HWC uint8 array made a PIL image, then the guide's
+    transform) over images in memory: ``CIFAR10``'s constructor reads pickle files, not the data here."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Any) -> None:
         self.data, self.targets = images.permute(0, 2, 3, 1).contiguous().numpy(), labels.tolist()
@@ -293,13 +287,13 @@ def throughput(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) -
     defaults = backend_flags()  # torch's: this process runs no setup
     best, search = search_best(args, out_dir, cache_dir) if args.search_best else (best_loop(args), None)
     # The guide's precision (torch's defaults) with distvgg's cuDNN autotuning.
-    same_t = RemoteLoop(same, loop_config(args, same, out_dir, cache_dir), flags=(*defaults[:2], True))
-    loops = [same_t, RemoteLoop(best, loop_config(args, best, out_dir, cache_dir))]
+    remote = [RemoteLoop(same, loop_config(args, same, out_dir, cache_dir), flags=(*defaults[:2], True))]
+    remote.append(RemoteLoop(best, loop_config(args, best, out_dir, cache_dir)))
     # The guide's loop trains on the very images distvgg trains on: the same data, limit and seed.
     data = load_image_data(args.dataset, cache_dir=cache_dir, log=lambda _: None)
     train_split, _ = limited(data.train, data.test, args.train_limit, None, args.seed)
     guide = GuideLoop(train_split.images, train_split.labels, data.num_classes, args, defaults)
-    loops.insert(0, guide)
+    loops = [guide, *remote]
     try:
         for t in loops:
             print(f"warming up {t.loop.name} ({args.warmup_steps} steps)", flush=True)
@@ -310,9 +304,9 @@ def throughput(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) -
         result: dict[str, Any] = {t.loop.name: t.summary() for t in loops}
     finally:
         for wait in (False, True):  # both end at once
-            for t in loops[1:]:
+            for t in remote:
                 t.close(wait)
-    for t in loops[1:]:  # the median of the per-round ratios
+    for t in remote:  # the median of the per-round ratios
         key = f"ratio_{t.loop.name.removeprefix('distvgg_')}_vs_seed"
         result[key] = round(statistics.median(x / y for x, y in zip(t.windows, guide.windows)), 3)
         speed = result[t.loop.name]["images_per_second"]

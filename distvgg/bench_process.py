@@ -3,6 +3,7 @@ Accelerate keeps one mixed precision per process, so loops of different precisio
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 from typing import Any
 
@@ -14,16 +15,15 @@ class BenchError(RuntimeError):
 
 
 def serve(conn: Any, loop: Any, cfg: Any, threads: int, flags: Any = None) -> None:
-    """A distvgg loop in a process of its own: built, then the parent's commands run one at a time, each
-    answered with its result (or the exception it raised): ``("warm_up", n)``, ``("measure", n)``, ``("summary",)``;
-    ``("close",)`` ends it."""
+    """A distvgg loop in a process of its own: built, then the parent's commands run one at a time, each answered with
+    its result: ``("warm_up", n)``, ``("measure", n)``, ``("summary",)``; ``("close",)`` ends it. A failure, also of
+    the setup, is answered with the exception."""
     from distvgg.bench import DistvggLoop  # here: bench imports this module
 
     torch.set_num_threads(threads)
     try:
         timed = DistvggLoop(loop, cfg)
         timed.flags = flags or timed.flags
-        conn.send(("ok", None))
         for command, *arguments in iter(conn.recv, ("close",)):
             conn.send(("ok", getattr(timed, command)(*arguments)))
         timed.run.accelerator.end_training()
@@ -44,17 +44,10 @@ class RemoteLoop:
         self.loop, self.windows, (self.conn, child) = loop, [], context.Pipe()
         self.process = context.Process(target=serve, args=(child, loop, cfg, torch.get_num_threads(), flags))
         self.process.start()  # it sets up while this process goes on; the first command waits for that
-        self.started = False
 
     def _call(self, *command: Any) -> Any:
-        if not self.started:
-            self.started = True
-            self._exchange()  # the answer to the setup
-        return self._exchange(*command)
-
-    def _exchange(self, *command: Any) -> Any:
         try:
-            if command:
+            with contextlib.suppress(BrokenPipeError):  # a process whose setup failed has its answer waiting
                 self.conn.send(command)
             status, value = self.conn.recv()
         except (EOFError, OSError):  # the process died (killed, out of memory): its output says why
@@ -77,10 +70,8 @@ class RemoteLoop:
 
     def close(self, wait: bool = True) -> None:
         """Ends the process (again: a no-op); ``wait=False`` only asks it to end (``close()`` later waits)."""
-        try:
+        with contextlib.suppress(OSError):  # it has ended already, or was asked to
             self.conn.send(("close",))
-        except OSError:  # it has ended already, or was asked to
-            pass
         if not wait:
             return
         self.process.join(timeout=60)

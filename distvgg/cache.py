@@ -21,7 +21,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
+
+from distvgg.files import fsync_file
 
 SPLITS = ("train", "test")
 PARTS = ("images", "labels")
@@ -90,17 +93,15 @@ class Writer:
         head, self.ranges = header(shapes, metadata)
         self.reserved, self.shapes = len(head), dict(shapes)  # a shrunk header is padded back to this length
         remove_stale(final.parent, f".{final.name}.")
-        fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            size = self.data_start + max(r.stop for r in self.ranges.values())
-            allocate = getattr(os, "posix_fallocate", None)  # not on macOS: a sparse file there
-            allocate(fd, 0, size) if allocate else os.ftruncate(fd, size)
-            os.pwrite(fd, len(head).to_bytes(8, "little") + head, 0)
+            with os.fdopen(os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644), "r+b") as f:
+                size = self.data_start + max(r.stop for r in self.ranges.values())
+                allocate = getattr(os, "posix_fallocate", None)  # not on macOS: a sparse file there
+                allocate(f.fileno(), 0, size) if allocate else f.truncate(size)
+                f.write(len(head).to_bytes(8, "little") + head)
         except BaseException:
-            os.close(fd)
             self.discard()
             raise
-        os.close(fd)
 
     @property
     def data_start(self) -> int:
@@ -122,8 +123,7 @@ class Writer:
             out = self.array(f"{split}_labels")
             out[:] = labels[split]
             out.flush()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(self.tmp)
 
     def _shrink(self, keep: Mapping[str, np.ndarray]) -> None:
         """Rows only ever move to lower offsets, in ascending order, so moving them in place never overwrites a row
@@ -166,15 +166,5 @@ def remove_stale(folder: Path, prefix: str) -> None:
     host = socket.gethostname()
     for path in folder.glob(f"{glob.escape(prefix + host)}-*"):
         pid = re.match(r"\d*", path.name[len(prefix + host) + 1 :]).group()
-        if pid and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -153,14 +154,12 @@ def decode_dataset_dict(dsd: Any, where: str, options: Mapping[str, Any], create
     for split, y in zip(splits, labels):
         check_labels(y, len(names), split, where)
     # Undecoded references (bytes and path), also of a binary or path-string column, read chunk by chunk as arrow.
-    parts = [
-        (s, dsd[s].cast_column(img, datasets.Image(decode=False)).with_format("arrow", columns=[img])) for s in splits
-    ]
+    undecoded = datasets.Image(decode=False)
+    parts = [(s, dsd[s].cast_column(img, undecoded).with_format("arrow", columns=[img])) for s in splits]
     size = options["image_size"]
     first = (size, "") if size else _first_size(*parts[0], img, where, options["skip_bad_images"])
-    writer = create(
-        shapes_for({r: len(ds) for r, (_, ds) in zip(SPLITS, parts)}, tuple(first[0])), [str(n) for n in names]
-    )
+    shapes = shapes_for({r: len(ds) for r, (_, ds) in zip(SPLITS, parts)}, tuple(first[0]))
+    writer = create(shapes, [str(n) for n in names])
     keep = _decode_parts(parts, img, where, first, options, writer, log)
     for (split, ds), kept in zip(parts, keep.values()):
         bad = np.flatnonzero(~kept)
@@ -243,15 +242,8 @@ def decode_chunk(c: Chunk) -> tuple[str, int, np.ndarray, str | None]:
             chw = resize(torch.from_numpy(pixels).permute(2, 0, 1), c.size).numpy()
         if chw.shape[1:] != c.size:
             (h, w), (ph, pw) = c.size, chw.shape[1:]
-            return (
-                c.role,
-                c.start,
-                keep,
-                (
-                    f"images of different sizes in {c.where}: {h}x{w} ({c.first}) and {ph}x{pw} (split {c.split!r}, "
-                    f"row {row}); pass --image-size to resize them"
-                ),
-            )
+            error = f"images of different sizes in {c.where}: {h}x{w} ({c.first}) and {ph}x{pw} (split {c.split!r}, "
+            return c.role, c.start, keep, error + f"row {row}); pass --image-size to resize them"
         out[row - c.start], keep[row - c.start] = chw, True
     out.flush()
     return c.role, c.start, keep, None
@@ -260,33 +252,34 @@ def decode_chunk(c: Chunk) -> tuple[str, int, np.ndarray, str | None]:
 def _decode_parts(parts, img, where, first, options, writer, log) -> dict[str, np.ndarray]:
     """Every row of both splits, decoded in chunks by the workers; which rows were kept, by role."""
     keep = {role: np.zeros(len(ds), dtype=bool) for role, (_, ds) in zip(SPLITS, parts)}
-    total = sum(len(k) for k in keep.values())
+    total, done, started = sum(len(k) for k in keep.values()), 0, time.monotonic()
+    last = started  # the time of the last progress line
+    chunk = functools.partial(
+        Chunk, path=str(writer.tmp), size=tuple(first[0]), first=first[1], skip=options["skip_bad_images"], where=where
+    )
     chunks = (  # made as the workers need them: only the chunks in flight are in memory
-        Chunk(
-            _refs(ds, img, a, a + CHUNK),
-            split,
-            role,
-            a,
-            str(writer.tmp),
-            writer.offset(f"{role}_images"),
-            tuple(first[0]),
-            first[1],
-            options["skip_bad_images"],
-            where,
-        )
+        chunk(_refs(ds, img, a, a + CHUNK), split, role, a, offset=writer.offset(f"{role}_images"))
         for role, (split, ds) in zip(keep, parts)
         for a in range(0, len(ds), CHUNK)
     )
-    progress = _Progress(total, log)
 
     def handle(result: tuple[str, int, np.ndarray, str | None]) -> None:
+        """Take a chunk's rows; a line every PROGRESS_EVERY seconds (rows per second, time left), fine in a log file."""
+        nonlocal done, last
         role, start, kept, error = result
         if error:
             raise DataError(error)
         keep[role][start : start + len(kept)] = kept
-        progress.add(len(kept))
+        done, now = done + len(kept), time.monotonic()
+        if now - last >= PROGRESS_EVERY and done < total:
+            rate = done / (now - started)
+            left = (total - done) / rate
+            log(f"data: decoding: {done:,} of {total:,} images, {rate:,.0f}/s, about {left:,.0f} s left")
+            last = now
 
-    workers = options["decode_workers"] or min(_cores(), -(-total // ROWS_PER_WORKER))
+    # The cores this process may run on: a container or a job scheduler may allow fewer than the machine has.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = options["decode_workers"] or min(cores, -(-total // ROWS_PER_WORKER))
     _run(chunks, min(workers, sum(-(-len(k) // CHUNK) for k in keep.values())), handle)
     return keep
 
@@ -316,11 +309,6 @@ def _run(chunks: Iterator[Chunk], workers: int, handle: Callable[[Any], None]) -
                 future.cancel()
 
 
-def _cores() -> int:
-    """The cores this process may run on (a container or a job scheduler may allow fewer than the machine has)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _worker_start(parent: int) -> None:
     """A decode worker: Ctrl-C (sent to the whole process group) is the parent's to handle; one thread; and it dies
     with the parent, so a killed run leaves no worker behind."""
@@ -334,19 +322,3 @@ def _worker_start(parent: int) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the line above
         os._exit(1)
-
-
-class _Progress:
-    """A line every PROGRESS_EVERY seconds (rows per second, time left): plain lines, fine in a log file too."""
-
-    def __init__(self, total: int, log: Log) -> None:
-        self.total, self.done, self.log = total, 0, log
-        self.started = self.last = time.monotonic()
-
-    def add(self, rows: int) -> None:
-        self.done, now = self.done + rows, time.monotonic()
-        if now - self.last >= PROGRESS_EVERY and self.done < self.total:
-            rate = self.done / (now - self.started)
-            left = (self.total - self.done) / rate
-            self.log(f"data: decoding: {self.done:,} of {self.total:,} images, {rate:,.0f}/s, about {left:,.0f} s left")
-            self.last = now

@@ -1,5 +1,5 @@
 """Evaluate a saved model on a test split: loss, accuracy, per-class accuracy and confusion matrix. The numbers are
-the training loop's own (train.evaluate, with gather_for_metrics), so under `accelerate launch` with any number of
+the training loop's own (evaluation.evaluate, with gather_for_metrics), so under `accelerate launch` with any number of
 processes every test image counts once."""
 
 from __future__ import annotations
@@ -19,20 +19,22 @@ PROG = "distvgg.evaluate"
 
 
 class _OneOrTwo(argparse.Action):
+    """``nargs="+"`` held to one or two values: argparse has no range of counts."""
+
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
         if len(values) > 2:
             parser.error(f"{option_string} takes one or two numbers (N, or H W), got {len(values)}")
         setattr(namespace, self.dest, values)
 
 
-# --image-size of evaluate and report: the run's own by default, as the model was built for it.
-IMAGE_SIZE = {
-    "action": _OneOrTwo,
-    "nargs": "+",
-    "type": positive_int,
-    "metavar": "N",
-    "help": "resize the test images to N x N or H x W as they are decoded (default: as the run did, --image-size)",
-}
+def add_test_options(p: argparse.ArgumentParser, dataset_help: str) -> None:
+    """The options of evaluate and report that choose the test images and how they are read (by default as the
+    run read them: the model was built for its image size)."""
+    p.add_argument("--dataset", help=dataset_help)
+    p.add_argument("--eval-limit", type=positive_int, help="a seeded, class-balanced subset of this many test images")
+    p.add_argument("--cache-dir", help="decoded-dataset cache (default: the run's, else $DISTVGG_CACHE)")
+    size_help = "resize the test images to N x N or H x W as they are decoded (default: as the run did, --image-size)"
+    p.add_argument("--image-size", action=_OneOrTwo, nargs="+", type=positive_int, metavar="N", help=size_help)
 
 
 def load_test_split(
@@ -60,11 +62,12 @@ def load_test_split(
 def evaluate_model(
     loaded: LoadedModel, accelerator: Any, dataset: str | None = None, *, batch_size: int | None = None, **options: Any
 ) -> tuple[dict[str, Any], Any, str]:
-    """``train.evaluate``'s result on the test split of ``dataset`` (default: the run's), the split and the dataset.
-    The images are read as training read them (its cache, image size and bad-image choice, and for its own dataset
-    its columns) unless ``options`` say otherwise: eval_limit, tta, warn, cache_dir, image_size, image_column,
-    label_column."""
-    from distvgg import batches, train
+    """``evaluation.evaluate``'s result on the test split of ``dataset`` (default: the run's), the split and the
+    dataset. The images are read as training read them (its cache, image size and bad-image choice, and for its own
+    dataset its columns) unless ``options`` say otherwise: eval_limit, tta, warn, cache_dir, image_size,
+    image_column, label_column."""
+    from distvgg import batches
+    from distvgg.evaluation import evaluate
 
     tc, tta = loaded.train_config, options.pop("tta", False)
     defaults = ("cache_dir", "image_size", "skip_bad_images") + (() if dataset else ("image_column", "label_column"))
@@ -76,7 +79,7 @@ def evaluate_model(
         test = load_test_split(dataset, loaded, log=log, **options)
     loader = batches.eval_loader(test.images, test.labels, batch_size or int(tc.get("eval_batch_size", 500)))
     model, loader = loaded.model.to(accelerator.device), accelerator.prepare(loader)
-    result = train.evaluate(model, loader, accelerator, loaded.num_classes, mean=loaded.mean, std=loaded.std, tta=tta)
+    result = evaluate(model, loader, accelerator, loaded.num_classes, mean=loaded.mean, std=loaded.std, tta=tta)
     return result, test, dataset
 
 
@@ -126,14 +129,11 @@ def save_confusion_png(path: str, confusion: Sequence[Sequence[int]], names: Seq
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--checkpoint", required=True, help=f"the model: {MODEL_PATH_HELP}")
-    p.add_argument("--dataset", help="dataset whose test split is evaluated (default: the one the model trained on)")
-    p.add_argument("--eval-limit", type=positive_int, help="a seeded, class-balanced subset of this many test images")
+    add_test_options(p, "dataset whose test split is evaluated (default: the one the model trained on)")
     p.add_argument("--batch-size", type=positive_int, help="images per process per batch (default: the run's)")
     p.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average with the mirror's logits")
     p.add_argument("--json", metavar="OUT.json", help="write all results (per-class, confusion matrix) as JSON")
     p.add_argument("--confusion-png", metavar="OUT.png", help="save the confusion matrix as a PNG")
-    p.add_argument("--cache-dir", help="decoded-dataset cache (default: the run's, else $DISTVGG_CACHE)")
-    p.add_argument("--image-size", **IMAGE_SIZE)
     for column in ("image", "label"):
         p.add_argument(f"--{column}-column", help=f"{column} column (default: the run's when --dataset is not given)")
     return p

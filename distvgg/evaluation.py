@@ -24,26 +24,19 @@ def evaluate(
     tta: bool = False,
     channels_last: bool = False,
 ) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and confusion matrix over the whole test split.
-
-    ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch,
-    so every test image counts exactly once for any number of processes. With ``tta`` the
-    prediction is the mean of the logits of each image and of its mirror image.
-    """
+    """Loss, accuracy, per-class accuracy and confusion matrix over the whole test split; with ``tta`` the mean of
+    the logits of each image and of its mirror image. ``gather_for_metrics`` drops the samples Accelerate repeats to
+    even out the last batch, so every test image counts exactly once for any number of processes."""
     model.eval()
-    preds, targets, losses = [], [], []
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    gathered = []
     for images, target, _ in loader:
-        data = batches.normalize(images, mean, std).contiguous(memory_format=memory_format)
+        data = batches.normalize(images, mean, std, channels_last)
         output = model(data).float()
         if tta:
             output = (output + model(data.flip(-1)).float()) / 2
         loss = F.cross_entropy(output, target, reduction="none")
-        pred, target, loss = accelerator.gather_for_metrics((output.argmax(1), target, loss))
-        preds.append(pred)
-        targets.append(target)
-        losses.append(loss)
-    pred, target, loss = torch.cat(preds).cpu(), torch.cat(targets).cpu(), torch.cat(losses).cpu()
+        gathered.append(accelerator.gather_for_metrics((output.argmax(1), target, loss)))
+    pred, target, loss = (torch.cat(parts).cpu() for parts in zip(*gathered))
     confusion = torch.bincount(target * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
     per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1)
     return {

@@ -35,9 +35,8 @@ def read_image(path: str, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[in
             original, rgb = im.size, im.convert("RGB")  # convert decodes the whole file: truncated data fails here
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageFileError(f"{p}: not a readable image ({type(e).__name__}: {e})") from e
-    x = TF.pil_to_tensor(rgb)
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = TF.resize(x, list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    # An image of that size already is returned as it is.
+    x = TF.resize(TF.pil_to_tensor(rgb), list(size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     return x, original
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import math
 import os
 import sys
@@ -14,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from distvgg import files
-from distvgg.config import positive_int
-from distvgg.evaluate import IMAGE_SIZE, evaluate_model, plot_confusion, result_tables
+from distvgg.evaluate import add_test_options, evaluate_model, plot_confusion, result_tables
 from distvgg.files import BEST_DIR, FINAL_DIR, step_folders
 from distvgg.models import MODEL_PATH_HELP, LoadedModel, ModelLoadError, load_model
-from distvgg.tracking import METRICS_FILE
+from distvgg.tracking import METRICS_FILE, parse_record
 
 PROG = "distvgg.report"
 
@@ -32,15 +30,11 @@ def load_metrics(output_dir: Path) -> list[dict[str, Any]]:
     path = output_dir / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {output_dir}: pass the --output-dir of a distvgg.train run")
-    records, bad = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            bad += [str(n)] if line.strip() else []
-    if bad:
+    lines = path.read_text().splitlines()
+    records = [parse_record(line) for line in lines]
+    if bad := [str(n) for n, (line, r) in enumerate(zip(lines, records), 1) if r is None and line.strip()]:
         warn(f"skipped unreadable line(s) {', '.join(bad)} of {path}")
-    return records
+    return [r for r in records if r is not None]
 
 
 def series(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -158,12 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="the --output-dir of a distvgg.train run")
     p.add_argument("--out", help="the PNG to write (default OUTPUT_DIR/report.png); the .html goes beside it")
     p.add_argument("--checkpoint", help=f"the model (default: OUTPUT_DIR): {MODEL_PATH_HELP}")
-    p.add_argument("--dataset", help="dataset for the confusion matrix and the images (default: the model's)")
-    p.add_argument(
-        "--eval-limit", type=positive_int, help="use a seeded, class-balanced subset of this many test images"
-    )
-    p.add_argument("--cache-dir", help="decoded-dataset cache (default: the run's, else $DISTVGG_CACHE)")
-    p.add_argument("--image-size", **IMAGE_SIZE)
+    add_test_options(p, "dataset for the confusion matrix and the images (default: the model's)")
     return p
 
 
@@ -190,14 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             title += f": {tc.get('model', '')} width {tc.get('width', '')} on {results['dataset']}"
         else:
             warn(f"no model in {output_dir} yet (no final/, best/ or checkpoint); the report shows the curves only")
-    except (OSError, ModelLoadError, DataError) as e:  # OSError: no run folder or metrics, unreadable files
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    try:
         with files.writing(out.parent, what=f"{out.name} and {out.with_suffix('.html').name}"):
             render(out, records, results, title)
             write_html(out.with_suffix(".html"), out, title, final_numbers(records, results), results)
-    except files.DiskFull as e:
+    except (OSError, ModelLoadError, DataError) as e:  # OSError: no run folder or metrics, unreadable files, full disk
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out} and {out.with_suffix('.html')}")

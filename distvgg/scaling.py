@@ -11,6 +11,7 @@ DDP all-reduces every gradient once per step, in a ring (each GPU sends and rece
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -28,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from distvgg import machine
+from distvgg import machine, timing
 from distvgg.config import count_problem
 from distvgg.models import MODEL_NAMES, build_model, count_parameters
 
@@ -46,8 +47,6 @@ INTERCONNECTS = dict(zip(LINKS, (300e9, 50e9, 25e9, 3.125e9, 1.25e9)))
 
 def ring_allreduce_bytes(n: int, nbytes: float) -> float:
     """Bytes each of ``n`` ranks sends in a ring all-reduce: reduce-scatter, then all-gather, n - 1 steps each."""
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
     return 2 * (n - 1) / n * nbytes
 
 
@@ -59,9 +58,8 @@ def min_batch_per_gpu(seconds_per_image: float, comm: float, overlap: float = 0.
 def predict(num_params: int, seconds_per_image: float, batch_per_gpu: int, overlap: float = 0.0) -> list[dict]:
     """One row per (interconnect, gradient format, number of GPUs)."""
     compute, rows = batch_per_gpu * seconds_per_image, []
-    for (link, bandwidth), (fmt, width), n in itertools.product(
-        INTERCONNECTS.items(), GRADIENT_FORMATS.items(), GPU_COUNTS
-    ):
+    combinations = itertools.product(INTERCONNECTS.items(), GRADIENT_FORMATS.items(), GPU_COUNTS)
+    for (link, bandwidth), (fmt, width), n in combinations:
         sent = ring_allreduce_bytes(n, num_params * width)
         comm = sent / bandwidth
         step = compute + comm * (1.0 - overlap)
@@ -140,7 +138,7 @@ def timed_rounds(fns: Sequence[Callable[[], Any]], rounds: int, before: Callable
 
 def measure_compute(work: Workload, device: torch.device, steps: int = 3) -> float:
     """Seconds per image of one training step on ``device`` alone: the median of ``steps`` after a warm-up step."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = functools.partial(timing.sync_device, device)
     return statistics.median(timed_rounds([work.local_step(device)], steps, sync, sync)[0].tolist()) / work.batch
 
 

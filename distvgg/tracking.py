@@ -165,8 +165,7 @@ class Tracking:
             return
         for message in self.messages:
             print(message, flush=True)
-        if self.wandb_mode == "offline" and self.offline_dirs():
-            dirs = " ".join(self.offline_dirs())
+        if self.wandb_mode == "offline" and (dirs := " ".join(self.offline_dirs())):
             print(f"W&B run {self.wandb_run_id} is saved offline in {dirs}\nupload it with:  wandb sync {dirs}")
 
 
@@ -220,17 +219,15 @@ def rewind_trackers(
     tracking: Tracking, cfg: Any, rewind: Rewind | None, init_kwargs: dict[str, Any], config: dict[str, Any]
 ) -> list[tuple[str, int, dict[str, Any]]]:
     """Make each tracker's record continue from the checkpoint's step, as metrics.jsonl does (docs/tracking.md);
-    returns the (tracker, step, values) to log again once they have started.
-
-    TensorBoard: ``purge_step`` hides every event from that step on, and the kept rows of that step are logged
-    again. W&B, when rows were cut (steps that will be run again): with ``--wandb-rewind`` online, W&B's rewind
-    (``resume_from``); otherwise W&B keeps the first values of a step, so a new W&B run starts, linked to the
-    old one in its config, and the kept rows are logged into it: its history is the run of the final model.
-    """
+    returns the (tracker, step, values) to log again once they have started. TensorBoard: ``purge_step`` hides every
+    event from that step on, and the kept rows of that step are logged again. W&B, when rows were cut (steps that
+    will be run again): with ``--wandb-rewind`` online, W&B's rewind (``resume_from``); otherwise W&B keeps the first
+    values of a step, so a new W&B run starts, linked to the old one in its config, and the kept rows are logged
+    into it: its history is the run of the final model."""
     if rewind is None:
         return []
     init_kwargs["tensorboard"] = {"purge_step": rewind.step}
-    replay = [("tensorboard", r["step"], scalars(_values(r))) for r in rewind.kept if r.get("step") == rewind.step]
+    replay = [("tensorboard", r["step"], scalars(r)) for r in rewind.kept if r.get("step") == rewind.step]
     wandb_kwargs = init_kwargs.get("wandb")
     if wandb_kwargs is None or not rewind.abandoned or tracking.wandb_mode == "disabled":
         return replay
@@ -245,11 +242,7 @@ def rewind_trackers(
         f"W&B: steps after {rewind.step} were run again, so this run continues in a new W&B run, "
         f"{tracking.wandb_run_id} (its config names the earlier one, {old})"
     )
-    return replay + [("wandb", r["step"], scalars(_values(r))) for r in rewind.kept if "step" in r]
-
-
-def _values(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k != "step"}
+    return replay + [("wandb", r["step"], scalars(r)) for r in rewind.kept if "step" in r]
 
 
 def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exception) -> None:
@@ -289,8 +282,9 @@ def _jsonable(v: Any) -> Any:
 
 
 def scalars(values: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of a record (what the trackers chart; lists such as the confusion counts stay in metrics.jsonl)."""
-    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The numbers of a record but its step (what the trackers chart at that step; lists such as the confusion counts
+    stay in metrics.jsonl)."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
 class RunLogger:
@@ -306,13 +300,12 @@ class RunLogger:
         """Numbers go everywhere; lists (confusion counts) only to metrics.jsonl (``log_eval_media`` charts them)."""
         if not self.accelerator.is_main_process:
             return
-        values = {k: _jsonable(v) for k, v in values.items()}
-        record = {"step": step, **({"epoch": epoch} if epoch is not None else {}), **values}
-        line = json.dumps(record) + "\n"
+        values = {**({} if epoch is None else {"epoch": epoch}), **{k: _jsonable(v) for k, v in values.items()}}
+        line = json.dumps({"step": step, **values}) + "\n"
         with files.writing(self.path.parent, len(line), self.path.name), self.path.open("a") as f:
             f.write(line)
         self.rows += 1
-        self.accelerator.log(scalars({**values, **({"epoch": epoch} if epoch is not None else {})}), step=step)
+        self.accelerator.log(scalars(values), step=step)
 
     def has_tracker(self, name: str) -> bool:
         return self.accelerator.is_main_process and any(t.name == name for t in self.accelerator.trackers)
@@ -419,7 +412,7 @@ def rewind_metrics(output_dir: str | os.PathLike, step: int, rows: int | None) -
     then metrics.jsonl is replaced atomically: a crash leaves both files whole, and no line is ever lost."""
     path, aside = Path(output_dir) / METRICS_FILE, Path(output_dir) / ABANDONED_FILE
     lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
-    parsed = [_parse_line(line) for line in lines]
+    parsed = [parse_record(line) for line in lines]
     if rows is None:
         rows = next((i for i, r in enumerate(parsed) if r is None or r.get("step", 0) > step), len(lines))
     keep, cut = lines[:rows], lines[rows:]
@@ -427,8 +420,7 @@ def rewind_metrics(output_dir: str | os.PathLike, step: int, rows: int | None) -
         with files.writing(path.parent, sum(map(len, lines)), f"{path.name} and {aside.name}"):
             with aside.open("a") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for line in cut)
-                f.flush()
-                os.fsync(f.fileno())
+            files.fsync_file(aside)
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(keep))
             files.fsync_file(tmp)
@@ -436,7 +428,8 @@ def rewind_metrics(output_dir: str | os.PathLike, step: int, rows: int | None) -
     return Rewind(step, [r for r in parsed[:rows] if r is not None], len(cut))
 
 
-def _parse_line(line: str) -> dict[str, Any] | None:
+def parse_record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl record, or None for a line that is not one."""
     try:
         record = json.loads(line)
     except ValueError:  # a killed run's torn last line
