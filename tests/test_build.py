@@ -91,10 +91,8 @@ def test_zero_momentum_buffers_give_the_same_steps_as_torchs_lazy_ones():
     ours, plain = nn.Linear(5, 3), nn.Linear(5, 3)
     plain.load_state_dict(ours.state_dict())
     cfg = TrainConfig(nesterov=True, weight_decay=5e-4)
-    optimizers = [
-        build.make_optimizer(cfg, ours, lr=0.1),
-        torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True),
-    ]
+    lazy = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
+    optimizers = [build.make_optimizer(cfg, ours, lr=0.1), lazy]
     x = torch.randn(8, 5)
     for _ in range(3):
         for model, optimizer in zip((ours, plain), optimizers):

@@ -45,8 +45,7 @@ def test_a_decoded_file_is_bitwise_what_safetensors_writes_and_older_files_load(
 def test_a_file_that_does_not_match_its_header_is_refused(tmp_path):
     path = tmp_path / "x.safetensors"
     save_file(
-        {"train_images": torch.zeros(4, 3, 2, 2, dtype=torch.uint8), "train_labels": torch.zeros(4, dtype=torch.int64)},
-        str(path),
+        {"train_images": torch.zeros(4, 3, 2, 2, dtype=torch.uint8), "train_labels": torch.zeros(4).long()}, str(path)
     )
     cache.read(path)  # a well-formed file reads
     content = path.read_bytes()
@@ -125,12 +124,9 @@ def test_two_ranks_share_one_copy_and_a_dataset_larger_than_the_limit_trains(tmp
 def test_shrinking_keeps_rows_in_order(tmp_path):
     """Rows dropped after decoding (--skip-bad-images) are squeezed out in place; the file is then what
     save_file writes for the rows kept."""
-    shapes = cache.shapes_for({"train": 7, "test": 3}, (2, 2))
-    writer = cache.Writer(tmp_path / "x.safetensors", shapes, {"k": "v"})
-    pixels = {
-        s: np.arange(n * 12, dtype=np.uint8).reshape(n, 3, 2, 2) + 100 * (s == "test")
-        for s, n in (("train", 7), ("test", 3))
-    }
+    counts = {"train": 7, "test": 3}
+    writer = cache.Writer(tmp_path / "x.safetensors", cache.shapes_for(counts, (2, 2)), {"k": "v"})
+    pixels = {s: np.arange(n * 12, dtype=np.uint8).reshape(n, 3, 2, 2) + 100 * (s == "test") for s, n in counts.items()}
     for s in ("train", "test"):
         writer.array(f"{s}_images")[:] = pixels[s]
     keep = {"train": np.array([1, 0, 1, 1, 0, 0, 1], bool), "test": np.array([0, 1, 1], bool)}

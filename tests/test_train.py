@@ -125,11 +125,8 @@ def test_torchvision_pickle_layout_trains(tmp_path):
 
 
 def test_no_network_and_no_local_copy_is_one_clear_error(tmp_path):
-    proc = run_train(
-        ["--output-dir", str(tmp_path / "o"), "--report-to", "none"],
-        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"},
-        timeout=60,
-    )
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
+    proc = run_train(["--output-dir", str(tmp_path / "o"), "--report-to", "none"], env=env, timeout=60)
     assert proc.returncode != 0
     assert "--dataset" in proc.stderr and "Traceback" not in proc.stderr
 
