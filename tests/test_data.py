@@ -127,9 +127,7 @@ def test_cifar10_pickles(tmp_path, protocol, point_at_subdir):
 
 
 def test_cifar100_pickles(tmp_path):
-    root = datagen.make_cifar_pickle_dataset(
-        tmp_path / "data", n_train=12, n_test=6, num_classes=6, variant="cifar-100"
-    )
+    root = datagen.make_cifar_pickle_dataset(tmp_path / "data", 12, 6, num_classes=6, variant="cifar-100")
     loaded, _ = load(root, tmp_path / "cache")
     assert_exact(loaded, datagen.dataset_arrays(n_train=12, n_test=6, num_classes=6))
     assert loaded.class_names == datagen.class_names(6)
@@ -289,9 +287,7 @@ def test_default_cache_dir(monkeypatch):
 
 
 def test_detects_renamed_columns_and_accepts_explicit_ones(tmp_path):
-    root = datagen.make_parquet_dataset(
-        tmp_path / "ds", n_train=8, n_test=4, image_column="picture", label_column="target"
-    )
+    root = datagen.make_parquet_dataset(tmp_path / "ds", 8, 4, image_column="picture", label_column="target")
     detected, _ = load(root, tmp_path / "c1")
     explicit, _ = load(root, tmp_path / "c2", image_column="picture", label_column="target")
     assert torch.equal(detected.train.images, explicit.train.images)
@@ -436,10 +432,9 @@ def test_labels_out_of_range_or_missing_name_their_row(tmp_path, bad):
 
 def test_missing_test_split_names_found_splits(tmp_path):
     images, labels = datagen.make_arrays(4, 3, 8)
+    blobs = datagen.encode_images(images)
     for split in ("train", "extra"):
-        datagen.write_parquet_split(
-            tmp_path / "ds" / f"{split}-0.parquet", datagen.encode_images(images), labels, list("abc")
-        )
+        datagen.write_parquet_split(tmp_path / "ds" / f"{split}-0.parquet", blobs, labels, ["a", "b", "c"])
     # datasets names the splits after the files; "extra" is no split name, so only 'train' is found.
     with pytest.raises(DataError, match=r"needs a 'train' and a test/validation/\w+/\w+ split; splits found: 'train'$"):
         load(tmp_path / "ds", tmp_path / "cache")

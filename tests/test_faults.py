@@ -128,10 +128,8 @@ def test_out_of_memory_is_one_clear_error(dataset, tmp_path, monkeypatch):
     gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     assert train.is_oom(gpu) and not train.is_oom(RuntimeError("shape mismatch"))
     message = train.out_of_memory_message(cfg, 48, gpu)
-    assert (
-        "out of GPU memory" in message
-        and "global batch of 48: --batch-size 3 --gradient-accumulation-steps 4" in message
-    )
+    assert "out of GPU memory" in message
+    assert "global batch of 48: --batch-size 3 --gradient-accumulation-steps 4" in message
 
 
 # ------------------------------------------------------------------------------ the record after a crash

@@ -81,10 +81,8 @@ def test_cpu_plumbing_mode_runs_every_step_and_writes_the_summary(tmp_path):
     data = datagen.make_parquet_dataset(tmp_path / "ds", n_train=256, n_test=40)
     out = tmp_path / "out"
     env = {**os.environ, "DEVICE": "cpu", "DATASET": str(data), "RUNS_DIR": str(tmp_path / "runs"), "BUDGET": "240"}
-    command = ["bash", str(REPO / "launch" / "gpu_check.sh"), str(out)]
-    proc = subprocess.run(
-        command, env={**env, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    env, command = {**env, "OMP_NUM_THREADS": "1"}, ["bash", str(REPO / "launch" / "gpu_check.sh"), str(out)]
+    proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     summary = json.loads((out / "summary.json").read_text())
     log = (out / "gpu_check.log").read_text()[-3000:]
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{log}"

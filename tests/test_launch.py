@@ -200,18 +200,14 @@ def test_sbatch_outside_a_job_or_the_repository_is_one_clear_error(fake_slurm, t
 
 
 def node_script(env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", **env}
-    return subprocess.run(
-        ["bash", str(NODE_SCRIPT), *TRAIN_ARGS], env=env, capture_output=True, text=True, timeout=60, cwd="/"
-    )
+    env, command = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", **env}, ["bash", str(NODE_SCRIPT), *TRAIN_ARGS]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd="/")
 
 
 def test_node_script_without_slurm(fake_slurm, tmp_path):
     env, log = fake_slurm
-    base = {"FAKE_LOG": str(log), "SLURM_NODEID": "x", "FAKE_GPUS": "8"}
-    proc = node_script(
-        {**base, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MIXED_PRECISION": "bf16"}, tmp_path
-    )
+    env = {"FAKE_LOG": str(log), "SLURM_NODEID": "x", "FAKE_GPUS": "8", "NNODES": "2", "NODE_RANK": "1"}
+    proc = node_script({**env, "MASTER_ADDR": "10.0.0.1", "MIXED_PRECISION": "bf16"}, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert lines(log / "accelerate.x") == expected_launch(1, 2, "10.0.0.1", 29500, 16, "--mixed_precision", "bf16")
     assert "machine 1 of 2: accelerate launch" in proc.stderr  # the command is shown before it runs

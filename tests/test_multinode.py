@@ -90,13 +90,10 @@ def assert_same_as_one_process(out: Path, one: Path) -> None:
     """The 2-machine run wrote what the 1-process run wrote (plus one RNG-state file per process in each checkpoint),
     with the same losses and weights."""
     per_rank = re.compile(r"random_states_(\d+)\.pkl$")
-    assert [f for f in files_under(out) if not per_rank.search(f)] == [
-        f for f in files_under(one) if not per_rank.search(f)
-    ]
+    shared = [[f for f in files_under(run) if not per_rank.search(f)] for run in (out, one)]
+    assert shared[0] == shared[1]
     checkpoints = sorted((out / "checkpoints").glob("step-*"))
-    assert checkpoints and [c.name for c in checkpoints] == [
-        c.name for c in sorted((one / "checkpoints").glob("step-*"))
-    ]
+    assert checkpoints and [c.name for c in checkpoints] == [c.name for c in sorted(one.glob("checkpoints/step-*"))]
     for c in checkpoints:
         assert sorted(p.name for p in c.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
     losses = [r["train/loss"] for r in train_records(one)]
@@ -167,10 +164,8 @@ def test_a_dead_machine_ends_the_job(tiny_parquet, tmp_path):
     outputs = finish(machines, timeout=20 + 60)
     for rank, (p, text) in enumerate(zip(machines, outputs)):
         assert p.returncode not in (0, None), f"machine {rank} exit code {p.returncode}\n{text[-3000:]}"
-    print(
-        f"dead machine: both launchers exited {time.monotonic() - killed_at:.1f} s after the kill, "
-        f"codes {[p.returncode for p in machines]}"
-    )
+    codes = [p.returncode for p in machines]
+    print(f"dead machine: both launchers exited {time.monotonic() - killed_at:.1f} s after the kill, codes {codes}")
 
 
 @pytest.mark.slow
