@@ -19,18 +19,14 @@ from tests.helpers import ok, run_train
 def _isolated_environment(tmp_path_factory):
     root = tmp_path_factory.mktemp("env")
     saved = dict(os.environ)
-    os.environ.update(
-        {
-            "DISTVGG_CACHE": str(root / "distvgg-cache"),
-            "HF_HOME": str(root / "hf"),
-            "HF_DATASETS_CACHE": str(root / "hf" / "datasets"),
-            "WANDB_DIR": str(root / "wandb"),
-            "WANDB_MODE": "offline",
-            "WANDB_SILENT": "true",
-            "TOKENIZERS_PARALLELISM": "false",
-            "OMP_NUM_THREADS": "1",
-        }
-    )
+    folders = {
+        "DISTVGG_CACHE": "distvgg-cache",
+        "HF_HOME": "hf",
+        "HF_DATASETS_CACHE": "hf/datasets",
+        "WANDB_DIR": "wandb",
+    }
+    os.environ.update({name: str(root / folder) for name, folder in folders.items()})
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     os.environ.pop("WANDB_API_KEY", None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two pytest workers share the cores: more threads per worker only contend

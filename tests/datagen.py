@@ -1,10 +1,6 @@
-"""Tiny, seeded, deterministic image-classification datasets written in every layout that
-``distvgg.data`` reads: Hub-style parquet, torchvision CIFAR pickles, image folders, save_to_disk.
-
-Images are class-dependent (a base colour per class, a bright square in a class-dependent corner,
-plus noise), so a tiny network can learn them. ``dataset_arrays`` returns exactly the pixels the
-``make_*`` functions write; with a lossless format (PNG, the default) decoded pixels must equal them.
-"""
+"""Tiny, seeded image datasets in every layout ``distvgg.data`` reads (Hub parquet, CIFAR pickles, image folders,
+save_to_disk). Images are learnable (a colour and a bright corner per class, plus noise); ``dataset_arrays`` gives
+exactly the pixels the ``make_*`` functions write (PNG, the default, is lossless)."""
 
 from __future__ import annotations
 
@@ -16,21 +12,8 @@ from pathlib import Path
 import numpy as np
 
 # Ten well-separated colours; more classes reuse them with an offset (see _base_colour).
-_PALETTE = np.array(
-    [
-        [230, 25, 75],
-        [60, 180, 75],
-        [255, 225, 25],
-        [0, 130, 200],
-        [245, 130, 48],
-        [145, 30, 180],
-        [70, 240, 240],
-        [240, 50, 230],
-        [128, 128, 0],
-        [0, 0, 128],
-    ],
-    dtype=np.int16,
-)
+_PALETTE = [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]]
+_PALETTE = np.array([*_PALETTE, [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]], dtype=np.int16)
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -102,26 +85,17 @@ def write_parquet_split(
     image_column: str = "img",
     label_column: str = "label",
 ) -> Path:
-    """One parquet file in the Hub layout: ``image_column`` an ``Image()`` struct of bytes/path and
-    ``label_column`` a ``ClassLabel(names)`` (or a plain ``int64`` Value when ``names`` is None); a None
-    label is stored as a missing one.
-
-    Written with pyarrow plus the ``huggingface`` schema metadata that ``datasets`` reads back, so a
-    test can store anything, including corrupt bytes and out-of-range labels that ``datasets``'s own
-    writers would refuse."""
+    """One parquet file in the Hub layout (an ``Image()`` column, a ``ClassLabel(names)`` or, without names, an int64
+    one; None is missing), written with pyarrow so that it can hold the bad bytes and labels ``datasets`` refuses."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     label_feature = datasets.ClassLabel(names=list(names)) if names is not None else datasets.Value("int64")
     features = datasets.Features({image_column: datasets.Image(), label_column: label_feature})
-    table = pa.Table.from_pydict(
-        {
-            image_column: [None if b is None else {"bytes": b, "path": None} for b in blobs],
-            label_column: [None if x is None else int(x) for x in labels],
-        },
-        schema=features.arrow_schema,
-    )
+    images = [None if b is None else {"bytes": b, "path": None} for b in blobs]
+    columns = {image_column: images, label_column: [None if x is None else int(x) for x in labels]}
+    table = pa.Table.from_pydict(columns, schema=features.arrow_schema)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
@@ -159,14 +133,9 @@ def make_parquet_dataset(
     arrays = dataset_arrays(n_train, n_test, num_classes, size, seed, class_ordered)
     for split, file_split in (("train", "train"), ("test", test_split)):
         images, labels = arrays[split]
-        write_parquet_split(
-            root / PARQUET_LAYOUTS[layout].format(split=file_split),
-            [encode_image(im, fmt, mode) for im in images],
-            labels,
-            class_names(num_classes),
-            image_column,
-            label_column,
-        )
+        path = root / PARQUET_LAYOUTS[layout].format(split=file_split)
+        blobs = [encode_image(im, fmt, mode) for im in images]
+        write_parquet_split(path, blobs, labels, class_names(num_classes), image_column, label_column)
     return root
 
 
@@ -215,13 +184,8 @@ def make_cifar_pickle_dataset(
     variant: str = "cifar-10",
     protocol: int = 2,
 ) -> Path:
-    """torchvision's CIFAR download layout with tiny fake batches (32x32 only). Returns ``root``.
-
-    ``variant="cifar-10"``: ``root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``, each
-    batch a dict with ``b'data'`` uint8 (N, 3072) rows in CHW order and ``b'labels'`` a list of ints.
-    ``variant="cifar-100"``: ``root/cifar-100-python/{train, test, meta}`` with ``b'fine_labels'`` and
-    ``b'fine_label_names'``. Protocol 2 with bytes keys is what Python 3 writes for the Python 2 format.
-    """
+    """torchvision's CIFAR download layout, tiny (32x32): ``cifar-10-batches-py/{data_batch_1..5, test_batch,
+    batches.meta}`` or ``cifar-100-python/{train, test, meta}``, each batch a bytes-keyed dict of CHW rows."""
     root = Path(root)
     arrays = dataset_arrays(n_train, n_test, num_classes, 32, seed)
     rows = {s: (im.transpose(0, 3, 1, 2).reshape(len(im), 3072).copy(), lab) for s, (im, lab) in arrays.items()}
@@ -229,9 +193,7 @@ def make_cifar_pickle_dataset(
     if variant == "cifar-10":
         folder, label_key = root / "cifar-10-batches-py", b"labels"
         chunks = np.array_split(np.arange(n_train), 5)
-        batches = {
-            f"data_batch_{i + 1}": (rows["train"][0][idx], rows["train"][1][idx]) for i, idx in enumerate(chunks)
-        }
+        batches = {f"data_batch_{i + 1}": tuple(r[idx] for r in rows["train"]) for i, idx in enumerate(chunks)}
         batches["test_batch"] = rows["test"]
         meta = {"batches.meta": {b"label_names": names, b"num_cases_per_batch": 10000, b"num_vis": 3072}}
     elif variant == "cifar-100":
@@ -242,12 +204,8 @@ def make_cifar_pickle_dataset(
         raise ValueError(f"variant must be cifar-10 or cifar-100, got {variant!r}")
     folder.mkdir(parents=True, exist_ok=True)
     for name, (data, labels) in batches.items():
-        entry = {
-            b"batch_label": name.encode(),
-            label_key: [int(x) for x in labels],
-            b"data": data,
-            b"filenames": [f"{i:05d}.png".encode() for i in range(len(labels))],
-        }
+        entry = {b"batch_label": name.encode(), label_key: [int(x) for x in labels], b"data": data}
+        entry[b"filenames"] = [f"{i:05d}.png".encode() for i in range(len(labels))]
         if variant == "cifar-100":
             entry[b"coarse_labels"] = [0] * len(labels)
         (folder / name).write_bytes(pickle.dumps(entry, protocol=protocol))
@@ -257,8 +215,7 @@ def make_cifar_pickle_dataset(
 
 
 def make_imagefolder_dataset(root: str | Path, fmt: str = "PNG", **arrays) -> Path:
-    """``root/{train,test}/class_XX/NNNNN.png``. Returns ``root``. Row order after loading follows the
-    loader's file listing, so compare per class, not row by row."""
+    """``root/{train,test}/class_XX/NNNNN.png`` (loaded rows follow the file listing: compare per class)."""
     root = Path(root)
     ext = {"PNG": "png", "JPEG": "jpg"}.get(fmt.upper(), fmt.lower())
     names = class_names(arrays.get("num_classes", 4))
@@ -273,25 +230,16 @@ def make_imagefolder_dataset(root: str | Path, fmt: str = "PNG", **arrays) -> Pa
 def make_save_to_disk_dataset(
     root: str | Path, image_column: str = "img", label_column: str = "label", **arrays
 ) -> Path:
-    """A ``datasets.DatasetDict`` (train/test, ``Image()`` + ``ClassLabel``) saved with ``save_to_disk``
-    into ``root``. Returns ``root``."""
+    """A ``datasets.DatasetDict`` (train/test, ``Image()`` + ``ClassLabel``) saved with ``save_to_disk``."""
     import datasets
 
-    features = datasets.Features(
-        {
-            image_column: datasets.Image(),
-            label_column: datasets.ClassLabel(names=class_names(arrays.get("num_classes", 4))),
-        }
-    )
+    names = class_names(arrays.get("num_classes", 4))
+    features = datasets.Features({image_column: datasets.Image(), label_column: datasets.ClassLabel(names=names)})
     splits = {}
     for split, (images, labels) in dataset_arrays(**arrays).items():
-        splits[split] = datasets.Dataset.from_dict(
-            {
-                image_column: [{"bytes": encode_image(im, "PNG"), "path": None} for im in images],
-                label_column: labels.tolist(),
-            },
-            features=features,
-        )
+        blobs = [{"bytes": encode_image(im, "PNG"), "path": None} for im in images]
+        columns = {image_column: blobs, label_column: labels.tolist()}
+        splits[split] = datasets.Dataset.from_dict(columns, features=features)
     root = Path(root)
     datasets.DatasetDict(splits).save_to_disk(str(root))
     return root
@@ -300,9 +248,8 @@ def make_save_to_disk_dataset(
 def make_imagenet_folder(
     root: str | Path, n_train: int = 24, n_val: int = 12, num_classes: int = 3, seed: int = 0
 ) -> Path:
-    """ImageNet's folder layout, small: ``root/train/<wnid>/<wnid>_<i>.JPEG`` and ``root/val/<wnid>/...``, the class
-    folders named like WordNet ids (``n00000000``, ...), JPEGs of mixed sizes around ImageNet's aspect ratios, so they
-    need ``--image-size``. Row i of a split has the pixels of ``make_arrays`` at size ``IMAGENET_SIZES[i % 3]``."""
+    """ImageNet's layout, small: ``root/{train,val}/<wnid>/<wnid>_<i>.JPEG``, row i ``make_arrays``'s pixels at
+    ``IMAGENET_SIZES[i % 3]`` (mixed sizes: they need ``--image-size``)."""
     root = Path(root)
     for split, n, split_seed in (("train", n_train, seed), ("val", n_val, seed + 1)):
         per_size = [make_arrays(n, num_classes, size, split_seed) for size in IMAGENET_SIZES]
@@ -318,9 +265,8 @@ IMAGENET_SIZES = ((75, 100), (100, 75), (90, 90))  # (H, W): landscape, portrait
 
 
 def grow_cache(path: str | Path, n_train: int) -> int:
-    """Rewrite the cache file ``path`` (from a first load of a small dataset) with ``n_train`` training rows, its own
-    training rows repeated, through distvgg's own cache writer; returns the images' bytes. Writing the cache directly
-    stands in for decoding that many images, which would take minutes."""
+    """Rewrite the cache file ``path`` with ``n_train`` training rows (its own, repeated) through distvgg's cache
+    writer, standing in for minutes of decoding; returns the images' bytes."""
     from distvgg import cache
 
     path = Path(path)

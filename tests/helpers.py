@@ -22,24 +22,9 @@ from unittest import mock
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--model",
-    "vgg3layer",
-    "--width",
-    "0.125",
-    "--report-to",
-    "none",
-    "--log-every",
-    "2",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "8",
-    "--eval-batch-size",
-    "7",
-    "--cpu-threads",
-    "1",  # two pytest workers share two cores: more threads per run would only contend
-]
+# --cpu-threads 1: two pytest workers share two cores, more threads per run would only contend.
+TINY = "--model vgg3layer --width 0.125 --report-to none --log-every 2 --epochs 2 --batch-size 8 --eval-batch-size 7"
+TINY = [*TINY.split(), "--cpu-threads", "1"]
 
 # Every accuracy lever at once: EMA, cutout, mixup, cutmix, label smoothing.
 LEVERS = ["--ema-decay", "0.8", "--cutout", "8", "--mixup", "0.4", "--cutmix", "1.0", "--label-smoothing", "0.1"]
@@ -62,20 +47,9 @@ def train_command(args: Sequence[str], nproc: int = 1, module: str = "distvgg.tr
     args = one_thread(args, module)
     if nproc == 1:
         return [sys.executable, "-m", module, *args]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / "cpu_ddp2.yaml"),
-        "--num_processes",
-        str(nproc),
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        module,
-        *args,
-    ]
+    config = str(REPO / "accelerate_configs" / "cpu_ddp2.yaml")
+    launch = ["--config_file", config, "--num_processes", str(nproc), "--main_process_port", str(free_port())]
+    return [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", module, *args]
 
 
 def run_train(
@@ -98,20 +72,12 @@ def run_train(
         return run_in_process(args, full_env, hooked=module == "tests.hooked_train")
     if kwargs in ({}, {"stdin": subprocess.DEVNULL}) and module in FORKABLE:  # a forked process reads no stdin
         return run_forked(args, nproc, full_env, module, timeout)
-    return subprocess.run(
-        train_command(args, nproc, module),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        cwd=kwargs.pop("cwd", REPO),
-        **kwargs,
-    )
+    command, cwd = train_command(args, nproc, module), kwargs.pop("cwd", REPO)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd, **kwargs)
 
 
 def one_thread(args: Sequence[str], module: str) -> list[str]:
-    """``--cpu-threads 1`` for a training run that does not choose: two pytest workers share the machine's cores,
-    and the default (the physical cores per process) would have each run contend with the other worker's."""
+    """``--cpu-threads 1`` for a training run that does not choose: two pytest workers share the machine's cores."""
     chosen = any(a.startswith("--cpu-threads") for a in args)
     return [*args, "--cpu-threads", "1"] if module in FORKABLE[:2] and not chosen else list(args)
 
@@ -120,23 +86,14 @@ def one_thread(args: Sequence[str], module: str) -> list[str]:
 FORKABLE = ("distvgg.train", "tests.hooked_train", "distvgg.evaluate", "distvgg.predict", "distvgg.report")
 # What ``accelerate launch --config_file accelerate_configs/cpu_ddp2.yaml`` sets for each process (torchrun's
 # rendezvous variables besides), so that a forked rank sees the launch that users make.
-LAUNCH_ENV = {
-    "ACCELERATE_DYNAMO_BACKEND": "NO",
-    "ACCELERATE_DYNAMO_MODE": "default",
-    "ACCELERATE_DYNAMO_USE_FULLGRAPH": "False",
-    "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": "False",
-    "ACCELERATE_MIXED_PRECISION": "no",
-    "MASTER_ADDR": "127.0.0.1",
-    "OMP_NUM_THREADS": "1",
-}
+LAUNCH_ENV = dict(ACCELERATE_DYNAMO_BACKEND="NO", ACCELERATE_DYNAMO_MODE="default", ACCELERATE_MIXED_PRECISION="no")
+LAUNCH_ENV |= dict(ACCELERATE_DYNAMO_USE_FULLGRAPH="False", ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION="False")
+LAUNCH_ENV |= dict(MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
 
 
 def run_forked(args: Sequence[str], nproc: int, env: dict, module: str, timeout: float) -> subprocess.CompletedProcess:
-    """``nproc`` real processes (one gloo group when more than one), forked from a server process of this test
-    process that has imported torch and distvgg once: a new interpreter per process spends seconds of CPU on
-    importing torch, most of a tiny run. Each process runs ``module.main(args)`` with ``env`` and, for several,
-    the variables ``accelerate launch`` sets; the exit code is theirs (1 for several when any failed, as torchrun
-    reports it), and stdout and stderr are the processes' own, rank after rank."""
+    """``module.main(args)`` in ``nproc`` real processes (one gloo group for several, with LAUNCH_ENV), forked from a
+    server that imported torch once (a new interpreter spends seconds on it); exit code as torchrun reports it."""
     import multiprocessing
     import tempfile
 
@@ -218,6 +175,14 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "final" / "model.safetensors"))
 
 
+def config_facts(out: Path) -> dict:
+    """The run facts that OUTPUT_DIR/config.yaml records as comments (``# num_processes: 2``)."""
+    import yaml
+
+    text = (out / "config.yaml").read_text()
+    return yaml.safe_load("\n".join(line[2:] for line in text.splitlines() if line.startswith("# ") and ":" in line))
+
+
 def output(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout + proc.stderr
 
@@ -242,9 +207,7 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120)
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
-            raise AssertionError(
-                f"the run ended (exit code {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}"
-            )
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"timed out waiting for {what}")
@@ -260,27 +223,12 @@ STEPS = 16  # 64 images / global batch 8 = 8 steps per epoch, 2 epochs
 
 def tiny_args(dataset: Path, out: Path, nproc: int = 1, *extra: str) -> list[str]:
     """TINY with a global batch of 8 whatever the number of processes, a checkpoint every 4 steps."""
-    return [
-        *TINY,
-        "--dataset",
-        str(dataset),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        str(8 // nproc),
-        "--checkpoint-every",
-        "4",
-        "--keep-last",
-        "10",
-        *extra,
-    ]
+    where = ["--dataset", str(dataset), "--output-dir", str(out), "--batch-size", str(8 // nproc)]
+    return [*TINY, *where, "--checkpoint-every", "4", "--keep-last", "10", *extra]
 
 
 def traced(out: Path, **env: str) -> dict[str, str]:
     return {"HOOK_TRACE": str(out / "trace"), **env}
-
-
-# ----------------------------------------------------------------------------------- comparisons
 
 
 def checkpoint_file(out: Path, step: int, name: str):
@@ -292,17 +240,13 @@ def training_state(folder: Path) -> dict:
 
 
 def read_trace(out: Path, rank: int, dedupe: bool = False) -> list[tuple[int, list[int]]]:
-    """(step, sample indices) of every micro-batch process ``rank`` trained on, in order. ``dedupe``:
-    steps that a crashed attempt ran after its last checkpoint, and a later attempt ran again,
-    count once (the later attempt's)."""
+    """(step, sample indices) of every micro-batch process ``rank`` trained on, in order. ``dedupe``: steps that a
+    crashed attempt ran after its last checkpoint, and a later attempt ran again, count once (the later one's)."""
     records = [json.loads(line) for line in (out / f"trace.rank{rank}.jsonl").read_text().splitlines()]
     pairs = [(r["step"], r["indices"]) for r in records]
     if not dedupe:
         return pairs
-    by_step: dict[int, list[int]] = {}
-    for step, indices in pairs:
-        by_step[step] = indices
-    return sorted(by_step.items())
+    return sorted(dict(pairs).items())  # the later attempt's indices of a step replace the earlier one's
 
 
 def assert_same_run(reference: Path, resumed: Path, nproc: int, dedupe: bool = False) -> None:
@@ -315,16 +259,13 @@ def assert_same_run(reference: Path, resumed: Path, nproc: int, dedupe: bool = F
         assert a.keys() == b.keys()
         different = [k for k in a if not torch.equal(a[k], b[k])]
         assert not different, f"weights differ: {different}"
-    opt_a, opt_b = checkpoint_file(reference, STEPS, "optimizer.bin"), checkpoint_file(resumed, STEPS, "optimizer.bin")
+    opt_a, opt_b = (checkpoint_file(run, STEPS, "optimizer.bin") for run in (reference, resumed))
     assert opt_a["param_groups"] == opt_b["param_groups"]
     assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
     for key in opt_a["state"]:
         for name, value in opt_a["state"][key].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][name])), (key, name)
-    sched_a, sched_b = (
-        checkpoint_file(reference, STEPS, "scheduler.bin"),
-        checkpoint_file(resumed, STEPS, "scheduler.bin"),
-    )
+    sched_a, sched_b = (checkpoint_file(run, STEPS, "scheduler.bin") for run in (reference, resumed))
     assert sched_a == sched_b and sched_a["last_epoch"] == STEPS
     assert sched_a["_last_lr"] == sched_b["_last_lr"]
     for rank in range(nproc):
@@ -335,8 +276,7 @@ def assert_same_run(reference: Path, resumed: Path, nproc: int, dedupe: bool = F
 
 @contextmanager
 def small_filesystem(folder: Path, size: str = "32m") -> Iterator[Path]:
-    """A real filesystem of ``size`` (tmpfs) mounted at ``folder`` for the block, unmounted after it; the test is
-    skipped, with the reason, where mounting is not allowed (it needs root)."""
+    """A real filesystem of ``size`` (tmpfs) at ``folder`` for the block; the test is skipped where it cannot mount."""
     import pytest
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,23 +1,15 @@
-"""``python -m tests.hooked_train ARGS``: distvgg.train.main with test-only behaviour patched in, in process.
+"""``python -m tests.hooked_train ARGS``: distvgg.train.main with test-only behaviour patched in (the package has no
+test switches), each off unless its environment variable is set:
 
-The package has no test switches; the tests that need one start this module instead, and it reads its own
-environment variables (all off unless set):
-
-- ``HOOK_TRACE=PREFIX``: each process appends (step, epoch, sample indices, RNG hash) of every micro-batch
-  it trains on to ``PREFIX.rank<r>.jsonl``;
-- ``HOOK_SIGNAL_AT_STEP=k``: the process sends itself a real SIGUSR1 during step k;
-- ``HOOK_FAIL_CHECKPOINT_AT=k``: writing the COMPLETE marker of the checkpoint of step k fails as on a full
-  disk (OSError ENOSPC);
+- ``HOOK_TRACE=PREFIX``: (step, epoch, sample indices, RNG hash) of every micro-batch to ``PREFIX.rank<r>.jsonl``;
+- ``HOOK_SIGNAL_AT_STEP=k``: a real SIGUSR1 to the process during step k;
+- ``HOOK_FAIL_CHECKPOINT_AT=k``: the checkpoint of step k fails at its COMPLETE marker as on a full disk (ENOSPC);
 - ``HOOK_STEP_DELAY=s``: sleep s seconds after each step (so that a test can signal or kill a run mid-way);
-- ``HOOK_HOLD_AT_STEP=k`` with ``HOOK_RELEASE=PATH``: step k waits until PATH exists (so that a test can act
-  while the job is surely still running, however loaded the machine);
-- ``HOOK_EVENTS=DIR``: each process appends its data cache hits, misses and decodes to ``DIR/rank-<RANK>.txt``.
-- ``HOOK_COMPILE_BACKEND=NAME``: torch.compile uses that backend (aot_eager: dynamo and AOT autograd, without
-  Inductor's C++ compilation, which takes minutes on a CPU);
-- ``HOOK_ALLREDUCES=PREFIX``: a DDP comm hook counts the gradient all-reduces that complete each optimizer step
-  (buckets marked last), appending (step, count) to ``PREFIX.rank<r>.jsonl``.
-- ``HOOK_FILL_AT_STEP=k`` with ``HOOK_FILL=PATH``: before step k, write PATH until its filesystem has only
-  ``HOOK_FILL_LEAVE`` bytes (default 256 KiB) free: a real full disk for the writes that follow.
+- ``HOOK_HOLD_AT_STEP=k``, ``HOOK_RELEASE=PATH``: step k waits for PATH (the job surely still runs meanwhile);
+- ``HOOK_EVENTS=DIR``: data cache hits, misses and decodes appended to ``DIR/rank-<RANK>.txt``;
+- ``HOOK_COMPILE_BACKEND=NAME``: torch.compile's backend (aot_eager: no minutes of Inductor C++ compilation);
+- ``HOOK_ALLREDUCES=PREFIX``: (step, gradient all-reduces that completed it) to ``PREFIX.rank<r>.jsonl``;
+- ``HOOK_FILL_AT_STEP=k``, ``HOOK_FILL=PATH``: before step k, fill PATH's disk to ``HOOK_FILL_LEAVE`` bytes (256 KiB).
 """
 
 from __future__ import annotations

@@ -163,15 +163,9 @@ def tiny_bench(tmp_path_factory):
     (site / "sitecustomize.py").write_text(COUNTING_SITECUSTOMIZE)
     args = ["--tiny", "--device", "cpu", "--dataset", str(dataset), "--json", str(out), "--time-to-accuracy", "0"]
     path = os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "distvgg.bench", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "COUNT_STEPS": str(counts)},
-    )
-    text = ok(proc)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "COUNT_STEPS": str(counts)}
+    command = [sys.executable, "-m", "distvgg.bench", *args]
+    text = ok(subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env))
     return json.loads(out.read_text()), text, collections.Counter(map(int, counts.read_text().split()))
 
 

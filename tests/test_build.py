@@ -45,8 +45,7 @@ def test_loss_scale_reads_the_scalers_device_tensor():
 
 
 def test_fp16_skipped_steps_are_counted_with_the_fused_optimizer():
-    """With fused SGD the kernel itself skips an overflowing step, so Accelerate never sees a skip;
-    train_step compares the scaler's scale before and after, on the device."""
+    """Fused SGD skips an overflowing step in its kernel (Accelerate never sees it): train_step counts it anyway."""
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
@@ -81,9 +80,8 @@ def test_a_skipped_first_fused_step_leaves_the_momentum_sound():
     overflows = iter([float("inf"), float("inf")])
     model[0].weight.register_hook(lambda grad: grad * next(overflows, 1.0))
     batch = [(torch.randn(16, 4), torch.randint(0, 3, (16,)))]
-    skipped = [
-        bool(train.train_step(model, nn.CrossEntropyLoss(), optimizer, scheduler, acc, batch)[1]) for _ in range(5)
-    ]
+    step = lambda: bool(train.train_step(model, nn.CrossEntropyLoss(), optimizer, scheduler, acc, batch)[1])  # noqa: E731
+    skipped = [step() for _ in range(5)]
     assert skipped == [True, True, False, False, False]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -93,10 +91,8 @@ def test_zero_momentum_buffers_give_the_same_steps_as_torchs_lazy_ones():
     ours, plain = nn.Linear(5, 3), nn.Linear(5, 3)
     plain.load_state_dict(ours.state_dict())
     cfg = TrainConfig(nesterov=True, weight_decay=5e-4)
-    optimizers = [
-        build.make_optimizer(cfg, ours, lr=0.1),
-        torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True),
-    ]
+    lazy = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
+    optimizers = [build.make_optimizer(cfg, ours, lr=0.1), lazy]
     x = torch.randn(8, 5)
     for _ in range(3):
         for model, optimizer in zip((ours, plain), optimizers):
@@ -108,9 +104,8 @@ def test_zero_momentum_buffers_give_the_same_steps_as_torchs_lazy_ones():
 
 def test_rng_states_of_more_gpus_than_visible_restore_those_that_exist(tmp_path, monkeypatch):
     """A checkpoint saved on 8 GPUs, resumed where 1 is visible: the first state is restored, no IndexError."""
-    states = {
-        "random_state": random.getstate(),
-        "numpy_random_seed": np.random.get_state(),
+    states = {"random_state": random.getstate(), "numpy_random_seed": np.random.get_state()}
+    states |= {
         "torch_manual_seed": torch.get_rng_state(),
         "torch_cuda_manual_seed": [torch.tensor([i]) for i in range(8)],
     }
@@ -127,16 +122,14 @@ def _tiny_dataset(tmp_path_factory):
     return datagen.make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=32, n_test=10)
 
 
+ON_GPU = "--num-workers must be 0 when the data is on the GPU"
+
+
 @pytest.mark.parametrize(
     "options, device, processes, refused",
     [
         ({"num_workers": 2, "data_on_device": "yes"}, "cuda", 1, "--num-workers must be 0"),
-        (
-            {"num_workers": 2, "data_on_device": "auto"},
-            "cuda",
-            1,
-            "--num-workers must be 0 when the data is on the GPU",
-        ),
+        ({"num_workers": 2, "data_on_device": "auto"}, "cuda", 1, ON_GPU),
         ({"num_workers": 2, "data_on_device": "no"}, "cuda", 1, None),
         ({"num_workers": 2, "data_on_device": "yes"}, "cpu", 1, None),
         ({"sync_bn": True}, "cpu", 2, "--sync-bn needs GPUs"),

@@ -44,10 +44,7 @@ def test_a_decoded_file_is_bitwise_what_safetensors_writes_and_older_files_load(
 
 def test_a_file_that_does_not_match_its_header_is_refused(tmp_path):
     path = tmp_path / "x.safetensors"
-    save_file(
-        {"train_images": torch.zeros(4, 3, 2, 2, dtype=torch.uint8), "train_labels": torch.zeros(4, dtype=torch.int64)},
-        str(path),
-    )
+    save_file({"train_images": torch.zeros(4, 3, 2, 2).byte(), "train_labels": torch.zeros(4).long()}, str(path))
     cache.read(path)  # a well-formed file reads
     content = path.read_bytes()
     wrong_shape, wrong_type = content.replace(b"[4,3,2,2]", b"[5,3,2,2]"), content.replace(b'"I64"', b'"F64"')
@@ -90,8 +87,7 @@ def _anon_at_first_step(proc: subprocess.Popen, out: Path) -> list[int]:
 
 
 def _peak_at_the_end(proc: subprocess.Popen, out: Path) -> int:
-    """Release the run; the peak RSS (kB) of its largest process (wait4 reports the launcher's and its waited-for
-    descendants')."""
+    """Release the run; the peak RSS (kB) of its largest process (wait4's, over the launcher and its children)."""
     Path(f"{out}.release").touch()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -102,10 +98,8 @@ def _peak_at_the_end(proc: subprocess.Popen, out: Path) -> int:
 
 @pytest.mark.slow
 def test_two_ranks_share_one_copy_and_a_dataset_larger_than_the_limit_trains(tmp_path):
-    """The same 2-process run, data on the host, on a dataset of 16 images and on one of 32,768 (400 MB), both at
-    once: each rank's private memory (RssAnon) grows by less than a tenth of the larger dataset's bytes, and the
-    run's peak RSS (which counts the pages of the mapping it has read, too) by less than a quarter. A rank that held
-    its own copy of the pixels would grow by all of them."""
+    """2 processes on 16 images and on 32,768 (400 MB): each rank's RssAnon grows by under a tenth of the pixels, the
+    peak RSS (mapped pages read included) by under a quarter; a private copy would grow by all of them."""
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=16, n_test=6, size=64)
     assert len(_load(root, tmp_path / "small-cache").train) == 16
     big = tmp_path / "big-cache" / f"{_load(root, tmp_path / 'big-cache').fingerprint}.safetensors"
@@ -123,14 +117,10 @@ def test_two_ranks_share_one_copy_and_a_dataset_larger_than_the_limit_trains(tmp
 
 
 def test_shrinking_keeps_rows_in_order(tmp_path):
-    """Rows dropped after decoding (--skip-bad-images) are squeezed out in place; the file is then what
-    save_file writes for the rows kept."""
-    shapes = cache.shapes_for({"train": 7, "test": 3}, (2, 2))
-    writer = cache.Writer(tmp_path / "x.safetensors", shapes, {"k": "v"})
-    pixels = {
-        s: np.arange(n * 12, dtype=np.uint8).reshape(n, 3, 2, 2) + 100 * (s == "test")
-        for s, n in (("train", 7), ("test", 3))
-    }
+    """Rows dropped after decoding (--skip-bad-images) are squeezed out in place, leaving a valid file."""
+    counts = {"train": 7, "test": 3}
+    writer = cache.Writer(tmp_path / "x.safetensors", cache.shapes_for(counts, (2, 2)), {"k": "v"})
+    pixels = {s: np.arange(n * 12, dtype=np.uint8).reshape(n, 3, 2, 2) + 100 * (s == "test") for s, n in counts.items()}
     for s in ("train", "test"):
         writer.array(f"{s}_images")[:] = pixels[s]
     keep = {"train": np.array([1, 0, 1, 1, 0, 0, 1], bool), "test": np.array([0, 1, 1], bool)}
@@ -146,8 +136,7 @@ def test_shrinking_keeps_rows_in_order(tmp_path):
 
 
 def test_a_full_disk_is_one_clear_error_and_leaves_nothing_behind(tmp_path):
-    """A cache directory on a real 1 MB tmpfs, a 2 MB decode: the space is claimed before any pixel is written, so
-    the disk is found full at once: one error naming the folder and the bytes, and the tmpfs is left empty."""
+    """A 2 MB decode into a real 1 MB tmpfs: the space is claimed first, so one error at once, nothing left behind."""
     with small_filesystem(tmp_path / "full", "1m") as full:
         root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=36, n_test=4, size=16)
         with pytest.raises(DiskFull) as e:

@@ -1,9 +1,5 @@
-"""Checkpoints (distvgg/checkpoint.py): atomic writes, verified resume with fallback, exact resume on
-one process, preemption, finished runs, refused changes, numerical faults, safe loading, and the
-train CLI's one clear error for each kind of bad input.
-
-Unit tests first (no training); then runs of ``python -m distvgg.train`` on tiny models.
-"""
+"""Checkpoints: atomic writes, verified resume with fallback, exact resume, preemption, refused changes, numerical
+faults, safe loading; and the train CLI's one clear error for each kind of bad input."""
 
 from __future__ import annotations
 
@@ -22,18 +18,8 @@ from distvgg import checkpoint as ckpt
 from distvgg import files, preemption
 from distvgg.config import ConfigError, parse_config
 from distvgg.models import load_model
-from tests import datagen
-from tests.helpers import (
-    TINY,
-    assert_same_run,
-    final_weights,
-    ok,
-    run_in_process,
-    run_train,
-    tiny_args,
-    traced,
-    training_state,
-)
+from tests import datagen, helpers
+from tests.helpers import assert_same_run, final_weights, ok, run_train, tiny_args, traced, training_state
 
 # ------------------------------------------------------------------------------------ unit tests
 
@@ -235,10 +221,8 @@ def test_a_failed_or_damaged_checkpoint_is_never_used(dataset, reference, tmp_pa
     assert any(n.startswith("step-00000012.bad-") for n in names)
     assert any(n.startswith("step-00000016.bad-") for n in names)
     assert not (out / "checkpoints" / ".tmp-step-00000012").exists()
-    assert torch.equal(
-        torch.cat([w.flatten() for w in final_weights(out).values()]),
-        torch.cat([w.flatten() for w in final_weights(reference).values()]),
-    )
+    flat = [torch.cat([w.flatten() for w in final_weights(run).values()]) for run in (out, reference)]
+    assert torch.equal(*flat)
 
 
 @pytest.mark.slow
@@ -328,109 +312,71 @@ def test_nan_stops_the_run_and_the_last_checkpoint_stays_good(dataset, tmp_path)
 def _pair(root: Path, train_blobs, train_labels, names=("a", "b", "c"), test_n: int = 6) -> Path:
     test_images, test_labels = datagen.make_arrays(test_n, len(names), 32, seed=9)
     datagen.write_parquet_split(root / "train-00000-of-00001.parquet", train_blobs, train_labels, list(names))
-    datagen.write_parquet_split(
-        root / "test-00000-of-00001.parquet",
-        datagen.encode_images(test_images)[:test_n],
-        test_labels[:test_n],
-        list(names),
-    )
+    blobs = datagen.encode_images(test_images)
+    datagen.write_parquet_split(root / "test-00000-of-00001.parquet", blobs, test_labels, list(names))
     return root
 
 
-def _bad_inputs(tmp: Path, good: Path, reference: Path) -> dict[str, tuple[list[str], int, list[str]]]:
-    """name -> (arguments, expected exit code, phrases the error must contain)."""
+# name -> (expected exit code, phrases the error must contain; {tmp} is the case's folder)
+BAD_INPUTS = {
+    "corrupt image": (1, ["split 'train' row 5", "--skip-bad-images"]),
+    "missing label column": (1, ["'fine_label' not found", "columns:", "img", "label"]),
+    "label out of range": (1, ["row 4 has label 7, outside [0, 3)"]),
+    "empty split": (1, ["split 'test'", "is empty"]),
+    "images too small": (1, ["a 4x4 input is too small", "use larger images"]),
+    "image size differs from the checkpoint": (
+        1,
+        ["trained on 32x32 images but the dataset has 64x64 images", "dataset_fingerprint"],
+    ),
+    "unwritable output dir": (1, ["cannot write to --output-dir", "{tmp}/a-file/out"]),
+    "unknown YAML key": (2, ["unknown option(s) learning_rate", "--help"]),
+    "missing --resume folder": (1, ["--resume", "no such checkpoint folder"]),
+}
+
+
+def _bad_inputs(tmp: Path, good: Path, reference: Path) -> dict[str, list[str]]:
+    """name -> the arguments of that bad input."""
     images, labels = datagen.make_arrays(12, 3, 32)
-    corrupt = datagen.encode_images(images)
-    corrupt[5] = b"this is not an image"
-    out_of_range = labels.copy()
-    out_of_range[4] = 7
-    blocker = tmp / "a-file"
-    blocker.write_text("not a folder")
-    yaml_file = tmp / "bad.yaml"
-    yaml_file.write_text("epochs: 1\nlearning_rate: 0.1\n")
-    empty = tmp / "empty"
-    datagen.write_parquet_split(empty / "train-0.parquet", datagen.encode_images(images), labels, ["a", "b", "c"])
-    datagen.write_parquet_split(empty / "test-0.parquet", [], [], ["a", "b", "c"])
+    corrupt, out_of_range = datagen.encode_images(images), labels.copy()
+    corrupt[5], out_of_range[4] = b"this is not an image", 7
+    (tmp / "a-file").write_text("not a folder")
+    (tmp / "bad.yaml").write_text("epochs: 1\nlearning_rate: 0.1\n")
+    datagen.write_parquet_split(tmp / "empty" / "train-0.parquet", datagen.encode_images(images), labels, list("abc"))
+    datagen.write_parquet_split(tmp / "empty" / "test-0.parquet", [], [], list("abc"))
+    ds64 = datagen.make_parquet_dataset(tmp / "ds64", 64, 20, size=64)
     return {
-        "corrupt image": (
-            ["--dataset", str(_pair(tmp / "corrupt", corrupt, labels))],
-            1,
-            ["split 'train' row 5", "--skip-bad-images"],
-        ),
-        "missing label column": (
-            ["--dataset", str(good), "--label-column", "fine_label"],
-            1,
-            ["'fine_label' not found", "columns:", "img", "label"],
-        ),
-        "label out of range": (
-            ["--dataset", str(_pair(tmp / "range", datagen.encode_images(images), out_of_range))],
-            1,
-            ["row 4 has label 7, outside [0, 3)"],
-        ),
-        "empty split": (["--dataset", str(empty)], 1, ["split 'test'", "is empty"]),
-        "images too small": (
-            ["--dataset", str(datagen.make_parquet_dataset(tmp / "tiny4", 16, 8, size=4))],
-            1,
-            ["a 4x4 input is too small", "use larger images"],
-        ),
-        "image size differs from the checkpoint": (
-            [
-                "--dataset",
-                str(datagen.make_parquet_dataset(tmp / "ds64", 64, 20, size=64)),
-                "--resume",
-                str(reference / "checkpoints" / "step-00000008"),
-            ],
-            1,
-            ["trained on 32x32 images but the dataset has 64x64 images", "dataset_fingerprint"],
-        ),
-        "unwritable output dir": (
-            ["--dataset", str(good), "--output-dir", str(blocker / "out")],
-            1,
-            ["cannot write to --output-dir", str(blocker / "out")],
-        ),
-        "unknown YAML key": (
-            ["--dataset", str(good), "--config", str(yaml_file)],
-            2,
-            ["unknown option(s) learning_rate", "--help"],
-        ),
-        "missing --resume folder": (
-            ["--dataset", str(good), "--resume", str(tmp / "nowhere")],
-            1,
-            ["--resume", "no such checkpoint folder"],
-        ),
+        "corrupt image": ["--dataset", str(_pair(tmp / "corrupt", corrupt, labels))],
+        "missing label column": ["--dataset", str(good), "--label-column", "fine_label"],
+        "label out of range": ["--dataset", str(_pair(tmp / "range", datagen.encode_images(images), out_of_range))],
+        "empty split": ["--dataset", str(tmp / "empty")],
+        "images too small": ["--dataset", str(datagen.make_parquet_dataset(tmp / "tiny4", 16, 8, size=4))],
+        "image size differs from the checkpoint": [
+            *("--dataset", str(ds64), "--resume", str(reference / "checkpoints" / "step-00000008"))
+        ],
+        "unwritable output dir": ["--dataset", str(good), "--output-dir", str(tmp / "a-file" / "out")],
+        "unknown YAML key": ["--dataset", str(good), "--config", str(tmp / "bad.yaml")],
+        "missing --resume folder": ["--dataset", str(good), "--resume", str(tmp / "nowhere")],
     }
 
 
 @pytest.fixture(scope="module")
-def bad_input_runs(dataset, reference, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, int, list]]:
+def bad_input_runs(dataset, reference, tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
     """Every bad-input run, in this process (a new process per case would spend most of its time starting up)."""
     tmp = tmp_path_factory.mktemp("bad")
-    return {
-        name: (run_in_process([*TINY, "--output-dir", str(tmp / f"out-{i}"), *args], dict(os.environ)), code, phrases)
-        for i, (name, (args, code, phrases)) in enumerate(_bad_inputs(tmp, dataset, reference).items())
+    cases, env = enumerate(_bad_inputs(tmp, dataset, reference).items()), dict(os.environ)
+    return tmp, {
+        n: helpers.run_in_process([*helpers.TINY, "--output-dir", str(tmp / f"out-{i}"), *a], env)
+        for i, (n, a) in cases
     }
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "corrupt image",
-        "missing label column",
-        "label out of range",
-        "empty split",
-        "images too small",
-        "image size differs from the checkpoint",
-        "unwritable output dir",
-        "unknown YAML key",
-        "missing --resume folder",
-    ],
-)
+@pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_gets_one_clear_error(bad_input_runs, case):
-    proc, code, phrases = bad_input_runs[case]
-    returncode, stderr = proc.returncode, proc.stderr
+    (tmp, runs), (code, phrases) = bad_input_runs, BAD_INPUTS[case]
+    returncode, stderr = runs[case].returncode, runs[case].stderr
     assert returncode == code, f"exit code {returncode}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith("distvgg.train:")]
     assert len(errors) == 1, stderr[-3000:]  # one error line
-    for phrase in phrases:
+    for phrase in (p.format(tmp=tmp) for p in phrases):
         assert phrase in stderr, f"{phrase!r} not in:\n{stderr[-3000:]}"

@@ -127,18 +127,22 @@ def test_cifar10_pickles(tmp_path, protocol, point_at_subdir):
 
 
 def test_cifar100_pickles(tmp_path):
-    root = datagen.make_cifar_pickle_dataset(
-        tmp_path / "data", n_train=12, n_test=6, num_classes=6, variant="cifar-100"
-    )
+    root = datagen.make_cifar_pickle_dataset(tmp_path / "data", 12, 6, num_classes=6, variant="cifar-100")
     loaded, _ = load(root, tmp_path / "cache")
     assert_exact(loaded, datagen.dataset_arrays(n_train=12, n_test=6, num_classes=6))
     assert loaded.class_names == datagen.class_names(6)
 
 
-def test_cifar_incomplete_download(tmp_path):
+@pytest.mark.parametrize("damage", ["incomplete download", "truncated pickle"])
+def test_a_missing_or_truncated_cifar_batch_is_a_data_error(tmp_path, damage):
     root = datagen.make_cifar_pickle_dataset(tmp_path / "data")
-    (root / "cifar-10-batches-py" / "data_batch_3").unlink()
-    with pytest.raises(DataError, match="missing data_batch_3"):
+    if damage == "incomplete download":
+        (root / "cifar-10-batches-py" / "data_batch_3").unlink()
+    else:
+        batch = root / "cifar-10-batches-py" / "test_batch"
+        batch.write_bytes(batch.read_bytes()[:100])
+    expected = "missing data_batch_3" if damage == "incomplete download" else "cannot read CIFAR batch .*test_batch"
+    with pytest.raises(DataError, match=expected):
         load(root, tmp_path / "cache")
 
 
@@ -158,14 +162,6 @@ def test_restricted_unpickler_refuses_os_system(tmp_path):
     with pytest.raises(DataError, match=r"data_batch_1 .*refusing to unpickle (posix|os|nt)\.system"):
         load(root, tmp_path / "cache")
     assert not marker.exists()
-
-
-def test_truncated_pickle_is_a_data_error(tmp_path):
-    root = datagen.make_cifar_pickle_dataset(tmp_path / "data")
-    batch = root / "cifar-10-batches-py" / "test_batch"
-    batch.write_bytes(batch.read_bytes()[:100])
-    with pytest.raises(DataError, match="cannot read CIFAR batch .*test_batch"):
-        load(root, tmp_path / "cache")
 
 
 def test_imagefolder(tmp_path):
@@ -262,9 +258,8 @@ def test_damaged_cache_is_ignored_and_rewritten(tmp_path, damage):
     cache_file = tmp_path / "cache" / f"{first.fingerprint}.safetensors"
     content, expected = cache_file.read_bytes(), first.train.images.clone()
     del first  # its pixels are a mapping of the file, which is now damaged in place (as no distvgg run does)
-    cache_file.write_bytes(
-        {"truncate": content[: len(content) // 2], "garbage": b"\x00garbage" * 100, "empty": b""}[damage]
-    )
+    damaged = {"truncate": content[: len(content) // 2], "garbage": b"\x00garbage" * 100, "empty": b""}
+    cache_file.write_bytes(damaged[damage])
     second, log = load(root, tmp_path / "cache")
     assert "warning: ignoring damaged cache file" in log.text() and "decoded" in log.text()
     assert torch.equal(second.train.images, expected)
@@ -292,9 +287,7 @@ def test_default_cache_dir(monkeypatch):
 
 
 def test_detects_renamed_columns_and_accepts_explicit_ones(tmp_path):
-    root = datagen.make_parquet_dataset(
-        tmp_path / "ds", n_train=8, n_test=4, image_column="picture", label_column="target"
-    )
+    root = datagen.make_parquet_dataset(tmp_path / "ds", 8, 4, image_column="picture", label_column="target")
     detected, _ = load(root, tmp_path / "c1")
     explicit, _ = load(root, tmp_path / "c2", image_column="picture", label_column="target")
     assert torch.equal(detected.train.images, explicit.train.images)
@@ -352,9 +345,8 @@ def test_binary_image_column_named_explicitly(tmp_path):
 def _write_pair(root: Path, train_blobs, train_labels, test_n: int = 3, names=("a", "b", "c")) -> Path:
     test_images, test_labels = datagen.make_arrays(test_n, len(names), 8, seed=9)
     datagen.write_parquet_split(root / "train-00000-of-00001.parquet", train_blobs, train_labels, list(names))
-    datagen.write_parquet_split(
-        root / "test-00000-of-00001.parquet", datagen.encode_images(test_images), test_labels, list(names)
-    )
+    blobs = datagen.encode_images(test_images)
+    datagen.write_parquet_split(root / "test-00000-of-00001.parquet", blobs, test_labels, list(names))
     return root
 
 
@@ -392,7 +384,7 @@ def test_missing_image_is_bad(tmp_path):
         load(root, tmp_path / "cache")
 
 
-def test_mixed_sizes(tmp_path):
+def test_mixed_sizes_within_a_split_or_across_splits(tmp_path):
     images, labels = datagen.make_arrays(10, 3, 8)
     blobs = datagen.encode_images(images)
     blobs[7] = datagen.encode_image(datagen.make_arrays(1, 3, (8, 9))[0][0])
@@ -403,37 +395,26 @@ def test_mixed_sizes(tmp_path):
         f"images of different sizes in parquet files in {root.resolve()}: 8x8 (split 'train', row 0) and "
         f"8x9 (split 'train', row 7); pass --image-size to resize them"
     )
-
-
-def test_train_and_test_sizes_differ(tmp_path):
-    images, labels = datagen.make_arrays(4, 3, 16)
-    root = _write_pair(tmp_path / "ds", datagen.encode_images(images), labels)
-    with pytest.raises(
-        DataError, match=r"16x16 \(split 'train', row 0\) and 8x8 \(split 'test', row 0\); pass --image"
-    ):
+    images, labels = datagen.make_arrays(4, 3, 16)  # 16x16 training images, 8x8 test images
+    root = _write_pair(tmp_path / "ds2", datagen.encode_images(images), labels)
+    with pytest.raises(DataError, match=r"16x16 \(split 'train', row 0\) and 8x8 \(split 'test', row 0\); pass --im"):
         load(root, tmp_path / "cache")
 
 
-def test_empty_split(tmp_path):
+def test_empty_split_in_parquet_or_save_to_disk(tmp_path):
+    import datasets
+
     images, labels = datagen.make_arrays(4, 3, 8)
-    root = tmp_path / "ds"
+    root = tmp_path / "pq"
     datagen.write_parquet_split(root / "train-0.parquet", datagen.encode_images(images), labels, ["a", "b", "c"])
     datagen.write_parquet_split(root / "test-0.parquet", [], [], ["a", "b", "c"])
     with pytest.raises(DataError, match="split 'test' .* is empty"):
         load(root, tmp_path / "cache")
-
-
-def test_empty_split_save_to_disk(tmp_path):
-    import datasets
-
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
     one = {"img": [{"bytes": datagen.encode_image(np.zeros((4, 4, 3), np.uint8)), "path": None}], "label": [0]}
-    datasets.DatasetDict(
-        {
-            "train": datasets.Dataset.from_dict(one, features=features),
-            "test": datasets.Dataset.from_dict({"img": [], "label": []}, features=features),
-        }
-    ).save_to_disk(str(tmp_path / "ds"))
+    splits = {"train": one, "test": {"img": [], "label": []}}
+    splits = {name: datasets.Dataset.from_dict(split, features=features) for name, split in splits.items()}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "ds"))
     with pytest.raises(DataError, match="split 'test' .* is empty"):
         load(tmp_path / "ds", tmp_path / "cache")
 
@@ -451,12 +432,9 @@ def test_labels_out_of_range_or_missing_name_their_row(tmp_path, bad):
 
 def test_missing_test_split_names_found_splits(tmp_path):
     images, labels = datagen.make_arrays(4, 3, 8)
-    datagen.write_parquet_split(
-        tmp_path / "ds" / "train-0.parquet", datagen.encode_images(images), labels, ["a", "b", "c"]
-    )
-    datagen.write_parquet_split(
-        tmp_path / "ds" / "extra-0.parquet", datagen.encode_images(images), labels, ["a", "b", "c"]
-    )
+    blobs = datagen.encode_images(images)
+    for split in ("train", "extra"):
+        datagen.write_parquet_split(tmp_path / "ds" / f"{split}-0.parquet", blobs, labels, ["a", "b", "c"])
     # datasets names the splits after the files; "extra" is no split name, so only 'train' is found.
     with pytest.raises(DataError, match=r"needs a 'train' and a test/validation/\w+/\w+ split; splits found: 'train'$"):
         load(tmp_path / "ds", tmp_path / "cache")
@@ -540,23 +518,17 @@ def test_missing_path(tmp_path, name):
         load(name, tmp_path / "cache")
 
 
-def test_existing_dir_without_layout(tmp_path):
-    (tmp_path / "ds").mkdir()
-    (tmp_path / "ds" / "notes.txt").write_text("hi")
-    with pytest.raises(
-        DataError,
-        match=r"matches none of the supported .*cifar-10-batches-py.*dataset_dict\.json"
-        r".*parquet.*train/<class>.*Found: notes\.txt",
-    ):
-        load(tmp_path / "ds", tmp_path / "cache")
-
-
-def test_single_split_save_to_disk_is_no_layout(tmp_path):
+def test_a_folder_of_no_layout_lists_the_layouts_and_what_it_found(tmp_path):
     import datasets
 
-    datasets.Dataset.from_dict({"x": [1, 2]}).save_to_disk(str(tmp_path / "ds"))
-    with pytest.raises(DataError, match=r"matches none of the supported .*dataset_dict\.json.*Found: .*state\.json"):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "notes.txt").write_text("hi")
+    layouts = r"matches none of the supported .*cifar-10-batches-py.*dataset_dict\.json.*parquet.*train/<class>"
+    with pytest.raises(DataError, match=layouts + r".*Found: notes\.txt"):
         load(tmp_path / "ds", tmp_path / "cache")
+    datasets.Dataset.from_dict({"x": [1, 2]}).save_to_disk(str(tmp_path / "one"))  # a single split: no layout
+    with pytest.raises(DataError, match=r"matches none of the supported .*dataset_dict\.json.*Found: .*state\.json"):
+        load(tmp_path / "one", tmp_path / "cache")
 
 
 def test_hub_id_is_not_a_path():
@@ -618,13 +590,16 @@ def test_hub_dataset_cached_by_its_arrow_files(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ balanced_subset, limited
 
 
-def test_balanced_subset_counts_and_order():
+def test_balanced_subset_counts_order_and_seed():
     labels = torch.arange(1000) % 10
     idx = balanced_subset(labels, 95, seed=0)
     assert idx.dtype == torch.int64 and len(idx) == 95
     assert torch.equal(idx, idx.sort().values) and len(idx.unique()) == 95
     counts = torch.bincount(labels[idx], minlength=10)
     assert counts.max() - counts.min() <= 1 and counts.sum() == 95
+    labels = torch.randint(0, 7, (500,), generator=torch.Generator().manual_seed(1))
+    a, b, c = (balanced_subset(labels, 50, s) for s in (5, 5, 6))
+    assert torch.equal(a, b) and not torch.equal(a, c)  # deterministic, and seeded
 
 
 def test_balanced_subset_class_ordered_labels():
@@ -633,12 +608,6 @@ def test_balanced_subset_class_ordered_labels():
     assert torch.equal(torch.bincount(labels[idx], minlength=10), torch.full((10,), 10))
     # Within a class the pick is random, not the first rows of that class.
     assert (idx % 500 >= 10).any()
-
-
-def test_balanced_subset_deterministic_and_seeded():
-    labels = torch.randint(0, 7, (500,), generator=torch.Generator().manual_seed(1))
-    a, b, c = (balanced_subset(labels, 50, s) for s in (5, 5, 6))
-    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_balanced_subset_small_classes_and_limits():

@@ -42,10 +42,8 @@ def test_two_workers_write_the_file_one_worker_writes(tmp_path):
     for workers in (1, 2):
         with pytest.raises(DataError, match=r"split 'train' row 5 .*--skip-bad-images"):  # the first, as with one
             load_image_data(str(root), cache_dir=tmp_path / f"c{workers}", decode_workers=workers, log=Log())
-        log = Log()
-        data = load_image_data(
-            str(root), cache_dir=tmp_path / f"c{workers}", decode_workers=workers, skip_bad_images=True, log=log
-        )
+        log, cache = Log(), tmp_path / f"c{workers}"
+        data = load_image_data(str(root), cache_dir=cache, decode_workers=workers, skip_bad_images=True, log=log)
         assert "skipped 2 unreadable image(s) in split 'train'" in "\n".join(log) and "rows 5, 800" in "\n".join(log)
         keep = np.setdiff1d(np.arange(len(images)), [5, 800])
         assert torch.equal(data.train.images, torch.from_numpy(images[keep]).permute(0, 3, 1, 2))
@@ -114,9 +112,8 @@ def test_a_worker_that_dies_mid_decode_is_an_error_and_leaves_nothing(tmp_path, 
 
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=1200, n_test=4, size=4)
     decode_example = datasets.Image.decode_example
-    monkeypatch.setattr(
-        datasets.Image, "decode_example", lambda *a, **k: (time.sleep(0.005), decode_example(*a, **k))[1]
-    )
+    slow = lambda *a, **k: (time.sleep(0.005), decode_example(*a, **k))[1]  # noqa: E731
+    monkeypatch.setattr(datasets.Image, "decode_example", slow)
 
     before = {p.pid for p in psutil.Process().children()}  # not the decode's: leave them alone
 

@@ -23,11 +23,6 @@ from tests.hooked_train import fill_disk
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return datagen.make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=64, n_test=20)
-
-
-@pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory) -> Path:
     """An uninterrupted 1-process run of 8 steps (1 epoch), a checkpoint every 4."""
     out = tmp_path_factory.mktemp("ref") / "out"
@@ -75,14 +70,12 @@ def test_every_writer_reports_a_full_disk_the_same_way(small_disk, saved_run, ti
     said: list[str] = []
     pickles = datagen.make_cifar_pickle_dataset(tmp_path / "pickles", n_train=40, n_test=10)  # no arrow copy
     fill_disk(small_disk / "filler", leave=0)
-    quiet = SimpleNamespace(is_main_process=True, log=lambda *a, **k: None)
+    load, quiet = data.load_image_data, SimpleNamespace(is_main_process=True, log=lambda *a, **k: None)
     writers = {
         "metrics.jsonl": lambda: tracking.RunLogger(quiet, small_disk).log({"train/loss": 1.0}, step=1),
         "best/": lambda: ckpt.save_model_folder(small_disk / "best", load_model(saved_run).model, {}, None),
-        "the data cache": lambda: data.load_image_data(str(pickles), cache_dir=small_disk, log=said.append),
-        "a decoded copy of the dataset": lambda: data.load_image_data(
-            str(tiny_dataset), cache_dir=small_disk, log=said.append
-        ),
+        "the data cache": lambda: load(str(pickles), cache_dir=small_disk, log=said.append),
+        "a decoded copy of the dataset": lambda: load(str(tiny_dataset), cache_dir=small_disk, log=said.append),
     }
     for what, write in writers.items():
         with pytest.raises(files.DiskFull) as e:
@@ -91,9 +84,8 @@ def test_every_writer_reports_a_full_disk_the_same_way(small_disk, saved_run, ti
         assert re.search(r"needs (about [\d,]+ bytes, and 0 bytes are free|more than the 0 bytes free)", str(e.value))
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "metrics.jsonl"]  # nothing half-written
     assert report.main([str(saved_run), "--out", str(small_disk / "report.png")]) == 1
-    assert f"distvgg.report: error: the disk is full: writing report.png and report.html in {small_disk}" in (
-        capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert f"distvgg.report: error: the disk is full: writing report.png and report.html in {small_disk}" in err
 
 
 @pytest.mark.slow
@@ -120,10 +112,8 @@ def test_out_of_memory_is_one_clear_error(dataset, tmp_path, monkeypatch):
     from distvgg import train
     from distvgg.models import VGG
 
-    failure = RuntimeError(
-        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
-        "allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"
-    )
+    failure = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+    failure = RuntimeError(failure + "allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
 
     def allocation_fails(self, x):
         raise failure
@@ -137,10 +127,9 @@ def test_out_of_memory_is_one_clear_error(dataset, tmp_path, monkeypatch):
     cfg = parse_config(["--batch-size", "6", "--gradient-accumulation-steps", "2"])
     gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     assert train.is_oom(gpu) and not train.is_oom(RuntimeError("shape mismatch"))
-    assert "out of GPU memory" in train.out_of_memory_message(cfg, 48, gpu)
-    assert "global batch of 48: --batch-size 3 --gradient-accumulation-steps 4" in train.out_of_memory_message(
-        cfg, 48, gpu
-    )
+    message = train.out_of_memory_message(cfg, 48, gpu)
+    assert "out of GPU memory" in message
+    assert "global batch of 48: --batch-size 3 --gradient-accumulation-steps 4" in message
 
 
 # ------------------------------------------------------------------------------ the record after a crash

@@ -80,22 +80,9 @@ def test_the_compile_step_needs_a_compiler_and_python_headers(tmp_path, monkeypa
 def test_cpu_plumbing_mode_runs_every_step_and_writes_the_summary(tmp_path):
     data = datagen.make_parquet_dataset(tmp_path / "ds", n_train=256, n_test=40)
     out = tmp_path / "out"
-    env = {
-        **os.environ,
-        "DEVICE": "cpu",
-        "DATASET": str(data),
-        "RUNS_DIR": str(tmp_path / "runs"),
-        "OMP_NUM_THREADS": "1",
-        "BUDGET": "240",
-    }
-    proc = subprocess.run(
-        ["bash", str(REPO / "launch" / "gpu_check.sh"), str(out)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    env = {**os.environ, "DEVICE": "cpu", "DATASET": str(data), "RUNS_DIR": str(tmp_path / "runs"), "BUDGET": "240"}
+    env, command = {**env, "OMP_NUM_THREADS": "1"}, ["bash", str(REPO / "launch" / "gpu_check.sh"), str(out)]
+    proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     summary = json.loads((out / "summary.json").read_text())
     log = (out / "gpu_check.log").read_text()[-3000:]
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{log}"

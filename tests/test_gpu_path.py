@@ -41,8 +41,7 @@ def assert_plain_vgg3layer(weights: dict, where: str) -> None:
 
 @pytest.mark.slow
 def test_compiled_run_saves_weights_the_guides_class_loads(dataset, tmp_path):
-    """final/, best/, the checkpoints' model and EMA: no wrapper prefixes. aot_eager compiles the graph as
-    torch.compile does (dynamo, AOT autograd) without Inductor's minutes of C++ compilation."""
+    """final/, best/, the checkpoints' model and EMA have no wrapper prefixes (aot_eager: dynamo, AOT autograd)."""
     out = tmp_path / "run"
     args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--compile", "--ema-decay", "0.9"]
     text = ok(run_train([*args, "--checkpoint-every", "2"], env={"HOOK_COMPILE_BACKEND": "aot_eager"}))
@@ -60,9 +59,8 @@ def test_compiled_run_saves_weights_the_guides_class_loads(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_compile_accumulation_all_reduces_once_per_optimizer_step(dataset, tmp_path):
-    """2 gloo processes, --compile, 2 micro-batches per step: DDP's no_sync still holds back the first micro-batch's
-    all-reduce, for every step (also after the evaluations, which used to unwrap the compiled module). A comm hook
-    counts the all-reduces; the final weights load into the guide's class."""
+    """2 gloo processes, --compile, 2 micro-batches: no_sync holds back the first one's all-reduce at every step (also
+    after the evaluations); the final weights load into the guide's class."""
     out, counts = tmp_path / "run", tmp_path / "allreduces"
     args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--compile", "--batch-size", "4"]
     args += ["--gradient-accumulation-steps", "2", "--checkpoint-every", "none"]
@@ -82,8 +80,7 @@ def test_ddp_compile_accumulation_all_reduces_once_per_optimizer_step(dataset, t
 
 @pytest.fixture(scope="module")
 def timed_run(dataset, tmp_path_factory):
-    """One run of 3 epochs (4 steps each), a checkpoint after each, media every 2 epochs, 2 steps profiled; what it
-    wrote, fit's wall time as timed from outside, and the order of its model and checkpoint saves."""
+    """3 epochs of 4 steps, a checkpoint each, media every 2, 2 steps profiled: outputs, fit's time, the save order."""
     events, media, fit_seconds = [], [], []
     real_media, real_save, real_ckpt, real_fit = (
         tracking.log_eval_media, ckpt.save_model_folder, ckpt.save_checkpoint, train.fit
@@ -107,8 +104,7 @@ def timed_run(dataset, tmp_path_factory):
 
 
 def test_each_epoch_splits_its_wall_time_and_the_run_sums_them(timed_run):
-    """Each epoch record's parts add up to its wall time and none is negative; the epochs' training seconds add up
-    to the summary's, whose wall time is fit's as timed from outside (within 5%); the end prints the split."""
+    """Each epoch's parts add up to its wall time; the epochs' to the summary's, whose wall time is fit's (5%)."""
     records = timed_run["records"]
     epochs = [r for r in records if "time/wall_seconds" in r]
     assert [r["epoch"] for r in epochs] == [1, 2, 3] and [r["step"] for r in epochs] == [4, 8, 12]
@@ -126,8 +122,7 @@ def test_each_epoch_splits_its_wall_time_and_the_run_sums_them(timed_run):
 
 
 def test_best_is_written_before_a_checkpoint_only_after_an_improvement_and_media_when_due(timed_run):
-    """best/ goes to disk just before the checkpoint that follows an improvement, never after an epoch that did not
-    improve, and holds the best epoch; media come after epochs 2 and 3 (the last) only."""
+    """best/ is saved just before the checkpoint after an improvement only; media after epochs 2 and 3 (the last)."""
     accuracies = [r["eval/accuracy"] for r in timed_run["records"] if "eval/accuracy" in r]
     improved = [a > max(accuracies[:i], default=-1) for i, a in enumerate(accuracies)]
     expected = [e for better in improved for e in (["best"] if better else []) + ["checkpoint"]] + ["final"]
@@ -161,8 +156,7 @@ class _Reducing:
 
 
 def test_the_queued_agreement_is_read_one_check_later_and_alike_on_every_process():
-    """On a GPU the flags' all-reduce is queued and read at the next check: a signal to another process stops this
-    one one check later, at the same step as there; none is lost."""
+    """On a GPU the flags' all-reduce is read at the next check: another process's signal stops this one then."""
     stop, acc = preemption.StopSignals(), _Reducing()
     decisions = [stop.agree_later(acc)]
     acc.others = 1.0  # the other process got SIGTERM before the second check
@@ -184,8 +178,7 @@ def test_fp16_with_non_fused_kernels_warns_of_the_scalers_wait():
 
 @pytest.mark.parametrize("impl", ["fused", "foreach"])
 def test_skipped_scaler_steps_are_counted_with_fused_and_non_fused_kernels(impl):
-    """Two overflowing steps (infinite gradients injected; fp16 autocast needs a GPU) are counted as skipped, no
-    more: by the scale on the device with fused kernels, by Accelerate's public flag without."""
+    """Two injected overflows are counted as two skipped steps: by the scale (fused) or Accelerate's flag (not)."""
     from accelerate import Accelerator
 
     acc = Accelerator()

@@ -49,9 +49,8 @@ def test_a_second_job_into_a_busy_folder_refuses_and_touches_nothing(dataset, tm
         release.touch()
         text = first.communicate(timeout=120)[0]
     assert first.returncode == 0, text[-3000:]
-    steps = [
-        json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in line
-    ]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines if "train/loss" in line]
     assert steps == sorted(set(steps)) == [2, 4, 6, 8, 10, 12, 14, 16]  # one run's record, not two interleaved
 
 

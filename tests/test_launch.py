@@ -1,11 +1,5 @@
-"""The multi-node launch scripts, run for real with bash against fake SLURM and accelerate commands.
-
-``launch/slurm_multinode.sbatch`` is rendered with the variables SLURM sets in a batch job and
-fake ``srun``, ``scontrol``, ``scancel``, ``accelerate`` (and ``python``, which a node uses to
-count its GPUs) on PATH: each fake writes its argv to a file. The fake ``srun`` runs its command
-once per node with that node's ``SLURM_NODEID``, as the real one does, so the test sees the
-exact ``accelerate launch`` line every node would run, through ``launch/torchrun_multinode.sh``.
-"""
+"""The multi-node launch scripts, run with bash against fake ``srun``, ``scontrol``, ``scancel``, ``accelerate`` and
+``python3`` (each writes its argv to a file; ``srun`` runs its command once per node with that SLURM_NODEID)."""
 
 from __future__ import annotations
 
@@ -65,42 +59,32 @@ JOB_ID = 123456
 TRAIN_ARGS = ["--dataset", "/shared/cifar10-jpeg", "--output-dir", "/shared/runs/vgg", "--epochs", "40"]
 
 
-@pytest.fixture
-def fake_slurm(tmp_path):
-    """A directory of fake commands and the environment of a 3-node x 4-GPU batch job."""
+def fake_commands(tmp_path: Path, fakes: dict[str, str]) -> tuple[Path, Path]:
+    """A folder of the ``fakes`` as commands, and the (empty) folder they log to."""
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
     log.mkdir()
-    for name, body in FAKES.items():
-        path = bin_dir / name
-        path.write_text("#!/usr/bin/env bash\n" + body)
-        path.chmod(0o755)
-    env = {
-        "PATH": f"{bin_dir}:/usr/bin:/bin",
-        "HOME": str(tmp_path),
-        "FAKE_LOG": str(log),
-        "FAKE_HOSTS": " ".join(HOSTS),
-        "SLURM_JOB_ID": str(JOB_ID),
-        "SLURM_JOB_NODELIST": "gpu-a[01-02,07]",
-        "SLURM_NNODES": "3",
-        "SLURM_JOB_NUM_NODES": "3",
-        "SLURM_NODEID": "0",
-        "SLURM_PROCID": "0",
-        "SLURM_GPUS_ON_NODE": "4",
-        "SLURM_CPUS_PER_TASK": "32",
-        "SLURM_SUBMIT_DIR": str(REPO),
-        "SLURM_RESTART_COUNT": "0",
-    }
-    return env, log
+    for name, body in fakes.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir, log
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """A directory of fake commands and the environment of a 3-node x 4-GPU batch job."""
+    bin_dir, log = fake_commands(tmp_path, FAKES)
+    env = dict(PATH=f"{bin_dir}:/usr/bin:/bin", HOME=str(tmp_path), FAKE_LOG=str(log), FAKE_HOSTS=" ".join(HOSTS))
+    slurm = "JOB_NODELIST=gpu-a[01-02,07] NNODES=3 JOB_NUM_NODES=3 NODEID=0 PROCID=0 GPUS_ON_NODE=4 CPUS_PER_TASK=32"
+    env.update(("SLURM_" + kv).split("=") for kv in f"JOB_ID={JOB_ID} {slurm} RESTART_COUNT=0".split())
+    return {**env, "SLURM_SUBMIT_DIR": str(REPO)}, log
 
 
 def run_sbatch(
     env: dict, args=TRAIN_ARGS, cwd: str | Path = "/", signal_batch: bool = False, timeout: float = 60
 ) -> subprocess.CompletedProcess:
-    """Run the batch script as SLURM would: bash, outside the repository (SLURM runs a spooled copy;
-    the script finds the repository through SLURM_SUBMIT_DIR). With ``signal_batch`` the fake launcher
-    of node 0 sends SIGUSR1 to the batch shell while the step runs, as ``--signal=B:USR1`` does: a
-    wrapper exports its own pid and execs the script, so that pid is the batch shell's."""
+    """The batch script as SLURM runs it (bash, outside the repository); ``signal_batch``: node 0's fake launcher
+    sends SIGUSR1 to the batch shell mid-step, as ``--signal=B:USR1`` does (the wrapper's pid is the shell's)."""
     wrapper = f'{"export FAKE_SIGNAL_PID=$$; " if signal_batch else ""}exec bash {SBATCH} "$@"'
     return subprocess.run(
         ["bash", "-c", wrapper, "_", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
@@ -111,25 +95,11 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines()
 
 
-def expected_launch(rank: int, nnodes: int = 3, procs_per_node: int = 4, config: str = "multinode.yaml") -> list[str]:
-    return [
-        "launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / config),
-        "--num_machines",
-        str(nnodes),
-        "--machine_rank",
-        str(rank),
-        "--main_process_ip",
-        HOSTS[0],
-        "--main_process_port",
-        str(20000 + JOB_ID % 20000),
-        "--num_processes",
-        str(nnodes * procs_per_node),
-        "-m",
-        "distvgg.train",
-        *TRAIN_ARGS,
-    ]
+def expected_launch(rank: int, nnodes: int, ip: str, port: int, procs: int, *extra: str) -> list[str]:
+    """The ``accelerate launch`` argv of machine ``rank`` of ``nnodes`` (``procs`` processes in all)."""
+    flags = f"--num_machines {nnodes} --machine_rank {rank} --main_process_ip {ip} --main_process_port {port}"
+    config, train = str(REPO / "accelerate_configs" / "multinode.yaml"), ["-m", "distvgg.train", *TRAIN_ARGS]
+    return ["launch", "--config_file", config, *flags.split(), "--num_processes", str(procs), *extra, *train]
 
 
 def test_sbatch_header_asks_for_the_signal_the_requeue_and_one_task_per_node():
@@ -150,29 +120,14 @@ def test_sbatch_starts_one_launcher_per_node_with_the_exact_command(fake_slurm):
     assert proc.returncode == 0, proc.stderr
     # scontrol expanded the node list; the first host is the main process.
     assert f"show hostnames {env['SLURM_JOB_NODELIST']}" in lines(log / "scontrol.calls")
-    assert lines(log / "srun.argv") == [
-        "--nodes=3",
-        "--ntasks=3",
-        "--ntasks-per-node=1",
-        "--kill-on-bad-exit=0",
-        "bash",
-        "-c",
-        'trap "" USR1; NODE_RANK="$SLURM_NODEID" exec "$0" "$@"',
-        str(NODE_SCRIPT),
-        *TRAIN_ARGS,
-    ]
-    assert lines(log / "srun.env") == sorted(
-        [
-            f"CONFIG={REPO / 'accelerate_configs' / 'multinode.yaml'}",
-            f"MASTER_ADDR={HOSTS[0]}",
-            f"MASTER_PORT={20000 + JOB_ID % 20000}",
-            "NNODES=3",
-            "NPROC_PER_NODE=4",
-            "SRUN_CPUS_PER_TASK=32",
-        ]
-    )
+    srun = ["--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=0", "bash", "-c"]
+    srun += ['trap "" USR1; NODE_RANK="$SLURM_NODEID" exec "$0" "$@"', str(NODE_SCRIPT), *TRAIN_ARGS]
+    assert lines(log / "srun.argv") == srun
+    port, config = 20000 + JOB_ID % 20000, REPO / "accelerate_configs" / "multinode.yaml"
+    srun_env = f"MASTER_ADDR={HOSTS[0]} MASTER_PORT={port} NNODES=3 NPROC_PER_NODE=4 SRUN_CPUS_PER_TASK=32"
+    assert lines(log / "srun.env") == sorted([f"CONFIG={config}", *srun_env.split()])
     for rank in range(3):
-        assert lines(log / f"accelerate.{rank}") == expected_launch(rank), f"node {rank}"
+        assert lines(log / f"accelerate.{rank}") == expected_launch(rank, 3, HOSTS[0], port, 12), f"node {rank}"
         # The launcher ignores SIGUSR1 (its default action would kill it before the checkpoint).
         assert lines(log / f"accelerate.{rank}.ignores_usr1") == ["1"]
     assert not (log / "accelerate.3").exists()
@@ -245,44 +200,16 @@ def test_sbatch_outside_a_job_or_the_repository_is_one_clear_error(fake_slurm, t
 
 
 def node_script(env: dict, tmp_path: Path) -> subprocess.CompletedProcess:
-    bin_dir = tmp_path / "bin"
-    return subprocess.run(
-        ["bash", str(NODE_SCRIPT), *TRAIN_ARGS],
-        env={"PATH": f"{bin_dir}:/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/",
-    )
+    env, command = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", **env}, ["bash", str(NODE_SCRIPT), *TRAIN_ARGS]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd="/")
 
 
 def test_node_script_without_slurm(fake_slurm, tmp_path):
     env, log = fake_slurm
-    base = {"FAKE_LOG": str(log), "SLURM_NODEID": "x", "FAKE_GPUS": "8"}
-    proc = node_script(
-        {**base, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MIXED_PRECISION": "bf16"}, tmp_path
-    )
+    env = {"FAKE_LOG": str(log), "SLURM_NODEID": "x", "FAKE_GPUS": "8", "NNODES": "2", "NODE_RANK": "1"}
+    proc = node_script({**env, "MASTER_ADDR": "10.0.0.1", "MIXED_PRECISION": "bf16"}, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert lines(log / "accelerate.x") == [
-        "launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / "multinode.yaml"),
-        "--num_machines",
-        "2",
-        "--machine_rank",
-        "1",
-        "--main_process_ip",
-        "10.0.0.1",
-        "--main_process_port",
-        "29500",
-        "--num_processes",
-        "16",
-        "--mixed_precision",
-        "bf16",
-        "-m",
-        "distvgg.train",
-        *TRAIN_ARGS,
-    ]
+    assert lines(log / "accelerate.x") == expected_launch(1, 2, "10.0.0.1", 29500, 16, "--mixed_precision", "bf16")
     assert "machine 1 of 2: accelerate launch" in proc.stderr  # the command is shown before it runs
 
 
@@ -344,73 +271,52 @@ exit 0
 }
 
 
-@pytest.mark.slow
-def test_sbatch_preemption_end_to_end(tmp_path):
-    """SIGUSR1 to the batch shell (what --signal=B:USR1@120 does) mid-run: the shell forwards it to
-    every process of the step, the launchers survive it, the training processes of both nodes write
-    one checkpoint and stop, the shell requeues; the requeued job resumes and finishes."""
-
+def _e2e_job(tmp_path: Path) -> tuple[dict, Path, list[str]]:
+    """The environment of a 2-node job on this box (fake srun, scancel, scontrol), its log folder, the arguments."""
+    bin_dir, log = fake_commands(tmp_path, E2E_FAKES)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin", PYTHONPATH=str(REPO), FAKE_LOG=str(log))
+    env.update(OMP_NUM_THREADS="1", FAKE_HOSTS="127.0.0.1", MASTER_PORT=str(free_port()), MODULE="tests.hooked_train")
+    env.update(SLURM_JOB_ID="777", SLURM_JOB_NODELIST="localhost", SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(REPO))
+    env.update(SLURM_RESTART_COUNT="0", HOOK_STEP_DELAY="0.3")
     data = make_parquet_dataset(tmp_path / "data", n_train=48, n_test=21)
-    bin_dir, log, out = tmp_path / "bin", tmp_path / "log", tmp_path / "run"
-    bin_dir.mkdir()
-    log.mkdir()
-    for name, body in E2E_FAKES.items():
-        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
-        (bin_dir / name).chmod(0o755)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
-        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "FAKE_LOG": str(log),
-        "FAKE_HOSTS": "127.0.0.1",
-        "SLURM_JOB_ID": "777",
-        "SLURM_JOB_NODELIST": "localhost",
-        "SLURM_NNODES": "2",
-        "SLURM_SUBMIT_DIR": str(REPO),
-        "MASTER_PORT": str(free_port()),
-        "SLURM_RESTART_COUNT": "0",
-        "HOOK_STEP_DELAY": "0.3",
-        "MODULE": "tests.hooked_train",
-    }
-    args = ["--dataset", str(data), *TINY, "--epochs", "4", "--log-every", "1", "--output-dir", str(out)]
-    job = subprocess.Popen(
-        ["bash", str(SBATCH), *args],
-        cwd=tmp_path,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    args = ["--dataset", str(data), *TINY, "--epochs", "4", "--log-every", "1", "--output-dir", str(tmp_path / "run")]
+    return env, log, args
+
+
+def _signalled_once_training(job: subprocess.Popen, out: Path) -> str:
+    """SIGUSR1 to the batch shell once training has logged a step; the job's output."""
     try:
         deadline = time.monotonic() + 120
         while not ((out / "metrics.jsonl").exists() and "train/loss" in (out / "metrics.jsonl").read_text()):
             assert job.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.2)
         job.send_signal(signal.SIGUSR1)
-        text = job.communicate(timeout=120)[0]
+        return job.communicate(timeout=120)[0]
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.communicate()
+
+
+@pytest.mark.slow
+def test_sbatch_preemption_end_to_end(tmp_path):
+    """SIGUSR1 to the batch shell mid-run: forwarded to the step, both nodes checkpoint and stop, the shell requeues;
+    the requeued job resumes and finishes."""
+    env, log, args = _e2e_job(tmp_path)
+    out, command = tmp_path / "run", ["bash", str(SBATCH), *args]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    job = subprocess.Popen(command, cwd=tmp_path, env=env, text=True, start_new_session=True, **pipes)
+    text = _signalled_once_training(job, out)
     assert job.returncode == 1, text[-4000:]  # torchrun reports the workers' 75 as 1 ...
     assert "stopped by SIGUSR1" in text, text[-4000:]
     assert lines(log / "scancel.calls") == ["--signal=USR1 777"]
     assert lines(log / "scontrol.calls")[-1] == "requeue 777", text[-4000:]  # ... so the shell requeues itself
-    saved = [p.name for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
-    assert saved, text[-4000:]
+    assert [p.name for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists()], text[-4000:]
     assert not (out / "final").exists()
-
     # The requeued job: the same script and arguments, SLURM_RESTART_COUNT=1.
-    again = subprocess.run(
-        ["bash", str(SBATCH), *args],
-        cwd=tmp_path,
-        env={**env, "SLURM_RESTART_COUNT": "1", "HOOK_STEP_DELAY": "0", "MASTER_PORT": str(free_port())},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    env.update(SLURM_RESTART_COUNT="1", HOOK_STEP_DELAY="0", MASTER_PORT=str(free_port()))
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "resum" in (again.stdout + again.stderr).lower()
     assert (out / "final" / "model.safetensors").exists()

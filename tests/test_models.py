@@ -6,18 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from distvgg import models
 from distvgg.files import step_folders
-from distvgg.models import (
-    MODEL_NAMES,
-    ModelLoadError,
-    VGG3Layer,
-    build_model,
-    conv_output_size,
-    count_parameters,
-    load_model,
-    model_spec,
-    save_pretrained,
-)
+from distvgg.models import MODEL_NAMES, ModelLoadError, VGG3Layer, build_model, count_parameters, load_model
 from tests.datagen import class_names
 
 # The block the quick guide prints for print(VGG3Layer(num_classes=10)), verbatim.
@@ -89,8 +80,9 @@ def torch_neutral(text: str) -> str:
     return re.sub(r"(BatchNorm2d\(.*affine=True), bias=True", r"\1", text)
 
 
-def test_repr_is_the_guides_block():
+def test_repr_and_parameter_count_are_the_guides():
     assert torch_neutral(repr(VGG3Layer(num_classes=10))) == GUIDE_PRINT
+    assert count_parameters(VGG3Layer(num_classes=10)) == count_parameters(GuideVGG3Layer(num_classes=10))
 
 
 def test_guide_state_dict_loads_and_gives_same_outputs():
@@ -106,7 +98,7 @@ def test_guide_state_dict_loads_and_gives_same_outputs():
 
 @pytest.mark.parametrize("w,k,p,s,out", [(32, 3, 1, 1, 32), (32, 2, 0, 2, 16), (28, 5, 0, 1, 24), (7, 3, 2, 2, 5)])
 def test_conv_output_size(w, k, p, s, out):
-    assert conv_output_size(w, k, p, s) == out
+    assert models.conv_output_size(w, k, p, s) == out
     # Agrees with what a real conv produces.
     y = nn.Conv2d(1, 1, k, stride=s, padding=p)(torch.zeros(1, 1, w, w))
     assert y.shape[-1] == out
@@ -120,9 +112,11 @@ def test_classifier_sized_for_input(size):
     assert m.classifier[0].in_features == 64 * (h // 8) * (w // 8)
 
 
-def test_too_small_input_is_a_clear_error():
+def test_too_small_input_or_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="too small"):
         build_model("vgg11", 10, image_size=16)
+    with pytest.raises(ValueError, match="vgg3layer"):
+        build_model("resnet", 10)
 
 
 @pytest.mark.parametrize("name", [name for name in MODEL_NAMES if name.startswith("vgg")])
@@ -135,15 +129,6 @@ def test_family_forward_and_width(name):
     assert len(convs) == {"vgg3layer": 3, "vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}[name]
 
 
-def test_vgg3layer_parameter_count_matches_guide():
-    assert count_parameters(VGG3Layer(num_classes=10)) == count_parameters(GuideVGG3Layer(num_classes=10))
-
-
-def test_unknown_model():
-    with pytest.raises(ValueError, match="vgg3layer"):
-        build_model("resnet", 10)
-
-
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -151,7 +136,8 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
 
 def test_save_pretrained_and_load_model_roundtrip(tmp_path):
     m = build_model("vgg11", 5, width=0.125, image_size=(32, 64)).eval()
-    save_pretrained(m, tmp_path / "final", model_spec("vgg11", 5, 0.125, 0.5, (32, 64), "abcde", mean=0.4, std=0.3))
+    spec = models.model_spec("vgg11", 5, 0.125, 0.5, (32, 64), "abcde", mean=0.4, std=0.3)
+    models.save_pretrained(m, tmp_path / "final", spec)
     x = torch.randn(2, 3, 32, 64)
     for path in (tmp_path / "final", tmp_path / "final" / "model.safetensors"):
         loaded = load_model(path)

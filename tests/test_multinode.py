@@ -1,17 +1,8 @@
-"""Several machines, on one box: two launchers started as machine 0 and machine 1 (each with one
-gloo CPU process) rendezvous on 127.0.0.1 and train as one job, through the same script users run
-on real machines (``launch/torchrun_multinode.sh`` with ``accelerate_configs/cpu_2machines.yaml``).
-
-Also: data decoded once per machine when processes share a cache, and a dead machine ending the
-job within ``--ddp-timeout`` instead of hanging it.
-
-Run as a module (``python -m tests.test_multinode ARGS``) this file is ``distvgg.train`` with its
-data loading instrumented, so that a 2-process test can see which process decoded the dataset.
-"""
+"""Several machines on one box: two launchers (``launch/torchrun_multinode.sh``, one gloo process each) train as one
+job; processes sharing a cache decode once; a dead or hung machine ends the job within ``--ddp-timeout``."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -22,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, TINY, free_port, ok, run_train, start
+from distvgg.models import build_model
+from distvgg.tracking import read_metrics
+from tests.helpers import REPO, TINY, config_facts, free_port, ok, run_train, start
 
 NODE_SCRIPT = REPO / "launch" / "torchrun_multinode.sh"
 CPU_2MACHINES = REPO / "accelerate_configs" / "cpu_2machines.yaml"
@@ -68,59 +60,44 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[str]:
 @pytest.mark.slow
 def test_two_machines_train_as_one_job(tiny_parquet, tmp_path):
     out, wandb_dir = tmp_path / "run", tmp_path / "wandb"
-    common = ["--dataset", str(tiny_parquet), *TINY, "--dropout", "0", "--epochs", "2"]
-    args = [*common, "--output-dir", str(out), "--report-to", "wandb"]
-    port = free_port()
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)}
+    common = ["--dataset", str(tiny_parquet), *TINY, "--dropout", "0", "--epochs", "2", "--report-to", "wandb"]
+    port, env = free_port(), {"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)}
     wandb_dir.mkdir()
-    machines = [start_machine(rank, port, args, tmp_path, env) for rank in (0, 1)]
-    outputs = finish(machines, timeout=240)
-    for rank, (p, text) in enumerate(zip(machines, outputs)):
+    machines = [start_machine(rank, port, [*common, "--output-dir", str(out)], tmp_path, env) for rank in (0, 1)]
+    for rank, (p, text) in enumerate(zip(machines, finish(machines, timeout=240))):
         assert p.returncode == 0, f"machine {rank} exit code {p.returncode}\n{text[-4000:]}"
         assert f"machine {rank} of 2: accelerate launch" in text
         assert "2 process(es), global batch 16" in text  # one group of 2, not two jobs of 1
-    facts = yaml.safe_load(
-        "\n".join(
-            line.lstrip("# ")
-            for line in (out / "config.yaml").read_text().splitlines()
-            if line.startswith("# ") and ":" in line
-        )
-    )
+    facts = config_facts(out)
     assert facts["num_processes"] == 2 and facts["num_machines"] == 2
-
     # One W&B run, one set of outputs (only the main process of machine 0 writes).
     runs = sorted(p.name for p in (wandb_dir / "wandb").glob("*run-*"))
     assert len(runs) == 1, runs
     assert {"config.yaml", "metrics.jsonl", "final"} <= {p.name for p in out.iterdir()}
-    logged = train_records(out)
-    assert [r["step"] for r in logged] == [2, 4, 6]  # every 2 steps of the run, across its 3-step epochs: once each
+    assert [r["step"] for r in train_records(out)] == [2, 4, 6]  # every 2 steps across 3-step epochs: once each
     assert not list(tmp_path.glob("runs")), "a machine wrote outputs outside --output-dir"
     # Each machine decoded the data into its own node-local cache.
     for rank in (0, 1):
         assert len(list((tmp_path / f"cache-machine{rank}").glob("*.safetensors"))) == 1
-
     # The same training as 1 process with 2 accumulated micro-batches of 8 (same global batch 16).
-    one = tmp_path / "one"
-    text = ok(
-        run_train(
-            [*common, "--output-dir", str(one), "--gradient-accumulation-steps", "2", "--report-to", "wandb"],
-            env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-one")},
-        )
-    )
+    one, env = tmp_path / "one", {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb-one")}
+    text = ok(run_train([*common, "--output-dir", str(one), "--gradient-accumulation-steps", "2"], env=env))
     assert "1 process(es), global batch 16" in text
-    # One set of outputs and checkpoints: the files the 1-process run writes, none per machine; in each
-    # checkpoint, one RNG-state file per process (both machines write into the same folder).
+    assert_same_as_one_process(out, one)
+
+
+def assert_same_as_one_process(out: Path, one: Path) -> None:
+    """The 2-machine run wrote what the 1-process run wrote (plus one RNG-state file per process in each checkpoint),
+    with the same losses and weights."""
     per_rank = re.compile(r"random_states_(\d+)\.pkl$")
-    assert [f for f in files_under(out) if not per_rank.search(f)] == [
-        f for f in files_under(one) if not per_rank.search(f)
-    ]
+    shared = [[f for f in files_under(run) if not per_rank.search(f)] for run in (out, one)]
+    assert shared[0] == shared[1]
     checkpoints = sorted((out / "checkpoints").glob("step-*"))
-    assert checkpoints and [c.name for c in checkpoints] == [
-        c.name for c in sorted((one / "checkpoints").glob("step-*"))
-    ]
+    assert checkpoints and [c.name for c in checkpoints] == [c.name for c in sorted(one.glob("checkpoints/step-*"))]
     for c in checkpoints:
         assert sorted(p.name for p in c.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
-    assert [r["train/loss"] for r in logged] == pytest.approx([r["train/loss"] for r in train_records(one)], rel=1e-4)
+    losses = [r["train/loss"] for r in train_records(one)]
+    assert [r["train/loss"] for r in train_records(out)] == pytest.approx(losses, rel=1e-4)
     a, b = load_file(str(out / "final" / "model.safetensors")), load_file(str(one / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     compared = 0
@@ -131,51 +108,26 @@ def test_two_machines_train_as_one_job(tiny_parquet, tmp_path):
         compared += 1
     assert compared >= 10
     # Training moved the weights: the comparison is not between two untouched models.
-    before = run_train_init_weights()
-    assert not torch.equal(before["classifier.0.weight"], a["classifier.0.weight"])
+    torch.manual_seed(0)  # distvgg.train's seed, right before it builds the network
+    init = build_model("vgg3layer", 4, width=0.125, dropout=0.0).state_dict()
+    assert not torch.equal(init["classifier.0.weight"], a["classifier.0.weight"])
 
 
 def train_records(out: Path) -> list[dict]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "train/loss" in r]
+    return [r for r in read_metrics(out) if "train/loss" in r]
 
 
 def files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-def run_train_init_weights() -> dict:
-    """The initial weights distvgg.train builds for TINY on the 4-class dataset (seed 0)."""
-    from distvgg.models import build_model
-
-    torch.manual_seed(0)
-    return build_model("vgg3layer", 4, width=0.125, dropout=0.0).state_dict()
-
-
 @pytest.mark.slow
 def test_processes_sharing_a_cache_decode_the_data_once(tiny_parquet, tmp_path):
-    """2 processes on one machine, an empty shared cache: the local main process decodes and caches,
-    the other waits (``local_main_process_first``) and reads the cache: no decode race."""
+    """2 processes, an empty shared cache: the local main process decodes and caches, the other waits and reads it."""
     cache, events = tmp_path / "cache", tmp_path / "events"
     events.mkdir()
-    text = ok(
-        run_train(
-            [
-                "--dataset",
-                str(tiny_parquet),
-                "--output-dir",
-                str(tmp_path / "run"),
-                *TINY,
-                "--epochs",
-                "1",
-                "--cache-dir",
-                str(cache),
-            ],
-            nproc=2,
-            env={"HOOK_EVENTS": str(events)},
-            timeout=180,
-        )
-    )
+    args = ["--dataset", str(tiny_parquet), "--output-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
+    text = ok(run_train([*args, "--cache-dir", str(cache)], nproc=2, env={"HOOK_EVENTS": str(events)}, timeout=180))
     assert "2 process(es)" in text
     seen = {int(p.stem.split("-")[1]): p.read_text().split() for p in events.glob("rank-*.txt")}
     assert seen == {0: ["cache-miss", "decode"], 1: ["cache-hit"]}, seen
@@ -186,19 +138,8 @@ def test_processes_sharing_a_cache_decode_the_data_once(tiny_parquet, tmp_path):
 def start_training_pair(tmp_path: Path, data: Path, ddp_timeout: int) -> tuple[list[subprocess.Popen], Path]:
     """Two machines on a long run; returns once the first steps are logged (both are training)."""
     out = tmp_path / "run"
-    args = [
-        "--dataset",
-        str(data),
-        *TINY,
-        "--epochs",
-        "2000",
-        "--log-every",
-        "1",
-        "--output-dir",
-        str(out),
-        "--ddp-timeout",
-        str(ddp_timeout),
-    ]
+    args = ["--dataset", str(data), *TINY, "--epochs", "2000", "--log-every", "1", "--output-dir", str(out)]
+    args += ["--ddp-timeout", str(ddp_timeout)]
     port = free_port()
     machines = [start_machine(rank, port, args, tmp_path) for rank in (0, 1)]
     try:
@@ -223,17 +164,13 @@ def test_a_dead_machine_ends_the_job(tiny_parquet, tmp_path):
     outputs = finish(machines, timeout=20 + 60)
     for rank, (p, text) in enumerate(zip(machines, outputs)):
         assert p.returncode not in (0, None), f"machine {rank} exit code {p.returncode}\n{text[-3000:]}"
-    print(
-        f"dead machine: both launchers exited {time.monotonic() - killed_at:.1f} s after the kill, "
-        f"codes {[p.returncode for p in machines]}"
-    )
+    codes = [p.returncode for p in machines]
+    print(f"dead machine: both launchers exited {time.monotonic() - killed_at:.1f} s after the kill, codes {codes}")
 
 
 @pytest.mark.slow
 def test_a_hung_machine_ends_the_others_within_the_ddp_timeout(tiny_parquet, tmp_path):
-    """SIGSTOP the training process of machine 1 (alive, its sockets open, never answering): machine
-    0's next collective gives up after --ddp-timeout and it exits non-zero, instead of waiting forever.
-    (The stopped process itself is then killed here; under SLURM, the job's time limit would.)"""
+    """SIGSTOP machine 1's training process (alive, never answering): machine 0 gives up after --ddp-timeout."""
     machines, _ = start_training_pair(tmp_path, tiny_parquet, ddp_timeout=6)
     worker = training_process_of(machines[1].pid)
     os.kill(worker, signal.SIGSTOP)

@@ -24,12 +24,8 @@ def images(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     files = []
-    for name, (w, h), mode in (
-        ("small.png", (32, 32), "RGB"),
-        ("wide.jpg", (50, 40), "RGB"),
-        ("big.png", (100, 100), "RGBA"),
-        ("grey.jpeg", (64, 48), "L"),
-    ):
+    kinds = [("small.png", (32, 32), "RGB"), ("wide.jpg", (50, 40), "RGB"), ("big.png", (100, 100), "RGBA")]
+    for name, (w, h), mode in [*kinds, ("grey.jpeg", (64, 48), "L")]:
         pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
         pixels[: h // 2] //= 3  # some structure, not only noise
         Image.fromarray(pixels, "RGB").convert(mode).save(root / name)

@@ -1,10 +1,5 @@
-"""Interrupted runs resume exactly: 2 gloo processes stopped by SIGUSR1, then one of them killed
-with SIGKILL, end with bitwise the weights, optimizer state, learning rate and data order of an
-uninterrupted run (the 1-process case is in test_checkpoint.py; both use the helpers in tests/helpers.py).
-
-Runs are tiny (width 0.125, 64 images of 32x32, batch 8 global, 16 steps over 2 epochs, a
-checkpoint every 4 steps); dropout is on, so the RNG states must be restored too.
-"""
+"""2 gloo processes stopped by SIGUSR1, then one killed with SIGKILL, end bitwise as an uninterrupted run (weights,
+optimizer, lr, data order; dropout on, so RNG states too); continuing on another number of processes."""
 
 from __future__ import annotations
 
@@ -19,24 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import (
-    STEPS,
-    assert_same_run,
-    final_weights,
-    ok,
-    run_train,
-    start,
-    tiny_args,
-    traced,
-    train_command,
-    training_state,
-    wait_for,
-)
+from tests import helpers
+from tests.helpers import STEPS, assert_same_run, final_weights, ok, run_train, tiny_args, traced, training_state
 
 pytestmark = pytest.mark.slow  # every test here starts several processes or a long run
 EMA = ("--ema-decay", "0.9")  # the 2-process runs keep an EMA of the weights: part of exact resume too
-
-# ------------------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +31,7 @@ def reference2(dataset, tmp_path_factory) -> Path:
 
 
 def _start(args: list[str], out: Path, **env: str) -> subprocess.Popen:
-    return start(train_command(args, nproc=2, module="tests.hooked_train"), traced(out, **env))
+    return helpers.start(helpers.train_command(args, nproc=2, module="tests.hooked_train"), traced(out, **env))
 
 
 def _trace_steps(out: Path, rank: int) -> list[dict]:
@@ -61,24 +43,22 @@ def _trace_steps(out: Path, rank: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def two_process_story(dataset, tmp_path_factory) -> dict:
-    """One 2-process run in three attempts: SIGUSR1 to one rank early in epoch 1; the same command
-    again, whose rank 1 is killed with SIGKILL after its step-12 checkpoint; the same command again."""
+    """One 2-process run in three attempts: SIGUSR1 to rank 1 early on; again, SIGKILL to rank 1 after the step-12
+    checkpoint; again to the end."""
     out = tmp_path_factory.mktemp("story2") / "out"
     args = tiny_args(dataset, out, 2, *EMA, "--ddp-timeout", "30")
     story: dict = {"out": out}
-    # 1. SIGUSR1 (what SLURM's --signal sends) to rank 1 only: rank 0 must learn of it and stop at the
-    #    same step, so that both write their part of one checkpoint and neither waits for the other.
+    # 1. SIGUSR1 (what SLURM's --signal sends) to rank 1 only: rank 0 must learn of it and stop at the same step.
     slow = {"HOOK_STEP_DELAY": "0.3"}
     proc = _start(args, out, **slow)
-    wait_for(lambda: len(_trace_steps(out, 1)) >= 2, proc, "step 2")
+    helpers.wait_for(lambda: len(_trace_steps(out, 1)) >= 2, proc, "step 2")
     os.kill(_trace_steps(out, 1)[-1]["pid"], signal.SIGUSR1)
-    story["term_output"] = proc.communicate(timeout=120)[0]
-    story["term_code"] = proc.returncode
+    story["term_output"], story["term_code"] = proc.communicate(timeout=120)[0], proc.returncode
     story["term_checkpoints"] = sorted(p.name for p in (out / "checkpoints").iterdir())
     story["term_state"] = training_state(out / "checkpoints" / "step-00000008")
     # 2. The same command again; SIGKILL rank 1 once the step-12 checkpoint is complete.
     proc = _start(args, out, **slow)
-    wait_for(lambda: (out / "checkpoints" / "step-00000012" / "COMPLETE").exists(), proc, "checkpoint 12")
+    helpers.wait_for(lambda: (out / "checkpoints" / "step-00000012" / "COMPLETE").exists(), proc, "checkpoint 12")
     rank1 = _trace_steps(out, 1)[-1]["pid"]
     os.kill(rank1, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -90,9 +70,6 @@ def two_process_story(dataset, tmp_path_factory) -> dict:
     # 3. The same command again, to the end.
     story["final_output"] = ok(run_train(args, nproc=2, env=traced(out)))
     return story
-
-
-# ----------------------------------------------------------------------------------------- tests
 
 
 def test_stop_signal_to_one_rank_stops_every_rank_after_a_checkpoint(two_process_story):
@@ -137,8 +114,7 @@ def last_accuracy(out: Path) -> float:
 
 
 def assert_close_run(reference: Path, out: Path) -> None:
-    """Within float tolerance (the order of the gradient reduction differs): every weight and buffer of final/
-    (the EMA), and the evaluated accuracy within 0.2 points."""
+    """final/ (the EMA) within float tolerance (the reduction order differs), the last accuracy within 0.2 points."""
     a, b = final_weights(reference), final_weights(out)
     assert a.keys() == b.keys()
     for k in a:
@@ -147,8 +123,7 @@ def assert_close_run(reference: Path, out: Path) -> None:
 
 
 def test_two_processes_killed_continue_on_one(two_process_story, reference2, dataset):
-    """The copy of the 2-process run taken after one of its ranks was killed (checkpoint of step 12), continued by
-    1 process with the same --batch-size: 2 accumulated micro-batches keep the global batch of 8."""
+    """The killed 2-process run (checkpoint 12) continued by 1 process: 2 micro-batches keep the global batch of 8."""
     out = two_process_story["killed_copy"]
     args = tiny_args(dataset, out, 2, *EMA)  # --batch-size 4, as each of the 2 processes had
     refused = run_train([*args, "--batch-size", "3"])  # no whole number of micro-batches of 3 makes 8
@@ -164,8 +139,7 @@ def test_two_processes_killed_continue_on_one(two_process_story, reference2, dat
 
 
 def test_one_process_continues_on_two(reference2, dataset, tmp_path):
-    """1 process with 2 accumulated micro-batches of 4, stopped after its checkpoint of step 10, continued by 2
-    processes of batch 4: it ends as the uninterrupted 2-process run."""
+    """1 process x 2 micro-batches of 4, stopped at step 10, continued by 2 processes: as the 2-process run."""
     out = tmp_path / "out"
     args = tiny_args(dataset, out, 2, *EMA)
     stopped = run_train([*args, "--gradient-accumulation-steps", "2"], env={"HOOK_SIGNAL_AT_STEP": "10"})
@@ -178,8 +152,7 @@ def test_one_process_continues_on_two(reference2, dataset, tmp_path):
 
 
 def test_allow_batch_change_continues_with_another_global_batch(reference2, dataset, tmp_path):
-    """--allow-batch-change: global batch 8 -> 16 at step 12 (epoch 2, sample 32): the same place in the data
-    (step 2 of the new epoch of 4 steps), the new step count, recorded in config.yaml."""
+    """--allow-batch-change: global batch 8 -> 16 at step 12: the same place in the data, the new step count."""
     out = tmp_path / "out"
     shutil.copytree(reference2, out, ignore=shutil.ignore_patterns("trace.*", "final", "step-00000016"))
     args = tiny_args(dataset, out, 2, *EMA, "--batch-size", "16")
@@ -193,9 +166,7 @@ def test_allow_batch_change_continues_with_another_global_batch(reference2, data
 
 
 def test_a_two_process_checkpoint_evaluates_and_predicts_the_same_on_any_count(reference2, dataset, tmp_path, capsys):
-    """The 2-process run's last checkpoint (raw weights, BatchNorm statistics as rank 0 kept them), evaluated by 1
-    and by 2 processes: the same count, confusion matrix and accuracy; and predict gives the probabilities of
-    the saved model's own forward pass."""
+    """The 2-process run's last checkpoint evaluates alike on 1 and 2 processes; predict gives its forward pass."""
     import numpy as np
     from PIL import Image
 

@@ -1,8 +1,5 @@
-"""W&B and TensorBoard tracking, offline, read back from the files the trackers wrote.
-
-W&B runs are checked through their ``.wandb`` record log (``tests/wandb_records.py``), which is
-what ``wandb sync`` uploads, so what is asserted here is what the W&B server would receive.
-"""
+"""W&B and TensorBoard tracking, offline, read back from the files the trackers wrote (for W&B, the ``.wandb`` record
+log that ``wandb sync`` uploads: what the server would receive)."""
 
 from __future__ import annotations
 
@@ -29,9 +26,8 @@ TINY_WANDB = [*TINY, "--report-to", "wandb"]
 
 def wandb_files(root: Path, prefix: str = "") -> list[Path]:
     """The ``.wandb`` record logs of the run folders under ``root`` whose names start with ``prefix``."""
-    return sorted(
-        p for p in root.rglob("*.wandb") if p.parent.name != "latest-run" and p.parent.name.startswith(prefix)
-    )
+    runs = root.rglob("*.wandb")
+    return sorted(p for p in runs if p.parent.name != "latest-run" and p.parent.name.startswith(prefix))
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -47,6 +43,10 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 CLEAN = {"timeout": 240, "inherit_env": False, "stdin": subprocess.DEVNULL}
 
 
+def _steps(rows: list[dict], key: str) -> list[int]:
+    return [r["_step"] if "_step" in r else r["step"] for r in rows if key in r]
+
+
 def steps_of(rows: list[dict], key: str) -> dict[int, float]:
     return {r["_step"] if "_step" in r else r["step"]: r[key] for r in rows if key in r}
 
@@ -59,11 +59,8 @@ SECRET_ENV_VALUE = "sentinel-env-value-0451"
 
 @pytest.fixture(scope="module")
 def tracked_run(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
-    """One run tracked by every tracker with every W&B option, as a job on a node without internet sees it: W&B
-    credentials (a fake key) but no reachable server, so W&B falls back offline. 40 images / batch 8 = 5 steps an
-    epoch, a checkpoint every 5 steps (so the evaluation of step 5 comes after the checkpoint of step 5). Killed
-    with SIGKILL while held before step 8 (steps 5 and 7 logged after the checkpoint of step 5), then run again to
-    the end, as a requeued job. Another environment value is set too, to check that no value leaks."""
+    """One run with every tracker and W&B option, a fake key and no reachable server (W&B falls back offline); 5-step
+    epochs, a checkpoint every 5 steps; SIGKILLed while held before step 8, then run again to the end."""
     from tests.helpers import REPO, train_command, wait_for
 
     tmp = tmp_path_factory.mktemp("tracked")
@@ -77,15 +74,8 @@ def tracked_run(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
     args += ["--wandb-tags", "tiny", "ci", "--wandb-name", "tiny-run", "--checkpoint-every", "5"]
     held = {**env, "HOOK_HOLD_AT_STEP": "8", "HOOK_RELEASE": str(tmp / "never")}
     command = train_command(args, module="tests.hooked_train")
-    killed = subprocess.Popen(
-        command,
-        env=held,
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    killed = subprocess.Popen(command, env=held, cwd=REPO, text=True, **pipes)
     metrics = out / "metrics.jsonl"
     wait_for(lambda: metrics.is_file() and '"step": 6' in metrics.read_text(), killed, "the log of step 6")
     first_id = tracking.read_run_id(out)
@@ -100,16 +90,8 @@ def tracked_run(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.mark.slow
-def test_log_every_counts_the_runs_steps_across_epochs_and_a_resume(tracked_run):
-    """5-step epochs and --log-every 2, stopped at step 3 and resumed: the loss is logged at every second step of
-    the run, once each (counted within each epoch, it would be logged at steps 2, 4, 7, 9 and 10)."""
-    assert [r["step"] for r in tracked_run.metrics if "train/loss" in r] == [2, 4, 6, 8, 10]
-
-
-@pytest.mark.slow
 def test_unreachable_server_falls_back_offline_under_the_same_run_id(tracked_run):
-    """Credentials but no server: wandb.init gives up after WANDB_INIT_TIMEOUT and the run id is logged offline,
-    once per attempt; the job trains instead of hanging, and ends with the `wandb sync` command."""
+    """Credentials but no server: each attempt logs offline after WANDB_INIT_TIMEOUT and ends with `wandb sync`."""
     ids = [f.parent.name.rsplit("-", 1)[1] for f in tracked_run.files]
     assert ids == [tracked_run.first_id, tracked_run.final_id]  # the last attempt ran logged steps again
     for attempt in (tracked_run.first, tracked_run.second):
@@ -120,8 +102,7 @@ def test_unreachable_server_falls_back_offline_under_the_same_run_id(tracked_run
 
 @pytest.mark.slow
 def test_resumed_run_is_one_wandb_run_with_the_names_given(tracked_run):
-    """The last attempt ran steps again that W&B had (W&B keeps the first value of a step): its new W&B run, with
-    the names given and linked to the first one, holds every value of metrics.jsonl, each step once."""
+    """The last attempt's new W&B run (named as given, linked to the first) holds metrics.jsonl, each step once."""
     record = wandb_records.run_record(tracked_run.files[-1])
     assert (record.project, record.display_name, list(record.tags)) == ("distvgg", "tiny-run", ["tiny", "ci"])
     assert record.run_id == tracked_run.final_id != tracked_run.first_id
@@ -138,19 +119,16 @@ def test_resumed_run_is_one_wandb_run_with_the_names_given(tracked_run):
     assert f"continues in a new W&B run, {tracked_run.final_id}" in output(tracked_run.second)
 
 
-def _steps(rows: list[dict], key: str) -> list[int]:
-    return [r["_step"] if "_step" in r else r["step"] for r in rows if key in r]
-
-
 @pytest.mark.slow
 def test_after_a_kill_every_record_shows_each_step_once(tracked_run):
-    """metrics.jsonl (as the report loads it), TensorBoard's reader and the W&B run that is synced show the steps of
-    the run that made the final model, once each; the rows logged after the checkpoint are kept aside."""
+    """metrics.jsonl, TensorBoard and the synced W&B run show each step once; rows after the checkpoint kept aside.
+    --log-every 2 counts the run's steps, across epochs and the resume (not 2, 4, 7, 9, 10)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from distvgg.report import load_metrics
 
     out, train_steps, eval_steps = tracked_run.out, [2, 4, 6, 8, 10], [5, 10]
+    assert [r["step"] for r in tracked_run.metrics if "train/loss" in r] == train_steps
     records = load_metrics(out)
     assert _steps(records, "train/loss") == train_steps and _steps(records, "eval/accuracy") == eval_steps
     abandoned = [json.loads(line) for line in (out / tracking.ABANDONED_FILE).read_text().splitlines()]
@@ -169,8 +147,7 @@ def test_after_a_kill_every_record_shows_each_step_once(tracked_run):
 
 @pytest.mark.slow
 def test_tracked_run_has_the_charts_summary_and_model_artifact(tracked_run):
-    """The confusion chart and the predictions after the last epoch only (the default --log-media-every; 40 images /
-    batch 8: epochs end at steps 5 and 10, after the restart), the summary and the model artifact."""
+    """Confusion chart and predictions after the last epoch only (default --log-media-every), summary, artifact."""
     last = tracked_run.files[-1]
     evals = [r for r in wandb_records.history(last) if "eval/accuracy" in r]
     assert [r["_step"] for r in evals] == [5, 10]
@@ -206,8 +183,7 @@ def test_tracked_run_config_holds_every_option_and_the_run_facts(tracked_run):
 
 @pytest.mark.slow
 def test_tracked_run_leaks_no_secret(tracked_run):
-    """The API key and another environment value are in no output and in no file, the failed online attempts'
-    W&B folders included."""
+    """The API key and another environment value are in no output and no file (failed online attempts' included)."""
     for secret in (FAKE_KEY, SECRET_ENV_VALUE):
         assert secret not in output(tracked_run.first) + output(tracked_run.second)
         for root in (tracked_run.out, tracked_run.wandb_dir):
@@ -218,8 +194,7 @@ def test_tracked_run_leaks_no_secret(tracked_run):
 
 @pytest.mark.slow
 def test_two_processes_without_credentials_make_one_offline_run(tiny_dataset, tmp_path):
-    """WANDB_MODE unset, no key, empty HOME, stdin closed, 2 processes: trains without prompting, and only the
-    main process logs, offline into OUTPUT_DIR/wandb, then prints the `wandb sync` command."""
+    """No W&B mode or key, empty HOME, stdin closed, 2 processes: no prompt, the main process logs offline only."""
     out = tmp_path / "out"
     args = ["--dataset", str(tiny_dataset), "--output-dir", str(out), *TINY_WANDB, "--epochs", "1"]
     proc = run_train(args, 2, clean_env(tmp_path), **CLEAN)
@@ -270,14 +245,7 @@ def test_init_kwargs_leave_an_explicit_wandb_mode_to_wandb(tmp_path, monkeypatch
     monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     kw = tracking.wandb_init_kwargs(cfg, "abc", "offline")
-    assert kw == {
-        "dir": str(tmp_path),
-        "id": "abc",
-        "resume": "allow",
-        "mode": "offline",
-        "entity": "team",
-        "tags": ["a"],
-    }
+    assert kw == dict(dir=str(tmp_path), id="abc", resume="allow", mode="offline", entity="team", tags=["a"])
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "w"))
     kw = tracking.wandb_init_kwargs(cfg, "abc", "disabled")
@@ -320,8 +288,7 @@ def test_choose_wandb_mode_finds_credentials_without_prompting(no_wandb_credenti
 
 
 def test_refused_credentials_stop_the_run_with_a_clear_error(no_wandb_credentials, monkeypatch):
-    """wandb.init refuses a key in an invalid format: start_trackers raises TrackingError naming WANDB_API_KEY
-    (train exits 1 before training) instead of falling back to offline."""
+    """A key in an invalid format: start_trackers raises TrackingError naming WANDB_API_KEY (no offline fallback)."""
     from accelerate import Accelerator
 
     monkeypatch.setenv("WANDB_API_KEY", "short")
@@ -332,8 +299,7 @@ def test_refused_credentials_stop_the_run_with_a_clear_error(no_wandb_credential
 
 
 def test_wandb_disabled_writes_no_wandb_files(no_wandb_credentials, monkeypatch):
-    """WANDB_MODE=disabled: the trackers start, log numbers, media and the model artifact, and finish, writing no
-    W&B file; metrics.jsonl is written all the same."""
+    """WANDB_MODE=disabled: trackers log numbers, media and the model artifact, writing only metrics.jsonl."""
     from accelerate import Accelerator
 
     out = no_wandb_credentials / "out"
@@ -359,10 +325,8 @@ def test_wandb_disabled_writes_no_wandb_files(no_wandb_credentials, monkeypatch)
 def test_run_facts_name_the_device_and_the_versions():
     from distvgg import machine
 
-    accelerator = SimpleNamespace(
-        device=torch.device("cpu"), num_processes=4, distributed_type="MULTI_CPU", mixed_precision="no"
-    )
-    facts = tracking.run_facts(accelerator)
+    accelerator = dict(device=torch.device("cpu"), num_processes=4, distributed_type="MULTI_CPU", mixed_precision="no")
+    facts = tracking.run_facts(SimpleNamespace(**accelerator))
     assert facts["device_name"] == machine.cpu_name() and facts["cpu_threads"] == torch.get_num_threads()
     assert facts["num_processes"] == 4 and facts["wandb"] != "not installed" and facts["python"]
 
@@ -394,13 +358,8 @@ def test_record_reader_joins_records_split_across_blocks(tmp_path):
         "run.log({'n': 2}, step=4)\n"
         "run.finish()\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", code],
-        check=True,
-        timeout=120,
-        capture_output=True,
-        env={**os.environ, "WANDB_SILENT": "true"},
-    )
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True, env=env)
     (path,) = wandb_files(tmp_path)
     rows = wandb_records.history(path)
     assert [r["_step"] for r in rows] == [3, 4]

@@ -11,7 +11,7 @@ import yaml
 from distvgg.models import build_model, load_model
 from distvgg.tracking import read_metrics
 from tests.datagen import class_names, make_cifar_pickle_dataset
-from tests.helpers import LEVERS, REPO, TINY, final_weights, ok, real_cifar10, run_train, train_command
+from tests.helpers import LEVERS, REPO, TINY, config_facts, final_weights, ok, real_cifar10, run_train, train_command
 
 REAL_DATA = real_cifar10()
 
@@ -51,14 +51,8 @@ def test_a_terminal_gets_the_live_progress_bar(tiny_parquet, tmp_path):
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
     args = ["--dataset", str(tiny_parquet), "--output-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
-    proc = subprocess.run(
-        train_command(args),
-        stdout=subprocess.PIPE,
-        stderr=follower,
-        timeout=120,
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(train_command(args), stdout=subprocess.PIPE, stderr=follower, timeout=120, cwd=REPO, env=env)
     os.close(follower)
     terminal = b""
     while True:
@@ -77,17 +71,13 @@ def test_a_terminal_gets_the_live_progress_bar(tiny_parquet, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_parquet, tmp_path):
-    """2 gloo processes x batch 8 == 1 process x 2 accumulated micro-batches of 8, dropout on (0.5): same samples
-    and dropout masks per micro-batch, same per-micro-batch BatchNorm statistics, same averaged gradient, and
-    BatchNorm's running statistics from the first micro-batch of each global batch in both layouts; with every
-    accuracy lever on (EMA, cutout, mixup, cutmix, label smoothing), and the lr rule: --lr-reference-batch 8 with a
-    global batch of 16 gives lr 0.01 x 16 / 8 = 0.02."""
+    """2 gloo processes x batch 8 == 1 process x 2 accumulated micro-batches of 8 (dropout, BatchNorm, every accuracy
+    lever on), and the lr rule: --lr-reference-batch 8 with a global batch of 16 gives lr 0.01 x 16 / 8 = 0.02."""
     common = ["--dataset", str(tiny_parquet), *TINY, *LEVERS, "--epochs", "2", "--lr-reference-batch", "8"]
     two = tmp_path / "two"
     text = ok(run_train([*common, "--output-dir", str(two)], nproc=2))
     assert "2 process(es), global batch 16, lr 0.02" in text  # one group of 2, not two jobs of 1
-    config = (two / "config.yaml").read_text()
-    facts = yaml.safe_load("\n".join(line[2:] for line in config.splitlines() if line.startswith("# ") and ":" in line))
+    facts = config_facts(two)
     assert facts["num_processes"] == 2 and facts["global_batch"] == 16 and facts["lr"] == pytest.approx(0.02)
     one = tmp_path / "one"
     text = ok(run_train([*common, "--output-dir", str(one), "--gradient-accumulation-steps", "2"]))
@@ -110,8 +100,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_parquet
 
 
 def _evaluation_counts_every_image_once(out: Path, data: Path, cache: Path) -> None:
-    """21 test images over 2 processes with an eval batch of 7: the last batch is uneven. The accuracy of the
-    last evaluation equals a hand count with the saved model on the whole test split."""
+    """21 test images over 2 processes in batches of 7 (the last uneven): the last accuracy is a hand count's."""
     from distvgg.batches import normalize
     from distvgg.data import load_image_data
 
@@ -136,11 +125,8 @@ def test_torchvision_pickle_layout_trains(tmp_path):
 
 
 def test_no_network_and_no_local_copy_is_one_clear_error(tmp_path):
-    proc = run_train(
-        ["--output-dir", str(tmp_path / "o"), "--report-to", "none"],
-        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"},
-        timeout=60,
-    )
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
+    proc = run_train(["--output-dir", str(tmp_path / "o"), "--report-to", "none"], env=env, timeout=60)
     assert proc.returncode != 0
     assert "--dataset" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -150,42 +136,9 @@ def test_no_network_and_no_local_copy_is_one_clear_error(tmp_path):
 def test_learns_real_cifar10(tmp_path):
     """Proof that learning happens: a narrow VGG3Layer on real CIFAR-10 beats chance (10%) by far."""
     out = tmp_path / "real"
-    ok(
-        run_train(
-            [
-                "--dataset",
-                str(REAL_DATA),
-                "--output-dir",
-                str(out),
-                "--width",
-                "0.25",
-                "--report-to",
-                "none",
-                "--max-steps",
-                "100",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "64",
-                "--lr",
-                "0.05",
-                "--nesterov",
-                "--schedule",
-                "onecycle",
-                "--label-smoothing",
-                "0.1",
-                "--dropout",
-                "0.2",
-                "--eval-limit",
-                "2000",
-                "--cpu-threads",
-                "1",
-                "--log-every",
-                "100",
-            ],
-            timeout=600,
-        )
-    )
+    args = "--width 0.25 --report-to none --max-steps 100 --epochs 1 --batch-size 64 --lr 0.05 --nesterov"
+    args += " --schedule onecycle --label-smoothing 0.1 --dropout 0.2 --eval-limit 2000 --cpu-threads 1 --log-every 100"
+    ok(run_train(["--dataset", str(REAL_DATA), "--output-dir", str(out), *args.split()], timeout=600))
     acc = [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r][-1]
     print(f"real CIFAR-10, 100 steps: test accuracy {acc:.3f}")
     assert acc >= 0.35, f"test accuracy {acc:.3f} after 100 steps"

@@ -1,17 +1,9 @@
-"""Read a W&B run's ``.wandb`` record log back, for tests.
+"""Read a W&B run's ``.wandb`` record log back, for tests (wandb 0.31 has no Python reader any more).
 
-wandb 0.31 has no Python reader any more (``wandb.sdk.internal.datastore`` and ``wandb sync
---view`` are gone; the Go core ``wandb-core`` writes the file), so this is written by hand.
-The format is LevelDB's log format with W&B's own file header:
-
-- a 7-byte header: ``b":W&B"``, magic ``0xBEE1`` (little-endian uint16), version ``0``;
-- then 32 KiB blocks (the header counts in the first one). Each chunk has a 7-byte header
-  ``<uint32 checksum><uint16 length><uint8 type>`` and ``length`` bytes of data. The checksum
-  is the IEEE CRC-32 (``zlib.crc32``) of the type byte followed by the data. Types: 1 a whole
-  record, 2/3/4 the first/middle/last piece of a record split across blocks. When fewer than
-  7 bytes are left in a block they are zero padding.
-
-Each whole record is a serialized ``wandb.proto.wandb_internal_pb2.Record``.
+LevelDB's log format with W&B's header: ``b":W&B"``, magic ``0xBEE1`` (uint16 LE), version ``0``; then 32 KiB
+blocks of chunks ``<uint32 crc32(type + data)><uint16 length><uint8 type>`` + data, type 1 a whole record, 2/3/4
+the first/middle/last piece of one split across blocks; under 7 bytes left in a block are zero padding. Each
+record is a serialized ``wandb.proto.wandb_internal_pb2.Record``.
 """
 
 from __future__ import annotations
