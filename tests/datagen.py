@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from distvgg.data import ImageData, load_image_data
 
 # Ten well-separated colours; more classes reuse them with an offset (see _base_colour).
 _PALETTE = [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]]
@@ -286,3 +289,54 @@ def grow_cache(path: str | Path, n_train: int) -> int:
     )
     writer.commit()
     return out.nbytes
+
+
+# ------------------------------------------------------------------------------------------ reading back
+
+
+class Log(list):
+    """A ``log`` callback that keeps the messages."""
+
+    def __call__(self, msg: str) -> None:
+        self.append(msg)
+
+    def text(self) -> str:
+        return "\n".join(self)
+
+
+def nchw(images: np.ndarray) -> torch.Tensor:
+    """NHWC arrays (as written) in distvgg's NCHW layout."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Size and mtime of every file under ``root``: equal snapshots mean nothing was written there."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def load(path: str | Path, cache: Path, **kw) -> tuple[ImageData, Log]:
+    """``load_image_data`` with its messages kept."""
+    log = Log()
+    return load_image_data(str(path), cache_dir=cache, log=log, **kw), log
+
+
+def forbid_decoding(monkeypatch) -> None:
+    """Make any decode an error, so that a test shows that the cache answered."""
+
+    def boom(*a, **k):
+        raise AssertionError("decoded although the cache should have been used")
+
+    for name in ("_decode_dataset_dict", "_read_cifar"):
+        monkeypatch.setattr(f"distvgg.data.{name}", boom)
+
+
+def assert_exact(loaded: ImageData, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """``loaded`` holds exactly ``arrays`` (NHWC, as written) as uint8 NCHW images and int64 labels."""
+    for split in ("train", "test"):
+        got = getattr(loaded, split)
+        images, labels = arrays[split]
+        assert got.images.dtype == torch.uint8 and got.images.is_contiguous()
+        assert got.labels.dtype == torch.int64
+        assert tuple(got.images.shape) == (len(images), 3, images.shape[1], images.shape[2])
+        assert torch.equal(got.images, nchw(images))
+        assert torch.equal(got.labels, torch.from_numpy(labels))

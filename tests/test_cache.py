@@ -1,5 +1,6 @@
-"""distvgg.cache: the cache file's format, and what mapping it buys: with 2 processes on one machine, the pixels are
-held once in the page cache, not once per process; a dataset far larger than what a process may hold trains from it."""
+"""The decoded-image cache: its key (files, options, image size), damaged or unwritable caches, the file's format,
+and what mapping it buys: with 2 processes on one machine, the pixels are held once in the page cache, not once per
+process; a dataset far larger than what a process may hold trains from it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distvgg import cache
-from distvgg.data import load_image_data
+from distvgg import cache, data
+from distvgg.data import default_cache_dir, limited, load_image_data
 from distvgg.files import DiskFull
 from tests import datagen
-from tests.helpers import TINY, small_filesystem, start, train_command, wait_for
+from tests.helpers import REPO, TINY, real_cifar10, small_filesystem, start, train_command, wait_for
+
+REAL_DATA = real_cifar10()
 
 
 def _load(root: Path, cache_dir: Path, **kw):
@@ -147,3 +151,136 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing_behind(tmp_path):
         need, free = (int(found[i].replace(",", "")) for i in (2, 3))
         assert need >= 40 * 3 * 128 * 128 > 1 << 20 > free  # the 40 decoded images, more than the tmpfs holds
         assert not list(full.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ the decode's cache key
+
+
+@pytest.mark.parametrize("maker", [datagen.make_parquet_dataset, datagen.make_cifar_pickle_dataset])
+def test_second_load_uses_cache(tmp_path, monkeypatch, maker):
+    root = maker(tmp_path / "ds")
+    first, _ = datagen.load(root, tmp_path / "cache")
+    datagen.forbid_decoding(monkeypatch)
+    second, log = datagen.load(root, tmp_path / "cache")
+    assert "from cache" in log.text() and first.fingerprint in log.text()
+    assert second.fingerprint == first.fingerprint
+    assert second.class_names == first.class_names and second.source == first.source
+    for split in ("train", "test"):
+        assert torch.equal(getattr(second, split).images, getattr(first, split).images)
+        assert torch.equal(getattr(second, split).labels, getattr(first, split).labels)
+
+
+def test_cache_hit_does_not_import_datasets(tmp_path):
+    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4)
+    datagen.load(root, tmp_path / "cache")
+    code = (
+        "import sys; from distvgg.data import load_image_data; "
+        f"d = load_image_data({str(root)!r}, cache_dir={str(tmp_path / 'cache')!r}); "
+        "assert 'datasets' not in sys.modules and 'PIL.Image' not in sys.modules, 'imported'; print(len(d.train))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "from cache" in out.stdout and out.stdout.strip().endswith("8")
+
+
+def test_changed_file_invalidates_key(tmp_path):
+    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4)
+    first, _ = datagen.load(root, tmp_path / "cache")
+    test_file = root / "test-00000-of-00001.parquet"
+    datagen.make_parquet_dataset(tmp_path / "other", n_train=8, n_test=5)
+    test_file.write_bytes((tmp_path / "other" / test_file.name).read_bytes())
+    second, log = datagen.load(root, tmp_path / "cache")
+    assert second.fingerprint != first.fingerprint and "decoded" in log.text()
+    assert len(second.test) == 5
+    # Same size, new mtime: still a new key (the content may have changed in place).
+    st = test_file.stat()
+    os.utime(test_file, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    third, log = datagen.load(root, tmp_path / "cache")
+    assert third.fingerprint not in (first.fingerprint, second.fingerprint) and "decoded" in log.text()
+
+
+def test_options_are_part_of_the_key(tmp_path):
+    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4)
+    plain, _ = datagen.load(root, tmp_path / "cache")
+    skipping, _ = datagen.load(root, tmp_path / "cache", skip_bad_images=True)
+    named, _ = datagen.load(root, tmp_path / "cache", image_column="img", label_column="label")
+    assert len({plain.fingerprint, skipping.fingerprint, named.fingerprint}) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_damaged_cache_is_ignored_and_rewritten(tmp_path, damage):
+    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4)
+    first, _ = datagen.load(root, tmp_path / "cache")
+    cache_file = tmp_path / "cache" / f"{first.fingerprint}.safetensors"
+    content, expected = cache_file.read_bytes(), first.train.images.clone()
+    del first  # its pixels are a mapping of the file, which is now damaged in place (as no distvgg run does)
+    damaged = {"truncate": content[: len(content) // 2], "garbage": b"\x00garbage" * 100, "empty": b""}
+    cache_file.write_bytes(damaged[damage])
+    second, log = datagen.load(root, tmp_path / "cache")
+    assert "warning: ignoring damaged cache file" in log.text() and "decoded" in log.text()
+    assert torch.equal(second.train.images, expected)
+    assert cache_file.read_bytes() == content  # rewritten whole
+    third, log = datagen.load(root, tmp_path / "cache")
+    assert "from cache" in log.text() and "warning" not in log.text()
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_unwritable_cache_only_warns(tmp_path):
+    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4)
+    (tmp_path / "blocker").write_text("a file where the cache dir's parent should be")
+    loaded, log = datagen.load(root, tmp_path / "blocker" / "cache")
+    assert len(loaded.train) == 8 and "warning: could not write the data cache" in log.text()
+
+
+def test_default_cache_dir(monkeypatch):
+    monkeypatch.setenv("DISTVGG_CACHE", "/some/where")
+    assert default_cache_dir() == Path("/some/where")
+    monkeypatch.delenv("DISTVGG_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "distvgg"
+
+
+def test_hub_dataset_cached_by_its_arrow_files(tmp_path, monkeypatch):
+    """The Hub path with ``load_dataset`` faked (no network here): decode, then a cache hit."""
+    import datasets
+
+    saved = datagen.make_save_to_disk_dataset(tmp_path / "saved", n_train=6, n_test=3, num_classes=2, size=8)
+    calls = []
+
+    def fake_load_dataset(name, *a, **k):
+        calls.append(name)
+        return datasets.load_from_disk(str(saved))
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # skip the reachability probe
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    first, log = datagen.load("someone/tiny", tmp_path / "cache")
+    assert calls == ["someone/tiny"] and first.source == "hub dataset someone/tiny" and "decoded" in log.text()
+    datagen.assert_exact(first, datagen.dataset_arrays(n_train=6, n_test=3, num_classes=2, size=8))
+    monkeypatch.setattr(data, "_decode_dataset_dict", lambda *a, **k: pytest.fail("decoded again"))
+    second, log = datagen.load("someone/tiny", tmp_path / "cache")
+    assert second.fingerprint == first.fingerprint and "from cache" in log.text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(REAL_DATA is None, reason="no real CIFAR-10 copy: set $DISTVGG_REAL_DATA")
+def test_real_cifar10_decodes_once_then_loads_from_cache(tmp_path):
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    first, log = datagen.load(REAL_DATA, tmp_path / "cache")
+    assert "decoded 50,000 train + 10,000 test images (32x32, 10 classes)" in log.text()
+    assert first.class_names[:3] == ["airplane", "automobile", "bird"] and first.image_size == (32, 32)
+    assert torch.bincount(first.test.labels).tolist() == [1000] * 10
+    picked = [0, 4321, 9999]
+    for i, row in zip(picked, pq.read_table(REAL_DATA / "test-00000-of-00001.parquet").take(picked).to_pylist()):
+        pixels = np.array(Image.open(io.BytesIO(row["img"]["bytes"])).convert("RGB"))
+        assert (
+            torch.equal(first.test.images[i], datagen.nchw(pixels[None])[0])
+            and int(first.test.labels[i]) == row["label"]
+        )
+    second, log = datagen.load(REAL_DATA, tmp_path / "cache")
+    assert "from cache" in log.text() and second.fingerprint == first.fingerprint
+    assert torch.equal(second.train.images, first.train.images)
+    train, test = limited(second.train, second.test, 1000, 500, seed=0)
+    assert torch.bincount(train.labels).tolist() == [100] * 10 and torch.bincount(test.labels).tolist() == [50] * 10

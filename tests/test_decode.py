@@ -18,11 +18,6 @@ from tests import datagen
 from tests.helpers import TINY, ok, run_train, start, wait_for
 
 
-class Log(list):
-    def __call__(self, msg: str) -> None:
-        self.append(msg)
-
-
 def _bad_rows_dataset(root: Path, n: int = 1100) -> tuple[Path, np.ndarray, np.ndarray]:
     """A parquet dataset of ``n`` 8x8 training images (rows 5 and n - 300 unreadable) and 300 test images."""
     images, labels = datagen.make_arrays(n, 4, 8)
@@ -41,8 +36,8 @@ def test_two_workers_write_the_file_one_worker_writes(tmp_path):
     files = []
     for workers in (1, 2):
         with pytest.raises(DataError, match=r"split 'train' row 5 .*--skip-bad-images"):  # the first, as with one
-            load_image_data(str(root), cache_dir=tmp_path / f"c{workers}", decode_workers=workers, log=Log())
-        log, cache = Log(), tmp_path / f"c{workers}"
+            load_image_data(str(root), cache_dir=tmp_path / f"c{workers}", decode_workers=workers, log=datagen.Log())
+        log, cache = datagen.Log(), tmp_path / f"c{workers}"
         data = load_image_data(str(root), cache_dir=cache, decode_workers=workers, skip_bad_images=True, log=log)
         assert "skipped 2 unreadable image(s) in split 'train'" in "\n".join(log) and "rows 5, 800" in "\n".join(log)
         keep = np.setdiff1d(np.arange(len(images)), [5, 800])
@@ -54,11 +49,11 @@ def test_two_workers_write_the_file_one_worker_writes(tmp_path):
 
 def test_long_decodes_report_progress_in_plain_lines(tmp_path, monkeypatch):
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=600, n_test=4, size=4)
-    quiet = Log()
+    quiet = datagen.Log()
     load_image_data(str(root), cache_dir=tmp_path / "c1", log=quiet)
     assert not [line for line in quiet if "decoding:" in line]  # a short decode says nothing on the way
     monkeypatch.setattr(decode, "PROGRESS_EVERY", 0.0)  # as if every chunk took PROGRESS_EVERY seconds
-    log = Log()
+    log = datagen.Log()
     load_image_data(str(root), cache_dir=tmp_path / "c2", decode_workers=1, log=log)
     lines = [line for line in log if "decoding:" in line]
     assert lines[0].startswith("data: decoding: 256 of 604 images, ") and lines[1].startswith("data: decoding: 512 of")
@@ -97,7 +92,7 @@ def test_ctrl_c_or_killing_the_run_mid_decode_leaves_no_cache_file_and_no_worker
         assert not alive, f"workers left running after {how}: {alive}"
         assert not list((tmp_path / how).glob("*.safetensors"))
     assert not list((tmp_path / "ctrl-c").iterdir())  # Ctrl-C cleans up; a killed run cannot
-    data = load_image_data(str(root), cache_dir=tmp_path / "kill", decode_workers=1, log=Log())
+    data = load_image_data(str(root), cache_dir=tmp_path / "kill", decode_workers=1, log=datagen.Log())
     assert sorted(p.name for p in (tmp_path / "kill").iterdir()) == [f"{data.fingerprint}.safetensors"]
 
 
@@ -124,7 +119,7 @@ def test_a_worker_that_dies_mid_decode_is_an_error_and_leaves_nothing(tmp_path, 
 
     (killer := threading.Thread(target=kill_a_worker, daemon=True)).start()
     with pytest.raises(BrokenProcessPool):
-        load_image_data(str(root), cache_dir=tmp_path / "cache", decode_workers=2, log=Log())
+        load_image_data(str(root), cache_dir=tmp_path / "cache", decode_workers=2, log=datagen.Log())
     killer.join(10)
     assert {p.pid for p in psutil.Process().children()} <= before and not list((tmp_path / "cache").iterdir())
 
@@ -134,11 +129,11 @@ def test_imagenet_folder_trains_at_64(tmp_path):
     """ImageNet's layout: WordNet-id class folders, val/ as the test split, JPEGs of mixed sizes resized to 64x64."""
     root = datagen.make_imagenet_folder(tmp_path / "imagenet", n_train=24, n_val=12, num_classes=3)
     with pytest.raises(DataError, match="images of different sizes .*pass --image-size"):
-        load_image_data(str(root), cache_dir=tmp_path / "cache", log=Log())
+        load_image_data(str(root), cache_dir=tmp_path / "cache", log=datagen.Log())
     args = ["--dataset", str(root), "--image-size", "64", "--cache-dir", str(tmp_path / "cache"), *TINY]
     text = ok(run_train([*args, "--output-dir", str(tmp_path / "run"), "--epochs", "1"]))
     assert "decoded 24 train + 12 test images (64x64, 3 classes)" in text and "accuracy" in text
-    data = load_image_data(str(root), cache_dir=tmp_path / "cache", image_size=64, log=Log())  # the run's cache
+    data = load_image_data(str(root), cache_dir=tmp_path / "cache", image_size=64, log=datagen.Log())  # the run's cache
     assert data.class_names == [f"n{c:08d}" for c in range(3)]  # the WordNet-id folders, in order
     assert data.train.images.shape == (24, 3, 64, 64) and data.test.images.shape == (12, 3, 64, 64)
     assert torch.bincount(data.train.labels).tolist() == [8, 8, 8]

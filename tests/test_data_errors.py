@@ -1,0 +1,226 @@
+"""distvgg.data's errors: unknown or missing columns, damaged images and labels, empty or missing splits, paths and
+Hub names that do not resolve; each one message that names what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distvgg import data
+from distvgg.data import DataError
+from tests import datagen
+
+
+def test_detects_renamed_columns_and_accepts_explicit_ones(tmp_path):
+    root = datagen.make_parquet_dataset(tmp_path / "ds", 8, 4, image_column="picture", label_column="target")
+    detected, _ = datagen.load(root, tmp_path / "c1")
+    explicit, _ = datagen.load(root, tmp_path / "c2", image_column="picture", label_column="target")
+    assert torch.equal(detected.train.images, explicit.train.images)
+    assert detected.class_names == explicit.class_names == datagen.class_names(4)
+
+
+@pytest.mark.parametrize("kw,role", [({"image_column": "image"}, "image"), ({"label_column": "labels"}, "label")])
+def test_unknown_column_lists_columns(tmp_path, kw, role):
+    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4)
+    with pytest.raises(DataError) as err:
+        datagen.load(root, tmp_path / "cache", **kw)
+    msg = str(err.value)
+    assert f"{role} column {next(iter(kw.values()))!r} not found" in msg
+    assert "img (Image)" in msg and "label (ClassLabel(4 classes))" in msg
+
+
+def test_plain_integer_labels_get_numeric_names(tmp_path):
+    arrays = datagen.dataset_arrays(n_train=9, n_test=3, num_classes=3, size=8)
+    for split, (images, labels) in arrays.items():
+        datagen.write_parquet_split(tmp_path / "ds" / f"{split}.parquet", datagen.encode_images(images), labels, None)
+    loaded, log = datagen.load(tmp_path / "ds", tmp_path / "cache")
+    assert loaded.class_names == ["0", "1", "2"]
+    assert "not a ClassLabel" in log.text()
+    datagen.assert_exact(loaded, arrays)
+
+
+def test_no_image_column(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})
+    ds.to_parquet(str(tmp_path / "ds" / "train.parquet"))
+    ds.to_parquet(str(tmp_path / "ds" / "test.parquet"))
+    with pytest.raises(DataError, match=r"no image column .*text \(Value\(string\)\), label \(Value\(int64\)\)"):
+        datagen.load(tmp_path / "ds", tmp_path / "cache")
+
+
+def test_binary_image_column_named_explicitly(tmp_path):
+    import datasets
+
+    arrays = datagen.dataset_arrays(n_train=6, n_test=3, num_classes=3, size=8)
+    for split, (images, labels) in arrays.items():
+        ds = datasets.Dataset.from_dict({"png": datagen.encode_images(images), "label": labels.tolist()})
+        ds.to_parquet(str(tmp_path / "ds" / f"{split}.parquet"))
+    with pytest.raises(DataError, match=r"no image column .*png \(Value\(binary\)\)"):
+        datagen.load(tmp_path / "ds", tmp_path / "c1")
+    with pytest.raises(DataError, match=r"image column 'label' .* is Value\(int64\), not images"):
+        datagen.load(tmp_path / "ds", tmp_path / "c2", image_column="label")
+    loaded, _ = datagen.load(tmp_path / "ds", tmp_path / "c3", image_column="png")
+    datagen.assert_exact(loaded, arrays)
+
+
+def _write_pair(root: Path, train_blobs, train_labels, test_n: int = 3, names=("a", "b", "c")) -> Path:
+    test_images, test_labels = datagen.make_arrays(test_n, len(names), 8, seed=9)
+    datagen.write_parquet_split(root / "train-00000-of-00001.parquet", train_blobs, train_labels, list(names))
+    blobs = datagen.encode_images(test_images)
+    datagen.write_parquet_split(root / "test-00000-of-00001.parquet", blobs, test_labels, list(names))
+    return root
+
+
+def test_corrupt_image_error_and_skip(tmp_path):
+    images, labels = datagen.make_arrays(10, 3, 8)
+    blobs = datagen.encode_images(images)
+    blobs[3] = b"this is not an image"
+    blobs[6] = blobs[6][: len(blobs[6]) // 2]  # truncated PNG
+    root = _write_pair(tmp_path / "ds", blobs, labels)
+    with pytest.raises(DataError, match=r"split 'train' row 3 .*skip-bad-images"):
+        datagen.load(root, tmp_path / "cache")
+    loaded, log = datagen.load(root, tmp_path / "cache", skip_bad_images=True)
+    keep = [i for i in range(10) if i not in (3, 6)]
+    assert torch.equal(loaded.train.images, datagen.nchw(images[keep]))
+    assert torch.equal(loaded.train.labels, torch.from_numpy(labels[keep]))
+    assert "skipped 2 unreadable image(s) in split 'train'" in log.text() and "rows 3, 6" in log.text()
+
+
+def test_label_error_names_the_original_row_after_skipping(tmp_path):
+    images, labels = datagen.make_arrays(6, 3, 8)
+    blobs, labels = datagen.encode_images(images), labels.copy()
+    blobs[1] = b"junk"
+    labels[4] = 9
+    root = _write_pair(tmp_path / "ds", blobs, labels)
+    with pytest.raises(DataError, match=r"row 4 has label 9"):
+        datagen.load(root, tmp_path / "cache", skip_bad_images=True)
+
+
+def test_missing_image_is_bad(tmp_path):
+    images, labels = datagen.make_arrays(4, 3, 8)
+    blobs: list = datagen.encode_images(images)
+    blobs[2] = None
+    root = _write_pair(tmp_path / "ds", blobs, labels)
+    with pytest.raises(DataError, match=r"row 2 .*both are None"):
+        datagen.load(root, tmp_path / "cache")
+
+
+def test_mixed_sizes_within_a_split_or_across_splits(tmp_path):
+    images, labels = datagen.make_arrays(10, 3, 8)
+    blobs = datagen.encode_images(images)
+    blobs[7] = datagen.encode_image(datagen.make_arrays(1, 3, (8, 9))[0][0])
+    root = _write_pair(tmp_path / "ds", blobs, labels)
+    with pytest.raises(DataError) as err:
+        datagen.load(root, tmp_path / "cache")
+    assert str(err.value) == (
+        f"images of different sizes in parquet files in {root.resolve()}: 8x8 (split 'train', row 0) and "
+        f"8x9 (split 'train', row 7); pass --image-size to resize them"
+    )
+    images, labels = datagen.make_arrays(4, 3, 16)  # 16x16 training images, 8x8 test images
+    root = _write_pair(tmp_path / "ds2", datagen.encode_images(images), labels)
+    with pytest.raises(DataError, match=r"16x16 \(split 'train', row 0\) and 8x8 \(split 'test', row 0\); pass --im"):
+        datagen.load(root, tmp_path / "cache")
+
+
+def test_empty_split_in_parquet_or_save_to_disk(tmp_path):
+    import datasets
+
+    images, labels = datagen.make_arrays(4, 3, 8)
+    root = tmp_path / "pq"
+    datagen.write_parquet_split(root / "train-0.parquet", datagen.encode_images(images), labels, ["a", "b", "c"])
+    datagen.write_parquet_split(root / "test-0.parquet", [], [], ["a", "b", "c"])
+    with pytest.raises(DataError, match="split 'test' .* is empty"):
+        datagen.load(root, tmp_path / "cache")
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
+    one = {"img": [{"bytes": datagen.encode_image(np.zeros((4, 4, 3), np.uint8)), "path": None}], "label": [0]}
+    splits = {"train": one, "test": {"img": [], "label": []}}
+    splits = {name: datasets.Dataset.from_dict(split, features=features) for name, split in splits.items()}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DataError, match="split 'test' .* is empty"):
+        datagen.load(tmp_path / "ds", tmp_path / "cache")
+
+
+@pytest.mark.parametrize("bad", [7, 3, -1, None])
+def test_labels_out_of_range_or_missing_name_their_row(tmp_path, bad):
+    images, labels = datagen.make_arrays(5, 3, 8)
+    labels = labels.tolist()
+    labels[2] = bad
+    root = _write_pair(tmp_path / "ds", datagen.encode_images(images), labels)
+    says = r"-1, outside \[0, 3\) .*missing label" if bad is None else rf"{bad}, outside \[0, 3\)"
+    with pytest.raises(DataError, match=rf"split 'train' .*row 2 has label {says}"):
+        datagen.load(root, tmp_path / "cache")
+
+
+def test_missing_test_split_names_found_splits(tmp_path):
+    images, labels = datagen.make_arrays(4, 3, 8)
+    blobs = datagen.encode_images(images)
+    for split in ("train", "extra"):
+        datagen.write_parquet_split(tmp_path / "ds" / f"{split}-0.parquet", blobs, labels, ["a", "b", "c"])
+    # datasets names the splits after the files; "extra" is no split name, so only 'train' is found.
+    with pytest.raises(DataError, match=r"needs a 'train' and a test/validation/\w+/\w+ split; splits found: 'train'$"):
+        datagen.load(tmp_path / "ds", tmp_path / "cache")
+
+
+@pytest.mark.parametrize("size", [(0, 8), (8, -1)])
+def test_image_size_must_be_positive(tmp_path, size):
+    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4, size=8)
+    with pytest.raises(DataError, match="image size must be positive"):
+        datagen.load(root, tmp_path / "cache", image_size=size)
+
+
+@pytest.mark.parametrize("name", ["./nope", "/definitely/not/here", "~/not-here-either-xyz", "a/b/c"])
+def test_missing_path(tmp_path, name):
+    with pytest.raises(DataError, match="no such directory"):
+        datagen.load(name, tmp_path / "cache")
+
+
+def test_a_folder_of_no_layout_lists_the_layouts_and_what_it_found(tmp_path):
+    import datasets
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "notes.txt").write_text("hi")
+    layouts = r"matches none of the supported .*cifar-10-batches-py.*dataset_dict\.json.*parquet.*train/<class>"
+    with pytest.raises(DataError, match=layouts + r".*Found: notes\.txt"):
+        datagen.load(tmp_path / "ds", tmp_path / "cache")
+    datasets.Dataset.from_dict({"x": [1, 2]}).save_to_disk(str(tmp_path / "one"))  # a single split: no layout
+    with pytest.raises(DataError, match=r"matches none of the supported .*dataset_dict\.json.*Found: .*state\.json"):
+        datagen.load(tmp_path / "one", tmp_path / "cache")
+
+
+def test_hub_id_is_not_a_path():
+    assert data._local_source("uoft-cs/cifar10") is None and data._local_source("cifar10") is None
+    for path in ("./cifar", "data/cifar/x"):
+        with pytest.raises(DataError, match="no such directory"):
+            data._local_source(path)
+
+
+def test_hub_unreachable_fails_fast(tmp_path, monkeypatch):
+    """The probe answers before ``datasets`` is asked (its retries are what take minutes)."""
+    import datasets
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("asked datasets despite no Hub"))
+    with pytest.raises(DataError) as err:
+        datagen.load("uoft-cs/cifar10", tmp_path / "cache")
+    msg = str(err.value)
+    assert "cannot reach the Hugging Face Hub at http://127.0.0.1:9 (ConnectionRefusedError" in msg
+    assert "--dataset DIR" in msg and "Hub's parquet layout" in msg and "cifar-10-batches-py" in msg
+    assert "shared" not in msg  # names no folder outside the repository
+
+
+def test_hub_load_failure_is_a_data_error(tmp_path, monkeypatch):
+    import datasets
+
+    def fail(*a, **k):
+        raise ConnectionError("offline and not in the cache")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(DataError, match=r"cannot load hub dataset 'someone/missing': ConnectionError.*--dataset DIR"):
+        datagen.load("someone/missing", tmp_path / "cache")
