@@ -98,7 +98,7 @@ class _RunsCode:
         return (os.mkdir, (str(self.marker),))
 
 
-@pytest.mark.parametrize("name", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
+@pytest.mark.parametrize("name", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
 def test_crafted_pickle_is_refused_without_running_it(tmp_path, name):
     folder = _fake_checkpoint(tmp_path / "ck")
     ckpt.check_loadable(folder)  # plain tensors and containers load
