@@ -1,5 +1,5 @@
 """2 gloo processes stopped by SIGUSR1, then one killed with SIGKILL, end bitwise as an uninterrupted run (weights,
-optimizer, lr, data order; dropout on, so RNG states too); continuing on another number of processes."""
+optimizer, lr, data order; dropout on, so RNG states too); continuing on another number of processes; a full disk."""
 
 from __future__ import annotations
 
@@ -194,3 +194,18 @@ def test_a_two_process_checkpoint_evaluates_and_predicts_the_same_on_any_count(r
         want = loaded.model(x).softmax(1)[0].sort(descending=True)[0].tolist()
     got = [p["probability"] for p in result["predictions"]]
     assert got == pytest.approx(want[: len(got)], abs=1e-5) and len(got) >= 2
+
+
+def test_a_full_disk_under_two_processes_is_one_message_and_the_same_command_resumes(reference2, dataset, tmp_path):
+    """A real 8 MiB filesystem: the checkpoint of step 4 fits, the one of step 8 does not; freed, it resumes."""
+    with helpers.small_filesystem(tmp_path / "disk", "8m") as disk:
+        out = disk / "out"
+        args = tiny_args(dataset, out, 2, *EMA)
+        full = run_train(args, nproc=2, env=traced(out))
+        said = [line for line in full.stderr.splitlines() if line.startswith("distvgg.train: error: the disk is full")]
+        assert full.returncode == 1 and len(said) == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+        assert f"the checkpoint of step 8 in {out / 'checkpoints'}" in said[0]
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]  # no half-written folder
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # the space is freed
+        assert "step-00000004: step 4 of 16" in ok(run_train(args, nproc=2, env=traced(out)))
+        assert_same_run(reference2, out, nproc=2, dedupe=True)
