@@ -1,8 +1,5 @@
-"""Where a run's numbers go: metrics.jsonl (always), and Accelerate's trackers (W&B, TensorBoard); docs/tracking.md.
-
-Only the main process writes. ``metrics.jsonl`` holds every value sent to a tracker, at the same (optimizer) step;
-W&B's rich objects are built from values also there, or are pictures of predictions. W&B is imported when used.
-"""
+"""Where a run's numbers go: metrics.jsonl (always) and Accelerate's trackers (W&B, TensorBoard); docs/tracking.md.
+Only the main process writes; metrics.jsonl holds every value a tracker gets, at its step. W&B is imported when used."""
 
 from __future__ import annotations
 
@@ -25,8 +22,7 @@ from distvgg import files, machine
 
 METRICS_FILE = "metrics.jsonl"
 ABANDONED_FILE = "metrics.abandoned.jsonl"  # rows a resumed run cut from metrics.jsonl: logged after its checkpoint
-# The W&B run id of the training run in OUTPUT_DIR: a restarted or requeued job reads it back, so it
-# continues the same W&B run even before its first checkpoint exists.
+# The W&B run id of OUTPUT_DIR's run: a requeued job continues that W&B run even before its first checkpoint exists.
 WANDB_RUN_ID_FILE = "wandb_run_id"
 TENSORBOARD_DIR = "tensorboard"
 GRID_IMAGES = 32
@@ -38,14 +34,16 @@ class TrackingError(RuntimeError):
 
 
 def trackers_for(report_to: str) -> list[str]:
-    """Accelerate ``log_with`` names for ``--report-to``. W&B comes last: Accelerate starts trackers in
-    this order, so if W&B fails to start online, the others are already running and only W&B is retried."""
+    """Accelerate ``log_with`` names for ``--report-to``. W&B last: Accelerate starts them in order, so only W&B is
+    retried when it fails to start online."""
     return {"wandb": ["wandb"], "tensorboard": ["tensorboard"], "all": ["tensorboard", "wandb"], "none": []}[report_to]
 
 
-def wandb_has_credentials() -> bool:
-    """Whether ``wandb.init`` finds credentials without prompting: an API key (``WANDB_API_KEY``, W&B's settings
-    file), an identity token file, or a netrc entry for the W&B host (what ``wandb login`` writes)."""
+def choose_wandb_mode() -> str:
+    """``WANDB_MODE`` when set, else online when ``wandb.init`` finds credentials without prompting (an API key, an
+    identity token file, a netrc entry for the W&B host) and offline without: a batch job never waits at a login."""
+    if mode := os.environ.get("WANDB_MODE"):
+        return mode
     import netrc
     from urllib.parse import urlsplit
 
@@ -53,18 +51,12 @@ def wandb_has_credentials() -> bool:
 
     settings = wandb.setup().settings  # the settings wandb.init uses: environment, settings files, WANDB_BASE_URL
     if settings.api_key or settings.identity_token_file:
-        return True
+        return "online"
     try:
         entry = netrc.netrc(os.environ.get("NETRC")).authenticators(urlsplit(settings.base_url).hostname or "")
     except (OSError, netrc.NetrcParseError):  # no netrc file, or one that is not valid netrc
-        return False
-    return entry is not None
-
-
-def choose_wandb_mode() -> str:
-    """The W&B mode for this run: ``WANDB_MODE`` when set (online, offline, disabled), else online with
-    credentials and offline without, so that a batch job never waits at a login prompt."""
-    return os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
+        return "offline"
+    return "offline" if entry is None else "online"
 
 
 def read_run_id(output_dir: str | os.PathLike) -> str | None:
@@ -82,8 +74,7 @@ def new_run_id() -> str:
 def resolve_run_id(output_dir: str | os.PathLike, restored: str | None = None, fresh: bool = False) -> str:
     """The W&B run id of this training run, written to ``OUTPUT_DIR/wandb_run_id``: the one restored from a
     checkpoint, ``WANDB_RUN_ID``, the one in OUTPUT_DIR (unless ``fresh``: ``--resume none``), else a new one."""
-    run_id = restored or os.environ.get("WANDB_RUN_ID") or (None if fresh else read_run_id(output_dir))
-    run_id = run_id or new_run_id()
+    run_id = restored or os.environ.get("WANDB_RUN_ID") or (None if fresh else read_run_id(output_dir)) or new_run_id()
     path = Path(output_dir) / WANDB_RUN_ID_FILE
     if read_run_id(output_dir) != run_id:
         tmp = path.with_suffix(".tmp")
@@ -97,11 +88,8 @@ def wandb_init_kwargs(cfg: Any, run_id: str, mode: str | None) -> dict[str, Any]
     kwargs: dict[str, Any] = {"dir": os.environ.get("WANDB_DIR", cfg.output_dir), "id": run_id, "resume": "allow"}
     if mode and not os.environ.get("WANDB_MODE"):
         kwargs["mode"] = mode
-    for key in ("entity", "name", "tags"):
-        value = getattr(cfg, f"wandb_{key}")
-        if value:
-            kwargs[key] = list(value) if key == "tags" else value
-    return kwargs
+    kwargs |= {k: v for k in ("entity", "name") if (v := getattr(cfg, f"wandb_{k}"))}
+    return kwargs | ({"tags": list(cfg.wandb_tags)} if cfg.wandb_tags else {})
 
 
 def git_commit(path: str | os.PathLike) -> str | None:
@@ -115,24 +103,16 @@ def git_commit(path: str | os.PathLike) -> str | None:
 
 def run_facts(accelerator: Any) -> dict[str, Any]:
     """Facts about where the run ran, recorded with its config (no environment values: they may hold secrets)."""
-    device, num_processes = accelerator.device, accelerator.num_processes
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
-    return {
-        "num_processes": num_processes,
-        "num_machines": max(1, num_processes // max(1, local)),
+    device, n = accelerator.device, accelerator.num_processes
+    facts = {"num_processes": n, "num_machines": max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", n))))}
+    facts |= {
         "distributed_type": str(accelerator.distributed_type),
         "mixed_precision": str(accelerator.mixed_precision),
-        "device": str(device),
-        "device_name": machine.device_name(device),
-        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
-        **machine.package_versions(("torch", "torchvision", "accelerate", "datasets", "wandb", "safetensors")),
-        "git_commit": git_commit(Path(__file__).resolve().parent),
     }
-
-
-def tensorboard_hparams(config: dict[str, Any]) -> dict[str, Any]:
-    """TensorBoard's ``add_hparams`` takes only int, float, str and bool: lists and None become text."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+    facts |= {"device": str(device), "device_name": machine.device_name(device)}
+    facts["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None
+    versions = machine.package_versions(("torch", "torchvision", "accelerate", "datasets", "wandb", "safetensors"))
+    return {**facts, **versions, "git_commit": git_commit(Path(__file__).resolve().parent)}
 
 
 @dataclass
@@ -153,8 +133,7 @@ class Tracking:
         return self.accelerator.get_tracker("wandb", unwrap=True)
 
     def offline_dirs(self) -> list[str]:
-        """Every offline run folder of this W&B run id: a resumed run writes one per attempt, and
-        ``wandb sync`` uploads them in order of start time into the one run."""
+        """Every offline run folder of this run id: one per attempt, which ``wandb sync`` uploads in order into one."""
         if self.wandb_root is None or self.wandb_run_id is None:
             return []
         return sorted(glob.glob(str(self.wandb_root / f"offline-run-*-{self.wandb_run_id}")))
@@ -177,10 +156,9 @@ def start_trackers(
     fresh: bool = False,
     rewind: Rewind | None = None,
 ) -> Tracking:
-    """``accelerator.init_trackers`` with the W&B mode and run id chosen here (main process only), the config in
-    each tracker's form, and an offline fallback when W&B cannot start online (server unreachable after
-    ``WANDB_INIT_TIMEOUT`` seconds): tracking problems never cost a training run. ``rewind`` (a resumed run):
-    each tracker's record continues from the checkpoint's step (``rewind_trackers``)."""
+    """``accelerator.init_trackers`` with the W&B mode and run id chosen here, the config in each tracker's form, and
+    an offline fallback when W&B cannot start online: tracking problems never cost a training run. ``rewind``: each
+    tracker's record continues from the checkpoint's step (``rewind_trackers``)."""
     names = trackers_for(cfg.report_to)
     tracking = Tracking(accelerator, names)
     if not names:
@@ -201,10 +179,12 @@ def start_trackers(
     with files.writing(wandb_dir, what="the W&B run folder and TensorBoard's events"):
         try:
             accelerator.init_trackers(cfg.wandb_project, config=None, init_kwargs=init_kwargs)
-        except Exception as e:  # noqa: BLE001 - only W&B errors are handled; anything else is re-raised
+        except Exception as e:  # only W&B errors are handled; anything else is re-raised
             _restart_wandb_offline(accelerator, tracking, e)
+    # TensorBoard's ``add_hparams`` takes only int, float, str and bool: lists and None become text.
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
     for tracker in accelerator.trackers if accelerator.is_main_process else []:
-        tracker.store_init_configuration(tensorboard_hparams(config) if tracker.name == "tensorboard" else config)
+        tracker.store_init_configuration(hparams if tracker.name == "tensorboard" else config)
     run = tracking.wandb_run()
     if run is not None:
         tracking.wandb_root = Path(run.settings.sync_dir).parent
@@ -218,12 +198,10 @@ def start_trackers(
 def rewind_trackers(
     tracking: Tracking, cfg: Any, rewind: Rewind | None, init_kwargs: dict[str, Any], config: dict[str, Any]
 ) -> list[tuple[str, int, dict[str, Any]]]:
-    """Make each tracker's record continue from the checkpoint's step, as metrics.jsonl does (docs/tracking.md);
-    returns the (tracker, step, values) to log again once they have started. TensorBoard: ``purge_step`` hides every
-    event from that step on, and the kept rows of that step are logged again. W&B, when rows were cut (steps that
-    will be run again): with ``--wandb-rewind`` online, W&B's rewind (``resume_from``); otherwise W&B keeps the first
-    values of a step, so a new W&B run starts, linked to the old one in its config, and the kept rows are logged
-    into it: its history is the run of the final model."""
+    """Each tracker's record continues from the checkpoint's step, as metrics.jsonl does (docs/tracking.md); returns
+    the (tracker, step, values) to log again once started. TensorBoard: ``purge_step``, and that step's kept rows again.
+    W&B, when rows were cut: online with ``--wandb-rewind``, ``resume_from``; else (W&B keeps a step's first values) a
+    new W&B run, linked to the old one in its config, gets the kept rows: its history is the final model's run."""
     if rewind is None:
         return []
     init_kwargs["tensorboard"] = {"purge_step": rewind.step}
@@ -246,8 +224,7 @@ def rewind_trackers(
 
 
 def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exception) -> None:
-    """W&B failed to start online: start the same run id offline, to sync later. Credentials that W&B refuses (a
-    key in an invalid format) stop the run instead, before any training."""
+    """W&B failed to start online: the same run id offline, to sync later; refused credentials stop the run."""
     import wandb
 
     if isinstance(error, wandb.errors.AuthenticationError):
@@ -282,14 +259,13 @@ def _jsonable(v: Any) -> Any:
 
 
 def scalars(values: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of a record but its step (what the trackers chart at that step; lists such as the confusion counts
-    stay in metrics.jsonl)."""
+    """The numbers of a record but its step: what the trackers chart (lists stay in metrics.jsonl)."""
     return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
 
 
 class RunLogger:
-    """Writes every log event to metrics.jsonl and to the Accelerate trackers, from the main process. ``rows``:
-    the records metrics.jsonl holds, saved with each checkpoint so that a resumed run can cut the later ones."""
+    """Every log event to metrics.jsonl and the trackers, from the main process. ``rows``: the records metrics.jsonl
+    holds, saved with each checkpoint so that a resumed run can cut the later ones."""
 
     def __init__(self, accelerator: Any, output_dir: str | os.PathLike) -> None:
         self.accelerator = accelerator
@@ -326,8 +302,7 @@ def confusion_chart(confusion: Sequence[Sequence[int]], class_names: Sequence[st
 def sample_predictions(
     model: torch.nn.Module, dataset: Any, prepare_batch: Callable, device: torch.device, n: int = GRID_IMAGES
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same ``n`` test images every evaluation (spread over the split), their labels and the model's
-    predictions. ``model`` must be unwrapped: only the main process runs this, and DDP would wait for the others."""
+    """The same ``n`` test images every time, their labels and predictions; ``model`` unwrapped (DDP would wait)."""
     idx = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).long().tolist()
     images, labels, indices = dataset.__getitems__(idx)
     data, _ = prepare_batch((images.to(device), labels.to(device), indices.to(device)), 0, False)
@@ -341,8 +316,8 @@ def sample_predictions(
 def prediction_grid(
     images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, class_names: Sequence[str], nrow: int = 8
 ) -> torch.Tensor:
-    """A uint8 (3, H, W) grid (torchvision's ``make_grid``) of the images, 3x enlarged, each under a band naming the
-    true and the predicted class, framed green when right and red when wrong."""
+    """A uint8 (3, H, W) grid of the images, 3x enlarged, each under its true and predicted class, framed green when
+    right and red when wrong."""
     import torch.nn.functional as F
     from torchvision.utils import draw_bounding_boxes, make_grid
 
@@ -363,8 +338,7 @@ def media_due(every: int | None, epoch: int, total_epochs: int) -> bool:
 
 
 def log_eval_media(logger: RunLogger, result: dict, class_names: Sequence[str], samples: Callable, step: int) -> None:
-    """The confusion matrix and the grid of ``samples()`` predictions to W&B (and the grid to TensorBoard), when
-    this process has those trackers."""
+    """The confusion matrix and the ``samples()`` grid to W&B, and the grid to TensorBoard, where they run."""
     wants_wandb, wants_tb = logger.has_tracker("wandb"), logger.has_tracker("tensorboard")
     if not (wants_wandb or wants_tb):
         return
@@ -378,9 +352,8 @@ def log_eval_media(logger: RunLogger, result: dict, class_names: Sequence[str], 
         with files.writing(media, what="W&B's media (the prediction grid, the confusion chart)"):
             image = wandb.Image(grid.permute(1, 2, 0).numpy(), caption=f"true > predicted: {pairs}")
             chart = confusion_chart(result["confusion"], class_names)
-            logger.accelerator.get_tracker("wandb").log(
-                {"eval/confusion_matrix": chart, "eval/predictions": image}, step=step
-            )
+            logged = {"eval/confusion_matrix": chart, "eval/predictions": image}
+            logger.accelerator.get_tracker("wandb").log(logged, step=step)
     if wants_tb:
         logger.accelerator.get_tracker("tensorboard", unwrap=True).add_image("eval/predictions", grid, step)
 
@@ -407,9 +380,8 @@ class Rewind:
 
 
 def rewind_metrics(output_dir: str | os.PathLike, step: int, rows: int | None) -> Rewind:
-    """Cut metrics.jsonl back to its first ``rows`` records (those written before the checkpoint; for a checkpoint
-    that did not count them, those up to ``step``). The cut lines are appended to metrics.abandoned.jsonl first,
-    then metrics.jsonl is replaced atomically: a crash leaves both files whole, and no line is ever lost."""
+    """Cut metrics.jsonl back to its first ``rows`` records (None: those up to ``step``). The cut lines go to
+    metrics.abandoned.jsonl first, then metrics.jsonl is replaced atomically: a crash never loses a line."""
     path, aside = Path(output_dir) / METRICS_FILE, Path(output_dir) / ABANDONED_FILE
     lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
     parsed = [parse_record(line) for line in lines]
