@@ -1,8 +1,6 @@
-"""Every knob of a training run: one dataclass, one validation, one command line.
-
-Each field's docstring is its ``--help`` text, its annotation its type. Defaults, a recipe (``--recipe``), a YAML
-file (``--config FILE``), the command line: each overrides the last, all through one argparse parser.
-"""
+"""Every knob of a training run: one dataclass, one validation, one command line. Each field's docstring is its
+``--help`` text, its annotation its type. Defaults < ``--recipe`` < ``--config FILE`` < the command line, all through
+one argparse parser."""
 
 from __future__ import annotations
 
@@ -182,23 +180,16 @@ class TrainConfig:
     """Continue a checkpoint with another global batch (batch size x processes x accumulation steps): from the
     same place in the data, with the learning-rate rule applied to the new batch. Not the same run any more."""
     resume: str = "auto"
-    """auto: continue from the latest good checkpoint in --output-dir, or start fresh when there is none; PATH:
-    continue from that checkpoint folder; none: start over (checkpoints/, best/, final/, metrics.jsonl and
-    config.yaml are moved into previous-<time>/, not deleted; wandb/ and tensorboard/ stay, and wandb_run_id
-    gets the new run's id)."""
+    """auto: continue from the latest good checkpoint in --output-dir, or start fresh when there is none; PATH: continue
+    from that checkpoint folder; none: start over (checkpoints/, best/, final/, metrics.jsonl and config.yaml are moved
+    into previous-<time>/, not deleted; wandb/ and tensorboard/ stay, and wandb_run_id gets the new run's id)."""
 
     def problems(self) -> list[str]:
         """Every invalid option, one message each."""
-        choices = {
-            "model": MODEL_NAMES,
-            "optimizer": ("sgd", "adamw"),
-            "schedule": ("cosine", "onecycle", "none"),
-            "report_to": ("wandb", "tensorboard", "all", "none"),
-            "ddp_comm_hook": ("none", "fp16", "bf16"),
-            "data_on_device": ("auto", "yes", "no"),
-            "optimizer_impl": ("auto", "fused", "foreach", "loop"),
-            "mixed_precision": ("no", "fp16", "bf16"),
-        }
+        choices = {"model": MODEL_NAMES, "optimizer": ("sgd", "adamw"), "schedule": ("cosine", "onecycle", "none")}
+        choices |= {"report_to": ("wandb", "tensorboard", "all", "none"), "ddp_comm_hook": ("none", "fp16", "bf16")}
+        choices |= {"data_on_device": ("auto", "yes", "no"), "optimizer_impl": ("auto", "fused", "foreach", "loop")}
+        choices["mixed_precision"] = ("no", "fp16", "bf16")
         out = [
             f"--{_flag(k)} must be one of {', '.join(v)}, got {getattr(self, k)!r}"
             for k, v in choices.items()
@@ -274,8 +265,8 @@ def field_docs(cls: type = TrainConfig) -> dict[str, str]:
 
 
 class _Invalid(NamedTuple):
-    """A value that did not convert. Converters return it rather than raise, because argparse stops at the first
-    error it sees, and every bad option is to be reported at once."""
+    """A value that did not convert: returned, not raised, as argparse stops at its first error, and every bad option is
+    to be reported at once."""
 
     text: str
     expected: str
@@ -329,8 +320,7 @@ def _parse(parser: argparse.ArgumentParser, args: Sequence[str], source: str, pr
     """The options of ``args``; a problem (named with its ``source``) for each that did not convert."""
     values = vars(parser.parse_args(args))
     for name, value in list(values.items()):
-        bad = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, _Invalid)]
-        if bad:
+        if bad := [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, _Invalid)]:
             problems.append(f"{source}--{_flag(name)} must be {bad[0].expected}, got {bad[0].text!r}")
             del values[name]  # the default stands in, so that the other options can still be checked
     return values
