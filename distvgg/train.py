@@ -1,11 +1,10 @@
 """``accelerate launch -m distvgg.train``: one Accelerate loop for one CPU, one GPU, many GPUs and many machines.
-
-Read it top to bottom: ``build.setup`` makes the run; ``fit`` runs epochs of ``train_epoch`` (the guide's five steps
-are in ``train_step``), each followed by ``validate``; the decisions to log, checkpoint and stop are inline.
-"""
+``build.setup`` makes the run; ``fit`` runs epochs of ``train_epoch`` (the guide's five steps are in ``train_step``),
+each followed by ``validate``; the decisions to log, checkpoint and stop are inline."""
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -39,14 +38,11 @@ def train_step(
     max_grad_norm: float | None = None,
     keys: Sequence[tuple[int, int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over one or more micro-batches: the guide's five steps. Returns the mean loss
-    and whether the fp16 gradient scaler skipped the step, both still on the device.
-
-    Gradient accumulation is done here rather than with ``accelerator.accumulate``, whose
-    ``zero_grad`` only acts on the last micro-batch and so cannot come first, as in the guide.
-    ``keys``: (seed, step, slot in the global batch) of each micro-batch, for a result that does not depend on
-    the number of processes: dropout seeded by it, BatchNorm's running statistics updated by slot 0 only.
-    """
+    """One optimizer step over one or more micro-batches: the guide's five steps. Returns the mean loss and whether
+    the fp16 gradient scaler skipped the step, both on the device. Accumulation is done here, not with
+    ``accelerator.accumulate``, whose ``zero_grad`` only acts on the last micro-batch and so cannot come first, as in
+    the guide. ``keys``: (seed, step, slot in the global batch) of each micro-batch, for a result independent of the
+    number of processes: dropout seeded by it, BatchNorm's running statistics updated by slot 0 only."""
     total = torch.zeros((), device=accelerator.device)
     optimizer.zero_grad(set_to_none=True)
     for i, (data, target) in enumerate(micro_batches):
@@ -84,15 +80,6 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
     get_ema_multi_avg_fn(decay)(list(ema.parameters()), list(model.parameters()), None)
     copy_tensors_(list(ema.buffers()), list(model.buffers()))
-
-
-def share_buffers(model: nn.Module, accelerator: Any) -> None:
-    """Every process takes rank 0's buffers (BatchNorm's running statistics), as DDP does at each training forward:
-    evaluated on any number of processes, the model is the one a checkpoint saves (rank 0's)."""
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast
-
-        broadcast(list(model.buffers()), from_process=0)
 
 
 def train_epoch(run: build.Run, epoch: int, progress: Any, stop: StopSignals, profiler: Any = None) -> None:
@@ -188,25 +175,26 @@ def validate(run: build.Run, epoch: int) -> dict[str, Any]:
     cfg, acc, clock = run.cfg, run.accelerator, run.clock
     model = run.ema if run.ema is not None else run.plain
     options = {"mean": cfg.mean, "std": cfg.std, "tta": cfg.tta, "channels_last": cfg.channels_last}
-    share_buffers(model, acc)
+    if acc.num_processes > 1:  # rank 0's buffers (BatchNorm's statistics) everywhere, as DDP does at each forward:
+        from accelerate.utils import broadcast  # on any number of processes, the model evaluated is the one saved
+
+        broadcast(list(model.buffers()), from_process=0)
     result = evaluate(model, run.test_dl, acc, len(run.class_names), **options)
     if result["accuracy"] > run.best_accuracy:
         run.best_accuracy, run.best_epoch, run.best_unsaved = result["accuracy"], epoch + 1, True
         with clock.part("best"):  # a device copy; best/ is written from it at the next checkpoint and at the end
             run.best_weights = build.copy_weights(model, into=run.best_weights)
     per_class = {f"eval/accuracy/{name}": a for name, a in zip(run.class_names, result["per_class_accuracy"])}
-    values = {
-        "eval/loss": result["loss"],
-        "eval/accuracy": result["accuracy"],
-        "eval/count": result["count"],
-        "eval/weights": "ema" if run.ema is not None else "trained",
-        "eval/train_seconds": clock.totals["train"],  # training steps so far in this attempt (compilation apart)
-    }
+    values = {"eval/loss": result["loss"], "eval/accuracy": result["accuracy"], "eval/count": result["count"]}
+    values["eval/weights"] = "ema" if run.ema is not None else "trained"
+    values["eval/train_seconds"] = clock.totals["train"]  # training steps so far in this attempt (compilation apart)
     with clock.part("logging"):
         step = run.global_step
         run.logger.log({**values, **per_class, "eval/confusion": result["confusion"]}, step=step, epoch=epoch + 1)
         if tracking.media_due(cfg.log_media_every, epoch, run.total_epochs):
-            samples = lambda: tracking.sample_predictions(model, run.test_dl.dataset, run.prepare_batch, acc.device)  # noqa: E731
+            samples = functools.partial(
+                tracking.sample_predictions, model, run.test_dl.dataset, run.prepare_batch, acc.device
+            )
             tracking.log_eval_media(run.logger, result, run.class_names, samples, step=step)
     acc.print(
         f"[{epoch + 1}] test loss: {result['loss']:.3f}  accuracy: {100 * result['accuracy']:.2f}% "
@@ -223,13 +211,9 @@ def fit(run: build.Run, stop: StopSignals) -> None:
     acc, clock = run.accelerator, run.clock
     every = ckpt.parse_every(run.cfg.checkpoint_every)
     # A live bar only on a terminal: in a log file (SLURM, > train.log) its frames would be carriage returns.
+    live = acc.is_main_process and sys.stderr.isatty()
     progress = tqdm(
-        total=run.total_steps,
-        initial=run.global_step,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        disable=not acc.is_main_process or not sys.stderr.isatty(),
+        total=run.total_steps, initial=run.global_step, desc="train", unit="step", dynamic_ncols=True, disable=not live
     )
     clock.start_run()
     first_step = run.global_step
@@ -280,14 +264,8 @@ def train(
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml", extra=facts)
     # The main process picks the W&B mode and run id (restored from a checkpoint, or kept in OUTPUT_DIR).
-    trackers = tracking.start_trackers(
-        accelerator,
-        cfg,
-        config={**cfg.to_dict(), **facts},
-        restored_run_id=run.wandb_run_id,
-        fresh=cfg.resume == "none",
-        rewind=rewind,
-    )
+    config = {**cfg.to_dict(), **facts}
+    trackers = tracking.start_trackers(accelerator, cfg, config, run.wandb_run_id, cfg.resume == "none", rewind)
     started.append(trackers)
     run.wandb_run_id = trackers.wandb_run_id or run.wandb_run_id
     accelerator.print(
@@ -300,9 +278,8 @@ def train(
     final = save_model(run, FINAL_DIR, training_state(run, "final", finished=True))
     accelerator.print(f"saved the final model to {final}")
     if cfg.wandb_log_model:
-        tracking.log_model_artifact(
-            trackers, final, {"best_accuracy": run.best_accuracy, "global_step": run.global_step}
-        )
+        metadata = {"best_accuracy": run.best_accuracy, "global_step": run.global_step}
+        tracking.log_model_artifact(trackers, final, metadata)
 
 
 class OutOfMemory(RuntimeError):
