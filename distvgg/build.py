@@ -24,15 +24,8 @@ class LaunchError(RuntimeError):
 
 
 def make_accelerator(cfg: Any = None) -> Any:
-    """The Accelerator of one job, for a TrainConfig (or, without one, for evaluation); the launch
-    (accelerate config, torchrun) decides the processes."""
-    from accelerate import Accelerator
-    from accelerate.utils import (
-        DataLoaderConfiguration,
-        DDPCommunicationHookType,
-        DistributedDataParallelKwargs,
-        InitProcessGroupKwargs,
-    )
+    """The Accelerator of one job, for a TrainConfig (None: evaluation); the launch decides the processes."""
+    from accelerate import Accelerator, utils
 
     launched, hook = int(os.environ.get("WORLD_SIZE", "1")), cfg.ddp_comm_hook if cfg else "none"
     accelerator = Accelerator(
@@ -46,11 +39,11 @@ def make_accelerator(cfg: Any = None) -> Any:
         # step it num_processes times, which makes the schedule depend on the launch.
         step_scheduler_with_optimizer=False,
         # Host-to-device batch copies (--data-on-device no) from pinned memory, without blocking the host.
-        dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        dataloader_config=utils.DataLoaderConfiguration(non_blocking=True),
         kwargs_handlers=[
             # A dead peer must end the job within --ddp-timeout instead of hanging it forever.
-            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout if cfg else 1800)),
-            DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType(hook.replace("none", "no"))),
+            utils.InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout if cfg else 1800)),
+            utils.DistributedDataParallelKwargs(comm_hook=utils.DDPCommunicationHookType(hook.replace("none", "no"))),
         ],
     )
     if accelerator.num_processes != launched:
@@ -66,8 +59,7 @@ def make_accelerator(cfg: Any = None) -> Any:
 
 
 def launch_problems(cfg: TrainConfig, accelerator: Any) -> list[str]:
-    """What the options ask of this launch's processes and devices that they cannot do: known from the
-    Accelerator, before any data is loaded."""
+    """What the options ask of this launch's processes and devices that they cannot do, before any data is loaded."""
     device, processes = accelerator.device, accelerator.num_processes
     global_batch = cfg.batch_size * processes * cfg.gradient_accumulation_steps
     problems = []
@@ -136,23 +128,15 @@ def warn_slow_bf16(mixed_precision: str | None, device: torch.device) -> None:
 def optimizer_kernels(impl: str) -> dict[str, bool]:
     """torch.optim kernel choice for ``--optimizer-impl``. ``auto`` is fused: on 2 CPU cores one fused SGD
     step over VGG3Layer's 34M parameters took 15 ms against 85 ms (foreach) and 120-270 ms (loop)."""
-    if impl in ("auto", "fused"):
-        return {"fused": True}
-    return {"foreach": impl == "foreach"}
+    return {"fused": True} if impl in ("auto", "fused") else {"foreach": impl == "foreach"}
 
 
 def make_optimizer(cfg: Any, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     kernels = optimizer_kernels(cfg.optimizer_impl)
+    options = {"lr": lr, "weight_decay": cfg.weight_decay, **kernels}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, **kernels)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-        **kernels,
-    )
+        return torch.optim.AdamW(model.parameters(), **options)
+    optimizer = torch.optim.SGD(model.parameters(), momentum=cfg.momentum, nesterov=cfg.nesterov, **options)
     if kernels.get("fused") and cfg.momentum:
         # When the fp16 scaler skips the very first fused step, torch's lazily made momentum buffers stay
         # uninitialised (NaN weights follow); zero buffers give the same first step (no dampening) and none of that.
@@ -194,17 +178,9 @@ def load_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, Any]:
     is made straight from that mapping, with no second host copy."""
     from distvgg.data import limited, load_image_data
 
+    names = ("image_column", "label_column", "cache_dir", "skip_bad_images", "image_size", "decode_workers")
     with accelerator.local_main_process_first():
-        data = load_image_data(
-            cfg.dataset,
-            image_column=cfg.image_column,
-            label_column=cfg.label_column,
-            cache_dir=cfg.cache_dir,
-            skip_bad_images=cfg.skip_bad_images,
-            image_size=cfg.image_size,
-            decode_workers=cfg.decode_workers,
-            log=accelerator.print,
-        )
+        data = load_image_data(cfg.dataset, **{k: getattr(cfg, k) for k in names}, log=accelerator.print)
     train, test = limited(data.train, data.test, cfg.train_limit, cfg.eval_limit, cfg.seed)
     device = accelerator.device
     on_device = cfg.data_on_device == "yes" or (cfg.data_on_device == "auto" and device.type == "cuda")
