@@ -94,8 +94,7 @@ def load_image_data(
 ) -> ImageData:
     """``dataset`` (a local directory or a Hub name) as uint8 tensors, through the cache. ``image_size`` (H, W) resizes
     each image as it is decoded; ``skip_bad_images`` drops (and logs) undecodable ones instead of raising DataError;
-    ``image_column``/``label_column`` name the columns of a ``datasets`` source (CIFAR pickles have none);
-    ``decode_workers`` processes decode a first time (default: one per core, at most one per 4,096 images)."""
+    the columns are those of a ``datasets`` source; ``decode_workers`` processes decode a first time (``decode``)."""
     size = None if image_size is None else tuple(int(n) for n in np.broadcast_to(image_size, 2))  # N, [N]: N x N
     if size is not None and min(size) < 1:
         raise DataError(f"the image size must be positive, got {image_size}")
@@ -130,10 +129,9 @@ def cache_key(source: _Source, dataset: str, options: dict[str, Any], size: tupl
 
 
 def _arrow_files(ds: Any) -> list | str:
-    """What identifies a ``datasets`` split through its public API: its arrow files, by size and by the end of their
-    path (dataset, config, version, the hash of the source, file name) as ``datasets`` names the folder it prepares,
-    so a download of the same revision again or a moved Hugging Face cache keeps the key; for a split held only in
-    memory, datasets' own hash of its content."""
+    """What identifies a ``datasets`` split: its arrow files, by size and the end of their path (dataset, config,
+    version, source hash, file name), so a new download of the same revision or a moved Hugging Face cache keeps the
+    key; for a split held only in memory, datasets' own hash of its content."""
     if not ds.cache_files:
         from datasets.fingerprint import Hasher
 
@@ -265,13 +263,12 @@ def _decode(source: _Source, cache_root: Path, key: str, options: dict, log: Log
 def _store_cifar(source: _Source, size: tuple[int, int] | None, create: Any) -> None:
     """CIFAR's pickles into the file ``create`` makes; they are read whole (they are small)."""
     train, test, names = _read_cifar(source, size)
-    writer = create(cache.shapes_for({"train": len(train), "test": len(test)}, train.images.shape[-2:]), names)
-    for role, split in (("train", train), ("test", test)):
+    splits = {"train": train, "test": test}
+    writer = create(cache.shapes_for({r: len(s) for r, s in splits.items()}, train.images.shape[-2:]), names)
+    for role, split in splits.items():
         writer.array(f"{role}_images")[:] = split.images.numpy()
-    writer.finish(
-        {"train": train.labels.numpy(), "test": test.labels.numpy()},
-        {"train": np.ones(len(train), bool), "test": np.ones(len(test), bool)},
-    )
+    kept = {r: np.ones(len(s), bool) for r, s in splits.items()}  # every image of a CIFAR pickle is good
+    writer.finish({r: s.labels.numpy() for r, s in splits.items()}, kept)
 
 
 def _decode_dataset_dict(dsd: Any, where: str, options: dict[str, Any], create: Any, log: Log) -> None:
@@ -340,8 +337,8 @@ def _read_cifar(source: _Source, size: tuple[int, int] | None) -> tuple[ImageSpl
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """Indices (int64, ascending) of a seeded, class-balanced subset of min(n, len(labels)) rows: round-robin across
-    classes, random within each, so classes differ in count by at most 1 where they have enough rows (a class with too
-    few gives all it has; the others fill the rest). Same seed, same subset. Vectorised: no Python loop over rows."""
+    classes, random within each, so counts differ by at most 1 where classes have enough rows (one with too few gives
+    all it has). Same seed, same subset; vectorised."""
     labels = torch.as_tensor(labels)
     if labels.ndim != 1 or n < 0:
         raise ValueError(f"need 1-D labels and a subset size >= 0, got labels of shape {tuple(labels.shape)}, n={n}")

@@ -1,9 +1,6 @@
-"""The first decode of a ``datasets`` source (parquet, image folder, save_to_disk, Hub) into the cache file.
-
-The rows are cut into chunks; a pool of worker processes (``--decode-workers``) decodes them and writes each chunk's
-pixels straight into the memory-mapped temporary cache file, so no process ever holds the whole array. With one worker
-the chunks are decoded in this process. Every chunk is written at its rows' place, so the file does not depend on the
-number of workers."""
+"""The first decode of a ``datasets`` source (parquet, image folder, save_to_disk, Hub) into the cache file: worker
+processes (``--decode-workers``) decode chunks of rows straight into their rows' place in the memory-mapped temporary
+cache file, so no process holds the whole array and the file does not depend on the number of workers."""
 
 from __future__ import annotations
 
@@ -184,11 +181,6 @@ def _rows(refs: list, start: int) -> Iterator[tuple[int, dict, Any]]:
             yield row, ref, e
 
 
-def _refs(ds: Any, img: str, start: int, stop: int) -> list:
-    """The undecoded images (bytes and path) of rows [start, stop)."""
-    return ds[start:stop].column(img).to_pylist()
-
-
 def _bad_image(split: str, row: int, ref: dict, where: str, e: Exception) -> str:
     at = f"row {row} (file {ref['path']})" if ref["path"] else f"row {row}"
     return (
@@ -200,7 +192,7 @@ def _bad_image(split: str, row: int, ref: dict, where: str, e: Exception) -> str
 def _first_size(split: str, ds: Any, img: str, where: str, skip: bool) -> tuple[tuple[int, int], str]:
     """The (H, W) of the first readable image, which every image must have, and where it is."""
     for row in range(len(ds)):
-        for _, ref, pixels in _rows(_refs(ds, img, row, row + 1), row):
+        for _, ref, pixels in _rows(ds[row : row + 1].column(img).to_pylist(), row):
             if not isinstance(pixels, Exception):
                 return tuple(pixels.shape[:2]), f"split {split!r}, row {row}"
             if not skip:
@@ -258,7 +250,7 @@ def _decode_parts(parts, img, where, first, options, writer, log) -> dict[str, n
         Chunk, path=str(writer.tmp), size=tuple(first[0]), first=first[1], skip=options["skip_bad_images"], where=where
     )
     chunks = (  # made as the workers need them: only the chunks in flight are in memory
-        chunk(_refs(ds, img, a, a + CHUNK), split, role, a, offset=writer.offset(f"{role}_images"))
+        chunk(ds[a : a + CHUNK].column(img).to_pylist(), split, role, a, offset=writer.offset(f"{role}_images"))
         for role, (split, ds) in zip(keep, parts)
         for a in range(0, len(ds), CHUNK)
     )
