@@ -40,8 +40,8 @@ def add_test_options(p: argparse.ArgumentParser, dataset_help: str) -> None:
 def load_test_split(
     dataset: str, loaded: LoadedModel, eval_limit: int | None = None, warn: Callable | None = None, **load_args: Any
 ) -> Any:
-    """The test split of ``dataset``, checked against the model (other class names: a warning), cut as training cut
-    it for ``eval_limit`` (``data.limited``); ``load_args`` go to ``data.load_image_data``."""
+    """The test split of ``dataset``, checked against the model (other class names: a warning), cut for ``eval_limit``
+    as training cut it; ``load_args`` go to ``data.load_image_data``."""
     from distvgg.data import DataError, limited, load_image_data
 
     data = load_image_data(dataset, **load_args)
@@ -63,9 +63,8 @@ def evaluate_model(
     loaded: LoadedModel, accelerator: Any, dataset: str | None = None, *, batch_size: int | None = None, **options: Any
 ) -> tuple[dict[str, Any], Any, str]:
     """``evaluation.evaluate``'s result on the test split of ``dataset`` (default: the run's), the split and the
-    dataset. The images are read as training read them (its cache, image size and bad-image choice, and for its own
-    dataset its columns) unless ``options`` say otherwise: eval_limit, tta, warn, cache_dir, image_size,
-    image_column, label_column."""
+    dataset. The images are read as training read them (cache, image size, bad images; its own dataset's columns)
+    unless ``options`` say otherwise: eval_limit, tta, warn, cache_dir, image_size, image_column, label_column."""
     from distvgg import batches
     from distvgg.evaluation import evaluate
 
@@ -114,16 +113,6 @@ def plot_confusion(ax: Any, confusion: Sequence[Sequence[int]], names: Sequence[
     if len(names) <= 20:
         for (i, j), v in np.ndenumerate(m):
             ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if frac[i, j] > 0.5 else "black")
-
-
-def save_confusion_png(path: str, confusion: Sequence[Sequence[int]], names: Sequence[str], title: str) -> None:
-    from matplotlib.figure import Figure  # a Figure without pyplot renders with Agg: no display, no global state
-
-    side = min(max(5.0, 0.6 * len(names) + 2.5), 30.0)
-    fig = Figure(figsize=(side, side), layout="constrained")
-    plot_confusion(fig.add_subplot(), confusion, names, title)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,8 +171,14 @@ def _evaluate(args: argparse.Namespace, loaded: LoadedModel, accelerator: Any, w
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         say(f"\nwrote {args.json}")
     if args.confusion_png:
+        from matplotlib.figure import Figure  # a Figure without pyplot renders with Agg: no display, no global state
+
         title = f"{Path(dataset).name or dataset}: accuracy {100 * result['accuracy']:.2f}% ({result['count']} images)"
-        save_confusion_png(args.confusion_png, result["confusion"], names, title)
+        side = min(max(5.0, 0.6 * len(names) + 2.5), 30.0)
+        fig = Figure(figsize=(side, side), layout="constrained")
+        plot_confusion(fig.add_subplot(), result["confusion"], names, title)
+        Path(args.confusion_png).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.confusion_png, dpi=100)
         say(f"wrote {args.confusion_png}")
     return 0
 
