@@ -18,7 +18,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,21 +199,10 @@ def _first_size(split: str, ds: Any, img: str, where: str, skip: bool) -> tuple[
     raise DataError(f"split {split!r} of {where} is empty or has no readable images ({len(ds)} unreadable)")
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """One task: the undecoded images ``refs`` of rows [start, ...) of split ``split``, written from byte ``offset``
-    of ``path``. The rows' bytes travel with the task: a worker needs no ``datasets`` object (seconds to unpickle)."""
-
-    refs: list
-    split: str
-    role: str
-    start: int
-    path: str
-    offset: int
-    size: tuple[int, int]
-    first: str  # where the first image (whose size every image must have) is; "" when every image is resized
-    skip: bool
-    where: str
+# One task: the undecoded images ``refs`` of rows [start, ...) of split ``split``, written (size (H, W)) from byte
+# ``offset`` of ``path``; ``first``: where the first image is, whose size every image must have ("" when every image is
+# resized). The rows' bytes travel with the task: a worker needs no ``datasets`` object (seconds to unpickle).
+Chunk = collections.namedtuple("Chunk", "refs split role start path offset size first skip where")
 
 
 def decode_chunk(c: Chunk) -> tuple[str, int, np.ndarray, str | None]:
