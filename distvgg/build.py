@@ -172,10 +172,9 @@ def warn_scaler_sync(mixed_precision: str | None, impl: str) -> None:
 
 
 def load_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, Any]:
-    """Decoded uint8 tensors, on the training device when they fit. The main process of each machine
-    decodes and caches first; the others then map its cache, so there is no N-way decode race. On the host
-    the images stay a view of the cache file's mapping, one copy per machine in the page cache; a device copy
-    is made straight from that mapping, with no second host copy."""
+    """Decoded uint8 tensors, on the training device when they fit. Each machine's main process decodes and caches
+    first, the others map its cache (no N-way decode race). Host images stay a view of the file's mapping, one copy per
+    machine in the page cache; a device copy is made straight from it, with no second host copy."""
     from distvgg.data import limited, load_image_data
 
     names = ("image_column", "label_column", "cache_dir", "skip_bad_images", "image_size", "decode_workers")
@@ -273,15 +272,6 @@ def copy_weights(model: nn.Module, into: nn.Module | None = None) -> nn.Module:
     return into
 
 
-def make_ema(cfg: TrainConfig, model: nn.Module, accelerator: Any) -> nn.Module | None:
-    """``--ema-decay``: a copy of the model that follows the trained weights; saved in every checkpoint."""
-    if cfg.ema_decay is None:
-        return None
-    ema = copy.deepcopy(accelerator.unwrap_model(model)).eval().requires_grad_(False)
-    accelerator.register_for_checkpointing(ema)
-    return ema
-
-
 def make_loaders(cfg: TrainConfig, accelerator: Any, train: Any, test: Any, global_batch: int) -> tuple[Any, Any, Any]:
     """The training loader and its epoch sampler, and the evaluation loader; pinned when host data goes to a GPU."""
     from distvgg.data import DataError
@@ -318,7 +308,10 @@ def setup(cfg: TrainConfig, accelerator: Any) -> Run:
     # resumed mid-epoch would draw once more than an uninterrupted one and shift every later dropout mask.
     for loader in (train_dl, test_dl):
         loader.base_dataloader.generator = torch.Generator().manual_seed(cfg.seed)
-    ema = make_ema(cfg, model, accelerator)
+    ema = None
+    if cfg.ema_decay is not None:  # a copy of the model that follows the trained weights; saved in every checkpoint
+        ema = copy.deepcopy(accelerator.unwrap_model(model)).eval().requires_grad_(False)
+        accelerator.register_for_checkpointing(ema)
     set_seed(cfg.seed + accelerator.process_index)  # per process; dropout is reseeded per micro-batch (train_step)
     return Run(
         cfg=cfg,
