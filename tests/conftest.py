@@ -19,12 +19,7 @@ from tests.helpers import ok, run_train
 def _isolated_environment(tmp_path_factory):
     root = tmp_path_factory.mktemp("env")
     saved = dict(os.environ)
-    folders = {
-        "DISTVGG_CACHE": "distvgg-cache",
-        "HF_HOME": "hf",
-        "HF_DATASETS_CACHE": "hf/datasets",
-        "WANDB_DIR": "wandb",
-    }
+    folders = dict(DISTVGG_CACHE="distvgg-cache", HF_HOME="hf", HF_DATASETS_CACHE="hf/datasets", WANDB_DIR="wandb")
     os.environ.update({name: str(root / folder) for name, folder in folders.items()})
     os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     os.environ.pop("WANDB_API_KEY", None)
@@ -73,8 +68,7 @@ def trained_run(tiny_dataset, tmp_path_factory) -> Path:
 
 
 def _random_model(seed: int) -> torch.nn.Module:
-    """An untrained network whose BatchNorm statistics are those of the training pixels, so that its
-    predictions differ from image to image."""
+    """An untrained network, BatchNorm statistics from the training pixels: its predictions differ per image."""
     torch.manual_seed(seed)
     model = build_model("vgg3layer", len(NAMES), width=0.125)
     for m in model.modules():

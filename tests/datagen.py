@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +27,8 @@ def _base_colour(c: int) -> np.ndarray:
     return (_PALETTE[c % len(_PALETTE)] + 37 * (c // len(_PALETTE))) % 256
 
 
-def make_arrays(
-    n: int, num_classes: int = 4, size: int | tuple[int, int] = 32, seed: int = 0, class_ordered: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (n, H, W, 3), labels int64 (n,)); labels cycle 0..K-1, or are sorted by class
-    when ``class_ordered`` (like the real CIFAR-10 parquet copy)."""
+def make_arrays(n: int, num_classes=4, size: int | tuple[int, int] = 32, seed=0, class_ordered=False) -> tuple:
+    """(images uint8 NHWC, labels int64): labels cycle 0..K-1, or by class (``class_ordered``, as real CIFAR-10)."""
     h, w = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % num_classes
@@ -47,16 +43,8 @@ def make_arrays(
     return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
-def dataset_arrays(
-    n_train: int = 40,
-    n_test: int = 20,
-    num_classes: int = 4,
-    size: int | tuple[int, int] = 32,
-    seed: int = 0,
-    class_ordered: bool = False,
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The ``{"train": (images, labels), "test": (...)}`` arrays that the ``make_*`` functions write
-    for the same arguments (test uses ``seed + 1``)."""
+def dataset_arrays(n_train=40, n_test=20, num_classes=4, size=32, seed=0, class_ordered=False) -> dict:
+    """``{"train": (images, labels), "test": ...}``, as the ``make_*`` functions write them (test: ``seed + 1``)."""
     return {
         "train": make_arrays(n_train, num_classes, size, seed, class_ordered),
         "test": make_arrays(n_test, num_classes, size, seed + 1, class_ordered),
@@ -80,14 +68,7 @@ def encode_images(images: np.ndarray) -> list[bytes]:
     return [encode_image(im) for im in images]
 
 
-def write_parquet_split(
-    path: str | Path,
-    blobs: Sequence[bytes | None],
-    labels: Sequence[int],
-    names: Sequence[str] | None,
-    image_column: str = "img",
-    label_column: str = "label",
-) -> Path:
+def write_parquet_split(path, blobs, labels, names, image_column="img", label_column="label") -> Path:
     """One parquet file in the Hub layout (an ``Image()`` column, a ``ClassLabel(names)`` or, without names, an int64
     one; None is missing), written with pyarrow so that it can hold the bad bytes and labels ``datasets`` refuses."""
     import datasets
@@ -115,45 +96,38 @@ PARQUET_LAYOUTS = {
 }
 
 
-def make_parquet_dataset(
-    root: str | Path,
-    n_train: int = 40,
-    n_test: int = 20,
-    num_classes: int = 4,
-    size: int | tuple[int, int] = 32,
-    fmt: str = "PNG",
-    image_column: str = "img",
-    label_column: str = "label",
-    seed: int = 0,
-    test_split: str = "test",
-    layout: str = "flat",
-    mode: str = "RGB",
-    class_ordered: bool = False,
-) -> Path:
-    """``root/train-00000-of-00001.parquet`` and ``root/<test_split>-00000-of-00001.parquet``, like the Hub and
-    the real CIFAR-10 copy, or another of the Hub's layouts (see ``PARQUET_LAYOUTS``). Returns ``root``."""
-    root = Path(root)
-    arrays = dataset_arrays(n_train, n_test, num_classes, size, seed, class_ordered)
+def make_parquet_dataset(root, n_train=40, n_test=20, fmt="PNG", test_split="test", layout="flat", mode="RGB", **kw):
+    """``root/train-00000-of-00001.parquet`` and ``root/<test_split>-00000-of-00001.parquet``, like the Hub and the
+    real CIFAR-10 copy, or another of the Hub's layouts (``PARQUET_LAYOUTS``); ``kw``: ``dataset_arrays``'s options,
+    ``image_column`` and ``label_column``. Returns ``root``."""
+    columns = {k: kw.pop(k) for k in ("image_column", "label_column") if k in kw}
+    arrays, names = dataset_arrays(n_train, n_test, **kw), class_names(kw.get("num_classes", 4))
     for split, file_split in (("train", "train"), ("test", test_split)):
-        images, labels = arrays[split]
-        path = root / PARQUET_LAYOUTS[layout].format(split=file_split)
-        blobs = [encode_image(im, fmt, mode) for im in images]
-        write_parquet_split(path, blobs, labels, class_names(num_classes), image_column, label_column)
+        path = Path(root) / PARQUET_LAYOUTS[layout].format(split=file_split)
+        blobs = [encode_image(im, fmt, mode) for im in arrays[split][0]]
+        write_parquet_split(path, blobs, arrays[split][1], names, **columns)
+    return Path(root)
+
+
+def write_pair(root: Path, train_blobs, train_labels, names=("a", "b", "c"), test_n=3, size=8) -> Path:
+    """A flat parquet dataset of the given training rows (bad ones included) and ``test_n`` good test images."""
+    test_images, test_labels = make_arrays(test_n, len(names), size, seed=9)
+    write_parquet_split(root / "train-00000-of-00001.parquet", train_blobs, train_labels, list(names))
+    write_parquet_split(root / "test-00000-of-00001.parquet", encode_images(test_images), test_labels, list(names))
     return root
 
 
-def make_mixed_size_dataset(
-    root: str | Path,
-    layout: str = "parquet",
-    n_train: int = 12,
-    n_test: int = 6,
-    num_classes: int = 3,
-    sizes: Sequence[tuple[int, int]] = ((32, 32), (48, 40)),
-    seed: int = 0,
-) -> Path:
-    """Train and test splits whose images have mixed sizes: row i is ``sizes[i % len(sizes)]`` (H, W), its pixels row i
-    of ``make_arrays`` at that size. ``layout`` is "parquet" (the flat Hub layout) or "imagefolder". Returns ``root``;
-    ``mixed_size_arrays`` gives the pixels written."""
+def _write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+MIXED_SIZES = ((32, 32), (48, 40))  # (H, W)
+
+
+def make_mixed_size_dataset(root, layout="parquet", n_train=12, n_test=6, num_classes=3, sizes=MIXED_SIZES, seed=0):
+    """Train and test splits of mixed sizes: row i is ``make_arrays``'s row i at ``sizes[i % len(sizes)]``.
+    ``layout``: "parquet" (the flat Hub layout) or "imagefolder". ``mixed_size_arrays`` gives the pixels written."""
     root = Path(root)
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
         images, labels = mixed_size_arrays(n, num_classes, sizes, split_seed)
@@ -162,31 +136,19 @@ def make_mixed_size_dataset(
             write_parquet_split(root / f"{split}-00000-of-00001.parquet", blobs, labels, class_names(num_classes))
         elif layout == "imagefolder":
             for i, (im, lab) in enumerate(zip(images, labels)):
-                path = root / split / class_names(num_classes)[lab] / f"{i:05d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(encode_image(im))
+                _write_file(root / split / class_names(num_classes)[lab] / f"{i:05d}.png", encode_image(im))
         else:
             raise ValueError(f"layout must be parquet or imagefolder, got {layout!r}")
     return root
 
 
-def mixed_size_arrays(
-    n: int, num_classes: int = 3, sizes: Sequence[tuple[int, int]] = ((32, 32), (48, 40)), seed: int = 0
-) -> tuple[list[np.ndarray], np.ndarray]:
+def mixed_size_arrays(n: int, num_classes=3, sizes=MIXED_SIZES, seed=0) -> tuple[list[np.ndarray], np.ndarray]:
     """(images, labels) that ``make_mixed_size_dataset`` writes for one split (the test split uses ``seed + 1``)."""
     per_size = [make_arrays(n, num_classes, size, seed) for size in sizes]
     return [per_size[i % len(sizes)][0][i] for i in range(n)], per_size[0][1]
 
 
-def make_cifar_pickle_dataset(
-    root: str | Path,
-    n_train: int = 50,
-    n_test: int = 10,
-    num_classes: int = 10,
-    seed: int = 0,
-    variant: str = "cifar-10",
-    protocol: int = 2,
-) -> Path:
+def make_cifar_pickle_dataset(root, n_train=50, n_test=10, num_classes=10, seed=0, variant="cifar-10", protocol=2):
     """torchvision's CIFAR download layout, tiny (32x32): ``cifar-10-batches-py/{data_batch_1..5, test_batch,
     batches.meta}`` or ``cifar-100-python/{train, test, meta}``, each batch a bytes-keyed dict of CHW rows."""
     root = Path(root)
@@ -224,15 +186,11 @@ def make_imagefolder_dataset(root: str | Path, fmt: str = "PNG", **arrays) -> Pa
     names = class_names(arrays.get("num_classes", 4))
     for split, (images, labels) in dataset_arrays(**arrays).items():
         for i, (im, lab) in enumerate(zip(images, labels)):
-            path = root / split / names[lab] / f"{i:05d}.{ext}"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(encode_image(im, fmt))
+            _write_file(root / split / names[lab] / f"{i:05d}.{ext}", encode_image(im, fmt))
     return root
 
 
-def make_save_to_disk_dataset(
-    root: str | Path, image_column: str = "img", label_column: str = "label", **arrays
-) -> Path:
+def make_save_to_disk_dataset(root, image_column="img", label_column="label", **arrays) -> Path:
     """A ``datasets.DatasetDict`` (train/test, ``Image()`` + ``ClassLabel``) saved with ``save_to_disk``."""
     import datasets
 
@@ -248,9 +206,7 @@ def make_save_to_disk_dataset(
     return root
 
 
-def make_imagenet_folder(
-    root: str | Path, n_train: int = 24, n_val: int = 12, num_classes: int = 3, seed: int = 0
-) -> Path:
+def make_imagenet_folder(root, n_train=24, n_val=12, num_classes=3, seed=0) -> Path:
     """ImageNet's layout, small: ``root/{train,val}/<wnid>/<wnid>_<i>.JPEG``, row i ``make_arrays``'s pixels at
     ``IMAGENET_SIZES[i % 3]`` (mixed sizes: they need ``--image-size``)."""
     root = Path(root)
@@ -258,9 +214,8 @@ def make_imagenet_folder(
         per_size = [make_arrays(n, num_classes, size, split_seed) for size in IMAGENET_SIZES]
         for i in range(n):
             label = int(per_size[0][1][i])
-            path = root / split / f"n{label:08d}" / f"n{label:08d}_{i}.JPEG"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(encode_image(per_size[i % len(IMAGENET_SIZES)][0][i], "JPEG"))
+            pixels = per_size[i % len(IMAGENET_SIZES)][0][i]
+            _write_file(root / split / f"n{label:08d}" / f"n{label:08d}_{i}.JPEG", encode_image(pixels, "JPEG"))
     return root
 
 

@@ -52,15 +52,7 @@ def train_command(args: Sequence[str], nproc: int = 1, module: str = "distvgg.tr
     return [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", module, *args]
 
 
-def run_train(
-    args: Sequence[str],
-    nproc: int = 1,
-    env: dict | None = None,
-    timeout: float = 300,
-    module: str = "distvgg.train",
-    inherit_env: bool = True,
-    **kwargs,
-) -> subprocess.CompletedProcess:
+def run_train(args: Sequence[str], nproc=1, env=None, timeout=300, module="distvgg.train", inherit_env=True, **kwargs):
     """Run to completion and return the CompletedProcess (stdout and stderr as text). The environment is this
     process's with ``env`` on top, or exactly ``env`` (``inherit_env=False``); ``kwargs`` go to subprocess.run."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})} if inherit_env else dict(env or {})
@@ -166,6 +158,17 @@ def run_in_process(args: Sequence[str], env: dict, hooked: bool = False) -> subp
     for sig, handler in handlers.items():  # and a preempted one ignores stop signals until its process ends
         signal.signal(sig, handler)
     return subprocess.CompletedProcess(["distvgg.train", *args], code, out.getvalue(), err.getvalue())
+
+
+class FakeAccelerator:
+    """StopSignals' Accelerator: ``reduces`` keeps each all-reduce; the other processes' flags sum to ``others``."""
+
+    def __init__(self, num_processes: int, others: float = 0.0) -> None:
+        self.num_processes, self.device, self.others, self.reduces = num_processes, torch.device("cpu"), others, []
+
+    def reduce(self, tensor, reduction):
+        self.reduces.append(reduction)
+        return tensor + self.others
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

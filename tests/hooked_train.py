@@ -33,10 +33,8 @@ def install() -> None:
 
     env, box = os.environ, {"allreduces": 0}
     setup, step, write_marker = build.setup, train.train_step, files.write_marker
-    trace = env.get("HOOK_TRACE")
-    signal_at = int(env.get("HOOK_SIGNAL_AT_STEP", "0") or 0)
-    fail_at = env.get("HOOK_FAIL_CHECKPOINT_AT")
-    delay = float(env.get("HOOK_STEP_DELAY", "0") or 0)
+    trace, fail_at = env.get("HOOK_TRACE"), env.get("HOOK_FAIL_CHECKPOINT_AT")
+    signal_at, delay = int(env.get("HOOK_SIGNAL_AT_STEP", "0") or 0), float(env.get("HOOK_STEP_DELAY", "0") or 0)
     hold_at, release = int(env.get("HOOK_HOLD_AT_STEP", "0") or 0), env.get("HOOK_RELEASE")
     backend, allreduces = env.get("HOOK_COMPILE_BACKEND"), env.get("HOOK_ALLREDUCES")
     fill_at, fill = int(env.get("HOOK_FILL_AT_STEP", "0") or 0), env.get("HOOK_FILL")

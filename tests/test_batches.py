@@ -1,4 +1,5 @@
 import torch
+from torchvision import transforms
 
 from distvgg.batches import EpochSampler, IndexedImages, augment, eval_loader, normalize, train_loader
 
@@ -86,8 +87,6 @@ def test_augment_without_flip_never_flips():
 
 
 def test_normalize_matches_the_guides_transforms():
-    from torchvision import transforms
-
     images, _ = make_images(n=4)
     ours = normalize(images, 0.5, 0.5)
     guide = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])

@@ -3,6 +3,7 @@ fused optimizer, RNG states of more GPUs than there are, data placement, determi
 
 from __future__ import annotations
 
+import os
 import random
 import warnings
 from types import SimpleNamespace
@@ -118,10 +119,6 @@ def test_rng_states_of_more_gpus_than_visible_restore_those_that_exist(tmp_path,
     assert restored == [(0, 0)]
 
 
-def _tiny_dataset(tmp_path_factory):
-    return datagen.make_parquet_dataset(tmp_path_factory.mktemp("data") / "ds", n_train=32, n_test=10)
-
-
 ON_GPU = "--num-workers must be 0 when the data is on the GPU"
 
 
@@ -147,8 +144,8 @@ def test_what_the_launch_cannot_do_is_known_from_the_accelerator(options, device
 
 
 @pytest.mark.slow
-def test_workers_with_the_data_on_the_cpu_train(tmp_path_factory, tmp_path):
-    dataset = _tiny_dataset(tmp_path_factory)
+def test_workers_with_the_data_on_the_cpu_train(tmp_path):
+    dataset = datagen.make_parquet_dataset(tmp_path / "ds", n_train=32, n_test=10)
     args = ["--dataset", str(dataset), "--output-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
     ok(run_train([*args, "--num-workers", "2", "--data-on-device", "yes"]))
 
@@ -158,8 +155,6 @@ def test_deterministic_turns_on_deterministic_kernels(monkeypatch):
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on: calls.append(on))
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     build.configure_backends(torch.device("cpu"), threads=1, tf32=True, deterministic=True)
-    import os
-
     assert calls == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 

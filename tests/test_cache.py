@@ -25,21 +25,17 @@ from tests.helpers import REPO, TINY, real_cifar10, small_filesystem, start, tra
 REAL_DATA = real_cifar10()
 
 
-def _load(root: Path, cache_dir: Path, **kw):
-    return load_image_data(str(root), cache_dir=cache_dir, log=lambda _: None, **kw)
-
-
 def test_a_decoded_file_is_bitwise_what_safetensors_writes_and_older_files_load(tmp_path):
     """Files of earlier versions (written with safetensors' save_file) have the same name and are mapped as they are."""
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=12, n_test=5, size=(6, 10))
-    first = _load(root, tmp_path / "cache")
+    first, _ = datagen.load(root, tmp_path / "cache")
     path = tmp_path / "cache" / f"{first.fingerprint}.safetensors"
     tensors = load_file(str(path))
     meta = {"distvgg": json.dumps({"class_names": first.class_names, "source": first.source})}
     save_file(tensors, str(tmp_path / "older.safetensors"), meta)
     assert (tmp_path / "older.safetensors").read_bytes() == path.read_bytes()
     os.replace(tmp_path / "older.safetensors", path)
-    again = _load(root, tmp_path / "cache")
+    again, _ = datagen.load(root, tmp_path / "cache")
     assert again.fingerprint == first.fingerprint
     for split in ("train", "test"):
         assert torch.equal(getattr(again, split).images, tensors[f"{split}_images"])
@@ -60,8 +56,8 @@ def test_a_file_that_does_not_match_its_header_is_refused(tmp_path):
 
 def test_images_are_a_read_only_view_of_the_mapping(tmp_path):
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4, size=8)
-    _load(root, tmp_path / "cache")
-    data = _load(root, tmp_path / "cache")
+    datagen.load(root, tmp_path / "cache")
+    data, _ = datagen.load(root, tmp_path / "cache")
     path = next((tmp_path / "cache").glob("*.safetensors"))
     before = path.read_bytes()
     maps = Path("/proc/self/maps").read_text()
@@ -105,8 +101,8 @@ def test_two_ranks_share_one_copy_and_a_dataset_larger_than_the_limit_trains(tmp
     """2 processes on 16 images and on 32,768 (400 MB): each rank's RssAnon grows by under a tenth of the pixels, the
     peak RSS (mapped pages read included) by under a quarter; a private copy would grow by all of them."""
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=16, n_test=6, size=64)
-    assert len(_load(root, tmp_path / "small-cache").train) == 16
-    big = tmp_path / "big-cache" / f"{_load(root, tmp_path / 'big-cache').fingerprint}.safetensors"
+    assert len(datagen.load(root, tmp_path / "small-cache")[0].train) == 16
+    big = tmp_path / "big-cache" / f"{datagen.load(root, tmp_path / 'big-cache')[0].fingerprint}.safetensors"
     nbytes = datagen.grow_cache(big, 32_768)
     limit_kb = nbytes // 10 // 1024  # the most RssAnon may grow by
     try:
@@ -173,11 +169,9 @@ def test_second_load_uses_cache(tmp_path, monkeypatch, maker):
 def test_cache_hit_does_not_import_datasets(tmp_path):
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4)
     datagen.load(root, tmp_path / "cache")
-    code = (
-        "import sys; from distvgg.data import load_image_data; "
-        f"d = load_image_data({str(root)!r}, cache_dir={str(tmp_path / 'cache')!r}); "
-        "assert 'datasets' not in sys.modules and 'PIL.Image' not in sys.modules, 'imported'; print(len(d.train))"
-    )
+    code = "import sys; from distvgg.data import load_image_data; "
+    code += f"d = load_image_data({str(root)!r}, cache_dir={str(tmp_path / 'cache')!r}); "
+    code += "assert 'datasets' not in sys.modules and 'PIL.Image' not in sys.modules, 'imported'; print(len(d.train))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "from cache" in out.stdout and out.stdout.strip().endswith("8")
@@ -275,10 +269,8 @@ def test_real_cifar10_decodes_once_then_loads_from_cache(tmp_path):
     picked = [0, 4321, 9999]
     for i, row in zip(picked, pq.read_table(REAL_DATA / "test-00000-of-00001.parquet").take(picked).to_pylist()):
         pixels = np.array(Image.open(io.BytesIO(row["img"]["bytes"])).convert("RGB"))
-        assert (
-            torch.equal(first.test.images[i], datagen.nchw(pixels[None])[0])
-            and int(first.test.labels[i]) == row["label"]
-        )
+        assert torch.equal(first.test.images[i], datagen.nchw(pixels[None])[0])
+        assert int(first.test.labels[i]) == row["label"]
     second, log = datagen.load(REAL_DATA, tmp_path / "cache")
     assert "from cache" in log.text() and second.fingerprint == first.fingerprint
     assert torch.equal(second.train.images, first.train.images)

@@ -13,11 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from distvgg import checkpoint as ckpt
 from distvgg import files, preemption
 from distvgg.config import ConfigError, parse_config
 from distvgg.models import load_model
+from distvgg.tracking import read_metrics
 from tests import datagen, helpers
 from tests.helpers import assert_same_run, final_weights, ok, run_train, tiny_args, traced, training_state
 
@@ -109,31 +111,19 @@ def test_crafted_pickle_is_refused_without_running_it(tmp_path, name):
     assert not marker.exists()
 
 
-class _FakeAccelerator:
-    """Counts the all-reduces that StopSignals makes."""
-
-    def __init__(self, num_processes: int, others_signalled: bool = False) -> None:
-        self.num_processes, self.device, self.reduces = num_processes, torch.device("cpu"), []
-        self.others = others_signalled
-
-    def reduce(self, tensor, reduction):
-        self.reduces.append(reduction)
-        return tensor + (1 if self.others else 0)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_stop_signal_sets_a_flag_and_is_agreed_without_a_sync_per_step(sig):
     stop = preemption.StopSignals().install()
     try:
-        assert not stop.should_stop(_FakeAccelerator(1), 1)
+        assert not stop.should_stop(helpers.FakeAccelerator(1), 1)
         os.kill(os.getpid(), sig)
         assert stop.reason == sig.name
-        assert stop.should_stop(_FakeAccelerator(1), 2)  # one process: no communication at all
+        assert stop.should_stop(helpers.FakeAccelerator(1), 2)  # one process: no communication at all
     finally:
         stop.uninstall()
     assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler)
     # Several processes: one all-reduce every SIGNAL_CHECK_EVERY steps, and at epoch ends.
-    quiet, acc = preemption.StopSignals(), _FakeAccelerator(2, others_signalled=True)
+    quiet, acc = preemption.StopSignals(), helpers.FakeAccelerator(2, others=1.0)
     decisions = [quiet.should_stop(acc, step) for step in range(1, 25)]
     assert len(acc.reduces) == 2 and decisions.index(True) == preemption.SIGNAL_CHECK_EVERY - 1
     assert quiet.should_stop(acc, 25, boundary=True) and len(acc.reduces) == 3
@@ -218,8 +208,7 @@ def test_a_failed_or_damaged_checkpoint_is_never_used(dataset, reference, tmp_pa
     assert "resuming from" in output and "step-00000008: step 8 of 16" in output
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert [n for n in names if n.startswith("step-") and "." not in n] == ["step-00000012", "step-00000016"]
-    assert any(n.startswith("step-00000012.bad-") for n in names)
-    assert any(n.startswith("step-00000016.bad-") for n in names)
+    assert all(any(n.startswith(f"step-{s:08d}.bad-") for n in names) for s in (12, 16))
     assert not (out / "checkpoints" / ".tmp-step-00000012").exists()
     flat = [torch.cat([w.flatten() for w in final_weights(run).values()]) for run in (out, reference)]
     assert torch.equal(*flat)
@@ -259,8 +248,6 @@ def test_finished_run_reports_complete(dataset, reference, tmp_path):
     assert f"the run in {out} is complete (16 of 16 steps" in output
     assert written() == before  # nothing trained or written
     # best/ holds the model of the best evaluation, in the format final/ has.
-    from distvgg.tracking import read_metrics
-
     best_accuracy = max(r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r)
     spec = load_model(out / "best").spec
     assert spec["best_accuracy"] == best_accuracy == training_state(out / "final")["best_accuracy"]
@@ -289,8 +276,6 @@ def test_changed_settings_refuse_to_resume(dataset, reference, tmp_path):
 
 
 def test_nan_stops_the_run_and_the_last_checkpoint_stays_good(dataset, tmp_path):
-    from safetensors.torch import load_file
-
     out = tmp_path / "out"
     # Log points every 8 steps, checkpoints every 2: the fault is caught by the checkpoint-time check.
     proc = run_train(tiny_args(dataset, out, 1, "--lr", "1e6", "--log-every", "8", "--checkpoint-every", "2"))
@@ -307,14 +292,6 @@ def test_nan_stops_the_run_and_the_last_checkpoint_stays_good(dataset, tmp_path)
 
 
 # -------------------------------------------------------------------------------------- bad input
-
-
-def _pair(root: Path, train_blobs, train_labels, names=("a", "b", "c"), test_n: int = 6) -> Path:
-    test_images, test_labels = datagen.make_arrays(test_n, len(names), 32, seed=9)
-    datagen.write_parquet_split(root / "train-00000-of-00001.parquet", train_blobs, train_labels, list(names))
-    blobs = datagen.encode_images(test_images)
-    datagen.write_parquet_split(root / "test-00000-of-00001.parquet", blobs, test_labels, list(names))
-    return root
 
 
 # name -> (expected exit code, phrases the error must contain; {tmp} is the case's folder)
@@ -339,20 +316,21 @@ def _bad_inputs(tmp: Path, good: Path, reference: Path) -> dict[str, list[str]]:
     images, labels = datagen.make_arrays(12, 3, 32)
     corrupt, out_of_range = datagen.encode_images(images), labels.copy()
     corrupt[5], out_of_range[4] = b"this is not an image", 7
+    corrupt = datagen.write_pair(tmp / "corrupt", corrupt, labels, test_n=6, size=32)
+    out_of_range = datagen.write_pair(tmp / "range", datagen.encode_images(images), out_of_range, test_n=6, size=32)
     (tmp / "a-file").write_text("not a folder")
     (tmp / "bad.yaml").write_text("epochs: 1\nlearning_rate: 0.1\n")
     datagen.write_parquet_split(tmp / "empty" / "train-0.parquet", datagen.encode_images(images), labels, list("abc"))
     datagen.write_parquet_split(tmp / "empty" / "test-0.parquet", [], [], list("abc"))
     ds64 = datagen.make_parquet_dataset(tmp / "ds64", 64, 20, size=64)
+    step8 = reference / "checkpoints" / "step-00000008"
     return {
-        "corrupt image": ["--dataset", str(_pair(tmp / "corrupt", corrupt, labels))],
+        "corrupt image": ["--dataset", str(corrupt)],
         "missing label column": ["--dataset", str(good), "--label-column", "fine_label"],
-        "label out of range": ["--dataset", str(_pair(tmp / "range", datagen.encode_images(images), out_of_range))],
+        "label out of range": ["--dataset", str(out_of_range)],
         "empty split": ["--dataset", str(tmp / "empty")],
         "images too small": ["--dataset", str(datagen.make_parquet_dataset(tmp / "tiny4", 16, 8, size=4))],
-        "image size differs from the checkpoint": [
-            *("--dataset", str(ds64), "--resume", str(reference / "checkpoints" / "step-00000008"))
-        ],
+        "image size differs from the checkpoint": ["--dataset", str(ds64), "--resume", str(step8)],
         "unwritable output dir": ["--dataset", str(good), "--output-dir", str(tmp / "a-file" / "out")],
         "unknown YAML key": ["--dataset", str(good), "--config", str(tmp / "bad.yaml")],
         "missing --resume folder": ["--dataset", str(good), "--resume", str(tmp / "nowhere")],

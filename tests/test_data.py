@@ -4,6 +4,7 @@ Tiny generated datasets in every layout; the errors are in test_data_errors.py, 
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torchvision.transforms.v2.functional import InterpolationMode, resize
 
 from distvgg.data import DataError, ImageSplit, balanced_subset, limited
 from tests import datagen
@@ -44,10 +47,6 @@ def test_parquet_exact_pixels_and_metadata(tmp_path, layout, test_split):
 
 
 def test_parquet_jpeg_matches_pil(tmp_path):
-    import io
-
-    from PIL import Image
-
     root = datagen.make_parquet_dataset(tmp_path / "ds", fmt="JPEG", n_train=8, n_test=4)
     loaded, _ = datagen.load(root, tmp_path / "cache")
     images, _ = datagen.dataset_arrays(n_train=8, n_test=4)["train"]
@@ -60,8 +59,6 @@ def test_parquet_jpeg_matches_pil(tmp_path):
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P"])
 def test_other_modes_become_rgb(tmp_path, mode):
-    from PIL import Image
-
     root = datagen.make_parquet_dataset(tmp_path / "ds", mode=mode, n_train=8, n_test=4, size=8)
     loaded, _ = datagen.load(root, tmp_path / "cache")
     images, _ = datagen.dataset_arrays(n_train=8, n_test=4, size=8)["train"]
@@ -135,9 +132,8 @@ def test_imagefolder(tmp_path):
         got = getattr(loaded, split)
         assert got.images.shape == (len(images), 3, 8, 8)
         # The loader's row order follows its file listing, so compare the images of each class.
-        assert per_class_sorted(got.images, got.labels) == per_class_sorted(
-            datagen.nchw(images), torch.from_numpy(labels)
-        )
+        expected = per_class_sorted(datagen.nchw(images), torch.from_numpy(labels))
+        assert per_class_sorted(got.images, got.labels) == expected
     assert datagen.tree_snapshot(root) == before
 
 
@@ -155,8 +151,6 @@ def test_save_to_disk(tmp_path):
 
 def _resized(images, size) -> torch.Tensor:
     """What ``image_size=size`` must give: torchvision's bilinear, antialiased resize of each uint8 image."""
-    from torchvision.transforms.v2.functional import InterpolationMode, resize
-
     one = lambda im: resize(datagen.nchw(im[None])[0], list(size), InterpolationMode.BILINEAR, antialias=True)  # noqa: E731
     return torch.stack([one(im) for im in images])
 

@@ -3,8 +3,6 @@ Hub names that do not resolve; each one message that names what is wrong."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -67,20 +65,12 @@ def test_binary_image_column_named_explicitly(tmp_path):
     datagen.assert_exact(loaded, arrays)
 
 
-def _write_pair(root: Path, train_blobs, train_labels, test_n: int = 3, names=("a", "b", "c")) -> Path:
-    test_images, test_labels = datagen.make_arrays(test_n, len(names), 8, seed=9)
-    datagen.write_parquet_split(root / "train-00000-of-00001.parquet", train_blobs, train_labels, list(names))
-    blobs = datagen.encode_images(test_images)
-    datagen.write_parquet_split(root / "test-00000-of-00001.parquet", blobs, test_labels, list(names))
-    return root
-
-
 def test_corrupt_image_error_and_skip(tmp_path):
     images, labels = datagen.make_arrays(10, 3, 8)
     blobs = datagen.encode_images(images)
     blobs[3] = b"this is not an image"
     blobs[6] = blobs[6][: len(blobs[6]) // 2]  # truncated PNG
-    root = _write_pair(tmp_path / "ds", blobs, labels)
+    root = datagen.write_pair(tmp_path / "ds", blobs, labels)
     with pytest.raises(DataError, match=r"split 'train' row 3 .*skip-bad-images"):
         datagen.load(root, tmp_path / "cache")
     loaded, log = datagen.load(root, tmp_path / "cache", skip_bad_images=True)
@@ -95,7 +85,7 @@ def test_label_error_names_the_original_row_after_skipping(tmp_path):
     blobs, labels = datagen.encode_images(images), labels.copy()
     blobs[1] = b"junk"
     labels[4] = 9
-    root = _write_pair(tmp_path / "ds", blobs, labels)
+    root = datagen.write_pair(tmp_path / "ds", blobs, labels)
     with pytest.raises(DataError, match=r"row 4 has label 9"):
         datagen.load(root, tmp_path / "cache", skip_bad_images=True)
 
@@ -104,7 +94,7 @@ def test_missing_image_is_bad(tmp_path):
     images, labels = datagen.make_arrays(4, 3, 8)
     blobs: list = datagen.encode_images(images)
     blobs[2] = None
-    root = _write_pair(tmp_path / "ds", blobs, labels)
+    root = datagen.write_pair(tmp_path / "ds", blobs, labels)
     with pytest.raises(DataError, match=r"row 2 .*both are None"):
         datagen.load(root, tmp_path / "cache")
 
@@ -113,7 +103,7 @@ def test_mixed_sizes_within_a_split_or_across_splits(tmp_path):
     images, labels = datagen.make_arrays(10, 3, 8)
     blobs = datagen.encode_images(images)
     blobs[7] = datagen.encode_image(datagen.make_arrays(1, 3, (8, 9))[0][0])
-    root = _write_pair(tmp_path / "ds", blobs, labels)
+    root = datagen.write_pair(tmp_path / "ds", blobs, labels)
     with pytest.raises(DataError) as err:
         datagen.load(root, tmp_path / "cache")
     assert str(err.value) == (
@@ -121,7 +111,7 @@ def test_mixed_sizes_within_a_split_or_across_splits(tmp_path):
         f"8x9 (split 'train', row 7); pass --image-size to resize them"
     )
     images, labels = datagen.make_arrays(4, 3, 16)  # 16x16 training images, 8x8 test images
-    root = _write_pair(tmp_path / "ds2", datagen.encode_images(images), labels)
+    root = datagen.write_pair(tmp_path / "ds2", datagen.encode_images(images), labels)
     with pytest.raises(DataError, match=r"16x16 \(split 'train', row 0\) and 8x8 \(split 'test', row 0\); pass --im"):
         datagen.load(root, tmp_path / "cache")
 
@@ -149,7 +139,7 @@ def test_labels_out_of_range_or_missing_name_their_row(tmp_path, bad):
     images, labels = datagen.make_arrays(5, 3, 8)
     labels = labels.tolist()
     labels[2] = bad
-    root = _write_pair(tmp_path / "ds", datagen.encode_images(images), labels)
+    root = datagen.write_pair(tmp_path / "ds", datagen.encode_images(images), labels)
     says = r"-1, outside \[0, 3\) .*missing label" if bad is None else rf"{bad}, outside \[0, 3\)"
     with pytest.raises(DataError, match=rf"split 'train' .*row 2 has label {says}"):
         datagen.load(root, tmp_path / "cache")

@@ -6,9 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -75,8 +79,6 @@ load_image_data(sys.argv[1], cache_dir=sys.argv[2], decode_workers=2)
 def test_ctrl_c_or_killing_the_run_mid_decode_leaves_no_cache_file_and_no_worker(tmp_path):
     """Ctrl-C of one run, SIGKILL of another, both decoding with 2 workers: no cache file, no worker left; the
     temporary files the killed run could not remove are removed by the next decode."""
-    import psutil
-
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=1200, n_test=4, size=4)
     signals = {"ctrl-c": signal.SIGINT, "kill": signal.SIGKILL}
     runs = {how: start([sys.executable, "-c", _SLOW_DECODE, str(root), str(tmp_path / how)]) for how in signals}
@@ -98,12 +100,7 @@ def test_ctrl_c_or_killing_the_run_mid_decode_leaves_no_cache_file_and_no_worker
 
 @pytest.mark.slow
 def test_a_worker_that_dies_mid_decode_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
-    import threading
-    import time
-    from concurrent.futures.process import BrokenProcessPool
-
     import datasets
-    import psutil
 
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=1200, n_test=4, size=4)
     decode_example = datasets.Image.decode_example

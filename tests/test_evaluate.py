@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distvgg import evaluate, report
+from distvgg import build, evaluate, report
 from distvgg.data import DataError, balanced_subset
 from distvgg.models import build_model, load_model, model_spec, save_pretrained
 from tests.datagen import class_names, encode_images, make_arrays, make_parquet_dataset, write_parquet_split
@@ -88,8 +88,6 @@ def test_bad_checkpoints_are_one_line_errors(saved_run, tmp_path, capsys):
 
 
 def test_a_bad_launch_exits_2_as_training_does(saved_run, monkeypatch, capsys):
-    from distvgg import build
-
     def split_launch():
         raise build.LaunchError("the processes formed 2 groups")
 
@@ -100,8 +98,7 @@ def test_a_bad_launch_exits_2_as_training_does(saved_run, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_two_processes_count_every_image_once_with_flip_tta(trained_run, hand_count, tmp_path):
-    """The real command line on a trained run: 21 images in batches of 4 over 2 processes. Accelerate pads
-    the last round; gather_for_metrics drops the padding."""
+    """The command line: 21 images in batches of 4 over 2 processes; gather_for_metrics drops the padding."""
     js = tmp_path / "eval2.json"
     args = ["--checkpoint", str(trained_run), "--batch-size", "4", "--tta", "flip", "--json", str(js)]
     text = ok(run_train(args, nproc=2, module="distvgg.evaluate", timeout=180))
@@ -114,8 +111,7 @@ def test_two_processes_count_every_image_once_with_flip_tta(trained_run, hand_co
 
 
 def _run_folder(root, image_size: tuple[int, int], train_config: dict):
-    """A run folder whose final/ holds a model built for ``image_size``, trained (by its options) as ``train_config``
-    says, with one metrics record for the report."""
+    """A run folder: final/ built for ``image_size``, trained as ``train_config`` says; a metrics record."""
     torch.manual_seed(0)
     model = build_model("vgg3layer", 4, width=0.125, image_size=image_size).eval()
     spec = model_spec("vgg3layer", 4, 0.125, 0.5, image_size, class_names(4), train_config=train_config)

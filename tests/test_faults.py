@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from distvgg import checkpoint as ckpt
-from distvgg import files, tracking
+from distvgg import data, files, report, tracking, train
 from distvgg.config import parse_config
-from distvgg.models import load_model
+from distvgg.models import VGG, load_model
 from distvgg.tracking import read_metrics
 from tests import datagen
 from tests.helpers import TINY, final_weights, ok, run_in_process, run_train, small_filesystem, tiny_args
@@ -65,8 +65,6 @@ def test_a_full_disk_is_one_clear_error_and_the_same_command_then_resumes(datase
 
 @pytest.mark.slow
 def test_every_writer_reports_a_full_disk_the_same_way(small_disk, saved_run, tiny_dataset, tmp_path, capsys):
-    from distvgg import data, report, tracking
-
     said: list[str] = []
     pickles = datagen.make_cifar_pickle_dataset(tmp_path / "pickles", n_train=40, n_test=10)  # no arrow copy
     fill_disk(small_disk / "filler", leave=0)
@@ -109,9 +107,6 @@ def test_a_full_disk_under_the_wandb_folder_stops_the_run_before_training(datase
 def test_out_of_memory_is_one_clear_error(dataset, tmp_path, monkeypatch):
     """The CPU allocator's failure in the model's forward pass (a real one would need tens of GiB), end to end; the
     GPU's OutOfMemoryError gets the same message."""
-    from distvgg import train
-    from distvgg.models import VGG
-
     failure = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
     failure = RuntimeError(failure + "allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
 

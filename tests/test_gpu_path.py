@@ -20,7 +20,7 @@ from distvgg.config import TrainConfig
 from distvgg.models import VGG3Layer
 from distvgg.tracking import read_metrics
 from tests.datagen import make_parquet_dataset
-from tests.helpers import TINY, ok, run_train
+from tests.helpers import TINY, FakeAccelerator, ok, run_train
 
 PARTS = [f"time/{p}_seconds" for p in (*timing.PARTS, "other")]
 
@@ -49,9 +49,8 @@ def test_compiled_run_saves_weights_the_guides_class_loads(dataset, tmp_path):
     for folder in ("final", "best"):
         assert_plain_vgg3layer(load_file(str(out / folder / "model.safetensors")), folder)
     latest = sorted((out / "checkpoints").glob("step-*"))[-1]
-    assert_plain_vgg3layer(load_file(str(Path(latest) / "model.safetensors")), "checkpoint model")
-    ema = torch.load(Path(latest) / "custom_checkpoint_0.pkl", weights_only=True)
-    assert_plain_vgg3layer(ema, "checkpoint EMA")
+    assert_plain_vgg3layer(load_file(str(latest / "model.safetensors")), "checkpoint model")
+    assert_plain_vgg3layer(torch.load(latest / "custom_checkpoint_0.pkl", weights_only=True), "checkpoint EMA")
     records = read_metrics(out)
     compile_seconds = [r["time/compile_seconds"] for r in records if "time/compile_seconds" in r]
     assert compile_seconds[0] > 0 and compile_seconds[1:] == [0.0]  # the first step of epoch 1, timed apart
@@ -68,8 +67,7 @@ def test_ddp_compile_accumulation_all_reduces_once_per_optimizer_step(dataset, t
     text = ok(run_train(args, nproc=2, env=env, timeout=400))
     assert "2 process(es), global batch 16" in text
     for rank in (0, 1):
-        lines = Path(f"{counts}.rank{rank}.jsonl").read_text().splitlines()
-        steps = [json.loads(line) for line in lines]
+        steps = [json.loads(line) for line in Path(f"{counts}.rank{rank}.jsonl").read_text().splitlines()]
         assert [s["step"] for s in steps] == [1, 2, 3, 4]  # 32 images / 16 per step, 2 epochs
         assert [s["allreduces"] for s in steps] == [1, 1, 1, 1], (rank, steps)
     assert_plain_vgg3layer(load_file(str(out / "final" / "model.safetensors")), "final")
@@ -82,9 +80,8 @@ def test_ddp_compile_accumulation_all_reduces_once_per_optimizer_step(dataset, t
 def timed_run(dataset, tmp_path_factory):
     """3 epochs of 4 steps, a checkpoint each, media every 2, 2 steps profiled: outputs, fit's time, the save order."""
     events, media, fit_seconds = [], [], []
-    real_media, real_save, real_ckpt, real_fit = (
-        tracking.log_eval_media, ckpt.save_model_folder, ckpt.save_checkpoint, train.fit
-    )  # fmt: skip
+    real = tracking.log_eval_media, ckpt.save_model_folder, ckpt.save_checkpoint, train.fit
+    real_media, real_save, real_ckpt, real_fit = real
 
     def timed_fit(run, stop):
         started = time.perf_counter()
@@ -144,24 +141,13 @@ def test_profile_steps_writes_a_trace_that_viewers_open(timed_run):
 # ---- the stop-signal agreement ---------------------------------------------------------------------------------
 
 
-class _Reducing:
-    """Two processes' all-reduce of the stop flags, as seen by one of them (the other one's flag is ``others``)."""
-
-    def __init__(self) -> None:
-        self.num_processes, self.device, self.others = 2, torch.device("cpu"), 0.0
-
-    def reduce(self, tensor, reduction):
-        assert reduction == "sum"
-        return tensor + self.others
-
-
 def test_the_queued_agreement_is_read_one_check_later_and_alike_on_every_process():
     """On a GPU the flags' all-reduce is read at the next check: another process's signal stops this one then."""
-    stop, acc = preemption.StopSignals(), _Reducing()
+    stop, acc = preemption.StopSignals(), FakeAccelerator(2)
     decisions = [stop.agree_later(acc)]
     acc.others = 1.0  # the other process got SIGTERM before the second check
     decisions += [stop.agree_later(acc), stop.agree_later(acc)]
-    assert decisions == [False, False, True]
+    assert decisions == [False, False, True] and acc.reduces == ["sum"] * 3
 
 
 # ---- fp16's gradient scaler ------------------------------------------------------------------------------------

@@ -80,15 +80,12 @@ def fake_slurm(tmp_path):
     return {**env, "SLURM_SUBMIT_DIR": str(REPO)}, log
 
 
-def run_sbatch(
-    env: dict, args=TRAIN_ARGS, cwd: str | Path = "/", signal_batch: bool = False, timeout: float = 60
-) -> subprocess.CompletedProcess:
+def run_sbatch(env: dict, signal_batch: bool = False) -> subprocess.CompletedProcess:
     """The batch script as SLURM runs it (bash, outside the repository); ``signal_batch``: node 0's fake launcher
     sends SIGUSR1 to the batch shell mid-step, as ``--signal=B:USR1`` does (the wrapper's pid is the shell's)."""
     wrapper = f'{"export FAKE_SIGNAL_PID=$$; " if signal_batch else ""}exec bash {SBATCH} "$@"'
-    return subprocess.run(
-        ["bash", "-c", wrapper, "_", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    command = ["bash", "-c", wrapper, "_", *TRAIN_ARGS]
+    return subprocess.run(command, cwd="/", env=env, capture_output=True, text=True, timeout=60)
 
 
 def lines(path: Path) -> list[str]:
@@ -162,31 +159,25 @@ def test_sbatch_forwards_the_signal_and_requeues_after_a_preemption(fake_slurm):
     assert all((log / f"accelerate.{rank}").exists() for rank in range(3))
 
 
-def test_sbatch_requeues_on_the_preemption_exit_code(fake_slurm):
-    env, log = fake_slurm
-    proc = run_sbatch({**env, "FAKE_EXIT": "75"})
-    assert proc.returncode == 75
-    assert lines(log / "scontrol.calls")[-1] == f"requeue {JOB_ID}"
-    assert not (log / "scancel.calls").exists()
+# name -> (extra environment, SIGUSR1 to the batch shell, exit code, requeued)
+REQUEUES = {
+    "preemption exit code": ({"FAKE_EXIT": "75"}, False, 75, True),
+    "crash": ({"FAKE_EXIT": "1"}, False, 1, False),  # no signal: the job fails
+    "signalled after training finished": ({"FAKE_EXIT": "0"}, True, 0, False),
+    "after MAX_REQUEUES": ({"FAKE_EXIT": "75", "SLURM_RESTART_COUNT": "3", "MAX_REQUEUES": "3"}, False, 75, False),
+}
 
 
-def test_sbatch_does_not_requeue_a_failure_or_a_finished_run(fake_slurm):
-    env, log = fake_slurm
-    proc = run_sbatch({**env, "FAKE_EXIT": "1"})  # a crash, no signal: the job fails
-    assert proc.returncode == 1
-    assert "requeue" not in (log / "scontrol.calls").read_text()
-    (log / "scontrol.calls").unlink()
-    proc = run_sbatch({**env, "FAKE_EXIT": "0"}, signal_batch=True)  # signalled, but training had finished
-    assert proc.returncode == 0
-    assert "requeue" not in (log / "scontrol.calls").read_text()
-
-
-def test_sbatch_stops_requeueing_after_max_requeues(fake_slurm):
-    env, log = fake_slurm
-    proc = run_sbatch({**env, "FAKE_EXIT": "75", "SLURM_RESTART_COUNT": "3", "MAX_REQUEUES": "3"})
-    assert proc.returncode == 75
-    assert "requeue" not in (log / "scontrol.calls").read_text()
-    assert "MAX_REQUEUES" in proc.stderr
+@pytest.mark.parametrize("case", REQUEUES)
+def test_sbatch_requeues_a_preemption_up_to_max_requeues_and_nothing_else(fake_slurm, case):
+    (env, log), (extra, signal_batch, code, requeued) = fake_slurm, REQUEUES[case]
+    proc = run_sbatch({**env, **extra}, signal_batch=signal_batch)
+    assert proc.returncode == code
+    assert ("requeue" in (log / "scontrol.calls").read_text()) is requeued
+    if requeued:
+        assert lines(log / "scontrol.calls")[-1] == f"requeue {JOB_ID}" and not (log / "scancel.calls").exists()
+    if "MAX_REQUEUES" in extra:
+        assert "MAX_REQUEUES" in proc.stderr
 
 
 def test_sbatch_outside_a_job_or_the_repository_is_one_clear_error(fake_slurm, tmp_path):
@@ -301,8 +292,7 @@ def _signalled_once_training(job: subprocess.Popen, out: Path) -> str:
 
 @pytest.mark.slow
 def test_sbatch_preemption_end_to_end(tmp_path):
-    """SIGUSR1 to the batch shell mid-run: forwarded to the step, both nodes checkpoint and stop, the shell requeues;
-    the requeued job resumes and finishes."""
+    """SIGUSR1 to the batch shell mid-run: forwarded, both nodes checkpoint and stop, it requeues, resumes, finishes."""
     env, log, args = _e2e_job(tmp_path)
     out, command = tmp_path / "run", ["bash", str(SBATCH), *args]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}

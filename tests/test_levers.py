@@ -12,9 +12,10 @@ import yaml
 from safetensors.torch import load_file
 
 from distvgg import batches
+from distvgg.models import build_model, load_model
 from distvgg.train import update_ema
 from tests import datagen
-from tests.helpers import LEVERS, TINY, ok, run_train
+from tests.helpers import LEVERS, REPO, TINY, ok, run_train
 
 
 def test_ema_follows_the_weights_as_computed_by_hand():
@@ -81,8 +82,6 @@ def test_two_sweep_trials_write_to_two_folders(tiny_parquet, tmp_path):
     """What `wandb agent` does for each trial: WANDB_SWEEP_ID and WANDB_RUN_ID in the environment, and the
     sweep's parameters as --name=value (booleans as True/False), with launch/sweep.yaml's names."""
 
-    from tests.helpers import REPO
-
     sweep = yaml.safe_load((REPO / "launch" / "sweep.yaml").read_text())
     assert sweep["method"] == "bayes" and sweep["metric"] == {"name": "eval/accuracy", "goal": "maximize"}
     out = tmp_path / "sweep"
@@ -101,8 +100,6 @@ def test_two_sweep_trials_write_to_two_folders(tiny_parquet, tmp_path):
 
 
 def test_resnet18_for_small_images_keeps_the_resolution():
-    from distvgg.models import build_model
-
     small = build_model("resnet18", 10, image_size=(32, 32))
     assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1) and isinstance(small.maxpool, nn.Identity)
     assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
@@ -118,6 +115,4 @@ def test_a_mixed_size_dataset_trains_with_image_size(tmp_path):
     refused = run_train([*args, "--output-dir", str(tmp_path / "no")])
     assert refused.returncode == 1 and "pass --image-size" in refused.stderr and "Traceback" not in refused.stderr
     ok(run_train([*args, "--output-dir", str(tmp_path / "yes"), "--image-size", "24"]))
-    from distvgg.models import load_model
-
     assert load_model(tmp_path / "yes").image_size == (24, 24)

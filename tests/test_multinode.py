@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -25,19 +26,13 @@ CPU_2MACHINES = REPO / "accelerate_configs" / "cpu_2machines.yaml"
 
 def start_machine(rank: int, port: int, args: list[str], tmp: Path, extra_env: dict | None = None) -> subprocess.Popen:
     """One machine's launcher, as a user starts it on each machine (see the README's Multi-node)."""
+    # The venv's accelerate and python first, as on a machine where the venv is activated; the package from this
+    # checkout even where it is not pip-installed (it runs outside it); node-local disk: a data cache per machine.
     env = {
-        # the venv's accelerate and python first, as on a machine where the venv is activated
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-        # the package from this checkout even where it is not pip-installed (it runs outside it)
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "NNODES": "2",
-        "NODE_RANK": str(rank),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "NPROC_PER_NODE": "1",
-        "CONFIG": str(CPU_2MACHINES),
-        # node-local disk: each machine has its own data cache
-        "DISTVGG_CACHE": str(tmp / f"cache-machine{rank}"),
+        **dict(NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NPROC_PER_NODE="1"),
+        **dict(CONFIG=str(CPU_2MACHINES), DISTVGG_CACHE=str(tmp / f"cache-machine{rank}")),
         **(extra_env or {}),
     }
     return start(["bash", str(NODE_SCRIPT), *args], env, cwd=tmp, start_new_session=True)
@@ -87,8 +82,7 @@ def test_two_machines_train_as_one_job(tiny_parquet, tmp_path):
 
 
 def assert_same_as_one_process(out: Path, one: Path) -> None:
-    """The 2-machine run wrote what the 1-process run wrote (plus one RNG-state file per process in each checkpoint),
-    with the same losses and weights."""
+    """The 2-machine run wrote the 1-process run's files (and an RNG state per process), the same losses and weights."""
     per_rank = re.compile(r"random_states_(\d+)\.pkl$")
     shared = [[f for f in files_under(run) if not per_rank.search(f)] for run in (out, one)]
     assert shared[0] == shared[1]
@@ -188,8 +182,6 @@ def test_a_hung_machine_ends_the_others_within_the_ddp_timeout(tiny_parquet, tmp
 
 def training_process_of(launcher_pid: int) -> int:
     """The distvgg.train process the launcher (torchrun's agent inside accelerate launch) started."""
-    import psutil
-
     for child in psutil.Process(launcher_pid).children(recursive=True):
         cmd = child.cmdline()
         if "distvgg.train" in cmd and "launch" not in cmd:

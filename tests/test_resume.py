@@ -11,9 +11,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from distvgg import evaluate, predict
+from distvgg.batches import normalize
+from distvgg.models import load_model
+from distvgg.tracking import read_metrics
 from tests import helpers
 from tests.helpers import STEPS, assert_same_run, final_weights, ok, run_train, tiny_args, traced, training_state
 
@@ -36,15 +42,13 @@ def _start(args: list[str], out: Path, **env: str) -> subprocess.Popen:
 
 def _trace_steps(out: Path, rank: int) -> list[dict]:
     path = out / f"trace.rank{rank}.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]
 
 
 @pytest.fixture(scope="module")
 def two_process_story(dataset, tmp_path_factory) -> dict:
-    """One 2-process run in three attempts: SIGUSR1 to rank 1 early on; again, SIGKILL to rank 1 after the step-12
-    checkpoint; again to the end."""
+    """One 2-process run: SIGUSR1 to rank 1 early; again, SIGKILL to rank 1 after checkpoint 12; again to the end."""
     out = tmp_path_factory.mktemp("story2") / "out"
     args = tiny_args(dataset, out, 2, *EMA, "--ddp-timeout", "30")
     story: dict = {"out": out}
@@ -108,8 +112,6 @@ def test_exact_resume_two_processes(two_process_story, reference2):
 
 
 def last_accuracy(out: Path) -> float:
-    from distvgg.tracking import read_metrics
-
     return [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r][-1]
 
 
@@ -167,13 +169,6 @@ def test_allow_batch_change_continues_with_another_global_batch(reference2, data
 
 def test_a_two_process_checkpoint_evaluates_and_predicts_the_same_on_any_count(reference2, dataset, tmp_path, capsys):
     """The 2-process run's last checkpoint evaluates alike on 1 and 2 processes; predict gives its forward pass."""
-    import numpy as np
-    from PIL import Image
-
-    from distvgg import evaluate, predict
-    from distvgg.batches import normalize
-    from distvgg.models import load_model
-
     folder = reference2 / "checkpoints" / f"step-{STEPS:08d}"
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     assert evaluate.main(["--checkpoint", str(folder), "--dataset", str(dataset), "--json", str(one)]) == 0

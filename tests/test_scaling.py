@@ -108,12 +108,10 @@ def test_command_output_is_complete(tmp_path, capsys):
     assert len(model["predictions"]) == len(scaling.INTERCONNECTS) * 2 * 4
     for row in model["predictions"]:
         assert row["step_seconds"] >= row["compute_seconds"] and 0 < row["efficiency"] <= 1
-        assert row["comm_seconds"] == pytest.approx(
-            2 * (row["gpus"] - 1) / row["gpus"] * model["gradient_bytes"][row["gradients"]] / row["bus_bandwidth"]
-        )
-    assert {(r["interconnect"], r["gpus"]) for r in model["recommendations"]} == {
-        (i, n) for i in scaling.INTERCONNECTS for n in scaling.GPU_COUNTS
-    }
+        n, gradient_bytes = row["gpus"], model["gradient_bytes"][row["gradients"]]
+        assert row["comm_seconds"] == pytest.approx(2 * (n - 1) / n * gradient_bytes / row["bus_bandwidth"])
+    every = {(i, n) for i in scaling.INTERCONNECTS for n in scaling.GPU_COUNTS}
+    assert {(r["interconnect"], r["gpus"]) for r in model["recommendations"]} == every
     assert "check" not in report
 
 
@@ -163,9 +161,8 @@ def test_two_process_check_output_is_complete(tmp_path):
     # the prediction is the formula applied to the measured inputs
     assert check["bus_bandwidth"] == pytest.approx(check["gradient_bytes"] / check["allreduce_seconds"])
     assert check["predicted_step_seconds"] == pytest.approx(check["compute_alone_seconds"] + check["allreduce_seconds"])
-    assert check["relative_error"] == pytest.approx(
-        check["predicted_step_seconds"] / check["measured_step_seconds"] - 1
-    )
+    ratio = check["predicted_step_seconds"] / check["measured_step_seconds"]
+    assert check["relative_error"] == pytest.approx(ratio - 1)
     assert "prediction / measured - 1" in proc.stdout and "bus bandwidth" in proc.stdout
 
 
@@ -174,8 +171,8 @@ def test_two_process_check_output_is_complete(tmp_path):
     [
         (["--overlap", "1.5"], "--overlap must be in [0, 1)"),
         (["--batch-per-gpu", "0"], "--batch-per-gpu must be at least 1"),
-        (["--model", "vgg99"], "invalid choice"),
-    ],
+    ]
+    + [(["--model", "vgg99"], "invalid choice")],
 )
 def test_bad_arguments_are_clear_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distvgg import tracking
+from distvgg import machine, tracking
 from distvgg.config import TrainConfig
 from distvgg.tracking import read_metrics
 from tests import wandb_records
-from tests.helpers import TINY, output, run_train
+from tests.helpers import REPO, TINY, free_port, output, run_train, train_command, wait_for
 
 FAKE_KEY = "fake0secret0key0" + "x" * 24  # 40 characters: wandb accepts its format
 TINY_WANDB = [*TINY, "--report-to", "wandb"]
@@ -61,13 +60,9 @@ SECRET_ENV_VALUE = "sentinel-env-value-0451"
 def tracked_run(tiny_dataset, tmp_path_factory) -> SimpleNamespace:
     """One run with every tracker and W&B option, a fake key and no reachable server (W&B falls back offline); 5-step
     epochs, a checkpoint every 5 steps; SIGKILLed while held before step 8, then run again to the end."""
-    from tests.helpers import REPO, train_command, wait_for
-
     tmp = tmp_path_factory.mktemp("tracked")
     out, wandb_dir = tmp / "out", tmp / "wandb"
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        server = f"http://127.0.0.1:{s.getsockname()[1]}"
+    server = f"http://127.0.0.1:{free_port()}"  # a port nobody listens on
     env = {"WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": server, "WANDB_INIT_TIMEOUT": "1", "WANDB_DIR": str(wandb_dir)}
     env = clean_env(tmp, **env, DISTVGG_TEST_TOKEN=SECRET_ENV_VALUE)
     args = ["--dataset", str(tiny_dataset), "--output-dir", str(out), *TINY, "--report-to", "all", "--wandb-log-model"]
@@ -323,8 +318,6 @@ def test_wandb_disabled_writes_no_wandb_files(no_wandb_credentials, monkeypatch)
 
 
 def test_run_facts_name_the_device_and_the_versions():
-    from distvgg import machine
-
     accelerator = dict(device=torch.device("cpu"), num_processes=4, distributed_type="MULTI_CPU", mixed_precision="no")
     facts = tracking.run_facts(SimpleNamespace(**accelerator))
     assert facts["device_name"] == machine.cpu_name() and facts["cpu_threads"] == torch.get_num_threads()
@@ -351,13 +344,8 @@ def test_confusion_chart_keeps_the_counts():
 
 def test_record_reader_joins_records_split_across_blocks(tmp_path):
     """A logged value larger than a 32 KiB block is written as first/middle/last chunks."""
-    code = (
-        "import wandb\n"
-        f"run = wandb.init(project='t', mode='offline', dir={str(tmp_path)!r})\n"
-        "run.log({'big': 'x' * 100000, 'n': 1}, step=3)\n"
-        "run.log({'n': 2}, step=4)\n"
-        "run.finish()\n"
-    )
+    code = f"import wandb\nrun = wandb.init(project='t', mode='offline', dir={str(tmp_path)!r})\n"
+    code += "run.log({'big': 'x' * 100000, 'n': 1}, step=3)\nrun.log({'n': 2}, step=4)\nrun.finish()\n"
     env = {**os.environ, "WANDB_SILENT": "true"}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True, env=env)
     (path,) = wandb_files(tmp_path)

@@ -1,13 +1,19 @@
 """End-to-end runs of distvgg.train: 1 process, 2 gloo processes, evaluation counts, real data."""
 
+import fcntl
 import os
+import pty
+import struct
 import subprocess
+import termios
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from distvgg.batches import normalize
+from distvgg.data import load_image_data
 from distvgg.models import build_model, load_model
 from distvgg.tracking import read_metrics
 from tests.datagen import class_names, make_cifar_pickle_dataset
@@ -28,40 +34,30 @@ def test_one_process_end_to_end(tiny_parquet, tmp_path):
     assert sum(line.startswith("[1] test loss:") or line.startswith("[2] test loss:") for line in lines) == 2
     assert "1 process(es)" in text and "(21 images)" in text
     records = read_metrics(out)
-    train = [r for r in records if "train/loss" in r]
-    evals = [r for r in records if "eval/accuracy" in r]
+    train, evals = [r for r in records if "train/loss" in r], [r for r in records if "eval/accuracy" in r]
     assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]  # 48 // 8 = 6 steps per epoch, 2 epochs
     for r in train:
         assert {"epoch", "train/lr", "train/images_per_second"} <= set(r) and r["train/images_per_second"] > 0
     assert [r["epoch"] for r in evals] == [1, 2] and all(r["eval/count"] == 21 for r in evals)
     loaded = load_model(out / "final")
-    model, spec = loaded.model, loaded.spec
-    assert spec["class_names"] == class_names(4)
-    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+    assert loaded.spec["class_names"] == class_names(4) and loaded.model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["dataset"] == str(tiny_parquet) and saved["width"] == 0.125
 
 
 def test_a_terminal_gets_the_live_progress_bar(tiny_parquet, tmp_path):
-    import fcntl
-    import pty
-    import struct
-    import termios
-
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
     args = ["--dataset", str(tiny_parquet), "--output-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(train_command(args), stdout=subprocess.PIPE, stderr=follower, timeout=120, cwd=REPO, env=env)
     os.close(follower)
-    terminal = b""
-    while True:
+    terminal, chunk = b"", b"-"
+    while chunk:
         try:
             chunk = os.read(leader, 65536)
         except OSError:  # the terminal is closed once everything was read
-            break
-        if not chunk:
-            break
+            chunk = b""
         terminal += chunk
     os.close(leader)
     assert proc.returncode == 0, terminal.decode()[-3000:]
@@ -93,17 +89,13 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_parquet
     init = build_model("vgg3layer", 4, width=0.125).state_dict()
     assert not torch.equal(init["classifier.0.weight"], b["classifier.0.weight"])
     assert not torch.equal(init["features.0.weight"], b["features.0.weight"])
-    la = [r["train/loss"] for r in read_metrics(two) if "train/loss" in r]
-    lb = [r["train/loss"] for r in read_metrics(one) if "train/loss" in r]
+    la, lb = ([r["train/loss"] for r in read_metrics(run) if "train/loss" in r] for run in (two, one))
     assert la == pytest.approx(lb, rel=1e-4)
     _evaluation_counts_every_image_once(two, tiny_parquet, tmp_path / "cache")
 
 
 def _evaluation_counts_every_image_once(out: Path, data: Path, cache: Path) -> None:
     """21 test images over 2 processes in batches of 7 (the last uneven): the last accuracy is a hand count's."""
-    from distvgg.batches import normalize
-    from distvgg.data import load_image_data
-
     ev = [r for r in read_metrics(out) if "eval/accuracy" in r][-1]
     assert ev["eval/count"] == 21
     model = load_model(out / "final").model
