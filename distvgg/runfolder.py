@@ -1,9 +1,7 @@
 """Everything a training run does to its OUTPUT_DIR: how a job starts there (the folder lock; fresh, with earlier
-outputs moved aside, resumed from the newest good checkpoint, or already complete: decided once, on the main
-process, and told to every process), what its checkpoints hold and when they are written, how a checkpoint is
-continued (on any number of processes that keeps its global batch), the record cut back to it, best/ and final/.
-
-checkpoint.py and files.py write, verify and read the files; this module knows the ``Run`` they come from.
+outputs moved aside, resumed, or already complete: decided on the main process, told to every process), what its
+checkpoints hold and when they are written, how one is continued (on any number of processes that keeps its global
+batch), the record cut back to it, best/ and final/. checkpoint.py and files.py write, verify and read the files.
 """
 
 from __future__ import annotations
@@ -26,18 +24,9 @@ from distvgg.files import BEST_DIR, CHECKPOINTS_DIR, FINAL_DIR, STATE_FILE, step
 from distvgg.models import model_spec
 from distvgg.preemption import Preempted
 
-# ------------------------------------------------------------------------------------------ starting a job
-
 # What the run's outputs are: moved aside, never deleted, when a run starts over in the same folder.
-RUN_OUTPUTS = (
-    CHECKPOINTS_DIR,
-    BEST_DIR,
-    FINAL_DIR,
-    "metrics.jsonl",
-    "metrics.abandoned.jsonl",
-    "config.yaml",
-    "tensorboard",
-)
+RUN_OUTPUTS = (CHECKPOINTS_DIR, BEST_DIR, FINAL_DIR, "metrics.jsonl", "metrics.abandoned.jsonl", "config.yaml")
+RUN_OUTPUTS += ("tensorboard",)
 
 
 class OutputLock:
@@ -97,9 +86,7 @@ class StartPlan:
     note: str = ""
 
 
-def agree_on_start(
-    accelerator: Any, output_dir: str, resume: str, options: dict[str, Any], lock: OutputLock
-) -> StartPlan:
+def agree_on_start(accelerator: Any, output_dir: str, resume: str, options: dict, lock: OutputLock) -> StartPlan:
     """Take the output folder's lock and ``plan_start`` on the main process; its outcome (or its error) is
     given to every process, so that no process waits in a collective for one that has stopped."""
     from accelerate.utils import broadcast_object_list
@@ -167,9 +154,6 @@ def complete_message(output_dir: str, plan: StartPlan) -> str:
         f"{Path(output_dir) / FINAL_DIR}. Nothing to do: pass --resume none to train again (the outputs are "
         f"moved aside), or use another --output-dir"
     )
-
-
-# ------------------------------------------------------------------------------------------- checkpoints
 
 
 def exact_settings(run: build.Run) -> dict[str, Any]:
@@ -253,9 +237,6 @@ def save_model(
     return folder
 
 
-# ------------------------------------------------------------------------------------ continuing a checkpoint
-
-
 def begin(cfg: TrainConfig, accelerator: Any, plan: StartPlan) -> tuple[build.Run, tracking.Rewind | None, dict]:
     """Set up the run of ``plan``. Resuming: first the accumulation steps that keep the checkpoint's global batch
     (``fit_layout``), then the checkpoint's state (``resume``). Returns the run, the record's ``Rewind`` (main
@@ -267,9 +248,7 @@ def begin(cfg: TrainConfig, accelerator: Any, plan: StartPlan) -> tuple[build.Ru
     return run, resume(run, plan), changed
 
 
-def fit_layout(
-    cfg: TrainConfig, plan: StartPlan, num_processes: int, say: ckpt.Say
-) -> tuple[TrainConfig, dict[str, Any]]:
+def fit_layout(cfg: TrainConfig, plan: StartPlan, num_processes: int, say: ckpt.Say) -> tuple[TrainConfig, dict]:
     """The options that continue the checkpoint of ``plan`` on ``num_processes`` processes: its global batch kept
     by choosing the accumulation steps when they were left at 1 (said in one line); a refusal naming the options
     that would continue it when none do, unless --allow-batch-change (then returned as a fact to record)."""
