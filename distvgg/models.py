@@ -1,8 +1,7 @@
-"""VGG networks for small images, built from layer lists; saving and loading them.
-
-``VGG3Layer`` is the PyTorch quick guide's network module for module (same ``print``, loads the guide's state
-dicts); vgg11/13/16/19 with BatchNorm come from the same builder, sized for 32x32 inputs as usual for CIFAR.
-``save_pretrained`` writes final/ and best/; ``load_model`` reads any form a run leaves (``MODEL_PATH_HELP``).
+"""VGG networks for small images, built from layer lists; saving and loading them. ``VGG3Layer`` is the PyTorch quick
+guide's network module for module (same ``print``, loads the guide's state dicts); vgg11/13/16/19 with BatchNorm come
+from the same builder, sized for 32x32 inputs as usual for CIFAR. ``save_pretrained`` writes final/ and best/;
+``load_model`` reads any form a run leaves (``MODEL_PATH_HELP``).
 """
 
 from __future__ import annotations
@@ -133,10 +132,9 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
 
 def micro_batch_seed(seed: int, step: int, slot: int) -> int:
-    """The RNG seed of micro-batch ``slot`` of the global batch of optimizer step ``step``: dropout draws from it, so
-    the masks depend on (seed, step, slot), never on how many processes share the global batch. A splitmix64 hash
-    on Python ints (no device work); ``slot`` is the micro-batch's place in the global batch, as the data order has
-    it (``micro index x processes + process index``)."""
+    """The RNG seed of micro-batch ``slot`` (``micro index x processes + process index``, its place in the global batch
+    of optimizer step ``step``): dropout draws from it, so the masks depend on (seed, step, slot), never on how many
+    processes share the global batch. A splitmix64 hash on Python ints (no device work)."""
     x = (seed * 1_000_003 + step) * 1_000_003 + slot
     for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         x = ((x ^ (x >> shift)) * factor) % 2**64

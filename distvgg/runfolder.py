@@ -128,22 +128,16 @@ def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.
         folder = ckpt.latest_good(output_dir, say)
         if folder is not None:
             return StartPlan("resume", str(folder), (folder / STATE_FILE).read_text())
-    moved = move_aside(out)
-    note = f"; moved the earlier run's outputs to {moved}" if moved else ""
     how = "--resume none" if resume == "none" else f"no checkpoint in {out / CHECKPOINTS_DIR}"
-    return StartPlan("fresh", note=f"starting a fresh run ({how}){note}")
-
-
-def move_aside(out: Path) -> Path | None:
-    """Move an earlier run's outputs into ``OUTPUT_DIR/previous-<UTC time>/``, so that starting over loses nothing."""
-    present = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
-    if not present:
-        return None
-    dest = unused_name(out / "previous", "")
-    dest.mkdir()
-    for p in present:
-        p.rename(dest / p.name)
-    return dest
+    note = f"starting a fresh run ({how})"
+    # An earlier run's outputs move into OUTPUT_DIR/previous-<UTC time>/, so that starting over loses nothing.
+    if present := [out / name for name in RUN_OUTPUTS if (out / name).exists()]:
+        dest = unused_name(out / "previous", "")
+        dest.mkdir()
+        for p in present:
+            p.rename(dest / p.name)
+        note += f"; moved the earlier run's outputs to {dest}"
+    return StartPlan("fresh", note=note)
 
 
 def complete_message(output_dir: str, plan: StartPlan) -> str:
@@ -270,26 +264,20 @@ def fit_layout(cfg: TrainConfig, plan: StartPlan, num_processes: int, say: ckpt.
         )
         return dataclasses.replace(cfg, gradient_accumulation_steps=steps), {}
     saved = {k: state.exact.get(k, "?") for k in ckpt.LAYOUT}
+    # The options that continue the checkpoint exactly on num_processes processes, in words.
+    how = f"On {num_processes} process(es) no batch size keeps it: launch {state.num_processes} process(es)"
+    if old % num_processes == 0:
+        per_process = old // num_processes
+        micro = int(state.exact.get("batch_size") or per_process)
+        micro = max(b for b in range(1, micro + 1) if per_process % b == 0)  # the largest micro-batch that fits
+        how = f"To continue it, run the same command with --batch-size {micro} --gradient-accumulation-steps "
+        how += f"{per_process // micro} on {num_processes} process(es)"
     raise ckpt.CheckpointError(
         f"{plan.folder} was trained with a global batch of {old} (batch size {saved['batch_size']} x "
         f"{saved['num_processes']} process(es) x {saved['gradient_accumulation_steps']} accumulated micro-batches), "
         f"and this run's is {per_step * steps} ({cfg.batch_size} x {num_processes} process(es) x {steps}). "
-        f"{continuing_command(state, num_processes)}, or add --allow-batch-change to continue with the new global "
+        f"{how}, or add --allow-batch-change to continue with the new global "
         f"batch (no longer the same run)"
-    )
-
-
-def continuing_command(state: ckpt.TrainingState, num_processes: int) -> str:
-    """The options that continue ``state`` exactly on ``num_processes`` processes, in words."""
-    old = state.global_batch
-    if old % num_processes:
-        return f"On {num_processes} process(es) no batch size keeps it: launch {state.num_processes} process(es)"
-    per_process = old // num_processes
-    micro = int(state.exact.get("batch_size") or per_process)
-    micro = max(b for b in range(1, micro + 1) if per_process % b == 0)  # the largest micro-batch that fits
-    return (
-        f"To continue it, run the same command with --batch-size {micro} --gradient-accumulation-steps "
-        f"{per_process // micro} on {num_processes} process(es)"
     )
 
 
@@ -305,7 +293,16 @@ def resume(run: build.Run, plan: StartPlan) -> tracking.Rewind | None:
     run.best_accuracy, run.best_epoch, run.skipped_steps = state.best_accuracy, state.best_epoch, state.skipped_steps
     run.wandb_run_id, run.last_checkpoint = state.wandb_run_id, folder
     if state.global_batch != run.global_batch:
-        continue_with_new_batch(run, state, fresh_schedule)
+        # --allow-batch-change: the same place in the data (rounded down to a whole new global batch, so no sample is
+        # skipped), the step count of the new layout, and the new schedule (with the lr rule) at that step.
+        run.step_in_epoch = state.sample_position // run.global_batch
+        run.global_step = min(run.epoch * run.steps_per_epoch + run.step_in_epoch, run.total_steps)
+        schedule = getattr(run.scheduler, "scheduler", run.scheduler)  # Accelerate's wrapper holds the scheduler
+        schedule.load_state_dict(fresh_schedule)
+        schedule.last_epoch = run.global_step - 1
+        with warnings.catch_warnings():  # torch warns of a step before any optimizer step: here that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            schedule.step()  # sets every parameter group's lr for the step that comes next
     acc.print(
         f"resuming from {folder}: step {state.global_step} of {state.total_steps}, epoch "
         f"{state.epoch + 1} at sample {state.sample_position} of its data order"
@@ -320,16 +317,3 @@ def resume(run: build.Run, plan: StartPlan) -> tracking.Rewind | None:
             f"{tracking.ABANDONED_FILE}: the steps they describe are run again"
         )
     return rewind
-
-
-def continue_with_new_batch(run: build.Run, state: ckpt.TrainingState, fresh_schedule: dict[str, Any]) -> None:
-    """--allow-batch-change: the same place in the data (rounded down to a whole new global batch, so no sample
-    is skipped), the step count of the new layout, and the new schedule (with the lr rule) at that step."""
-    run.step_in_epoch = state.sample_position // run.global_batch
-    run.global_step = min(run.epoch * run.steps_per_epoch + run.step_in_epoch, run.total_steps)
-    schedule = getattr(run.scheduler, "scheduler", run.scheduler)  # Accelerate's wrapper holds the scheduler
-    schedule.load_state_dict(fresh_schedule)
-    schedule.last_epoch = run.global_step - 1
-    with warnings.catch_warnings():  # torch warns of a step before any optimizer step: here that is the point
-        warnings.simplefilter("ignore", UserWarning)
-        schedule.step()  # sets every parameter group's lr for the step that comes next
