@@ -107,8 +107,7 @@ def eval_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, pin
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 64-bit integer hash (splitmix64's finaliser) on int64 tensors, on any device; by hand because torch has no
-    counter-based RNG keyed by sample."""
+    """splitmix64's finaliser on int64 tensors, on any device: torch has no counter-based RNG keyed by sample."""
     x = (x ^ (x >> 31)) * 0x7FB5D329728EA185
     x = (x ^ (x >> 27)) * -0x7E25210B43D22E0B  # 0x81DADEF4BC2DD44D as a signed int64
     return x ^ (x >> 33)

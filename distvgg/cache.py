@@ -124,8 +124,7 @@ class Writer:
         fsync_file(self.tmp)
 
     def _shrink(self, keep: Mapping[str, np.ndarray]) -> None:
-        """Rows only ever move to lower offsets, in ascending order, so moving them in place never overwrites a row
-        that is still to be read."""
+        """Rows move to lower offsets in ascending order: moving them in place never overwrites a row still unread."""
         old = dict(self.ranges)
         shapes = {n: (int(keep[n.split("_")[0]].sum()), *s[1:]) for n, s in self.shapes.items()}
         head, self.ranges = header(shapes, self.metadata)

@@ -106,23 +106,16 @@ class TrainingState:
             raise CheckpointError(f"{where} lacks fields of a training state ({e})") from e
 
 
-def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``name: checkpoint X, now Y`` for every setting in ``now`` that differs from ``saved``."""
-    out = []
-    for key, value in now.items():
-        old = saved.get(key, "<absent>")
-        if old == "<absent>" and value in (None, False):
-            continue  # an option newer than the checkpoint, left off: the checkpoint ran without it too
-        if json.loads(json.dumps(old)) != json.loads(json.dumps(value)):  # tuples and lists compare as saved
-            out.append(f"{key}: {old!r} in the checkpoint, {value!r} now")
-    return out
-
-
 def check_compatible(folder: str | os.PathLike, state: TrainingState, now: dict, batch_change: bool = False) -> None:
     """Refuse, listing the differences, to continue ``folder`` (a checkpoint, or final/) with settings that change the
     computation (not the layout of the global batch; nor the global batch with ``batch_change``)."""
-    skip = (*LAYOUT, "global_batch") if batch_change else LAYOUT
-    diff = differences(state.exact, {k: v for k, v in now.items() if k not in skip})
+    skip, diff = (*LAYOUT, "global_batch") if batch_change else LAYOUT, []
+    for key, value in now.items():
+        old = state.exact.get(key, "<absent>")
+        if key in skip or (old == "<absent>" and value in (None, False)):
+            continue  # the layout, or an option newer than the checkpoint, left off: the checkpoint ran without it too
+        if json.loads(json.dumps(old)) != json.loads(json.dumps(value)):  # tuples and lists compare as saved
+            diff.append(f"{key}: {old!r} in the checkpoint, {value!r} now")
     if any(d.startswith("image_size:") for d in diff):
         (h, w), (h2, w2) = state.exact.get("image_size"), now.get("image_size")
         fit = f"the checkpoint's model was trained on {h}x{w} images but the dataset has {h2}x{w2} images: its layers"
@@ -137,8 +130,7 @@ def check_compatible(folder: str | os.PathLike, state: TrainingState, now: dict,
 
 
 def latest_good(output_dir: str | os.PathLike, say: Say) -> Path | None:
-    """The newest checkpoint that verifies, warning about each newer one that does not; None when there is none at
-    all, CheckpointError when none is usable."""
+    """The newest checkpoint that verifies (warning of newer ones that do not); None if none, CheckpointError if bad."""
     good, bad = files.newest_good(output_dir)
     for folder, problem in bad:
         say(f"warning: ignoring checkpoint {folder}: {problem}")

@@ -105,8 +105,7 @@ def agree_on_start(accelerator: Any, output_dir: str, resume: str, options: dict
 
 
 def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.Say) -> StartPlan:
-    """Decide how this run starts (main process only): resume from a checkpoint, report a finished run, or start
-    fresh with earlier outputs moved aside."""
+    """How this run starts (main process only): resumed, complete, or fresh with earlier outputs moved aside."""
     out = Path(output_dir)
     if resume not in ("auto", "none"):
         folder = Path(resume).expanduser()
