@@ -132,13 +132,11 @@ class Timed:
         return self.windows[-1]
 
     def summary(self) -> dict[str, Any]:
-        return {
-            **{k: v for k, v in self.loop._asdict().items() if k != "name"},
-            "images_per_second": round(statistics.median(self.windows), 2),
-            "windows_images_per_second": [round(w, 2) for w in self.windows],
-            "setup_seconds": round(self.setup_seconds, 3),
-            "first_step_seconds": round(self.first_step_seconds, 3),
-        }
+        summary = {k: v for k, v in self.loop._asdict().items() if k != "name"}
+        summary["images_per_second"] = round(statistics.median(self.windows), 2)
+        summary["windows_images_per_second"] = [round(w, 2) for w in self.windows]
+        summary.update(setup_seconds=round(self.setup_seconds, 3), first_step_seconds=round(self.first_step_seconds, 3))
+        return summary
 
 
 class GuideImages(torch.utils.data.Dataset):

@@ -130,7 +130,7 @@ def check_compatible(folder: str | os.PathLike, state: TrainingState, now: dict,
 
 
 def latest_good(output_dir: str | os.PathLike, say: Say) -> Path | None:
-    """The newest checkpoint that verifies (warning of newer ones that do not); None if none, CheckpointError if bad."""
+    """The newest good checkpoint, warning of newer bad ones; None if there is none, CheckpointError if all are bad."""
     good, bad = files.newest_good(output_dir)
     for folder, problem in bad:
         say(f"warning: ignoring checkpoint {folder}: {problem}")

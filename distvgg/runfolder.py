@@ -65,9 +65,8 @@ class OutputLock:
             ) from e
         self.file.seek(0)
         self.file.truncate()
-        self.file.write(
-            f"host {socket.gethostname()}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
-        )
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        self.file.write(f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n")
         self.file.flush()
 
     def release(self) -> None:
@@ -152,35 +151,21 @@ def complete_message(output_dir: str, plan: StartPlan) -> str:
 def exact_settings(run: build.Run) -> dict[str, Any]:
     """The options and facts a checkpoint can only be continued with (see ckpt.EXACT_OPTIONS), and its layout."""
     options, acc = run.cfg.to_dict(), run.accelerator
-    return {
-        **{k: options[k] for k in ckpt.EXACT_OPTIONS if k in options},
-        "dataset_fingerprint": run.dataset_fingerprint,
-        "image_size": list(run.image_size),
-        "class_names": list(run.class_names),
-        "train_images": run.sampler.num_samples,
-        "global_batch": run.global_batch,
-        "batch_size": run.cfg.batch_size,
-        "gradient_accumulation_steps": run.cfg.gradient_accumulation_steps,
-        "num_processes": acc.num_processes,
-        "mixed_precision": str(acc.mixed_precision),
-    }
+    facts = {k: options[k] for k in ckpt.EXACT_OPTIONS if k in options}
+    facts.update(dataset_fingerprint=run.dataset_fingerprint, image_size=list(run.image_size))
+    facts.update(class_names=list(run.class_names), train_images=run.sampler.num_samples, global_batch=run.global_batch)
+    facts.update(batch_size=run.cfg.batch_size, gradient_accumulation_steps=run.cfg.gradient_accumulation_steps)
+    return {**facts, "num_processes": acc.num_processes, "mixed_precision": str(acc.mixed_precision)}
 
 
 def training_state(run: build.Run, reason: str, finished: bool = False) -> ckpt.TrainingState:
     counters = "epoch global_step step_in_epoch total_steps steps_per_epoch global_batch best_accuracy best_epoch"
-    return ckpt.TrainingState(
-        **{name: getattr(run, name) for name in counters.split()},
-        num_processes=run.accelerator.num_processes,
-        skipped_steps=int(run.skipped_steps),
-        wandb_run_id=run.wandb_run_id,
-        seed=run.cfg.seed,
-        reason=reason,
-        finished=finished,
-        exact=exact_settings(run),
-        config=run.cfg.to_dict(),
-        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        metrics_rows=run.logger.rows if run.accelerator.is_main_process else None,
-    )
+    fields = {name: getattr(run, name) for name in counters.split()}
+    fields.update(num_processes=run.accelerator.num_processes, skipped_steps=int(run.skipped_steps))
+    fields.update(wandb_run_id=run.wandb_run_id, seed=run.cfg.seed, reason=reason, finished=finished)
+    fields.update(exact=exact_settings(run), config=run.cfg.to_dict())
+    fields["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return ckpt.TrainingState(**fields, metrics_rows=run.logger.rows if run.accelerator.is_main_process else None)
 
 
 def save_best(run: build.Run) -> None:
