@@ -1,8 +1,6 @@
-"""The training hot path: uint8 batches by index, augmentation and normalisation on the device.
-
-Apart from ``data.py`` (which decodes and caches) because everything here runs every step: no PIL, no per-sample
-Python. Batches are ``(images_uint8, labels, indices)``: augmentation is derived from the sample indices, and tests
-read from them exactly which samples a run has seen.
+"""The training hot path: uint8 batches by index, augmentation and normalisation on the device; apart from ``data.py``
+(which decodes and caches) because everything here runs every step: no PIL, no per-sample Python. Batches are
+``(images_uint8, labels, indices)``: augmentation derives from the sample indices; tests read the samples a run saw.
 """
 
 from __future__ import annotations
@@ -48,14 +46,12 @@ def keep_batch(batch: Batch) -> Batch:
 
 
 class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch that can start part-way through.
-
-    The order of epoch ``e`` depends only on ``(seed, e)``, never on the number of processes, and is cut to a whole
-    number of global batches, so that Accelerate's batch sharding hands every process a full batch and the global
-    step ``s`` always covers samples ``[s * global_batch, (s + 1) * global_batch)`` of the permutation. Resuming at
-    step ``s`` is then ``set_position(epoch, s * global_batch)``: the same samples, none skipped or repeated
-    (Accelerate's ``skip_first_batches`` over a RandomSampler would replay a different order).
-    """
+    """A seeded permutation per epoch that can start part-way through. The order of epoch ``e`` depends only on
+    ``(seed, e)``, never on the number of processes, and is cut to a whole number of global batches, so that
+    Accelerate's batch sharding hands every process a full batch and the global step ``s`` always covers samples
+    ``[s * global_batch, (s + 1) * global_batch)`` of the permutation. Resuming at step ``s`` is then
+    ``set_position(epoch, s * global_batch)``: the same samples, none skipped or repeated (Accelerate's
+    ``skip_first_batches`` over a RandomSampler would replay a different order)."""
 
     def __init__(self, num_samples: int, seed: int, global_batch: int = 1) -> None:
         if num_samples < global_batch:
@@ -99,17 +95,9 @@ def train_loader(
 ) -> tuple[DataLoader, EpochSampler]:
     """A DataLoader of per-process uint8 batches and its sampler (to set the epoch and position)."""
     sampler = EpochSampler(len(images), seed, global_batch)
-    loader = DataLoader(
-        IndexedImages(images, labels),
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=keep_batch,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-    )
-    return loader, sampler
+    workers = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    dataset = IndexedImages(images, labels)
+    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, collate_fn=keep_batch, **workers), sampler
 
 
 def eval_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, pin_memory: bool = False) -> DataLoader:
@@ -119,12 +107,9 @@ def eval_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, pin
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 64-bit integer hash (splitmix64's finaliser) on int64 tensors, on any device; by hand because torch has no
-    counter-based RNG keyed by sample."""
-    x = x ^ (x >> 31)
-    x = x * 0x7FB5D329728EA185
-    x = x ^ (x >> 27)
-    x = x * -0x7E25210B43D22E0B  # 0x81DADEF4BC2DD44D as a signed int64
+    """splitmix64's finaliser on int64 tensors, on any device: torch has no counter-based RNG keyed by sample."""
+    x = (x ^ (x >> 31)) * 0x7FB5D329728EA185
+    x = (x ^ (x >> 27)) * -0x7E25210B43D22E0B  # 0x81DADEF4BC2DD44D as a signed int64
     return x ^ (x >> 33)
 
 

@@ -132,13 +132,11 @@ class Timed:
         return self.windows[-1]
 
     def summary(self) -> dict[str, Any]:
-        return {
-            **{k: v for k, v in self.loop._asdict().items() if k != "name"},
-            "images_per_second": round(statistics.median(self.windows), 2),
-            "windows_images_per_second": [round(w, 2) for w in self.windows],
-            "setup_seconds": round(self.setup_seconds, 3),
-            "first_step_seconds": round(self.first_step_seconds, 3),
-        }
+        summary = {k: v for k, v in self.loop._asdict().items() if k != "name"}
+        summary["images_per_second"] = round(statistics.median(self.windows), 2)
+        summary["windows_images_per_second"] = [round(w, 2) for w in self.windows]
+        summary.update(setup_seconds=round(self.setup_seconds, 3), first_step_seconds=round(self.first_step_seconds, 3))
+        return summary
 
 
 class GuideImages(torch.utils.data.Dataset):
@@ -303,9 +301,8 @@ def throughput(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) -
             print(f"round {r + 1}/{args.repeats} {t.loop.name:<13} {speed:10,.1f} images/s", flush=True)
         result: dict[str, Any] = {t.loop.name: t.summary() for t in loops}
     finally:
-        for wait in (False, True):  # both end at once
-            for t in remote:
-                t.close(wait)
+        for wait, t in itertools.product((False, True), remote):  # both end at once
+            t.close(wait)
     for t in remote:  # the median of the per-round ratios
         key = f"ratio_{t.loop.name.removeprefix('distvgg_')}_vs_seed"
         result[key] = round(statistics.median(x / y for x, y in zip(t.windows, guide.windows)), 3)

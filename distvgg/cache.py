@@ -1,11 +1,9 @@
 """The decoded-data cache file, in safetensors' layout: 8 bytes of header length, a JSON header naming each tensor's
 dtype, shape and byte range, then the raw bytes. Written in place by the decode workers (a preallocated temporary file,
 renamed when complete) and read back as a memory mapping, so every process of a machine shares one copy of the pixels
-through the page cache. Files written by ``safetensors.torch.save_file`` read the same way.
-
-Written by hand, not with ``safetensors``: its writer takes whole tensors (one process would gather them all), and
-whether ``safe_open(...).get_tensor`` returns a copy or a view of a mapping is not something its API promises, while
-here the pixels must stay a view."""
+through the page cache. Files written by ``safetensors.torch.save_file`` read the same way. Written by hand: the
+``safetensors`` writer takes whole tensors (one process would gather them all), and its API does not promise whether
+``safe_open(...).get_tensor`` returns a copy or a view of a mapping, while here the pixels must stay a view."""
 
 from __future__ import annotations
 
@@ -126,8 +124,7 @@ class Writer:
         fsync_file(self.tmp)
 
     def _shrink(self, keep: Mapping[str, np.ndarray]) -> None:
-        """Rows only ever move to lower offsets, in ascending order, so moving them in place never overwrites a row
-        that is still to be read."""
+        """Rows move to lower offsets in ascending order: moving them in place never overwrites a row still unread."""
         old = dict(self.ranges)
         shapes = {n: (int(keep[n.split("_")[0]].sum()), *s[1:]) for n, s in self.shapes.items()}
         head, self.ranges = header(shapes, self.metadata)

@@ -1,10 +1,8 @@
 """Checkpoints: the training state, atomic save, validated and exact resume, rotation, safe loading.
 
-A checkpoint is ``OUTPUT_DIR/checkpoints/step-XXXXXXXX/``: Accelerate's ``save_state`` files (weights in
-safetensors, optimizer, scheduler, GradScaler, each process's RNG states), ``training_state.json`` (this
-package's state, JSON, never pickle) and, written last, the ``COMPLETE`` marker (distvgg/files.py).
-docs/checkpoints.md explains the layout and why Accelerate's own rotation (``total_limit``) is not used: it
-writes in place and deletes old checkpoints before the new one is complete.
+``OUTPUT_DIR/checkpoints/step-XXXXXXXX/`` holds Accelerate's ``save_state`` files, ``training_state.json`` (JSON,
+never pickle) and, written last, the ``COMPLETE`` marker. docs/checkpoints.md explains the layout and why Accelerate's
+rotation (``total_limit``) is not used: it writes in place and deletes old checkpoints before the new one is complete.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,9 +43,6 @@ def parse_every(value: str) -> int | str:
     raise ValueError(f"--checkpoint-every must be 'epoch', 'none' or a positive number of steps, got {value!r}")
 
 
-# ------------------------------------------------------------------------------------ training state
-
-
 # Options that change the numbers a run computes: resuming with any of them changed would not
 # continue the same run (several are also stored inside the optimizer/scheduler state and would be
 # silently overridden by it), so resume refuses and lists the differences.
@@ -62,7 +56,7 @@ EXACT_OPTIONS = tuple(
 LAYOUT = ("batch_size", "gradient_accumulation_steps", "num_processes")
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainingState:
     """The package's own part of a checkpoint, saved as JSON."""
 
@@ -80,8 +74,8 @@ class TrainingState:
     seed: int
     reason: str  # why it was written: "every N steps", "epoch end", "SIGTERM", "final"...
     finished: bool = False
-    exact: dict[str, Any] = field(default_factory=dict)  # EXACT_OPTIONS plus facts of the data and launch
-    config: dict[str, Any] = field(default_factory=dict)  # every option, for the record
+    exact: dict[str, Any] = dataclasses.field(default_factory=dict)  # EXACT_OPTIONS plus facts of the data and launch
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # every option, for the record
     saved_at: str = ""
     metrics_rows: Optional[int] = None  # the records metrics.jsonl held: a resumed run cuts the later ones
     format: int = FORMAT_VERSION
@@ -112,33 +106,20 @@ class TrainingState:
             raise CheckpointError(f"{where} lacks fields of a training state ({e})") from e
 
 
-def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``name: checkpoint X, now Y`` for every setting in ``now`` that differs from ``saved``."""
-    out = []
+def check_compatible(folder: str | os.PathLike, state: TrainingState, now: dict, batch_change: bool = False) -> None:
+    """Refuse, listing the differences, to continue ``folder`` (a checkpoint, or final/) with settings that change the
+    computation (not the layout of the global batch; nor the global batch with ``batch_change``)."""
+    skip, diff = (*LAYOUT, "global_batch") if batch_change else LAYOUT, []
     for key, value in now.items():
-        old = saved.get(key, "<absent>")
-        if old == "<absent>" and value in (None, False):
-            continue  # an option newer than the checkpoint, left off: the checkpoint ran without it too
+        old = state.exact.get(key, "<absent>")
+        if key in skip or (old == "<absent>" and value in (None, False)):
+            continue  # the layout, or an option newer than the checkpoint, left off: the checkpoint ran without it too
         if json.loads(json.dumps(old)) != json.loads(json.dumps(value)):  # tuples and lists compare as saved
-            out.append(f"{key}: {old!r} in the checkpoint, {value!r} now")
-    return out
-
-
-def check_compatible(
-    folder: str | os.PathLike, state: TrainingState, now: dict[str, Any], batch_change: bool = False
-) -> None:
-    """Refuse to continue ``folder`` (a checkpoint, or final/) when settings that change the computation differ from
-    its own (the layout of the global batch aside; the global batch too with ``batch_change``: --allow-batch-change),
-    listing the differences."""
-    skip = (*LAYOUT, "global_batch") if batch_change else LAYOUT
-    diff = differences(state.exact, {k: v for k, v in now.items() if k not in skip})
+            diff.append(f"{key}: {old!r} in the checkpoint, {value!r} now")
     if any(d.startswith("image_size:") for d in diff):
-        old, new = state.exact.get("image_size"), now.get("image_size")
-        diff.insert(
-            0,
-            f"the checkpoint's model was trained on {old[0]}x{old[1]} images but the dataset has "
-            f"{new[0]}x{new[1]} images: its layers do not fit them (use the dataset it was trained on)",
-        )
+        (h, w), (h2, w2) = state.exact.get("image_size"), now.get("image_size")
+        fit = f"the checkpoint's model was trained on {h}x{w} images but the dataset has {h2}x{w2} images: its layers"
+        diff.insert(0, f"{fit} do not fit them (use the dataset it was trained on)")
     if diff:
         raise CheckpointError(
             f"this run's settings differ from those of {Path(folder)}, so it cannot continue it exactly:\n  - "
@@ -148,12 +129,8 @@ def check_compatible(
         )
 
 
-# ---------------------------------------------------------------------------------- files on disk
-
-
 def latest_good(output_dir: str | os.PathLike, say: Say) -> Path | None:
-    """The newest checkpoint that verifies, warning about each newer one that does not. None when
-    there is no checkpoint at all; CheckpointError when there are some but none is usable."""
+    """The newest good checkpoint, warning of newer bad ones; None if there is none, CheckpointError if all are bad."""
     good, bad = files.newest_good(output_dir)
     for folder, problem in bad:
         say(f"warning: ignoring checkpoint {folder}: {problem}")
@@ -240,16 +217,13 @@ def restore_rng(folder: str | os.PathLike, process_index: int) -> bool:
 def tensor_bytes(*state_dicts: dict[str, Any]) -> int:
     """The bytes of every tensor in (nested) state dicts: about what a checkpoint of them takes."""
 
-    def walk(x: Any) -> int:
+    found = 0
+    for x in state_dicts:
         if torch.is_tensor(x):
-            return x.numel() * x.element_size()
-        values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else ()
-        return sum(walk(v) for v in values)
-
-    return walk(list(state_dicts))
-
-
-# ----------------------------------------------------------------------------------- collective save
+            found += x.numel() * x.element_size()
+        elif isinstance(x, (dict, list, tuple)):
+            found += tensor_bytes(*(x.values() if isinstance(x, dict) else x))
+    return found
 
 
 def save_checkpoint(
@@ -355,18 +329,14 @@ def load_checkpoint(accelerator: Any, folder: str | os.PathLike, saved_processes
     beyond = saved_processes is not None and accelerator.process_index >= saved_processes
     if not restore_rng(folder, accelerator.process_index) and not beyond:
         raise CheckpointError(
-            f"{folder} has no random_states_{accelerator.process_index}.pkl for process "
-            f"{accelerator.process_index}: with several machines, OUTPUT_DIR must be on a "
-            f"filesystem they all share"
+            f"{folder} has no random_states_{accelerator.process_index}.pkl for process {accelerator.process_index}: "
+            "with several machines, OUTPUT_DIR must be on a filesystem they all share"
         )
 
 
-# ------------------------------------------------------------------------------------- models and numbers
-
-
 def all_finite(accelerator: Any, model: torch.nn.Module, running_loss: torch.Tensor | None) -> bool:
-    """Whether the loss since the last log point and every weight are finite, on every process
-    (one reduction: it runs at checkpoints, which are sync points anyway)."""
+    """Whether the loss since the last log point and every weight are finite, on every process (one reduction: it
+    runs at checkpoints, which are sync points anyway)."""
     bad = torch.zeros((), device=accelerator.device)
     if running_loss is not None:
         bad += (~torch.isfinite(running_loss)).float().sum()

@@ -41,9 +41,7 @@ def free_bytes(folder: str | os.PathLike) -> int:
 
 
 @contextlib.contextmanager
-def writing(
-    folder: str | os.PathLike, need: int | Callable[[], int] = 0, what: str = "", note: str = ""
-) -> Iterator[None]:
+def writing(folder: str | os.PathLike, need: int | Callable = 0, what: str = "", note: str = "") -> Iterator[None]:
     """Any failure of the writes in the block becomes ``DiskFull`` when the filesystem of ``folder`` is full: with
     ENOSPC/EDQUOT, or less free space than ``need`` (an estimate of the write's bytes; a callable is asked only on
     failure) or 1 MiB, since libraries report a full disk in their own ways (torch's zip writer raises RuntimeError
@@ -133,11 +131,9 @@ def verify(folder: str | os.PathLike, required: str = STATE_FILE) -> str | None:
     if required not in listed:
         return f"the marker does not list {required}"
     for name, expected in listed.items():
-        path = folder / name
-        if not path.is_file():
+        if not (path := folder / name).is_file():
             return f"{name} is missing"
-        size = path.stat().st_size
-        if size != expected.get("size"):
+        if (size := path.stat().st_size) != expected.get("size"):
             return f"{name} has {size} bytes, {expected.get('size')} expected (truncated or changed)"
         if sha256(path) != expected.get("sha256"):
             return f"{name} does not match its sha256 in {MARKER_FILE} (corrupted or changed)"

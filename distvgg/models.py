@@ -1,8 +1,7 @@
-"""VGG networks for small images, built from layer lists; saving and loading them.
-
-``VGG3Layer`` is the PyTorch quick guide's network module for module (same ``print``, loads the guide's state
-dicts); vgg11/13/16/19 with BatchNorm come from the same builder, sized for 32x32 inputs as usual for CIFAR.
-``save_pretrained`` writes final/ and best/; ``load_model`` reads any form a run leaves (``MODEL_PATH_HELP``).
+"""VGG networks for small images, built from layer lists; saving and loading them. ``VGG3Layer`` is the PyTorch quick
+guide's network module for module (same ``print``, loads the guide's state dicts); vgg11/13/16/19 with BatchNorm come
+from the same builder, sized for 32x32 inputs as usual for CIFAR. ``save_pretrained`` writes final/ and best/;
+``load_model`` reads any form a run leaves (``MODEL_PATH_HELP``).
 """
 
 from __future__ import annotations
@@ -41,35 +40,6 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def make_features(cfg: Sequence[int | str], in_channels: int = 3, width: float = 1.0) -> nn.Sequential:
-    """Conv-BN-ReLU blocks and max pools from a layer list, with the guide's arguments."""
-    layers: list[nn.Module] = []
-    channels = in_channels
-    for v in cfg:
-        if v == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            out = _scaled(int(v), width)
-            conv = nn.Conv2d(in_channels=channels, out_channels=out, kernel_size=3, padding=1)
-            layers += [conv, nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
-            channels = out
-    return nn.Sequential(*layers)
-
-
-def feature_shape(features: nn.Sequential, in_channels: int, image_size: tuple[int, int]) -> tuple[int, int, int]:
-    """(C, H, W) after ``features``, computed with ``conv_output_size`` rather than a dry run."""
-    c, (h, w) = in_channels, image_size
-    for m in features:
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
-            k, p, s = (x if isinstance(x, int) else x[0] for x in (m.kernel_size, m.padding, m.stride))
-            h, w = conv_output_size(h, k, p, s), conv_output_size(w, k, p, s)
-            if isinstance(m, nn.Conv2d):
-                c = m.out_channels
-    if h < 1 or w < 1:
-        raise ValueError(f"a {image_size[0]}x{image_size[1]} input is too small: the features shrink to {h}x{w}")
-    return c, h, w
-
-
 class VGG(nn.Module):
     """A VGG network: ``features`` from a layer list, then the guide's three-layer classifier."""
 
@@ -86,9 +56,22 @@ class VGG(nn.Module):
     ) -> None:
         super().__init__()
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self.features = make_features(cfg, in_channels, width)
-        c, h, w = feature_shape(self.features, in_channels, size)
-        hid = _scaled(hidden, width)
+        # Conv-BN-ReLU blocks and max pools from the layer list, with the guide's arguments; the (C, H, W) after them
+        # from conv_output_size rather than a dry run (a 3x3 conv with padding 1 keeps H and W).
+        layers: list[nn.Module] = []
+        c, (h, w) = in_channels, size
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                h, w = conv_output_size(h, 2, 0, 2), conv_output_size(w, 2, 0, 2)
+            else:
+                out = _scaled(int(v), width)
+                conv = nn.Conv2d(in_channels=c, out_channels=out, kernel_size=3, padding=1)
+                layers += [conv, nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                c = out
+        if h < 1 or w < 1:
+            raise ValueError(f"a {size[0]}x{size[1]} input is too small: the features shrink to {h}x{w}")
+        self.features, hid = nn.Sequential(*layers), _scaled(hidden, width)
 
         def block(inputs: int) -> list[nn.Module]:
             return [nn.Linear(inputs, hid), nn.ReLU(inplace=True), nn.Dropout(p=dropout)]
@@ -120,8 +103,7 @@ def resnet18(num_classes: int, image_size: tuple[int, int] = (32, 32)) -> nn.Mod
 
 
 def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """The network called ``name`` (one of ``MODEL_NAMES``); ``kwargs`` as for ``VGG`` (width, dropout, ...;
-    ResNet-18 takes only the image size)."""
+    """The network ``name`` (of ``MODEL_NAMES``); ``kwargs`` as for ``VGG`` (ResNet-18 takes only the image size)."""
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if name == "resnet18":
@@ -133,10 +115,9 @@ def build_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
 
 def micro_batch_seed(seed: int, step: int, slot: int) -> int:
-    """The RNG seed of micro-batch ``slot`` of the global batch of optimizer step ``step``: dropout draws from it, so
-    the masks depend on (seed, step, slot), never on how many processes share the global batch. A splitmix64 hash
-    on Python ints (no device work); ``slot`` is the micro-batch's place in the global batch, as the data order has
-    it (``micro index x processes + process index``)."""
+    """The RNG seed of micro-batch ``slot`` (``micro index x processes + process index``, its place in the global batch
+    of optimizer step ``step``): dropout draws from it, so the masks depend on (seed, step, slot), never on how many
+    processes share the global batch. A splitmix64 hash on Python ints (no device work)."""
     x = (seed * 1_000_003 + step) * 1_000_003 + slot
     for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         x = ((x ^ (x >> shift)) * factor) % 2**64

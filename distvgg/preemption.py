@@ -28,10 +28,9 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """SIGTERM/SIGUSR1 set a flag (nothing else is safe in a signal handler); the training loop checks it between
-    steps. Ranks may see a signal at different steps, so stopping is agreed on by an all-reduce of the flags (see
-    SIGNAL_CHECK_EVERY). Repeated signals are ignored: torchrun forwards SIGTERM to workers SLURM signalled already.
-    """
+    """SIGTERM/SIGUSR1 set a flag (nothing else is safe in a signal handler), checked between steps. Ranks may see a
+    signal at different steps, so stopping is agreed on by an all-reduce of the flags (see SIGNAL_CHECK_EVERY).
+    Repeated signals are ignored: torchrun forwards SIGTERM to workers SLURM signalled already."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
@@ -61,8 +60,7 @@ class StopSignals:
             self.reason = signal.Signals(signum).name
 
     def should_stop(self, accelerator: Any, step: int, boundary: bool = False) -> bool:
-        """Whether every process stops after ``step``; the same answer on every process.
-        ``boundary``: an epoch end (always agreed on)."""
+        """Whether every process stops after ``step`` (the same answer on each); ``boundary``: an epoch end."""
         if accelerator.num_processes == 1:
             return self.reason is not None
         if not boundary and step % SIGNAL_CHECK_EVERY != 0:

@@ -1,9 +1,7 @@
 """Everything a training run does to its OUTPUT_DIR: how a job starts there (the folder lock; fresh, with earlier
-outputs moved aside, resumed from the newest good checkpoint, or already complete: decided once, on the main
-process, and told to every process), what its checkpoints hold and when they are written, how a checkpoint is
-continued (on any number of processes that keeps its global batch), the record cut back to it, best/ and final/.
-
-checkpoint.py and files.py write, verify and read the files; this module knows the ``Run`` they come from.
+outputs moved aside, resumed, or already complete: decided on the main process, told to every process), what its
+checkpoints hold and when they are written, how one is continued (on any number of processes that keeps its global
+batch), the record cut back to it, best/ and final/. checkpoint.py and files.py write, verify and read the files.
 """
 
 from __future__ import annotations
@@ -26,18 +24,9 @@ from distvgg.files import BEST_DIR, CHECKPOINTS_DIR, FINAL_DIR, STATE_FILE, step
 from distvgg.models import model_spec
 from distvgg.preemption import Preempted
 
-# ------------------------------------------------------------------------------------------ starting a job
-
 # What the run's outputs are: moved aside, never deleted, when a run starts over in the same folder.
-RUN_OUTPUTS = (
-    CHECKPOINTS_DIR,
-    BEST_DIR,
-    FINAL_DIR,
-    "metrics.jsonl",
-    "metrics.abandoned.jsonl",
-    "config.yaml",
-    "tensorboard",
-)
+RUN_OUTPUTS = (CHECKPOINTS_DIR, BEST_DIR, FINAL_DIR, "metrics.jsonl", "metrics.abandoned.jsonl", "config.yaml")
+RUN_OUTPUTS += ("tensorboard",)
 
 
 class OutputLock:
@@ -76,9 +65,8 @@ class OutputLock:
             ) from e
         self.file.seek(0)
         self.file.truncate()
-        self.file.write(
-            f"host {socket.gethostname()}, pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
-        )
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        self.file.write(f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n")
         self.file.flush()
 
     def release(self) -> None:
@@ -97,9 +85,7 @@ class StartPlan:
     note: str = ""
 
 
-def agree_on_start(
-    accelerator: Any, output_dir: str, resume: str, options: dict[str, Any], lock: OutputLock
-) -> StartPlan:
+def agree_on_start(accelerator: Any, output_dir: str, resume: str, options: dict, lock: OutputLock) -> StartPlan:
     """Take the output folder's lock and ``plan_start`` on the main process; its outcome (or its error) is
     given to every process, so that no process waits in a collective for one that has stopped."""
     from accelerate.utils import broadcast_object_list
@@ -118,8 +104,7 @@ def agree_on_start(
 
 
 def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.Say) -> StartPlan:
-    """Decide how this run starts (main process only): resume from a checkpoint, report a finished run, or start
-    fresh with earlier outputs moved aside."""
+    """How this run starts (main process only): resumed, complete, or fresh with earlier outputs moved aside."""
     out = Path(output_dir)
     if resume not in ("auto", "none"):
         folder = Path(resume).expanduser()
@@ -141,22 +126,16 @@ def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.
         folder = ckpt.latest_good(output_dir, say)
         if folder is not None:
             return StartPlan("resume", str(folder), (folder / STATE_FILE).read_text())
-    moved = move_aside(out)
-    note = f"; moved the earlier run's outputs to {moved}" if moved else ""
     how = "--resume none" if resume == "none" else f"no checkpoint in {out / CHECKPOINTS_DIR}"
-    return StartPlan("fresh", note=f"starting a fresh run ({how}){note}")
-
-
-def move_aside(out: Path) -> Path | None:
-    """Move an earlier run's outputs into ``OUTPUT_DIR/previous-<UTC time>/``, so that starting over loses nothing."""
-    present = [out / name for name in RUN_OUTPUTS if (out / name).exists()]
-    if not present:
-        return None
-    dest = unused_name(out / "previous", "")
-    dest.mkdir()
-    for p in present:
-        p.rename(dest / p.name)
-    return dest
+    note = f"starting a fresh run ({how})"
+    # An earlier run's outputs move into OUTPUT_DIR/previous-<UTC time>/, so that starting over loses nothing.
+    if present := [out / name for name in RUN_OUTPUTS if (out / name).exists()]:
+        dest = unused_name(out / "previous", "")
+        dest.mkdir()
+        for p in present:
+            p.rename(dest / p.name)
+        note += f"; moved the earlier run's outputs to {dest}"
+    return StartPlan("fresh", note=note)
 
 
 def complete_message(output_dir: str, plan: StartPlan) -> str:
@@ -169,41 +148,24 @@ def complete_message(output_dir: str, plan: StartPlan) -> str:
     )
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
-
-
 def exact_settings(run: build.Run) -> dict[str, Any]:
     """The options and facts a checkpoint can only be continued with (see ckpt.EXACT_OPTIONS), and its layout."""
     options, acc = run.cfg.to_dict(), run.accelerator
-    return {
-        **{k: options[k] for k in ckpt.EXACT_OPTIONS if k in options},
-        "dataset_fingerprint": run.dataset_fingerprint,
-        "image_size": list(run.image_size),
-        "class_names": list(run.class_names),
-        "train_images": run.sampler.num_samples,
-        "global_batch": run.global_batch,
-        "batch_size": run.cfg.batch_size,
-        "gradient_accumulation_steps": run.cfg.gradient_accumulation_steps,
-        "num_processes": acc.num_processes,
-        "mixed_precision": str(acc.mixed_precision),
-    }
+    facts = {k: options[k] for k in ckpt.EXACT_OPTIONS if k in options}
+    facts.update(dataset_fingerprint=run.dataset_fingerprint, image_size=list(run.image_size))
+    facts.update(class_names=list(run.class_names), train_images=run.sampler.num_samples, global_batch=run.global_batch)
+    facts.update(batch_size=run.cfg.batch_size, gradient_accumulation_steps=run.cfg.gradient_accumulation_steps)
+    return {**facts, "num_processes": acc.num_processes, "mixed_precision": str(acc.mixed_precision)}
 
 
 def training_state(run: build.Run, reason: str, finished: bool = False) -> ckpt.TrainingState:
     counters = "epoch global_step step_in_epoch total_steps steps_per_epoch global_batch best_accuracy best_epoch"
-    return ckpt.TrainingState(
-        **{name: getattr(run, name) for name in counters.split()},
-        num_processes=run.accelerator.num_processes,
-        skipped_steps=int(run.skipped_steps),
-        wandb_run_id=run.wandb_run_id,
-        seed=run.cfg.seed,
-        reason=reason,
-        finished=finished,
-        exact=exact_settings(run),
-        config=run.cfg.to_dict(),
-        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        metrics_rows=run.logger.rows if run.accelerator.is_main_process else None,
-    )
+    fields = {name: getattr(run, name) for name in counters.split()}
+    fields.update(num_processes=run.accelerator.num_processes, skipped_steps=int(run.skipped_steps))
+    fields.update(wandb_run_id=run.wandb_run_id, seed=run.cfg.seed, reason=reason, finished=finished)
+    fields.update(exact=exact_settings(run), config=run.cfg.to_dict())
+    fields["saved_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return ckpt.TrainingState(**fields, metrics_rows=run.logger.rows if run.accelerator.is_main_process else None)
 
 
 def save_best(run: build.Run) -> None:
@@ -253,9 +215,6 @@ def save_model(
     return folder
 
 
-# ------------------------------------------------------------------------------------ continuing a checkpoint
-
-
 def begin(cfg: TrainConfig, accelerator: Any, plan: StartPlan) -> tuple[build.Run, tracking.Rewind | None, dict]:
     """Set up the run of ``plan``. Resuming: first the accumulation steps that keep the checkpoint's global batch
     (``fit_layout``), then the checkpoint's state (``resume``). Returns the run, the record's ``Rewind`` (main
@@ -267,9 +226,7 @@ def begin(cfg: TrainConfig, accelerator: Any, plan: StartPlan) -> tuple[build.Ru
     return run, resume(run, plan), changed
 
 
-def fit_layout(
-    cfg: TrainConfig, plan: StartPlan, num_processes: int, say: ckpt.Say
-) -> tuple[TrainConfig, dict[str, Any]]:
+def fit_layout(cfg: TrainConfig, plan: StartPlan, num_processes: int, say: ckpt.Say) -> tuple[TrainConfig, dict]:
     """The options that continue the checkpoint of ``plan`` on ``num_processes`` processes: its global batch kept
     by choosing the accumulation steps when they were left at 1 (said in one line); a refusal naming the options
     that would continue it when none do, unless --allow-batch-change (then returned as a fact to record)."""
@@ -291,26 +248,20 @@ def fit_layout(
         )
         return dataclasses.replace(cfg, gradient_accumulation_steps=steps), {}
     saved = {k: state.exact.get(k, "?") for k in ckpt.LAYOUT}
+    # The options that continue the checkpoint exactly on num_processes processes, in words.
+    how = f"On {num_processes} process(es) no batch size keeps it: launch {state.num_processes} process(es)"
+    if old % num_processes == 0:
+        per_process = old // num_processes
+        micro = int(state.exact.get("batch_size") or per_process)
+        micro = max(b for b in range(1, micro + 1) if per_process % b == 0)  # the largest micro-batch that fits
+        how = f"To continue it, run the same command with --batch-size {micro} --gradient-accumulation-steps "
+        how += f"{per_process // micro} on {num_processes} process(es)"
     raise ckpt.CheckpointError(
         f"{plan.folder} was trained with a global batch of {old} (batch size {saved['batch_size']} x "
         f"{saved['num_processes']} process(es) x {saved['gradient_accumulation_steps']} accumulated micro-batches), "
         f"and this run's is {per_step * steps} ({cfg.batch_size} x {num_processes} process(es) x {steps}). "
-        f"{continuing_command(state, num_processes)}, or add --allow-batch-change to continue with the new global "
+        f"{how}, or add --allow-batch-change to continue with the new global "
         f"batch (no longer the same run)"
-    )
-
-
-def continuing_command(state: ckpt.TrainingState, num_processes: int) -> str:
-    """The options that continue ``state`` exactly on ``num_processes`` processes, in words."""
-    old = state.global_batch
-    if old % num_processes:
-        return f"On {num_processes} process(es) no batch size keeps it: launch {state.num_processes} process(es)"
-    per_process = old // num_processes
-    micro = int(state.exact.get("batch_size") or per_process)
-    micro = max(b for b in range(1, micro + 1) if per_process % b == 0)  # the largest micro-batch that fits
-    return (
-        f"To continue it, run the same command with --batch-size {micro} --gradient-accumulation-steps "
-        f"{per_process // micro} on {num_processes} process(es)"
     )
 
 
@@ -326,7 +277,16 @@ def resume(run: build.Run, plan: StartPlan) -> tracking.Rewind | None:
     run.best_accuracy, run.best_epoch, run.skipped_steps = state.best_accuracy, state.best_epoch, state.skipped_steps
     run.wandb_run_id, run.last_checkpoint = state.wandb_run_id, folder
     if state.global_batch != run.global_batch:
-        continue_with_new_batch(run, state, fresh_schedule)
+        # --allow-batch-change: the same place in the data (rounded down to a whole new global batch, so no sample is
+        # skipped), the step count of the new layout, and the new schedule (with the lr rule) at that step.
+        run.step_in_epoch = state.sample_position // run.global_batch
+        run.global_step = min(run.epoch * run.steps_per_epoch + run.step_in_epoch, run.total_steps)
+        schedule = getattr(run.scheduler, "scheduler", run.scheduler)  # Accelerate's wrapper holds the scheduler
+        schedule.load_state_dict(fresh_schedule)
+        schedule.last_epoch = run.global_step - 1
+        with warnings.catch_warnings():  # torch warns of a step before any optimizer step: here that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            schedule.step()  # sets every parameter group's lr for the step that comes next
     acc.print(
         f"resuming from {folder}: step {state.global_step} of {state.total_steps}, epoch "
         f"{state.epoch + 1} at sample {state.sample_position} of its data order"
@@ -341,16 +301,3 @@ def resume(run: build.Run, plan: StartPlan) -> tracking.Rewind | None:
             f"{tracking.ABANDONED_FILE}: the steps they describe are run again"
         )
     return rewind
-
-
-def continue_with_new_batch(run: build.Run, state: ckpt.TrainingState, fresh_schedule: dict[str, Any]) -> None:
-    """--allow-batch-change: the same place in the data (rounded down to a whole new global batch, so no sample
-    is skipped), the step count of the new layout, and the new schedule (with the lr rule) at that step."""
-    run.step_in_epoch = state.sample_position // run.global_batch
-    run.global_step = min(run.epoch * run.steps_per_epoch + run.step_in_epoch, run.total_steps)
-    schedule = getattr(run.scheduler, "scheduler", run.scheduler)  # Accelerate's wrapper holds the scheduler
-    schedule.load_state_dict(fresh_schedule)
-    schedule.last_epoch = run.global_step - 1
-    with warnings.catch_warnings():  # torch warns of a step before any optimizer step: here that is the point
-        warnings.simplefilter("ignore", UserWarning)
-        schedule.step()  # sets every parameter group's lr for the step that comes next

@@ -136,12 +136,6 @@ def timed_rounds(fns: Sequence[Callable[[], Any]], rounds: int, before: Callable
     return times[:, 1:]
 
 
-def measure_compute(work: Workload, device: torch.device, steps: int = 3) -> float:
-    """Seconds per image of one training step on ``device`` alone: the median of ``steps`` after a warm-up step."""
-    sync = functools.partial(timing.sync_device, device)
-    return statistics.median(timed_rounds([work.local_step(device)], steps, sync, sync)[0].tolist()) / work.batch
-
-
 def _two_process_worker(rank: int, folder: str, work: Workload, steps: int, threads: int) -> None:
     """One of 2 local gloo processes (``start_processes``). Whatever happens, it leaves its process
     group destroyed: a gloo group alive at interpreter exit can abort the process."""
@@ -218,7 +212,10 @@ def model_report(name: str, args: argparse.Namespace, device: torch.device, wher
     if args.images_per_second:
         per_image, source = 1.0 / args.images_per_second, "given (--images-per-second)"
     else:
-        per_image = measure_compute(Workload(name, args.batch_per_gpu, args.width), device, args.steps)
+        # Seconds per image of one step on the device alone: the median of --steps after a warm-up step.
+        work, sync = Workload(name, args.batch_per_gpu, args.width), functools.partial(timing.sync_device, device)
+        per_image = statistics.median(timed_rounds([work.local_step(device)], args.steps, sync, sync)[0].tolist())
+        per_image /= work.batch
         threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
         source = f"measured on {where}{threads}"
     rows = predict(params, per_image, args.batch_per_gpu, args.overlap)

@@ -85,10 +85,9 @@ def describe(split: dict[str, float]) -> str:
 
 @contextmanager
 def profiling(accelerator: Any, steps: int | None, output_dir: Path) -> Iterator[Any]:
-    """``--profile-steps N``: Accelerate's profiler (``ProfileKwargs``, ``accelerator.profile``) over the training
-    loop, recording N steps after PROFILE_SKIP + 1 warm-up; each process writes ``OUTPUT_DIR/profile/<host>_<pid>.
-    <ms>.pt.trace.json`` (torch's TensorBoard trace handler), which TensorBoard and Perfetto open. Yields the
-    profiler (whose ``step()`` the loop calls after each step), or None without --profile-steps."""
+    """``--profile-steps N``: Accelerate's profiler over the training loop, recording N steps after PROFILE_SKIP + 1
+    warm-up; each process writes ``OUTPUT_DIR/profile/<host>_<pid>.<ms>.pt.trace.json`` (torch's TensorBoard trace
+    handler, for TensorBoard and Perfetto). Yields the profiler (``step()`` after each step), or None without it."""
     if not steps:
         yield None
         return
