@@ -175,8 +175,10 @@ def validate(run: build.Run, epoch: int) -> dict[str, Any]:
     cfg, acc, clock = run.cfg, run.accelerator, run.clock
     model = run.ema if run.ema is not None else run.plain
     options = {"mean": cfg.mean, "std": cfg.std, "tta": cfg.tta, "channels_last": cfg.channels_last}
-    if acc.num_processes > 1:  # rank 0's buffers (BatchNorm's statistics) everywhere, as DDP does at each forward:
-        from accelerate.utils import broadcast  # on any number of processes, the model evaluated is the one saved
+    # Rank 0's buffers (BatchNorm's statistics) everywhere, as DDP does at each training forward: on any number of
+    # processes, the model evaluated is the one a checkpoint saves.
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast
 
         broadcast(list(model.buffers()), from_process=0)
     result = evaluate(model, run.test_dl, acc, len(run.class_names), **options)
@@ -185,9 +187,13 @@ def validate(run: build.Run, epoch: int) -> dict[str, Any]:
         with clock.part("best"):  # a device copy; best/ is written from it at the next checkpoint and at the end
             run.best_weights = build.copy_weights(model, into=run.best_weights)
     per_class = {f"eval/accuracy/{name}": a for name, a in zip(run.class_names, result["per_class_accuracy"])}
-    values = {"eval/loss": result["loss"], "eval/accuracy": result["accuracy"], "eval/count": result["count"]}
-    values["eval/weights"] = "ema" if run.ema is not None else "trained"
-    values["eval/train_seconds"] = clock.totals["train"]  # training steps so far in this attempt (compilation apart)
+    values = {
+        "eval/loss": result["loss"],
+        "eval/accuracy": result["accuracy"],
+        "eval/count": result["count"],
+        "eval/weights": "ema" if run.ema is not None else "trained",
+        "eval/train_seconds": clock.totals["train"],  # training steps so far in this attempt (compilation apart)
+    }
     with clock.part("logging"):
         step = run.global_step
         run.logger.log({**values, **per_class, "eval/confusion": result["confusion"]}, step=step, epoch=epoch + 1)
@@ -264,8 +270,10 @@ def train(
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml", extra=facts)
     # The main process picks the W&B mode and run id (restored from a checkpoint, or kept in OUTPUT_DIR).
-    config = {**cfg.to_dict(), **facts}
-    trackers = tracking.start_trackers(accelerator, cfg, config, run.wandb_run_id, cfg.resume == "none", rewind)
+    config, fresh = {**cfg.to_dict(), **facts}, cfg.resume == "none"
+    trackers = tracking.start_trackers(
+        accelerator, cfg, config, restored_run_id=run.wandb_run_id, fresh=fresh, rewind=rewind
+    )
     started.append(trackers)
     run.wandb_run_id = trackers.wandb_run_id or run.wandb_run_id
     accelerator.print(
