@@ -130,6 +130,9 @@ class TrainConfig:
     what is evaluated and saved in best/ and final/ (checkpoints keep both)."""
     tta: bool = False
     """Flip test-time augmentation: evaluate on the mean logits of each test image and its mirror image."""
+    tta_translate: bool = False
+    """Flip test-time augmentation (as --tta) plus the image and its mirror shifted by one pixel up-left and
+    down-right, half weighted (airbench's translate TTA: 6 forward passes per test image instead of 2)."""
     max_grad_norm: Optional[float] = None
     """Clip the gradient norm to this value."""
     # --- run

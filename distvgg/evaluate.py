@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distvgg.config import positive_int
+from distvgg.evaluation import TTA_MODES, evaluate
 from distvgg.models import MODEL_PATH_HELP, LoadedModel, ModelLoadError, load_model
 
 PROG = "distvgg.evaluate"
@@ -66,9 +67,8 @@ def evaluate_model(
     dataset. The images are read as training read them (cache, image size, bad images; its own dataset's columns)
     unless ``options`` say otherwise: eval_limit, tta, warn, cache_dir, image_size, image_column, label_column."""
     from distvgg import batches
-    from distvgg.evaluation import evaluate
 
-    tc, tta = loaded.train_config, options.pop("tta", False)
+    tc, tta = loaded.train_config, options.pop("tta", "none")
     defaults = ("cache_dir", "image_size", "skip_bad_images") + (() if dataset else ("image_column", "label_column"))
     options = {**{k: tc.get(k) for k in defaults}, **{k: v for k, v in options.items() if v is not None}}
     if not (dataset := dataset or tc.get("dataset")):
@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help=f"the model: {MODEL_PATH_HELP}")
     add_test_options(p, "dataset whose test split is evaluated (default: the one the model trained on)")
     p.add_argument("--batch-size", type=positive_int, help="images per process per batch (default: the run's)")
-    p.add_argument("--tta", choices=("none", "flip"), default="none", help="flip: average with the mirror's logits")
+    tta_help = "flip: average with the mirror's logits; translate: with those of 1-pixel shifts too (6 passes)"
+    p.add_argument("--tta", choices=TTA_MODES, default="none", help=tta_help)
     p.add_argument("--json", metavar="OUT.json", help="write all results (per-class, confusion matrix) as JSON")
     p.add_argument("--confusion-png", metavar="OUT.png", help="save the confusion matrix as a PNG")
     for column in ("image", "label"):
@@ -154,14 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _evaluate(args: argparse.Namespace, loaded: LoadedModel, accelerator: Any, warn: Any) -> int:
     names = ("batch_size", "eval_limit", "cache_dir", "image_size", "image_column", "label_column")
     options = {k: getattr(args, k) for k in names}
-    result, _, dataset = evaluate_model(loaded, accelerator, args.dataset, tta=args.tta == "flip", warn=warn, **options)
+    result, _, dataset = evaluate_model(loaded, accelerator, args.dataset, tta=args.tta, warn=warn, **options)
     if not accelerator.is_main_process:
         return 0
     names, n, say = loaded.class_names, accelerator.num_processes, accelerator.print
     say(f"model: {loaded.weights} ({loaded.image_size[0]}x{loaded.image_size[1]}, {loaded.num_classes} classes)")
     say(
         f"test loss: {result['loss']:.4f}  accuracy: {100 * result['accuracy']:.2f}%  ({result['count']} images of "
-        f"{dataset}, {n} process(es){', TTA flip' if args.tta == 'flip' else ''})"
+        f"{dataset}, {n} process(es){f', TTA {args.tta}' if args.tta != 'none' else ''})"
     )
     say("\n" + result_tables(names, result))
     if args.json:

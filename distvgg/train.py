@@ -174,7 +174,8 @@ def validate(run: build.Run, epoch: int) -> dict[str, Any]:
     weights. With --ema-decay, the averaged weights are the ones evaluated and saved; ``eval/weights`` says which."""
     cfg, acc, clock = run.cfg, run.accelerator, run.clock
     model = run.ema if run.ema is not None else run.plain
-    options = {"mean": cfg.mean, "std": cfg.std, "tta": cfg.tta, "channels_last": cfg.channels_last}
+    tta = "translate" if cfg.tta_translate else "flip" if cfg.tta else "none"
+    options = {"mean": cfg.mean, "std": cfg.std, "tta": tta, "channels_last": cfg.channels_last}
     # Rank 0's buffers (BatchNorm's statistics) everywhere, as DDP does at each training forward: on any number of
     # processes, the model evaluated is the one a checkpoint saves.
     if acc.num_processes > 1:

@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,14 +114,28 @@ def saved_run(tiny_dataset, tmp_path_factory) -> Path:
     return out
 
 
-def _hand_count(model_path: Path, tta: bool = False) -> dict:
+def _views(images: np.ndarray, tta: str) -> list[tuple[float, np.ndarray]]:
+    """(weight, NHWC images) of each test-time view: the image, its mirror, and each shifted one pixel up-left and
+    down-right, cut by hand from a reflect-padded copy."""
+    if tta == "none":
+        return [(1.0, images)]
+    if tta == "flip":
+        return [(0.5, images), (0.5, images[:, :, ::-1])]
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    views = [(0.25, images), (0.25, images[:, :, ::-1])]
+    for shifted in (padded[:, :-2, :-2], padded[:, 2:, 2:]):
+        views += [(0.125, shifted), (0.125, shifted[:, :, ::-1])]
+    return views
+
+
+def _hand_count(model_path: Path, tta: str = "none") -> dict:
     loaded = load_model(model_path)
     images, labels = dataset_arrays(N_TRAIN, N_TEST)["test"]
-    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - loaded.spec["mean"]) / loaded.spec["std"]
-    with torch.no_grad():
-        logits = loaded.model(x)
-        if tta:
-            logits = (logits + loaded.model(x.flip(-1))) / 2
+    logits = 0
+    for weight, view in _views(images, tta):
+        x = torch.from_numpy(view.copy()).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            logits = logits + weight * loaded.model((x - loaded.spec["mean"]) / loaded.spec["std"])
     confusion = [[0] * len(NAMES) for _ in NAMES]
     for t, p in zip(labels.tolist(), logits.argmax(1).tolist()):
         confusion[t][p] += 1
@@ -131,6 +146,6 @@ def _hand_count(model_path: Path, tta: bool = False) -> dict:
 
 @pytest.fixture(scope="session")
 def hand_count():
-    """``hand_count(model_path, tta=False)``: the model's confusion, accuracy, loss, count and class names on
+    """``hand_count(model_path, tta="none")``: the model's confusion, accuracy, loss, count and class names on
     ``tiny_dataset``'s test pixels (PNG is lossless), counted with plain loops."""
     return _hand_count

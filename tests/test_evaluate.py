@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from distvgg import build, evaluate, report
+from distvgg import build, evaluate, report, train
 from distvgg.data import DataError, balanced_subset
 from distvgg.models import build_model, load_model, model_spec, save_pretrained
 from tests.datagen import class_names, encode_images, make_arrays, make_parquet_dataset, write_parquet_split
-from tests.helpers import ok, run_train
+from tests.helpers import TINY, ok, run_train
 
 
 def test_numbers_tables_json_and_png_match_a_hand_count(saved_run, hand_count, tmp_path, capsys):
@@ -35,10 +35,27 @@ def test_numbers_tables_json_and_png_match_a_hand_count(saved_run, hand_count, t
     assert png.stat().st_size > 5_000
     # --tta flip averages the logits of each image and its mirror
     assert evaluate.main(["--checkpoint", str(saved_run / "best"), "--tta", "flip", "--json", str(js)]) == 0
-    got, want = json.loads(js.read_text()), hand_count(saved_run / "best", tta=True)
+    got, want = json.loads(js.read_text()), hand_count(saved_run / "best", tta="flip")
     assert got["tta"] == "flip" and got["confusion"] == want["confusion"]
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
     assert got["loss"] != pytest.approx(hand_count(saved_run / "best")["loss"], rel=1e-4)
+    # --tta translate adds the image and its mirror shifted one pixel both ways
+    assert evaluate.main(["--checkpoint", str(saved_run / "best"), "--tta", "translate", "--json", str(js)]) == 0
+    got, want = json.loads(js.read_text()), hand_count(saved_run / "best", tta="translate")
+    assert got["tta"] == "translate" and got["confusion"] == want["confusion"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+    assert got["loss"] != pytest.approx(hand_count(saved_run / "best", tta="flip")["loss"], rel=1e-4)
+
+
+def test_training_evaluates_with_the_tta_asked_for(tiny_dataset, monkeypatch, tmp_path):
+    """--tta and --tta-translate pick the evaluation's TTA (whose numbers the test above checks)."""
+    seen, real = [], train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a, **kw: seen.append(kw["tta"]) or real(*a, **kw))
+    for flags, want in (([], "none"), (["--tta"], "flip"), (["--tta-translate"], "translate")):
+        out = tmp_path / want
+        ok(run_train(["--dataset", str(tiny_dataset), *TINY, "--epochs", "1", *flags, "--output-dir", str(out)]))
+        assert seen.pop() == want
+
 
 
 def test_eval_limit_takes_the_subset_training_evaluated(saved_run, tiny_dataset):
@@ -102,7 +119,7 @@ def test_two_processes_count_every_image_once_with_flip_tta(trained_run, hand_co
     js = tmp_path / "eval2.json"
     args = ["--checkpoint", str(trained_run), "--batch-size", "4", "--tta", "flip", "--json", str(js)]
     text = ok(run_train(args, nproc=2, module="distvgg.evaluate", timeout=180))
-    got, want = json.loads(js.read_text()), hand_count(trained_run / "final", tta=True)
+    got, want = json.loads(js.read_text()), hand_count(trained_run / "final", tta="flip")
     assert got["num_processes"] == 2 and "2 process(es)" in text  # one group of 2, not 2 single runs
     assert got["count"] == want["count"] and got["confusion"] == want["confusion"]
     assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
