@@ -130,12 +130,13 @@ def test_each_loop_gets_its_own_cuda_switches():
 
 def test_recipe_applies_first_then_config_then_command_line(tmp_path):
     cfg = parse_config(["--recipe", "fast"])
-    assert (cfg.recipe, cfg.batch_size, cfg.schedule, cfg.nesterov, cfg.tta) == ("fast", 512, "onecycle", True, True)
+    assert (cfg.recipe, cfg.batch_size, cfg.schedule, cfg.nesterov, cfg.tta) == ("fast", 256, "onecycle", True, True)
+    assert cfg.tta_translate and cfg.lr_reference_batch == 256
     assert cfg.label_smoothing > 0 and cfg.model == "vgg3layer" and cfg.width == 1.0
     config = tmp_path / "c.yaml"
-    config.write_text("recipe: fast\nbatch_size: 256\nepochs: 3\n")
+    config.write_text("recipe: fast\nbatch_size: 128\nepochs: 3\n")
     cfg = parse_config(["--config", str(config), "--epochs", "5"])
-    assert (cfg.recipe, cfg.batch_size, cfg.epochs, cfg.tta) == ("fast", 256, 5, True)
+    assert (cfg.recipe, cfg.batch_size, cfg.epochs, cfg.tta) == ("fast", 128, 5, True)
     assert parse_config([]).recipe is None and parse_config([]).tta is False
 
 
