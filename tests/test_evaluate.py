@@ -57,7 +57,6 @@ def test_training_evaluates_with_the_tta_asked_for(tiny_dataset, monkeypatch, tm
         assert seen.pop() == want
 
 
-
 def test_eval_limit_takes_the_subset_training_evaluated(saved_run, tiny_dataset):
     loaded = load_model(saved_run)
     labels = evaluate.load_test_split(str(tiny_dataset), loaded, log=lambda *_: None).labels

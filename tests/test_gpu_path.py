@@ -163,21 +163,25 @@ def test_fp16_with_non_fused_kernels_warns_of_the_scalers_wait():
 
 
 @pytest.mark.parametrize("impl", ["fused", "foreach"])
-def test_skipped_scaler_steps_are_counted_with_fused_and_non_fused_kernels(impl):
-    """Two injected overflows are counted as two skipped steps: by the scale (fused) or Accelerate's flag (not)."""
+def test_skipped_scaler_steps_are_counted_and_leave_the_weights_and_momentum_sound(impl):
+    """Two overflows on the very first steps: counted as skipped, by the scale (fused) or Accelerate's flag (not),
+    the weights untouched by them and sound after (fused SGD's momentum must not start as garbage)."""
     from accelerate import Accelerator
 
     acc = Accelerator()
     acc.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # before prepare: the optimizer takes it from there
     torch.manual_seed(0)
     model = VGG3Layer(4, width=0.125)
-    optimizer = build.make_optimizer(TrainConfig(optimizer_impl=impl), model, lr=0.01)
+    optimizer = build.make_optimizer(TrainConfig(optimizer_impl=impl, nesterov=True, weight_decay=5e-4), model, 0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     overflows = iter([float("inf"), float("inf")])
     next(model.parameters()).register_hook(lambda grad: grad * next(overflows, 1.0))
     batch = [(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)))]
-    step = lambda: bool(train.train_step(model, nn.CrossEntropyLoss(), optimizer, scheduler, acc, batch)[1])  # noqa: E731
-    skipped = [step() for _ in range(4)]
-    assert skipped == [True, True, False, False]
+    skipped, moved = [], []
+    for _ in range(5):
+        before = [p.detach().clone() for p in model.parameters()]
+        skipped.append(bool(train.train_step(model, nn.CrossEntropyLoss(), optimizer, scheduler, acc, batch)[1]))
+        moved.append(not all(torch.equal(a, p) for a, p in zip(before, model.parameters())))
+    assert skipped == [True, True, False, False, False] and moved == [False, False, True, True, True]
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
