@@ -80,25 +80,6 @@ def test_corrupt_image_error_and_skip(tmp_path):
     assert "skipped 2 unreadable image(s) in split 'train'" in log.text() and "rows 3, 6" in log.text()
 
 
-def test_label_error_names_the_original_row_after_skipping(tmp_path):
-    images, labels = datagen.make_arrays(6, 3, 8)
-    blobs, labels = datagen.encode_images(images), labels.copy()
-    blobs[1] = b"junk"
-    labels[4] = 9
-    root = datagen.write_pair(tmp_path / "ds", blobs, labels)
-    with pytest.raises(DataError, match=r"row 4 has label 9"):
-        datagen.load(root, tmp_path / "cache", skip_bad_images=True)
-
-
-def test_missing_image_is_bad(tmp_path):
-    images, labels = datagen.make_arrays(4, 3, 8)
-    blobs: list = datagen.encode_images(images)
-    blobs[2] = None
-    root = datagen.write_pair(tmp_path / "ds", blobs, labels)
-    with pytest.raises(DataError, match=r"row 2 .*both are None"):
-        datagen.load(root, tmp_path / "cache")
-
-
 def test_mixed_sizes_within_a_split_or_across_splits(tmp_path):
     images, labels = datagen.make_arrays(10, 3, 8)
     blobs = datagen.encode_images(images)
@@ -134,15 +115,25 @@ def test_empty_split_in_parquet_or_save_to_disk(tmp_path):
         datagen.load(tmp_path / "ds", tmp_path / "cache")
 
 
-@pytest.mark.parametrize("bad", [7, 3, -1, None])
-def test_labels_out_of_range_or_missing_name_their_row(tmp_path, bad):
-    images, labels = datagen.make_arrays(5, 3, 8)
-    labels = labels.tolist()
-    labels[2] = bad
-    root = datagen.write_pair(tmp_path / "ds", datagen.encode_images(images), labels)
-    says = r"-1, outside \[0, 3\) .*missing label" if bad is None else rf"{bad}, outside \[0, 3\)"
-    with pytest.raises(DataError, match=rf"split 'train' .*row 2 has label {says}"):
-        datagen.load(root, tmp_path / "cache")
+# name -> (training rows replaced by bad bytes or None, labels replaced, --skip-bad-images, the error)
+BAD_ROWS = {
+    "label 7": ({}, {2: 7}, False, r"split 'train' .*row 2 has label 7, outside \[0, 3\)"),
+    "label 3": ({}, {2: 3}, False, r"split 'train' .*row 2 has label 3, outside \[0, 3\)"),
+    "label -1": ({}, {2: -1}, False, r"split 'train' .*row 2 has label -1, outside \[0, 3\)"),
+    "missing label": ({}, {2: None}, False, r"split 'train' .*row 2 has label -1, outside \[0, 3\) .*missing label"),
+    "missing image": ({2: None}, {}, False, r"row 2 .*both are None"),
+    "label after a skipped row": ({1: b"junk"}, {4: 9}, True, r"row 4 has label 9"),  # the original row number
+}
+
+
+@pytest.mark.parametrize("case", BAD_ROWS)
+def test_bad_rows_are_named_by_their_row(tmp_path, case):
+    blob_at, label_at, skip, error = BAD_ROWS[case]
+    images, labels = datagen.make_arrays(6, 3, 8)
+    blobs = [blob_at.get(i, blob) for i, blob in enumerate(datagen.encode_images(images))]
+    labels = [label_at.get(i, label) for i, label in enumerate(labels.tolist())]
+    with pytest.raises(DataError, match=error):
+        datagen.load(datagen.write_pair(tmp_path / "ds", blobs, labels), tmp_path / "cache", skip_bad_images=skip)
 
 
 def test_missing_test_split_names_found_splits(tmp_path):
