@@ -198,6 +198,11 @@ def ok(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout + proc.stderr
 
 
+def has_trained(out: Path) -> bool:
+    """The run in ``out`` has logged a training loss."""
+    return (out / "metrics.jsonl").exists() and "train/loss" in (out / "metrics.jsonl").read_text()
+
+
 def start(command: Sequence[str], env: dict | None = None, cwd: Path = REPO, **kwargs) -> subprocess.Popen:
     """Start a process in the background, its stdout and stderr together as text."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}

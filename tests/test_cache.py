@@ -193,14 +193,6 @@ def test_changed_file_invalidates_key(tmp_path):
     assert third.fingerprint not in (first.fingerprint, second.fingerprint) and "decoded" in log.text()
 
 
-def test_options_are_part_of_the_key(tmp_path):
-    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4)
-    plain, _ = datagen.load(root, tmp_path / "cache")
-    skipping, _ = datagen.load(root, tmp_path / "cache", skip_bad_images=True)
-    named, _ = datagen.load(root, tmp_path / "cache", image_column="img", label_column="label")
-    assert len({plain.fingerprint, skipping.fingerprint, named.fingerprint}) == 3
-
-
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_damaged_cache_is_ignored_and_rewritten(tmp_path, damage):
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4)

@@ -176,7 +176,7 @@ def test_mixed_sizes_need_image_size_then_decode(tmp_path, layout):
             assert per_class_sorted(got.images, got.labels) == expected
 
 
-def test_image_size_is_part_of_the_cache_key(tmp_path, monkeypatch):
+def test_image_size_and_options_are_part_of_the_cache_key(tmp_path, monkeypatch):
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4, size=8)
     plain, _ = datagen.load(root, tmp_path / "cache")
     big, log_big = datagen.load(root, tmp_path / "cache", image_size=(24, 24))
@@ -185,6 +185,9 @@ def test_image_size_is_part_of_the_cache_key(tmp_path, monkeypatch):
     assert len({plain.fingerprint, big.fingerprint, wide.fingerprint}) == 3
     assert (plain.image_size, big.image_size, wide.image_size) == ((8, 8), (24, 24), (16, 20))
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    options = ({"skip_bad_images": True}, {"image_column": "img", "label_column": "label"})
+    keys = {datagen.load(root, tmp_path / "cache", **kw)[0].fingerprint for kw in options}
+    assert len(keys | {plain.fingerprint, big.fingerprint, wide.fingerprint}) == 5
     same, _ = datagen.load(root, tmp_path / "cache", image_size=(8, 8))  # the own size: a copy, under its own key
     assert torch.equal(same.train.images, plain.train.images) and same.fingerprint != plain.fingerprint
     datagen.forbid_decoding(monkeypatch)

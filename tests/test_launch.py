@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.datagen import make_parquet_dataset
-from tests.helpers import REPO, TINY, free_port
+from tests.helpers import REPO, TINY, free_port, has_trained, wait_for
 
 SBATCH = REPO / "launch" / "slurm_multinode.sbatch"
 NODE_SCRIPT = REPO / "launch" / "torchrun_multinode.sh"
@@ -269,10 +268,7 @@ def _e2e_job(tmp_path: Path) -> tuple[dict, Path, list[str]]:
 def _signalled_once_training(job: subprocess.Popen, out: Path) -> str:
     """SIGUSR1 to the batch shell once training has logged a step; the job's output."""
     try:
-        deadline = time.monotonic() + 120
-        while not ((out / "metrics.jsonl").exists() and "train/loss" in (out / "metrics.jsonl").read_text()):
-            assert job.poll() is None and time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_for(lambda: has_trained(out), job, "training to start")
         job.send_signal(signal.SIGUSR1)
         return job.communicate(timeout=120)[0]
     finally:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from distvgg.models import build_model
 from distvgg.tracking import read_metrics
-from tests.helpers import REPO, TINY, config_facts, free_port, ok, run_train, start
+from tests.helpers import REPO, TINY, config_facts, free_port, has_trained, ok, run_train, start, wait_for
 
 NODE_SCRIPT = REPO / "launch" / "torchrun_multinode.sh"
 CPU_2MACHINES = REPO / "accelerate_configs" / "cpu_2machines.yaml"
@@ -137,11 +137,8 @@ def start_training_pair(tmp_path: Path, data: Path, ddp_timeout: int) -> tuple[l
     port = free_port()
     machines = [start_machine(rank, port, args, tmp_path) for rank in (0, 1)]
     try:
-        deadline = time.monotonic() + 120
-        while not ((out / "metrics.jsonl").exists() and "train/loss" in (out / "metrics.jsonl").read_text()):
-            assert time.monotonic() < deadline, "training did not start"
-            assert all(p.poll() is None for p in machines), "a launcher ended before training started"
-            time.sleep(0.2)
+        wait_for(lambda: has_trained(out) or machines[1].poll() is not None, machines[0], "training to start")
+        assert machines[1].poll() is None, "a launcher ended before training started"
     except BaseException:
         finish(machines, timeout=0.1)
         raise
