@@ -15,8 +15,6 @@ import torch.nn as nn
 from distvgg import build, internals
 from distvgg.checkpoint import restore_rng
 from distvgg.config import TrainConfig
-from tests import datagen
-from tests.helpers import TINY, ok, run_train
 
 
 @pytest.mark.parametrize("enabled", [True, False])
@@ -98,13 +96,6 @@ def test_what_the_launch_cannot_do_is_known_from_the_accelerator(options, device
     launch = SimpleNamespace(device=torch.device(device), num_processes=processes)
     problems = build.launch_problems(TrainConfig(**options), launch)
     assert (problems == []) if refused is None else (len(problems) == 1 and refused in problems[0])
-
-
-@pytest.mark.slow
-def test_workers_with_the_data_on_the_cpu_train(tmp_path):
-    dataset = datagen.make_parquet_dataset(tmp_path / "ds", n_train=32, n_test=10)
-    args = ["--dataset", str(dataset), "--output-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
-    ok(run_train([*args, "--num-workers", "2", "--data-on-device", "yes"]))
 
 
 def test_deterministic_turns_on_deterministic_kernels(monkeypatch):

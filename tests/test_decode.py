@@ -18,6 +18,7 @@ import torch
 
 from distvgg import decode
 from distvgg.data import DataError, load_image_data
+from distvgg.models import load_model
 from tests import datagen
 from tests.helpers import TINY, ok, run_train, start, wait_for
 
@@ -123,13 +124,17 @@ def test_a_worker_that_dies_mid_decode_is_an_error_and_leaves_nothing(tmp_path, 
 
 @pytest.mark.slow
 def test_imagenet_folder_trains_at_64(tmp_path):
-    """ImageNet's layout: WordNet-id class folders, val/ as the test split, JPEGs of mixed sizes resized to 64x64."""
+    """ImageNet's layout (WordNet-id class folders, val/ as the test split, JPEGs of mixed sizes): refused without
+    --image-size, trained at 64x64 with it (here with 2 loader workers and the data on the CPU)."""
     root = datagen.make_imagenet_folder(tmp_path / "imagenet", n_train=24, n_val=12, num_classes=3)
-    with pytest.raises(DataError, match="images of different sizes .*pass --image-size"):
-        load_image_data(str(root), cache_dir=tmp_path / "cache", log=datagen.Log())
-    args = ["--dataset", str(root), "--image-size", "64", "--cache-dir", str(tmp_path / "cache"), *TINY]
-    text = ok(run_train([*args, "--output-dir", str(tmp_path / "run"), "--epochs", "1"]))
+    args = ["--dataset", str(root), "--cache-dir", str(tmp_path / "cache"), *TINY, "--epochs", "1"]
+    refused = run_train([*args, "--output-dir", str(tmp_path / "no")])
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "images of different sizes" in refused.stderr and "pass --image-size" in refused.stderr
+    workers = ["--num-workers", "2", "--data-on-device", "yes"]
+    text = ok(run_train([*args, "--image-size", "64", *workers, "--output-dir", str(tmp_path / "run")]))
     assert "decoded 24 train + 12 test images (64x64, 3 classes)" in text and "accuracy" in text
+    assert load_model(tmp_path / "run").image_size == (64, 64)
     data = load_image_data(str(root), cache_dir=tmp_path / "cache", image_size=64, log=datagen.Log())  # the run's cache
     assert data.class_names == [f"n{c:08d}" for c in range(3)]  # the WordNet-id folders, in order
     assert data.train.images.shape == (24, 3, 64, 64) and data.test.images.shape == (12, 3, 64, 64)

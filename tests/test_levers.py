@@ -12,9 +12,8 @@ import yaml
 from safetensors.torch import load_file
 
 from distvgg import batches
-from distvgg.models import build_model, load_model
+from distvgg.models import build_model
 from distvgg.train import update_ema
-from tests import datagen
 from tests.helpers import LEVERS, REPO, TINY, ok, run_train
 
 
@@ -106,13 +105,3 @@ def test_resnet18_for_small_images_keeps_the_resolution():
     large = build_model("resnet18", 5, image_size=(224, 224))  # torchvision's own stem for large images
     assert large.conv1.kernel_size == (7, 7) and isinstance(large.maxpool, nn.MaxPool2d)
     assert large(torch.zeros(1, 3, 224, 224)).shape == (1, 5)
-
-
-@pytest.mark.slow
-def test_a_mixed_size_dataset_trains_with_image_size(tmp_path):
-    dataset = datagen.make_mixed_size_dataset(tmp_path / "mixed", layout="parquet")
-    args = ["--dataset", str(dataset), *TINY, "--epochs", "1", "--batch-size", "4", "--eval-batch-size", "4"]
-    refused = run_train([*args, "--output-dir", str(tmp_path / "no")])
-    assert refused.returncode == 1 and "pass --image-size" in refused.stderr and "Traceback" not in refused.stderr
-    ok(run_train([*args, "--output-dir", str(tmp_path / "yes"), "--image-size", "24"]))
-    assert load_model(tmp_path / "yes").image_size == (24, 24)
