@@ -1,6 +1,5 @@
-"""The decoded-image cache: its key (files, options, image size), damaged or unwritable caches, the file's format,
-and what mapping it buys: with 2 processes on one machine, the pixels are held once in the page cache, not once per
-process; a dataset far larger than what a process may hold trains from it."""
+"""The decoded-image cache: its key, damaged or unwritable caches, its format, and what mapping it buys: 2 processes
+hold the pixels once (the page cache's copy), and a dataset larger than a process may hold trains from it."""
 
 from __future__ import annotations
 

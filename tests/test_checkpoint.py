@@ -1,5 +1,4 @@
-"""Checkpoints: atomic writes, verified resume with fallback, exact resume, preemption, refused changes, numerical
-faults, safe loading; and the train CLI's one clear error for each kind of bad input."""
+"""Checkpoints: atomic writes, verified and exact resume, preemption, safe loading; the CLI's bad-input errors."""
 
 from __future__ import annotations
 

@@ -1,6 +1,4 @@
-"""distvgg.data: every source layout read exactly, images resized to --image-size, balanced_subset and limited.
-
-Tiny generated datasets in every layout; the errors are in test_data_errors.py, the cache in test_cache.py."""
+"""distvgg.data: every layout read exactly, --image-size, balanced_subset and limited (errors, cache: other files)."""
 
 from __future__ import annotations
 

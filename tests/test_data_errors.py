@@ -1,5 +1,4 @@
-"""distvgg.data's errors: unknown or missing columns, damaged images and labels, empty or missing splits, paths and
-Hub names that do not resolve; each one message that names what is wrong."""
+"""distvgg.data's errors: columns, images, labels, splits, paths and Hub names, each one message naming the fault."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""distvgg.decode: the first decode on several worker processes gives the file one process gives; an interrupted or
-crashed decode leaves no cache file and no worker behind; long decodes report progress; ImageNet's folder layout."""
+"""distvgg.decode: parallel decodes equal one, interrupted ones leave nothing, progress lines, ImageNet's layout."""
 
 from __future__ import annotations
 
@@ -78,8 +77,7 @@ load_image_data(sys.argv[1], cache_dir=sys.argv[2], decode_workers=2)
 
 @pytest.mark.slow
 def test_ctrl_c_or_killing_the_run_mid_decode_leaves_no_cache_file_and_no_worker(tmp_path):
-    """Ctrl-C of one run, SIGKILL of another, both decoding with 2 workers: no cache file, no worker left; the
-    temporary files the killed run could not remove are removed by the next decode."""
+    """Ctrl-C or SIGKILL mid-decode (2 workers): no cache file, no worker; the next decode cleans up after a kill."""
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=1200, n_test=4, size=4)
     signals = {"ctrl-c": signal.SIGINT, "kill": signal.SIGKILL}
     runs = {how: start([sys.executable, "-c", _SLOW_DECODE, str(root), str(tmp_path / how)]) for how in signals}
@@ -124,8 +122,7 @@ def test_a_worker_that_dies_mid_decode_is_an_error_and_leaves_nothing(tmp_path, 
 
 @pytest.mark.slow
 def test_imagenet_folder_trains_at_64(tmp_path):
-    """ImageNet's layout (WordNet-id class folders, val/ as the test split, JPEGs of mixed sizes): refused without
-    --image-size, trained at 64x64 with it (here with 2 loader workers and the data on the CPU)."""
+    """ImageNet's layout (wnid folders, val/, mixed-size JPEGs): refused without --image-size, trained at 64 with it."""
     root = datagen.make_imagenet_folder(tmp_path / "imagenet", n_train=24, n_val=12, num_classes=3)
     args = ["--dataset", str(root), "--cache-dir", str(tmp_path / "cache"), *TINY, "--epochs", "1"]
     refused = run_train([*args, "--output-dir", str(tmp_path / "no")])

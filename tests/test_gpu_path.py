@@ -1,6 +1,5 @@
-"""What a GPU run relies on, checked on the CPU: --compile saves plain weights and keeps DDP's no_sync, every epoch
-says where its wall time went, best/ and media are written only when due, --profile-steps writes a trace, and the
-stop-signal agreement of several processes does not wait for the device."""
+"""What a GPU run relies on, checked on the CPU: --compile's plain weights and no_sync, each epoch's time split, when
+best/ and media are written, --profile-steps, the stop-signal agreement, fp16's skipped steps."""
 
 from __future__ import annotations
 
@@ -58,8 +57,7 @@ def test_compiled_run_saves_weights_the_guides_class_loads(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_compile_accumulation_all_reduces_once_per_optimizer_step(dataset, tmp_path):
-    """2 gloo processes, --compile, 2 micro-batches: no_sync holds back the first one's all-reduce at every step (also
-    after the evaluations); the final weights load into the guide's class."""
+    """2 gloo processes, --compile, 2 micro-batches: one all-reduce per optimizer step, plain final weights."""
     out, counts = tmp_path / "run", tmp_path / "allreduces"
     args = ["--dataset", str(dataset), "--output-dir", str(out), *TINY, "--compile", "--batch-size", "4"]
     args += ["--gradient-accumulation-steps", "2", "--checkpoint-every", "none"]
@@ -164,8 +162,7 @@ def test_fp16_with_non_fused_kernels_warns_of_the_scalers_wait():
 
 @pytest.mark.parametrize("impl", ["fused", "foreach"])
 def test_skipped_scaler_steps_are_counted_and_leave_the_weights_and_momentum_sound(impl):
-    """Two overflows on the very first steps: counted as skipped, by the scale (fused) or Accelerate's flag (not),
-    the weights untouched by them and sound after (fused SGD's momentum must not start as garbage)."""
+    """Two overflows first: counted as skipped (fused or not), the weights untouched by them and sound after."""
     from accelerate import Accelerator
 
     acc = Accelerator()

@@ -1,5 +1,4 @@
-"""One job per output folder: a second job refuses before training, a killed job's folder is taken over, and
-the multi-process case learns the outcome from the main process."""
+"""One job per output folder: a second job (1 or 2 processes) refuses; a killed job's folder is taken over."""
 
 from __future__ import annotations
 

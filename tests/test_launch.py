@@ -1,5 +1,4 @@
-"""The multi-node launch scripts, run with bash against fake ``srun``, ``scontrol``, ``scancel``, ``accelerate`` and
-``python3`` (each writes its argv to a file; ``srun`` runs its command once per node with that SLURM_NODEID)."""
+"""The multi-node launch scripts, run by bash against fake srun, scontrol, scancel, accelerate and python3."""
 
 from __future__ import annotations
 

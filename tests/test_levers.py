@@ -1,5 +1,4 @@
-"""Accuracy levers: EMA of the weights, cutout, mixup, cutmix (with label smoothing); exact resume (the same result
-for any number of processes is tests/test_train.py's 2-process test, which trains with LEVERS)."""
+"""Accuracy levers: EMA, cutout, mixup, cutmix (with label smoothing) and their exact resume; sweeps; ResNet-18."""
 
 from __future__ import annotations
 
@@ -78,8 +77,7 @@ def test_levers_resume_exactly(tiny_parquet, tmp_path):
 
 @pytest.mark.slow
 def test_two_sweep_trials_write_to_two_folders(tiny_parquet, tmp_path):
-    """What `wandb agent` does for each trial: WANDB_SWEEP_ID and WANDB_RUN_ID in the environment, and the
-    sweep's parameters as --name=value (booleans as True/False), with launch/sweep.yaml's names."""
+    """As `wandb agent` runs trials: WANDB_SWEEP_ID, WANDB_RUN_ID, launch/sweep.yaml's parameters as --name=value."""
 
     sweep = yaml.safe_load((REPO / "launch" / "sweep.yaml").read_text())
     assert sweep["method"] == "bayes" and sweep["metric"] == {"name": "eval/accuracy", "goal": "maximize"}

@@ -1,5 +1,4 @@
-"""Several machines on one box: two launchers (``launch/torchrun_multinode.sh``, one gloo process each) train as one
-job; processes sharing a cache decode once; a dead or hung machine ends the job within ``--ddp-timeout``."""
+"""Two launchers on one box train as one job; a shared cache decodes once; a dead or hung machine ends the job."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""W&B and TensorBoard tracking, offline, read back from the files the trackers wrote (for W&B, the ``.wandb`` record
-log that ``wandb sync`` uploads: what the server would receive)."""
+"""W&B and TensorBoard tracking, offline, read back from the files they wrote (W&B's: what ``wandb sync`` sends)."""
 
 from __future__ import annotations
 
@@ -116,8 +115,7 @@ def test_resumed_run_is_one_wandb_run_with_the_names_given(tracked_run):
 
 @pytest.mark.slow
 def test_after_a_kill_every_record_shows_each_step_once(tracked_run):
-    """metrics.jsonl, TensorBoard and the synced W&B run show each step once; rows after the checkpoint kept aside.
-    --log-every 2 counts the run's steps, across epochs and the resume (not 2, 4, 7, 9, 10)."""
+    """metrics.jsonl, TensorBoard and W&B show each step once (--log-every counts run steps); later rows kept aside."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from distvgg.report import load_metrics

@@ -67,8 +67,7 @@ def test_a_terminal_gets_the_live_progress_bar(tiny_parquet, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_parquet, tmp_path):
-    """2 gloo processes x batch 8 == 1 process x 2 accumulated micro-batches of 8 (dropout, BatchNorm, every accuracy
-    lever on), and the lr rule: --lr-reference-batch 8 with a global batch of 16 gives lr 0.01 x 16 / 8 = 0.02."""
+    """2 processes x batch 8 == 1 x 2 micro-batches of 8, every lever on; --lr-reference-batch 8 gives lr 0.02."""
     common = ["--dataset", str(tiny_parquet), *TINY, *LEVERS, "--epochs", "2", "--lr-reference-batch", "8"]
     two = tmp_path / "two"
     text = ok(run_train([*common, "--output-dir", str(two)], nproc=2))
