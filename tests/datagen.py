@@ -202,15 +202,11 @@ def make_save_to_disk_dataset(root, image_column="img", label_column="label", **
 
 
 def make_imagenet_folder(root, n_train=24, n_val=12, num_classes=3, seed=0) -> Path:
-    """ImageNet's layout: ``root/{train,val}/<wnid>/<wnid>_<i>.JPEG``, row i at ``IMAGENET_SIZES[i % 3]``."""
-    root = Path(root)
+    """ImageNet's layout: ``root/{train,val}/<wnid>/<wnid>_<i>.JPEG``, ``mixed_size_arrays`` at ``IMAGENET_SIZES``."""
     for split, n, split_seed in (("train", n_train, seed), ("val", n_val, seed + 1)):
-        per_size = [make_arrays(n, num_classes, size, split_seed) for size in IMAGENET_SIZES]
-        for i in range(n):
-            label = int(per_size[0][1][i])
-            pixels = per_size[i % len(IMAGENET_SIZES)][0][i]
-            _write_file(root / split / f"n{label:08d}" / f"n{label:08d}_{i}.JPEG", encode_image(pixels, "JPEG"))
-    return root
+        for i, (pixels, label) in enumerate(zip(*mixed_size_arrays(n, num_classes, IMAGENET_SIZES, split_seed))):
+            _write_file(Path(root) / split / f"n{label:08d}" / f"n{label:08d}_{i}.JPEG", encode_image(pixels, "JPEG"))
+    return Path(root)
 
 
 IMAGENET_SIZES = ((75, 100), (100, 75), (90, 90))  # (H, W): landscape, portrait, square

@@ -15,6 +15,7 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -165,6 +166,16 @@ class FakeAccelerator:
     def reduce(self, tensor, reduction):
         self.reduces.append(reduction)
         return tensor + self.others
+
+
+@dataclass
+class RunsCode:
+    """Unpickling this creates the folder ``marker``: a stand-in for code an attacker would run."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

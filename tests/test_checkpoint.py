@@ -89,22 +89,12 @@ def test_replace_folder_never_leaves_a_half_written_folder(tmp_path):
     assert (target / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
-class _RunsCode:
-    """Unpickling this creates a folder: a stand-in for code an attacker would run."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (str(self.marker),))
-
-
 @pytest.mark.parametrize("name", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
 def test_crafted_pickle_is_refused_without_running_it(tmp_path, name):
     folder = _fake_checkpoint(tmp_path / "ck")
     ckpt.check_loadable(folder)  # plain tensors and containers load
     marker = tmp_path / "pwned"
-    torch.save(_RunsCode(marker), folder / name)
+    torch.save(helpers.RunsCode(marker), folder / name)
     with pytest.raises(ckpt.CheckpointError, match=rf"refusing to load .*{name}.*weights_only=True"):
         ckpt.check_loadable(folder)
     assert not marker.exists()
@@ -227,7 +217,7 @@ def test_tampered_checkpoint_does_not_run_code(dataset, reference, tmp_path):
     out = copy_run(reference, tmp_path / "out")
     folder = out / "checkpoints" / "step-00000016"
     marker = tmp_path / "pwned"
-    torch.save(_RunsCode(marker), folder / "optimizer.bin")
+    torch.save(helpers.RunsCode(marker), folder / "optimizer.bin")
     files.write_marker(folder)  # the attacker rewrites the marker too: only the load path stands in the way
     proc = run_train(tiny_args(dataset, out))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
