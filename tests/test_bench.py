@@ -42,9 +42,6 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-# ---- distvgg.machine ----------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize(
     "text, expected",
     [
@@ -73,9 +70,6 @@ def test_machine_facts_of_this_machine():
     versions = machine.package_versions(["torch", "surely-not-a-package-name"])
     assert versions["torch"].split("+")[0] == torch.__version__.split("+")[0] and versions["python"].count(".") == 2
     assert versions["surely-not-a-package-name"] == "not installed"
-
-
-# ---- bench, in process ------------------------------------------------------------------------------------------
 
 
 def cpu_args(*argv: str) -> argparse.Namespace:
@@ -146,9 +140,6 @@ def test_recipe_from_a_file_and_unknown_names(tmp_path):
     mine.write_text("lr: 0.05\nbogus: 1\n")
     with pytest.raises(ConfigError, match=r"--recipe .*unknown option\(s\) bogus"):
         parse_config(["--recipe", str(mine)])
-
-
-# ---- bench end to end (tiny) -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

@@ -148,9 +148,6 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing_behind(tmp_path):
         assert not list(full.iterdir())
 
 
-# ------------------------------------------------------------------------------------------ the decode's cache key
-
-
 @pytest.mark.parametrize("maker", [datagen.make_parquet_dataset, datagen.make_cifar_pickle_dataset])
 def test_second_load_uses_cache(tmp_path, monkeypatch, maker):
     root = maker(tmp_path / "ds")

@@ -22,8 +22,6 @@ from distvgg.tracking import read_metrics
 from tests import datagen, helpers
 from tests.helpers import assert_same_run, final_weights, ok, run_train, tiny_args, traced, training_state
 
-# ------------------------------------------------------------------------------------ unit tests
-
 
 def _fake_checkpoint(folder: Path, step: int = 1) -> Path:
     folder.mkdir(parents=True)
@@ -135,9 +133,6 @@ def test_changed_settings_are_listed():
     text = str(e.value)
     assert "trained on 32x32 images but the dataset has 64x64 images" in text
     assert "lr: 0.01 in the checkpoint, 0.02 now" in text and "seed" not in text
-
-
-# ----------------------------------------------------------------------------------- training runs
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +273,6 @@ def test_nan_stops_the_run_and_the_last_checkpoint_stays_good(dataset, tmp_path)
         weights = load_file(str(folder / "model.safetensors"))
         assert all(torch.isfinite(w).all() for w in weights.values()), folder
     assert not (out / "final").exists()
-
-
-# -------------------------------------------------------------------------------------- bad input
 
 
 # name -> (expected exit code, phrases the error must contain; {tmp} is the case's folder)

@@ -23,9 +23,6 @@ def per_class_sorted(images: torch.Tensor, labels: torch.Tensor) -> dict[int, li
     }
 
 
-# ------------------------------------------------------------------------------------------ sources
-
-
 @pytest.mark.parametrize(
     "layout,test_split", [("flat", "test"), ("data", "validation"), ("dirs", "test"), ("config", "test")]
 )
@@ -127,9 +124,6 @@ def test_save_to_disk(tmp_path):
     assert datagen.tree_snapshot(root) == before
 
 
-# ------------------------------------------------------------------------------------------ image sizes
-
-
 def _resized(images, size) -> torch.Tensor:
     """What ``image_size=size`` must give: torchvision's bilinear, antialiased resize of each uint8 image."""
     one = lambda im: resize(datagen.nchw(im[None])[0], list(size), InterpolationMode.BILINEAR, antialias=True)  # noqa: E731
@@ -188,9 +182,6 @@ def test_cifar_pickles_resized(tmp_path):
         images, labels = arrays[split]
         assert torch.equal(getattr(loaded, split).images, _resized(images, (16, 16)))
         assert torch.equal(getattr(loaded, split).labels, torch.from_numpy(labels))
-
-
-# ------------------------------------------------------------------------------------------ balanced_subset, limited
 
 
 def test_balanced_subset_counts_order_and_seed():

@@ -29,9 +29,6 @@ def reference(dataset, tmp_path_factory) -> Path:
     return out
 
 
-# ------------------------------------------------------------------------------------------- a full disk
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 32 MiB filesystem (tmpfs), mounted for the test and unmounted after it."""
@@ -99,9 +96,6 @@ def test_a_full_disk_under_the_wandb_folder_stops_the_run_before_training(datase
     assert "bytes, and 0 bytes are free" in error and "training" not in run.stdout
 
 
-# ----------------------------------------------------------------------------------------- out of memory
-
-
 def test_out_of_memory_is_one_clear_error(dataset, tmp_path, monkeypatch):
     """The CPU allocator's failure in the forward pass is one clear error end to end; a GPU OOM gets the same."""
     failure = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
@@ -122,9 +116,6 @@ def test_out_of_memory_is_one_clear_error(dataset, tmp_path, monkeypatch):
     message = train.out_of_memory_message(cfg, 48, gpu)
     assert "out of GPU memory" in message
     assert "global batch of 48: --batch-size 3 --gradient-accumulation-steps 4" in message
-
-
-# ------------------------------------------------------------------------------ the record after a crash
 
 
 def test_rewind_cuts_metrics_back_and_keeps_the_cut_rows(tmp_path):

@@ -35,9 +35,6 @@ def assert_plain_vgg3layer(weights: dict, where: str) -> None:
     VGG3Layer(4, width=0.125).load_state_dict(weights, strict=True)
 
 
-# ---- --compile --------------------------------------------------------------------------------------------------
-
-
 @pytest.mark.slow
 def test_compiled_run_saves_weights_the_guides_class_loads(dataset, tmp_path):
     """final/, best/, the checkpoints' model and EMA have no wrapper prefixes (aot_eager: dynamo, AOT autograd)."""
@@ -69,9 +66,6 @@ def test_ddp_compile_accumulation_all_reduces_once_per_optimizer_step(dataset, t
         assert [s["step"] for s in steps] == [1, 2, 3, 4]  # 32 images / 16 per step, 2 epochs
         assert [s["allreduces"] for s in steps] == [1, 1, 1, 1], (rank, steps)
     assert_plain_vgg3layer(load_file(str(out / "final" / "model.safetensors")), "final")
-
-
-# ---- where the time goes ----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -136,9 +130,6 @@ def test_profile_steps_writes_a_trace_that_viewers_open(timed_run):
     assert steps == {"ProfilerStep#4", "ProfilerStep#5"}  # 3 left out, 1 warm-up, then the 2 traced
 
 
-# ---- the stop-signal agreement ---------------------------------------------------------------------------------
-
-
 def test_the_queued_agreement_is_read_one_check_later_and_alike_on_every_process():
     """On a GPU the flags' all-reduce is read at the next check: another process's signal stops this one then."""
     stop, acc = preemption.StopSignals(), FakeAccelerator(2)
@@ -146,9 +137,6 @@ def test_the_queued_agreement_is_read_one_check_later_and_alike_on_every_process
     acc.others = 1.0  # the other process got SIGTERM before the second check
     decisions += [stop.agree_later(acc), stop.agree_later(acc)]
     assert decisions == [False, False, True] and acc.reduces == ["sum"] * 3
-
-
-# ---- fp16's gradient scaler ------------------------------------------------------------------------------------
 
 
 def test_fp16_with_non_fused_kernels_warns_of_the_scalers_wait():

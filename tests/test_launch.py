@@ -220,10 +220,6 @@ def test_multinode_configs_load_in_accelerate(name):
     assert cfg.num_machines == 2 and cfg.num_processes % cfg.num_machines == 0
 
 
-# ------------------------------------------------------------------------------------------------
-# End to end: the batch script, two "nodes" on this box, real accelerate launch and distvgg.train.
-# ------------------------------------------------------------------------------------------------
-
 E2E_FAKES = {
     # Starts the command on every node at once (both on this box), like srun.
     "srun": r"""

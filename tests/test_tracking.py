@@ -49,9 +49,6 @@ def steps_of(rows: list[dict], key: str) -> dict[int, float]:
     return {r["_step"] if "_step" in r else r["step"]: r[key] for r in rows if key in r}
 
 
-# ----------------------------------------------------------------------------- end-to-end
-
-
 SECRET_ENV_VALUE = "sentinel-env-value-0451"
 
 
@@ -209,9 +206,6 @@ def test_invalid_key_stops_the_run_before_training(tiny_dataset, tmp_path):
     proc = run_train(args, env=clean_env(tmp_path, WANDB_API_KEY="short"), **CLEAN)
     assert proc.returncode == 1 and "WANDB_API_KEY" in proc.stderr, output(proc)[-3000:]
     assert not (out / tracking.METRICS_FILE).exists() or not read_metrics(out)
-
-
-# ----------------------------------------------------------------------------------- unit level
 
 
 def test_trackers_for_puts_wandb_last():
