@@ -194,14 +194,10 @@ def test_balanced_subset_counts_order_and_seed():
     labels = torch.randint(0, 7, (500,), generator=torch.Generator().manual_seed(1))
     a, b, c = (balanced_subset(labels, 50, s) for s in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)  # deterministic, and seeded
-
-
-def test_balanced_subset_class_ordered_labels():
     labels = torch.arange(10).repeat_interleave(500)  # like the CIFAR-10 parquet copy: sorted by class
     idx = balanced_subset(labels, 100, seed=3)
     assert torch.equal(torch.bincount(labels[idx], minlength=10), torch.full((10,), 10))
-    # Within a class the pick is random, not the first rows of that class.
-    assert (idx % 500 >= 10).any()
+    assert (idx % 500 >= 10).any()  # within a class the pick is random, not the first rows of that class
 
 
 def test_balanced_subset_small_classes_and_limits():
@@ -227,7 +223,7 @@ def _rows(split: ImageSplit) -> torch.Tensor:
     return rows
 
 
-def test_limited_draws_train_with_seed_and_test_with_seed_plus_one():
+def test_limited_draws_train_with_seed_and_test_with_seed_plus_one_or_keeps_all():
     labels = torch.arange(10).repeat_interleave(30)  # 10 classes of 30 rows, sorted by class
     train, test = _indexed_split(labels), _indexed_split(labels.clone())
     small_train, small_test = limited(train, test, 50, 25, seed=7)
@@ -241,11 +237,7 @@ def test_limited_draws_train_with_seed_and_test_with_seed_plus_one():
     assert not torch.equal(_rows(same_train), _rows(same_test))
     again = limited(train, test, 50, 25, seed=7)
     assert torch.equal(_rows(again[0]), _rows(small_train)) and torch.equal(_rows(again[1]), _rows(small_test))
-
-
-def test_limited_none_or_more_than_the_split_keeps_it_whole():
-    train, test = _indexed_split(torch.arange(40) % 4), _indexed_split(torch.arange(12) % 4)
-    whole_train, whole_test = limited(train, test, None, 12, seed=0)
-    assert torch.equal(_rows(whole_train), torch.arange(40)) and torch.equal(_rows(whole_test), torch.arange(12))
+    whole_train, whole_test = limited(train, test, None, 300, seed=0)  # none, or more than the split: all of it
+    assert torch.equal(_rows(whole_train), torch.arange(300)) and torch.equal(_rows(whole_test), torch.arange(300))
     cut_train, whole_test = limited(train, test, 8, None, seed=0)
-    assert len(cut_train) == 8 and len(whole_test) == 12
+    assert len(cut_train) == 8 and len(whole_test) == 300

@@ -93,7 +93,7 @@ def test_unreachable_server_falls_back_offline_under_the_same_run_id(tracked_run
 
 @pytest.mark.slow
 def test_resumed_run_is_one_wandb_run_with_the_names_given(tracked_run):
-    """The last attempt's new W&B run (named as given, linked to the first) holds metrics.jsonl, each step once."""
+    """The last attempt's new W&B run: named as given, linked to the first, metrics.jsonl each step once, the config."""
     record = wandb_records.run_record(tracked_run.files[-1])
     assert (record.project, record.display_name, list(record.tags)) == ("distvgg", "tiny-run", ["tiny", "ci"])
     assert record.run_id == tracked_run.final_id != tracked_run.first_id
@@ -105,8 +105,13 @@ def test_resumed_run_is_one_wandb_run_with_the_names_given(tracked_run):
         assert steps_of(tracked_run.metrics, key), key
         assert steps_of(final, key) == steps_of(tracked_run.metrics, key), key
     assert steps_of(final, "epoch")[2] == pytest.approx(0.4)  # epoch is logged with the training rows
-    config = wandb_records.config(tracked_run.files[-1])
+    config = wandb_records.config(tracked_run.files[-1])  # every option and the run facts
     assert (config["resumed_from_wandb_run"], config["resumed_from_step"]) == (tracked_run.first_id, 5)
+    facts = "num_processes num_machines mixed_precision device_name torch accelerate wandb git_commit".split()
+    options = TrainConfig(dataset=str(tracked_run.dataset), output_dir=str(tracked_run.out)).to_dict()
+    assert not [key for key in [*options, *facts] if key not in config]
+    assert config["report_to"] == "all" and config["wandb_log_model"] is True and config["width"] == 0.125
+    assert config["num_processes"] == 1
     assert f"continues in a new W&B run, {tracked_run.final_id}" in output(tracked_run.second)
 
 
@@ -157,18 +162,6 @@ def test_tracked_run_has_the_charts_summary_and_model_artifact(tracked_run):
     artifacts = [r.artifact for r in wandb_records.records(last) if r.WhichOneof("record_type") == "artifact"]
     run_id = wandb_records.run_record(last).run_id
     assert any(a.type == "model" and a.name == f"model-{run_id}" for a in artifacts)
-
-
-@pytest.mark.slow
-def test_tracked_run_config_holds_every_option_and_the_run_facts(tracked_run):
-    config = wandb_records.config(tracked_run.files[-1])
-    for key in TrainConfig(dataset=str(tracked_run.dataset), output_dir=str(tracked_run.out)).to_dict():
-        assert key in config, key
-    assert config["report_to"] == "all" and config["wandb_log_model"] is True and config["width"] == 0.125
-    facts = ["num_processes", "num_machines", "mixed_precision", "device_name", "torch", "accelerate", "wandb"]
-    for fact in [*facts, "git_commit"]:
-        assert fact in config, fact
-    assert config["num_processes"] == 1
 
 
 @pytest.mark.slow
