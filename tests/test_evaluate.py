@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from unittest import mock
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_dataset_must_fit_the_model(saved_run, tiny_dataset, tmp_path):
     assert loaded.class_names == names
 
 
-def test_bad_checkpoints_are_one_line_errors(saved_run, tmp_path, capsys):
+def test_bad_checkpoints_and_launches_are_one_line_errors(saved_run, tmp_path, capsys, monkeypatch):
     def error(path) -> str:
         assert evaluate.main(["--checkpoint", str(path)]) == 1
         err = capsys.readouterr().err
@@ -96,15 +97,9 @@ def test_bad_checkpoints_are_one_line_errors(saved_run, tmp_path, capsys):
     spec = json.loads((bare / "model.json").read_text())
     (bare / "model.json").write_text(json.dumps({**spec, "train_config": {}}))
     assert "does not record the dataset it was trained on: pass --dataset" in error(bare)
-
-
-def test_a_bad_launch_exits_2_as_training_does(saved_run, monkeypatch, capsys):
-    def split_launch():
-        raise build.LaunchError("the processes formed 2 groups")
-
-    monkeypatch.setattr(build, "make_accelerator", split_launch)
-    assert evaluate.main(["--checkpoint", str(saved_run)]) == 2
-    assert capsys.readouterr().err == "distvgg.evaluate: error: the processes formed 2 groups\n"
+    monkeypatch.setattr(build, "make_accelerator", mock.Mock(side_effect=build.LaunchError("2 groups formed")))
+    assert evaluate.main(["--checkpoint", str(saved_run)]) == 2  # a bad launch: exit 2, as training
+    assert capsys.readouterr().err == "distvgg.evaluate: error: 2 groups formed\n"
 
 
 @pytest.mark.slow
