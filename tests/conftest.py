@@ -99,8 +99,7 @@ def _write_checkpoint(folder: Path, model: torch.nn.Module, config: dict, prefix
 
 @pytest.fixture(scope="session")
 def saved_run(tiny_dataset, tmp_path_factory) -> Path:
-    """final/ and best/ (two different networks), checkpoints step-2 and step-4 (the latter in DDP's "module."
-    names) and a metrics.jsonl of 4 steps and 2 epochs, for ``tiny_dataset``."""
+    """final/ and best/ (two networks), checkpoints step-2 and step-4 (DDP's "module." names), metrics.jsonl."""
     out = tmp_path_factory.mktemp("saved") / "run"
     config = {"dataset": str(tiny_dataset), "seed": 0, "eval_batch_size": 7, "model": "vgg3layer", "width": 0.125}
     spec = model_spec("vgg3layer", len(NAMES), 0.125, 0.5, (32, 32), NAMES, mean=MEAN, std=STD, train_config=config)
@@ -115,8 +114,7 @@ def saved_run(tiny_dataset, tmp_path_factory) -> Path:
 
 
 def _views(images: np.ndarray, tta: str) -> list[tuple[float, np.ndarray]]:
-    """(weight, NHWC images) of each test-time view: the image, its mirror, and each shifted one pixel up-left and
-    down-right, cut by hand from a reflect-padded copy."""
+    """(weight, NHWC images) of each test-time view, the shifted ones cut from a reflect-padded copy."""
     if tta == "none":
         return [(1.0, images)]
     if tta == "flip":
@@ -146,6 +144,5 @@ def _hand_count(model_path: Path, tta: str = "none") -> dict:
 
 @pytest.fixture(scope="session")
 def hand_count():
-    """``hand_count(model_path, tta="none")``: the model's confusion, accuracy, loss, count and class names on
-    ``tiny_dataset``'s test pixels (PNG is lossless), counted with plain loops."""
+    """``hand_count(model_path, tta="none")``: confusion, accuracy, loss, count and names, counted by hand."""
     return _hand_count

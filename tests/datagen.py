@@ -1,6 +1,5 @@
-"""Tiny, seeded image datasets in every layout ``distvgg.data`` reads (Hub parquet, CIFAR pickles, image folders,
-save_to_disk). Images are learnable (a colour and a bright corner per class, plus noise); ``dataset_arrays`` gives
-exactly the pixels the ``make_*`` functions write (PNG, the default, is lossless)."""
+"""Tiny, seeded, learnable image datasets in every layout ``distvgg.data`` reads; ``dataset_arrays`` gives exactly
+the pixels the ``make_*`` functions write (PNG, the default, is lossless)."""
 
 from __future__ import annotations
 
@@ -69,8 +68,7 @@ def encode_images(images: np.ndarray) -> list[bytes]:
 
 
 def write_parquet_split(path, blobs, labels, names, image_column="img", label_column="label") -> Path:
-    """One parquet file in the Hub layout (an ``Image()`` column, a ``ClassLabel(names)`` or, without names, an int64
-    one; None is missing), written with pyarrow so that it can hold the bad bytes and labels ``datasets`` refuses."""
+    """A Hub-layout parquet file (int64 labels without ``names``) that may hold bad bytes, None and bad labels."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -97,9 +95,8 @@ PARQUET_LAYOUTS = {
 
 
 def make_parquet_dataset(root, n_train=40, n_test=20, fmt="PNG", test_split="test", layout="flat", mode="RGB", **kw):
-    """``root/train-00000-of-00001.parquet`` and ``root/<test_split>-00000-of-00001.parquet``, like the Hub and the
-    real CIFAR-10 copy, or another of the Hub's layouts (``PARQUET_LAYOUTS``); ``kw``: ``dataset_arrays``'s options,
-    ``image_column`` and ``label_column``. Returns ``root``."""
+    """``root/{train,<test_split>}-00000-of-00001.parquet`` or another ``PARQUET_LAYOUTS`` layout; ``kw``:
+    ``dataset_arrays``'s options, ``image_column`` and ``label_column``. Returns ``root``."""
     columns = {k: kw.pop(k) for k in ("image_column", "label_column") if k in kw}
     arrays, names = dataset_arrays(n_train, n_test, **kw), class_names(kw.get("num_classes", 4))
     for split, file_split in (("train", "train"), ("test", test_split)):
@@ -126,8 +123,7 @@ MIXED_SIZES = ((32, 32), (48, 40))  # (H, W)
 
 
 def make_mixed_size_dataset(root, layout="parquet", n_train=12, n_test=6, num_classes=3, sizes=MIXED_SIZES, seed=0):
-    """Train and test splits of mixed sizes: row i is ``make_arrays``'s row i at ``sizes[i % len(sizes)]``.
-    ``layout``: "parquet" (the flat Hub layout) or "imagefolder". ``mixed_size_arrays`` gives the pixels written."""
+    """Parquet or image-folder splits whose row i is ``make_arrays``'s row i at ``sizes[i % len(sizes)]``."""
     root = Path(root)
     for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
         images, labels = mixed_size_arrays(n, num_classes, sizes, split_seed)
@@ -149,8 +145,7 @@ def mixed_size_arrays(n: int, num_classes=3, sizes=MIXED_SIZES, seed=0) -> tuple
 
 
 def make_cifar_pickle_dataset(root, n_train=50, n_test=10, num_classes=10, seed=0, variant="cifar-10", protocol=2):
-    """torchvision's CIFAR download layout, tiny (32x32): ``cifar-10-batches-py/{data_batch_1..5, test_batch,
-    batches.meta}`` or ``cifar-100-python/{train, test, meta}``, each batch a bytes-keyed dict of CHW rows."""
+    """torchvision's CIFAR-10 or CIFAR-100 download layout, tiny (32x32): pickled bytes-keyed dicts of CHW rows."""
     root = Path(root)
     arrays = dataset_arrays(n_train, n_test, num_classes, 32, seed)
     rows = {s: (im.transpose(0, 3, 1, 2).reshape(len(im), 3072).copy(), lab) for s, (im, lab) in arrays.items()}
@@ -207,24 +202,18 @@ def make_save_to_disk_dataset(root, image_column="img", label_column="label", **
 
 
 def make_imagenet_folder(root, n_train=24, n_val=12, num_classes=3, seed=0) -> Path:
-    """ImageNet's layout, small: ``root/{train,val}/<wnid>/<wnid>_<i>.JPEG``, row i ``make_arrays``'s pixels at
-    ``IMAGENET_SIZES[i % 3]`` (mixed sizes: they need ``--image-size``)."""
-    root = Path(root)
+    """ImageNet's layout: ``root/{train,val}/<wnid>/<wnid>_<i>.JPEG``, ``mixed_size_arrays`` at ``IMAGENET_SIZES``."""
     for split, n, split_seed in (("train", n_train, seed), ("val", n_val, seed + 1)):
-        per_size = [make_arrays(n, num_classes, size, split_seed) for size in IMAGENET_SIZES]
-        for i in range(n):
-            label = int(per_size[0][1][i])
-            pixels = per_size[i % len(IMAGENET_SIZES)][0][i]
-            _write_file(root / split / f"n{label:08d}" / f"n{label:08d}_{i}.JPEG", encode_image(pixels, "JPEG"))
-    return root
+        for i, (pixels, label) in enumerate(zip(*mixed_size_arrays(n, num_classes, IMAGENET_SIZES, split_seed))):
+            _write_file(Path(root) / split / f"n{label:08d}" / f"n{label:08d}_{i}.JPEG", encode_image(pixels, "JPEG"))
+    return Path(root)
 
 
 IMAGENET_SIZES = ((75, 100), (100, 75), (90, 90))  # (H, W): landscape, portrait, square
 
 
 def grow_cache(path: str | Path, n_train: int) -> int:
-    """Rewrite the cache file ``path`` with ``n_train`` training rows (its own, repeated) through distvgg's cache
-    writer, standing in for minutes of decoding; returns the images' bytes."""
+    """Rewrite the cache file ``path`` with ``n_train`` training rows (its own, repeated); the images' bytes."""
     from distvgg import cache
 
     path = Path(path)

@@ -1,6 +1,5 @@
-"""Running distvgg.train as users do: ``main`` as the command line calls it, in this process for one process
-where that is alike, else in processes forked with torch already imported (``run_forked``); ``accelerate launch``
-where a test is about the launch itself (``train_command``)."""
+"""Running distvgg.train as users do: ``main`` in this process where that is alike, else in processes forked with
+torch imported (``run_forked``); ``accelerate launch`` where a test is about the launch (``train_command``)."""
 
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -53,8 +53,7 @@ def train_command(args: Sequence[str], nproc: int = 1, module: str = "distvgg.tr
 
 
 def run_train(args: Sequence[str], nproc=1, env=None, timeout=300, module="distvgg.train", inherit_env=True, **kwargs):
-    """Run to completion and return the CompletedProcess (stdout and stderr as text). The environment is this
-    process's with ``env`` on top, or exactly ``env`` (``inherit_env=False``); ``kwargs`` go to subprocess.run."""
+    """The CompletedProcess of a run, in this environment with ``env`` on top (only ``env``: ``inherit_env=False``)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})} if inherit_env else dict(env or {})
     args = one_thread(args, module)
     if module == "distvgg.train" and any(k.startswith("HOOK_") for k in env or {}):
@@ -84,8 +83,7 @@ LAUNCH_ENV |= dict(MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
 
 
 def run_forked(args: Sequence[str], nproc: int, env: dict, module: str, timeout: float) -> subprocess.CompletedProcess:
-    """``module.main(args)`` in ``nproc`` real processes (one gloo group for several, with LAUNCH_ENV), forked from a
-    server that imported torch once (a new interpreter spends seconds on it); exit code as torchrun reports it."""
+    """``module.main(args)`` in ``nproc`` processes, forked from one that imported torch; torchrun's exit code."""
     import multiprocessing
     import tempfile
 
@@ -138,8 +136,7 @@ def _in_process_is_alike(args: Sequence[str]) -> bool:
 
 
 def run_in_process(args: Sequence[str], env: dict, hooked: bool = False) -> subprocess.CompletedProcess:
-    """``distvgg.train.main(args)`` in this process, as ``python -m distvgg.train ARGS`` runs it, with ``env``
-    as the environment for the call: a new process per run would spend most of its time importing torch."""
+    """``distvgg.train.main(args)`` in this process, ``env`` its environment, as ``python -m distvgg.train`` runs it."""
     from distvgg import train
     from tests import hooked_train
 
@@ -171,6 +168,16 @@ class FakeAccelerator:
         return tensor + self.others
 
 
+@dataclass
+class RunsCode:
+    """Unpickling this creates the folder ``marker``: a stand-in for code an attacker would run."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     """The weights in OUTPUT_DIR/final/."""
     from safetensors.torch import load_file
@@ -196,6 +203,11 @@ def ok(proc: subprocess.CompletedProcess) -> str:
         f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
     )
     return proc.stdout + proc.stderr
+
+
+def has_trained(out: Path) -> bool:
+    """The run in ``out`` has logged a training loss."""
+    return (out / "metrics.jsonl").exists() and "train/loss" in (out / "metrics.jsonl").read_text()
 
 
 def start(command: Sequence[str], env: dict | None = None, cwd: Path = REPO, **kwargs) -> subprocess.Popen:

@@ -1,5 +1,4 @@
-"""distvgg.bench: its choices and pieces in process, and its tiny CI mode end to end (no timing asserts);
-also distvgg.machine, whose facts the bench records, and --recipe, which its time to accuracy trains."""
+"""distvgg.bench in process and its tiny CI mode end to end (no timing asserts); distvgg.machine; --recipe."""
 
 from __future__ import annotations
 
@@ -43,9 +42,6 @@ def positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-# ---- distvgg.machine ----------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize(
     "text, expected",
     [
@@ -74,9 +70,6 @@ def test_machine_facts_of_this_machine():
     versions = machine.package_versions(["torch", "surely-not-a-package-name"])
     assert versions["torch"].split("+")[0] == torch.__version__.split("+")[0] and versions["python"].count(".") == 2
     assert versions["surely-not-a-package-name"] == "not installed"
-
-
-# ---- bench, in process ------------------------------------------------------------------------------------------
 
 
 def cpu_args(*argv: str) -> argparse.Namespace:
@@ -115,8 +108,7 @@ def test_bad_options_exit_2_with_a_message(capsys):
 
 
 def test_each_loop_gets_its_own_cuda_switches():
-    """seed_loop keeps torch's defaults, distvgg_same adds cuDNN autotuning, distvgg_best TF32 too; the switches
-    are process-wide (build.setup sets them), so they are set again before each timed window."""
+    """seed_loop: torch's defaults, distvgg_same: cuDNN autotuning, distvgg_best: TF32 too; set again per window."""
     saved = bench.backend_flags()
     try:
         on, off = bench.backend_flags(True), bench.backend_flags(False)
@@ -149,9 +141,6 @@ def test_recipe_from_a_file_and_unknown_names(tmp_path):
     mine.write_text("lr: 0.05\nbogus: 1\n")
     with pytest.raises(ConfigError, match=r"--recipe .*unknown option\(s\) bogus"):
         parse_config(["--recipe", str(mine)])
-
-
-# ---- bench end to end (tiny) -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -220,9 +209,7 @@ def test_time_to_accuracy_fields(tiny_bench):
 
 @pytest.mark.slow
 def test_distvgg_loops_go_through_train_step_and_show_progress(tiny_bench):
-    """distvgg_same (batch 64) and distvgg_best run train.train_step for every warm-up and timed step, each in its
-    own process; the time to accuracy run (tiny: batch 32) is distvgg.train itself, which trains through it too.
-    Each timed window prints a line as it ends."""
+    """Both distvgg loops and the time to accuracy run train through train.train_step; each window prints a line."""
     result, text, steps = tiny_bench
     per_loop = 1 + 2 * 2  # --warmup-steps 1, --steps 2 x --repeats 2
     best = result["distvgg_best"]["batch_size"]

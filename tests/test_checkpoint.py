@@ -1,5 +1,4 @@
-"""Checkpoints: atomic writes, verified resume with fallback, exact resume, preemption, refused changes, numerical
-faults, safe loading; and the train CLI's one clear error for each kind of bad input."""
+"""Checkpoints: atomic writes, verified and exact resume, preemption, safe loading; the CLI's bad-input errors."""
 
 from __future__ import annotations
 
@@ -22,8 +21,6 @@ from distvgg.models import load_model
 from distvgg.tracking import read_metrics
 from tests import datagen, helpers
 from tests.helpers import assert_same_run, final_weights, ok, run_train, tiny_args, traced, training_state
-
-# ------------------------------------------------------------------------------------ unit tests
 
 
 def _fake_checkpoint(folder: Path, step: int = 1) -> Path:
@@ -90,22 +87,12 @@ def test_replace_folder_never_leaves_a_half_written_folder(tmp_path):
     assert (target / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
-class _RunsCode:
-    """Unpickling this creates a folder: a stand-in for code an attacker would run."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (str(self.marker),))
-
-
 @pytest.mark.parametrize("name", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
 def test_crafted_pickle_is_refused_without_running_it(tmp_path, name):
     folder = _fake_checkpoint(tmp_path / "ck")
     ckpt.check_loadable(folder)  # plain tensors and containers load
     marker = tmp_path / "pwned"
-    torch.save(_RunsCode(marker), folder / name)
+    torch.save(helpers.RunsCode(marker), folder / name)
     with pytest.raises(ckpt.CheckpointError, match=rf"refusing to load .*{name}.*weights_only=True"):
         ckpt.check_loadable(folder)
     assert not marker.exists()
@@ -146,9 +133,6 @@ def test_changed_settings_are_listed():
     text = str(e.value)
     assert "trained on 32x32 images but the dataset has 64x64 images" in text
     assert "lr: 0.01 in the checkpoint, 0.02 now" in text and "seed" not in text
-
-
-# ----------------------------------------------------------------------------------- training runs
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +212,7 @@ def test_tampered_checkpoint_does_not_run_code(dataset, reference, tmp_path):
     out = copy_run(reference, tmp_path / "out")
     folder = out / "checkpoints" / "step-00000016"
     marker = tmp_path / "pwned"
-    torch.save(_RunsCode(marker), folder / "optimizer.bin")
+    torch.save(helpers.RunsCode(marker), folder / "optimizer.bin")
     files.write_marker(folder)  # the attacker rewrites the marker too: only the load path stands in the way
     proc = run_train(tiny_args(dataset, out))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -291,66 +275,53 @@ def test_nan_stops_the_run_and_the_last_checkpoint_stays_good(dataset, tmp_path)
     assert not (out / "final").exists()
 
 
-# -------------------------------------------------------------------------------------- bad input
-
-
-# name -> (expected exit code, phrases the error must contain; {tmp} is the case's folder)
+# name -> (exit code, --dataset and other arguments, phrases the error must contain); {tmp}: the cases' folder
 BAD_INPUTS = {
-    "corrupt image": (1, ["split 'train' row 5", "--skip-bad-images"]),
-    "missing label column": (1, ["'fine_label' not found", "columns:", "img", "label"]),
-    "label out of range": (1, ["row 4 has label 7, outside [0, 3)"]),
-    "empty split": (1, ["split 'test'", "is empty"]),
-    "images too small": (1, ["a 4x4 input is too small", "use larger images"]),
+    "corrupt image": (1, "{tmp}/corrupt", ["split 'train' row 5", "--skip-bad-images"]),
+    "missing label column": (1, "{good} --label-column fine_label", ["'fine_label' not found", "columns:", "img"]),
+    "label out of range": (1, "{tmp}/range", ["row 4 has label 7, outside [0, 3)"]),
+    "empty split": (1, "{tmp}/empty", ["split 'test'", "is empty"]),
+    "images too small": (1, "{tmp}/tiny4", ["a 4x4 input is too small", "use larger images"]),
     "image size differs from the checkpoint": (
         1,
+        "{tmp}/ds64 --resume {step8}",
         ["trained on 32x32 images but the dataset has 64x64 images", "dataset_fingerprint"],
     ),
-    "unwritable output dir": (1, ["cannot write to --output-dir", "{tmp}/a-file/out"]),
-    "unknown YAML key": (2, ["unknown option(s) learning_rate", "--help"]),
-    "missing --resume folder": (1, ["--resume", "no such checkpoint folder"]),
+    "unwritable output dir": (
+        1,
+        "{good} --output-dir {tmp}/a-file/out",
+        ["cannot write to --output-dir", "{tmp}/a-file/out"],
+    ),
+    "unknown YAML key": (2, "{good} --config {tmp}/bad.yaml", ["unknown option(s) learning_rate", "--help"]),
+    "missing --resume folder": (1, "{good} --resume {tmp}/nowhere", ["--resume", "no such checkpoint folder"]),
 }
-
-
-def _bad_inputs(tmp: Path, good: Path, reference: Path) -> dict[str, list[str]]:
-    """name -> the arguments of that bad input."""
-    images, labels = datagen.make_arrays(12, 3, 32)
-    corrupt, out_of_range = datagen.encode_images(images), labels.copy()
-    corrupt[5], out_of_range[4] = b"this is not an image", 7
-    corrupt = datagen.write_pair(tmp / "corrupt", corrupt, labels, test_n=6, size=32)
-    out_of_range = datagen.write_pair(tmp / "range", datagen.encode_images(images), out_of_range, test_n=6, size=32)
-    (tmp / "a-file").write_text("not a folder")
-    (tmp / "bad.yaml").write_text("epochs: 1\nlearning_rate: 0.1\n")
-    datagen.write_parquet_split(tmp / "empty" / "train-0.parquet", datagen.encode_images(images), labels, list("abc"))
-    datagen.write_parquet_split(tmp / "empty" / "test-0.parquet", [], [], list("abc"))
-    ds64 = datagen.make_parquet_dataset(tmp / "ds64", 64, 20, size=64)
-    step8 = reference / "checkpoints" / "step-00000008"
-    return {
-        "corrupt image": ["--dataset", str(corrupt)],
-        "missing label column": ["--dataset", str(good), "--label-column", "fine_label"],
-        "label out of range": ["--dataset", str(out_of_range)],
-        "empty split": ["--dataset", str(tmp / "empty")],
-        "images too small": ["--dataset", str(datagen.make_parquet_dataset(tmp / "tiny4", 16, 8, size=4))],
-        "image size differs from the checkpoint": ["--dataset", str(ds64), "--resume", str(step8)],
-        "unwritable output dir": ["--dataset", str(good), "--output-dir", str(tmp / "a-file" / "out")],
-        "unknown YAML key": ["--dataset", str(good), "--config", str(tmp / "bad.yaml")],
-        "missing --resume folder": ["--dataset", str(good), "--resume", str(tmp / "nowhere")],
-    }
 
 
 @pytest.fixture(scope="module")
 def bad_input_runs(dataset, reference, tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
     """Every bad-input run, in this process (a new process per case would spend most of its time starting up)."""
     tmp = tmp_path_factory.mktemp("bad")
-    cases, env = enumerate(_bad_inputs(tmp, dataset, reference).items()), dict(os.environ)
-    return tmp, {
-        n: helpers.run_in_process([*helpers.TINY, "--output-dir", str(tmp / f"out-{i}"), *a], env)
-        for i, (n, a) in cases
-    }
+    images, labels = datagen.make_arrays(12, 3, 32)
+    corrupt, out_of_range = datagen.encode_images(images), labels.copy()
+    corrupt[5], out_of_range[4] = b"this is not an image", 7
+    datagen.write_pair(tmp / "corrupt", corrupt, labels, test_n=6, size=32)
+    datagen.write_pair(tmp / "range", datagen.encode_images(images), out_of_range, test_n=6, size=32)
+    (tmp / "a-file").write_text("not a folder")
+    (tmp / "bad.yaml").write_text("epochs: 1\nlearning_rate: 0.1\n")
+    datagen.write_parquet_split(tmp / "empty" / "train-0.parquet", datagen.encode_images(images), labels, list("abc"))
+    datagen.write_parquet_split(tmp / "empty" / "test-0.parquet", [], [], list("abc"))
+    datagen.make_parquet_dataset(tmp / "ds64", 64, 20, size=64)
+    datagen.make_parquet_dataset(tmp / "tiny4", 16, 8, size=4)
+    where, runs = dict(tmp=tmp, good=dataset, step8=reference / "checkpoints" / "step-00000008"), {}
+    for i, (name, (_, args, _)) in enumerate(BAD_INPUTS.items()):
+        args = [*helpers.TINY, "--output-dir", str(tmp / f"out-{i}"), "--dataset", *args.format(**where).split()]
+        runs[name] = helpers.run_in_process(args, dict(os.environ))
+    return tmp, runs
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_gets_one_clear_error(bad_input_runs, case):
-    (tmp, runs), (code, phrases) = bad_input_runs, BAD_INPUTS[case]
+    (tmp, runs), (code, _, phrases) = bad_input_runs, BAD_INPUTS[case]
     returncode, stderr = runs[case].returncode, runs[case].stderr
     assert returncode == code, f"exit code {returncode}\n{stderr[-3000:]}"
     assert "Traceback" not in stderr, stderr[-3000:]

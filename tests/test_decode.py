@@ -1,5 +1,4 @@
-"""distvgg.decode: the first decode on several worker processes gives the file one process gives; an interrupted or
-crashed decode leaves no cache file and no worker behind; long decodes report progress; ImageNet's folder layout."""
+"""distvgg.decode: parallel decodes equal one, interrupted ones leave nothing, progress lines, ImageNet's layout."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ import torch
 
 from distvgg import decode
 from distvgg.data import DataError, load_image_data
+from distvgg.models import load_model
 from tests import datagen
 from tests.helpers import TINY, ok, run_train, start, wait_for
 
@@ -77,8 +77,7 @@ load_image_data(sys.argv[1], cache_dir=sys.argv[2], decode_workers=2)
 
 @pytest.mark.slow
 def test_ctrl_c_or_killing_the_run_mid_decode_leaves_no_cache_file_and_no_worker(tmp_path):
-    """Ctrl-C of one run, SIGKILL of another, both decoding with 2 workers: no cache file, no worker left; the
-    temporary files the killed run could not remove are removed by the next decode."""
+    """Ctrl-C or SIGKILL mid-decode (2 workers): no cache file, no worker; the next decode cleans up after a kill."""
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=1200, n_test=4, size=4)
     signals = {"ctrl-c": signal.SIGINT, "kill": signal.SIGKILL}
     runs = {how: start([sys.executable, "-c", _SLOW_DECODE, str(root), str(tmp_path / how)]) for how in signals}
@@ -123,13 +122,16 @@ def test_a_worker_that_dies_mid_decode_is_an_error_and_leaves_nothing(tmp_path, 
 
 @pytest.mark.slow
 def test_imagenet_folder_trains_at_64(tmp_path):
-    """ImageNet's layout: WordNet-id class folders, val/ as the test split, JPEGs of mixed sizes resized to 64x64."""
+    """ImageNet's layout (wnid folders, val/, mixed-size JPEGs): refused without --image-size, trained at 64 with it."""
     root = datagen.make_imagenet_folder(tmp_path / "imagenet", n_train=24, n_val=12, num_classes=3)
-    with pytest.raises(DataError, match="images of different sizes .*pass --image-size"):
-        load_image_data(str(root), cache_dir=tmp_path / "cache", log=datagen.Log())
-    args = ["--dataset", str(root), "--image-size", "64", "--cache-dir", str(tmp_path / "cache"), *TINY]
-    text = ok(run_train([*args, "--output-dir", str(tmp_path / "run"), "--epochs", "1"]))
+    args = ["--dataset", str(root), "--cache-dir", str(tmp_path / "cache"), *TINY, "--epochs", "1"]
+    refused = run_train([*args, "--output-dir", str(tmp_path / "no")])
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "images of different sizes" in refused.stderr and "pass --image-size" in refused.stderr
+    workers = ["--num-workers", "2", "--data-on-device", "yes"]
+    text = ok(run_train([*args, "--image-size", "64", *workers, "--output-dir", str(tmp_path / "run")]))
     assert "decoded 24 train + 12 test images (64x64, 3 classes)" in text and "accuracy" in text
+    assert load_model(tmp_path / "run").image_size == (64, 64)
     data = load_image_data(str(root), cache_dir=tmp_path / "cache", image_size=64, log=datagen.Log())  # the run's cache
     assert data.class_names == [f"n{c:08d}" for c in range(3)]  # the WordNet-id folders, in order
     assert data.train.images.shape == (24, 3, 64, 64) and data.test.images.shape == (12, 3, 64, 64)

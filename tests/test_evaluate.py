@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from unittest import mock
 
 import pytest
 import torch
@@ -33,18 +34,13 @@ def test_numbers_tables_json_and_png_match_a_hand_count(saved_run, hand_count, t
     with Image.open(png) as im:
         im.verify()
     assert png.stat().st_size > 5_000
-    # --tta flip averages the logits of each image and its mirror
-    assert evaluate.main(["--checkpoint", str(saved_run / "best"), "--tta", "flip", "--json", str(js)]) == 0
-    got, want = json.loads(js.read_text()), hand_count(saved_run / "best", tta="flip")
-    assert got["tta"] == "flip" and got["confusion"] == want["confusion"]
-    assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
-    assert got["loss"] != pytest.approx(hand_count(saved_run / "best")["loss"], rel=1e-4)
-    # --tta translate adds the image and its mirror shifted one pixel both ways
-    assert evaluate.main(["--checkpoint", str(saved_run / "best"), "--tta", "translate", "--json", str(js)]) == 0
-    got, want = json.loads(js.read_text()), hand_count(saved_run / "best", tta="translate")
-    assert got["tta"] == "translate" and got["confusion"] == want["confusion"]
-    assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
-    assert got["loss"] != pytest.approx(hand_count(saved_run / "best", tta="flip")["loss"], rel=1e-4)
+    # --tta flip averages the logits of each image and its mirror; translate adds both shifted one pixel both ways
+    for tta, fewer in (("flip", "none"), ("translate", "flip")):
+        assert evaluate.main(["--checkpoint", str(saved_run / "best"), "--tta", tta, "--json", str(js)]) == 0
+        got, want = json.loads(js.read_text()), hand_count(saved_run / "best", tta=tta)
+        assert got["tta"] == tta and got["confusion"] == want["confusion"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+        assert got["loss"] != pytest.approx(hand_count(saved_run / "best", tta=fewer)["loss"], rel=1e-4)
 
 
 def test_training_evaluates_with_the_tta_asked_for(tiny_dataset, monkeypatch, tmp_path):
@@ -82,7 +78,7 @@ def test_dataset_must_fit_the_model(saved_run, tiny_dataset, tmp_path):
     assert loaded.class_names == names
 
 
-def test_bad_checkpoints_are_one_line_errors(saved_run, tmp_path, capsys):
+def test_bad_checkpoints_and_launches_are_one_line_errors(saved_run, tmp_path, capsys, monkeypatch):
     def error(path) -> str:
         assert evaluate.main(["--checkpoint", str(path)]) == 1
         err = capsys.readouterr().err
@@ -101,15 +97,9 @@ def test_bad_checkpoints_are_one_line_errors(saved_run, tmp_path, capsys):
     spec = json.loads((bare / "model.json").read_text())
     (bare / "model.json").write_text(json.dumps({**spec, "train_config": {}}))
     assert "does not record the dataset it was trained on: pass --dataset" in error(bare)
-
-
-def test_a_bad_launch_exits_2_as_training_does(saved_run, monkeypatch, capsys):
-    def split_launch():
-        raise build.LaunchError("the processes formed 2 groups")
-
-    monkeypatch.setattr(build, "make_accelerator", split_launch)
-    assert evaluate.main(["--checkpoint", str(saved_run)]) == 2
-    assert capsys.readouterr().err == "distvgg.evaluate: error: the processes formed 2 groups\n"
+    monkeypatch.setattr(build, "make_accelerator", mock.Mock(side_effect=build.LaunchError("2 groups formed")))
+    assert evaluate.main(["--checkpoint", str(saved_run)]) == 2  # a bad launch: exit 2, as training
+    assert capsys.readouterr().err == "distvgg.evaluate: error: 2 groups formed\n"
 
 
 @pytest.mark.slow

@@ -1,5 +1,4 @@
-"""What a run does about faults: a full disk (a real, filled tmpfs) and running out of memory are one clear error on
-every path that writes; after a crash, the record is cut back to the checkpoint it resumes from."""
+"""Faults: a full disk (a real tmpfs) and out of memory are one clear error; after a crash the record is cut back."""
 
 from __future__ import annotations
 
@@ -28,9 +27,6 @@ def reference(dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "out"
     ok(run_train(tiny_args(dataset, out, 1, "--epochs", "1")))
     return out
-
-
-# ------------------------------------------------------------------------------------------- a full disk
 
 
 @pytest.fixture
@@ -88,8 +84,7 @@ def test_every_writer_reports_a_full_disk_the_same_way(small_disk, saved_run, ti
 
 @pytest.mark.slow
 def test_a_full_disk_under_the_wandb_folder_stops_the_run_before_training(dataset, tmp_path):
-    """W&B starts on a full disk without an error (its service logs its own) and fails at the first image: the run
-    checks the room in its folder first."""
+    """W&B would fail only at its first image on a full disk: the run checks the room in its folder first."""
     with small_filesystem(tmp_path / "disk", "4m") as disk:
         fill_disk(disk / "filler", leave=0)
         args = ["--dataset", str(dataset), "--output-dir", str(tmp_path / "out"), *TINY, "--report-to", "wandb"]
@@ -101,12 +96,8 @@ def test_a_full_disk_under_the_wandb_folder_stops_the_run_before_training(datase
     assert "bytes, and 0 bytes are free" in error and "training" not in run.stdout
 
 
-# ----------------------------------------------------------------------------------------- out of memory
-
-
 def test_out_of_memory_is_one_clear_error(dataset, tmp_path, monkeypatch):
-    """The CPU allocator's failure in the model's forward pass (a real one would need tens of GiB), end to end; the
-    GPU's OutOfMemoryError gets the same message."""
+    """The CPU allocator's failure in the forward pass is one clear error end to end; a GPU OOM gets the same."""
     failure = "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
     failure = RuntimeError(failure + "allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
 
@@ -125,9 +116,6 @@ def test_out_of_memory_is_one_clear_error(dataset, tmp_path, monkeypatch):
     message = train.out_of_memory_message(cfg, 48, gpu)
     assert "out of GPU memory" in message
     assert "global batch of 48: --batch-size 3 --gradient-accumulation-steps 4" in message
-
-
-# ------------------------------------------------------------------------------ the record after a crash
 
 
 def test_rewind_cuts_metrics_back_and_keeps_the_cut_rows(tmp_path):

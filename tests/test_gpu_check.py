@@ -38,8 +38,7 @@ def test_parquet_is_read_without_datasets_into_the_same_images(tmp_path):
 
 
 def test_a_timed_out_step_ends_with_its_whole_process_group(tmp_path):
-    """A step that starts a child (as accelerate launch starts the training processes) and outlives its time:
-    the step and its child are both gone when run_step returns."""
+    """A step that outlives its time ends with its whole process group: the child it started is gone too."""
     pid_file = tmp_path / "child.pid"
     step = textwrap.dedent(f"""
         import subprocess, sys, time

@@ -1,5 +1,4 @@
-"""One job per output folder: a second job refuses before training, a killed job's folder is taken over, and
-the multi-process case learns the outcome from the main process."""
+"""One job per output folder: a second job (1 or 2 processes) refuses; a killed job's folder is taken over."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, ok, run_train, start, train_command, wait_for
+from tests.helpers import TINY, has_trained, ok, run_train, start, train_command, wait_for
 
 pytestmark = pytest.mark.slow  # every test here starts several processes or a long run
 
@@ -25,16 +24,12 @@ def _start_held(args: list[str], release: Path, at_step: int) -> subprocess.Pope
     return start(train_command(args, module="tests.hooked_train"), env)
 
 
-def _trained(out: Path) -> bool:
-    return (out / "metrics.jsonl").exists() and "train/loss" in (out / "metrics.jsonl").read_text()
-
-
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_a_second_job_into_a_busy_folder_refuses_and_touches_nothing(dataset, tmp_path, nproc):
     out, release = tmp_path / "run", tmp_path / "release"
     first = _start_held(_args(dataset, out), release, at_step=3)
     try:
-        wait_for(lambda: _trained(out), first, "the first log")
+        wait_for(lambda: has_trained(out), first, "the first log")
         before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
         second = run_train(_args(dataset, out), nproc=nproc, timeout=120)
         after = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in before if p.exists()}

@@ -1,5 +1,4 @@
-"""The multi-node launch scripts, run with bash against fake ``srun``, ``scontrol``, ``scancel``, ``accelerate`` and
-``python3`` (each writes its argv to a file; ``srun`` runs its command once per node with that SLURM_NODEID)."""
+"""The multi-node launch scripts, run by bash against fake srun, scontrol, scancel, accelerate and python3."""
 
 from __future__ import annotations
 
@@ -7,14 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.datagen import make_parquet_dataset
-from tests.helpers import REPO, TINY, free_port
+from tests.helpers import REPO, TINY, free_port, has_trained, wait_for
 
 SBATCH = REPO / "launch" / "slurm_multinode.sbatch"
 NODE_SCRIPT = REPO / "launch" / "torchrun_multinode.sh"
@@ -146,21 +144,9 @@ def test_sbatch_on_cpu_nodes_lets_each_node_count_its_processes(fake_slurm):
         assert argv[argv.index("--machine_rank") + 1] == str(rank)
 
 
-def test_sbatch_forwards_the_signal_and_requeues_after_a_preemption(fake_slurm):
-    env, log = fake_slurm
-    # torchrun reports the workers' preemption exit code as 1: the shell requeues because it got
-    # the signal itself.
-    proc = run_sbatch({**env, "FAKE_EXIT": "1"}, signal_batch=True)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert lines(log / "scancel.calls") == [f"--signal=USR1 {JOB_ID}"]  # to every process of the step
-    assert lines(log / "scontrol.calls")[-1] == f"requeue {JOB_ID}"
-    assert "requeueing job 123456" in proc.stdout
-    # every node's launcher still ran to its end (the signal did not kill the step early)
-    assert all((log / f"accelerate.{rank}").exists() for rank in range(3))
-
-
 # name -> (extra environment, SIGUSR1 to the batch shell, exit code, requeued)
 REQUEUES = {
+    "signalled mid-step": ({"FAKE_EXIT": "1"}, True, 1, True),  # torchrun reports the workers' 75 as 1
     "preemption exit code": ({"FAKE_EXIT": "75"}, False, 75, True),
     "crash": ({"FAKE_EXIT": "1"}, False, 1, False),  # no signal: the job fails
     "signalled after training finished": ({"FAKE_EXIT": "0"}, True, 0, False),
@@ -169,13 +155,16 @@ REQUEUES = {
 
 
 @pytest.mark.parametrize("case", REQUEUES)
-def test_sbatch_requeues_a_preemption_up_to_max_requeues_and_nothing_else(fake_slurm, case):
+def test_sbatch_forwards_the_signal_and_requeues_a_preemption_up_to_max_requeues(fake_slurm, case):
     (env, log), (extra, signal_batch, code, requeued) = fake_slurm, REQUEUES[case]
     proc = run_sbatch({**env, **extra}, signal_batch=signal_batch)
-    assert proc.returncode == code
+    assert proc.returncode == code, proc.stdout + proc.stderr
     assert ("requeue" in (log / "scontrol.calls").read_text()) is requeued
+    forwarded = lines(log / "scancel.calls") if (log / "scancel.calls").exists() else []
+    assert forwarded == ([f"--signal=USR1 {JOB_ID}"] if signal_batch else [])  # to every process of the step
     if requeued:
-        assert lines(log / "scontrol.calls")[-1] == f"requeue {JOB_ID}" and not (log / "scancel.calls").exists()
+        assert lines(log / "scontrol.calls")[-1] == f"requeue {JOB_ID}" and f"requeueing job {JOB_ID}" in proc.stdout
+    assert all((log / f"accelerate.{rank}").exists() for rank in range(3))  # the signal did not end the step early
     if "MAX_REQUEUES" in extra:
         assert "MAX_REQUEUES" in proc.stderr
 
@@ -231,10 +220,6 @@ def test_multinode_configs_load_in_accelerate(name):
     assert cfg.num_machines == 2 and cfg.num_processes % cfg.num_machines == 0
 
 
-# ------------------------------------------------------------------------------------------------
-# End to end: the batch script, two "nodes" on this box, real accelerate launch and distvgg.train.
-# ------------------------------------------------------------------------------------------------
-
 E2E_FAKES = {
     # Starts the command on every node at once (both on this box), like srun.
     "srun": r"""
@@ -278,10 +263,7 @@ def _e2e_job(tmp_path: Path) -> tuple[dict, Path, list[str]]:
 def _signalled_once_training(job: subprocess.Popen, out: Path) -> str:
     """SIGUSR1 to the batch shell once training has logged a step; the job's output."""
     try:
-        deadline = time.monotonic() + 120
-        while not ((out / "metrics.jsonl").exists() and "train/loss" in (out / "metrics.jsonl").read_text()):
-            assert job.poll() is None and time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_for(lambda: has_trained(out), job, "training to start")
         job.send_signal(signal.SIGUSR1)
         return job.communicate(timeout=120)[0]
     finally:

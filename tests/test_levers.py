@@ -1,5 +1,4 @@
-"""Accuracy levers: EMA of the weights, cutout, mixup, cutmix (with label smoothing); exact resume (the same result
-for any number of processes is tests/test_train.py's 2-process test, which trains with LEVERS)."""
+"""Accuracy levers: EMA, cutout, mixup, cutmix (with label smoothing) and their exact resume; sweeps; ResNet-18."""
 
 from __future__ import annotations
 
@@ -12,9 +11,8 @@ import yaml
 from safetensors.torch import load_file
 
 from distvgg import batches
-from distvgg.models import build_model, load_model
+from distvgg.models import build_model
 from distvgg.train import update_ema
-from tests import datagen
 from tests.helpers import LEVERS, REPO, TINY, ok, run_train
 
 
@@ -79,8 +77,7 @@ def test_levers_resume_exactly(tiny_parquet, tmp_path):
 
 @pytest.mark.slow
 def test_two_sweep_trials_write_to_two_folders(tiny_parquet, tmp_path):
-    """What `wandb agent` does for each trial: WANDB_SWEEP_ID and WANDB_RUN_ID in the environment, and the
-    sweep's parameters as --name=value (booleans as True/False), with launch/sweep.yaml's names."""
+    """As `wandb agent` runs trials: WANDB_SWEEP_ID, WANDB_RUN_ID, launch/sweep.yaml's parameters as --name=value."""
 
     sweep = yaml.safe_load((REPO / "launch" / "sweep.yaml").read_text())
     assert sweep["method"] == "bayes" and sweep["metric"] == {"name": "eval/accuracy", "goal": "maximize"}
@@ -106,13 +103,3 @@ def test_resnet18_for_small_images_keeps_the_resolution():
     large = build_model("resnet18", 5, image_size=(224, 224))  # torchvision's own stem for large images
     assert large.conv1.kernel_size == (7, 7) and isinstance(large.maxpool, nn.MaxPool2d)
     assert large(torch.zeros(1, 3, 224, 224)).shape == (1, 5)
-
-
-@pytest.mark.slow
-def test_a_mixed_size_dataset_trains_with_image_size(tmp_path):
-    dataset = datagen.make_mixed_size_dataset(tmp_path / "mixed", layout="parquet")
-    args = ["--dataset", str(dataset), *TINY, "--epochs", "1", "--batch-size", "4", "--eval-batch-size", "4"]
-    refused = run_train([*args, "--output-dir", str(tmp_path / "no")])
-    assert refused.returncode == 1 and "pass --image-size" in refused.stderr and "Traceback" not in refused.stderr
-    ok(run_train([*args, "--output-dir", str(tmp_path / "yes"), "--image-size", "24"]))
-    assert load_model(tmp_path / "yes").image_size == (24, 24)

@@ -69,7 +69,7 @@ def test_table_shows_top_k_names(saved_run, images, capsys):
     assert len(json.loads(capsys.readouterr().out)[0]["predictions"]) == len(NAMES)
 
 
-def test_missing_unreadable_and_truncated_files_are_named_and_nothing_is_predicted(saved_run, images, tmp_path, capsys):
+def test_bad_files_are_named_and_nothing_predicted_a_bad_checkpoint_is_one_line(saved_run, images, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     cut = tmp_path / "cut.png"
@@ -79,10 +79,7 @@ def test_missing_unreadable_and_truncated_files_are_named_and_nothing_is_predict
     out, err = capsys.readouterr()
     assert out == "" and f"{missing}: no such file" in err and "3 of 4 image(s) could not be read" in err
     assert f"{broken}: not a readable image" in err and f"{cut}: not a readable image" in err
-
-
-def test_corrupt_checkpoint_is_a_one_line_error(saved_run, images, tmp_path, capsys):
-    bad = shutil.copytree(saved_run / "final", tmp_path / "bad")
+    bad = shutil.copytree(saved_run / "final", tmp_path / "bad")  # a truncated checkpoint: a one-line error
     (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:1000])
     assert predict.main(["--checkpoint", str(bad), str(images[0])]) == 1
     err = capsys.readouterr().err

@@ -51,14 +51,6 @@ def test_numbers_per_class_table_and_out_elsewhere(saved_run, hand_count, tmp_pa
     assert "of 8 images" in out.with_suffix(".html").read_text()
 
 
-def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
-    assert report.main([str(tmp_path)]) == 1
-    assert f"error: no metrics.jsonl in {tmp_path}" in capsys.readouterr().err
-    assert not (tmp_path / "report.png").exists()
-    assert report.main([str(tmp_path / "nowhere")]) == 1
-    assert "is not a folder" in capsys.readouterr().err
-
-
 def test_unfinished_run_shows_curves_and_skips_a_torn_line(saved_run, tmp_path, capsys):
     """A run still training (or killed while writing): no model yet, a truncated last metrics line."""
     run = tmp_path / "run"
@@ -80,7 +72,12 @@ def test_run_without_final_or_best_uses_its_newest_checkpoint(saved_run, hand_co
     assert f"<tr><th>checkpoint step-00000004: test accuracy</th><td>{accuracy}" in (run / "report.html").read_text()
 
 
-def test_corrupt_model_is_a_clear_error(saved_run, tmp_path, capsys):
+def test_missing_metrics_or_a_corrupt_model_is_a_clear_error(saved_run, tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 1
+    assert f"error: no metrics.jsonl in {tmp_path}" in capsys.readouterr().err
+    assert not (tmp_path / "report.png").exists()
+    assert report.main([str(tmp_path / "nowhere")]) == 1
+    assert "is not a folder" in capsys.readouterr().err
     run = shutil.copytree(saved_run, tmp_path / "run")
     weights = run / "final" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:2000])

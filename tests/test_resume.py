@@ -108,9 +108,6 @@ def test_exact_resume_two_processes(two_process_story, reference2):
     assert_same_run(reference2, out, nproc=2, dedupe=True)
 
 
-# ------------------------------------------------------------------- continuing on another number of processes
-
-
 def last_accuracy(out: Path) -> float:
     return [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r][-1]
 

@@ -1,5 +1,4 @@
-"""W&B and TensorBoard tracking, offline, read back from the files the trackers wrote (for W&B, the ``.wandb`` record
-log that ``wandb sync`` uploads: what the server would receive)."""
+"""W&B and TensorBoard tracking, offline, read back from the files they wrote (W&B's: what ``wandb sync`` sends)."""
 
 from __future__ import annotations
 
@@ -50,9 +49,6 @@ def steps_of(rows: list[dict], key: str) -> dict[int, float]:
     return {r["_step"] if "_step" in r else r["step"]: r[key] for r in rows if key in r}
 
 
-# ----------------------------------------------------------------------------- end-to-end
-
-
 SECRET_ENV_VALUE = "sentinel-env-value-0451"
 
 
@@ -97,7 +93,7 @@ def test_unreachable_server_falls_back_offline_under_the_same_run_id(tracked_run
 
 @pytest.mark.slow
 def test_resumed_run_is_one_wandb_run_with_the_names_given(tracked_run):
-    """The last attempt's new W&B run (named as given, linked to the first) holds metrics.jsonl, each step once."""
+    """The last attempt's new W&B run: named as given, linked to the first, metrics.jsonl each step once, the config."""
     record = wandb_records.run_record(tracked_run.files[-1])
     assert (record.project, record.display_name, list(record.tags)) == ("distvgg", "tiny-run", ["tiny", "ci"])
     assert record.run_id == tracked_run.final_id != tracked_run.first_id
@@ -109,15 +105,19 @@ def test_resumed_run_is_one_wandb_run_with_the_names_given(tracked_run):
         assert steps_of(tracked_run.metrics, key), key
         assert steps_of(final, key) == steps_of(tracked_run.metrics, key), key
     assert steps_of(final, "epoch")[2] == pytest.approx(0.4)  # epoch is logged with the training rows
-    config = wandb_records.config(tracked_run.files[-1])
+    config = wandb_records.config(tracked_run.files[-1])  # every option and the run facts
     assert (config["resumed_from_wandb_run"], config["resumed_from_step"]) == (tracked_run.first_id, 5)
+    facts = "num_processes num_machines mixed_precision device_name torch accelerate wandb git_commit".split()
+    options = TrainConfig(dataset=str(tracked_run.dataset), output_dir=str(tracked_run.out)).to_dict()
+    assert not [key for key in [*options, *facts] if key not in config]
+    assert config["report_to"] == "all" and config["wandb_log_model"] is True and config["width"] == 0.125
+    assert config["num_processes"] == 1
     assert f"continues in a new W&B run, {tracked_run.final_id}" in output(tracked_run.second)
 
 
 @pytest.mark.slow
 def test_after_a_kill_every_record_shows_each_step_once(tracked_run):
-    """metrics.jsonl, TensorBoard and the synced W&B run show each step once; rows after the checkpoint kept aside.
-    --log-every 2 counts the run's steps, across epochs and the resume (not 2, 4, 7, 9, 10)."""
+    """metrics.jsonl, TensorBoard and W&B show each step once (--log-every counts run steps); later rows kept aside."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from distvgg.report import load_metrics
@@ -165,18 +165,6 @@ def test_tracked_run_has_the_charts_summary_and_model_artifact(tracked_run):
 
 
 @pytest.mark.slow
-def test_tracked_run_config_holds_every_option_and_the_run_facts(tracked_run):
-    config = wandb_records.config(tracked_run.files[-1])
-    for key in TrainConfig(dataset=str(tracked_run.dataset), output_dir=str(tracked_run.out)).to_dict():
-        assert key in config, key
-    assert config["report_to"] == "all" and config["wandb_log_model"] is True and config["width"] == 0.125
-    facts = ["num_processes", "num_machines", "mixed_precision", "device_name", "torch", "accelerate", "wandb"]
-    for fact in [*facts, "git_commit"]:
-        assert fact in config, fact
-    assert config["num_processes"] == 1
-
-
-@pytest.mark.slow
 def test_tracked_run_leaks_no_secret(tracked_run):
     """The API key and another environment value are in no output and no file (failed online attempts' included)."""
     for secret in (FAKE_KEY, SECRET_ENV_VALUE):
@@ -211,9 +199,6 @@ def test_invalid_key_stops_the_run_before_training(tiny_dataset, tmp_path):
     proc = run_train(args, env=clean_env(tmp_path, WANDB_API_KEY="short"), **CLEAN)
     assert proc.returncode == 1 and "WANDB_API_KEY" in proc.stderr, output(proc)[-3000:]
     assert not (out / tracking.METRICS_FILE).exists() or not read_metrics(out)
-
-
-# ----------------------------------------------------------------------------------- unit level
 
 
 def test_trackers_for_puts_wandb_last():

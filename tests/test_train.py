@@ -45,10 +45,11 @@ def test_one_process_end_to_end(tiny_parquet, tmp_path):
     assert saved["dataset"] == str(tiny_parquet) and saved["width"] == 0.125
 
 
-def test_a_terminal_gets_the_live_progress_bar(tiny_parquet, tmp_path):
+def test_torchvision_pickles_train_and_a_terminal_gets_the_live_progress_bar(tmp_path):
+    root = make_cifar_pickle_dataset(tmp_path / "data", n_train=40, n_test=10)
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
-    args = ["--dataset", str(tiny_parquet), "--output-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
+    args = ["--dataset", str(root), "--output-dir", str(tmp_path / "run"), *TINY, "--epochs", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(train_command(args), stdout=subprocess.PIPE, stderr=follower, timeout=120, cwd=REPO, env=env)
     os.close(follower)
@@ -62,13 +63,13 @@ def test_a_terminal_gets_the_live_progress_bar(tiny_parquet, tmp_path):
     os.close(leader)
     assert proc.returncode == 0, terminal.decode()[-3000:]
     assert b"\r" in terminal and b"train:" in terminal  # tqdm's live bar, redrawn in place
-    assert b"loss:" in proc.stdout  # the loss lines still go to stdout
+    assert b"loss:" in proc.stdout and b"(10 images)" in proc.stdout  # the loss and test lines still go to stdout
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_parquet, tmp_path):
-    """2 gloo processes x batch 8 == 1 process x 2 accumulated micro-batches of 8 (dropout, BatchNorm, every accuracy
-    lever on), and the lr rule: --lr-reference-batch 8 with a global batch of 16 gives lr 0.01 x 16 / 8 = 0.02."""
+    """2 processes x batch 8 == 1 x 2 micro-batches of 8, every lever on; --lr-reference-batch 8 gives lr 0.02."""
     common = ["--dataset", str(tiny_parquet), *TINY, *LEVERS, "--epochs", "2", "--lr-reference-batch", "8"]
     two = tmp_path / "two"
     text = ok(run_train([*common, "--output-dir", str(two)], nproc=2))
@@ -106,14 +107,6 @@ def _evaluation_counts_every_image_once(out: Path, data: Path, cache: Path) -> N
     for c, name in enumerate(class_names(4)):
         mask = test.labels == c
         assert ev[f"eval/accuracy/{name}"] == pytest.approx((pred[mask] == c).float().mean().item(), abs=1e-6)
-
-
-def test_torchvision_pickle_layout_trains(tmp_path):
-    root = make_cifar_pickle_dataset(tmp_path / "data", n_train=40, n_test=10)
-    out = tmp_path / "run"
-    text = ok(run_train(["--dataset", str(root), "--output-dir", str(out), *TINY, "--epochs", "1"]))
-    assert "(10 images)" in text
-    assert (out / "final" / "model.safetensors").is_file()
 
 
 def test_no_network_and_no_local_copy_is_one_clear_error(tmp_path):

@@ -79,8 +79,7 @@ def records(path: str | Path) -> Iterator[Any]:
 
 
 def _items(items: Any) -> dict[str, Any]:
-    """``key`` or ``nested_key`` + ``value_json`` items as a dict of decoded JSON values; a nested key
-    (W&B's media objects: ``["eval/predictions", "_type"]``) becomes nested dicts."""
+    """``key``/``nested_key`` + ``value_json`` items as a dict of JSON values, nested keys as nested dicts."""
     out: dict[str, Any] = {}
     for item in items:
         path = list(item.nested_key) or [item.key]
