@@ -77,6 +77,16 @@ def test_type_errors_and_bad_choices_are_all_reported_with_where_they_come_from(
         assert part in msg
 
 
+def test_booleans_as_flags_as_wandb_agent_gives_them_and_from_yaml(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("nesterov: true\naugment: false\nimage_size: null\n")
+    cfg = parse_config(["--config", str(f), "--tta=True", "--channels-last=false", "--compile", "--no-deterministic"])
+    flags = ("nesterov", "augment", "tta", "channels_last", "compile", "deterministic")
+    assert [getattr(cfg, k) for k in flags] == [True, False, True, False, True, False]
+    assert parse_config(["--config", str(f), "--augment"]).augment is True  # the command line wins
+    assert parse_config(["--recipe", "fast", "--no-nesterov"]).nesterov is False  # over a recipe too
+
+
 POSITIVE_INTS = [("3", None), (7, None), ("0", "at least 1"), ("-2", "at least 1"), ("1.5", "whole"), ("x", "whole")]
 
 
