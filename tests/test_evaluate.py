@@ -10,6 +10,7 @@ from PIL import Image
 
 from distvgg import build, evaluate, report, train
 from distvgg.data import DataError, balanced_subset
+from distvgg.evaluation import tta_logits
 from distvgg.models import build_model, load_model, model_spec, save_pretrained
 from tests.datagen import class_names, encode_images, make_arrays, make_parquet_dataset, write_parquet_split
 from tests.helpers import TINY, ok, run_train
@@ -41,6 +42,18 @@ def test_numbers_tables_json_and_png_match_a_hand_count(saved_run, hand_count, t
         assert got["tta"] == tta and got["confusion"] == want["confusion"]
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
         assert got["loss"] != pytest.approx(hand_count(saved_run / "best", tta=fewer)["loss"], rel=1e-4)
+
+
+def test_translate_tta_gives_the_same_logits_in_channels_last():
+    """The fast recipe evaluates channels_last batches: the reflect padding and shifted crops must not mix pixels."""
+    torch.manual_seed(0)
+    model, x = build_model("vgg3layer", 4, width=0.125).eval(), torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        want = tta_logits(model, x, "translate")
+        model = model.to(memory_format=torch.channels_last)
+        got = tta_logits(model, x.contiguous(memory_format=torch.channels_last), "translate")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(want, tta_logits(model, x, "flip"), rtol=1e-5, atol=1e-6)
 
 
 def test_training_evaluates_with_the_tta_asked_for(tiny_dataset, monkeypatch, tmp_path):
