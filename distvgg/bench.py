@@ -197,9 +197,9 @@ class GuideLoop(Timed):
 class DistvggLoop(Timed):
     """``build.setup``'s Run stepped with ``train.train_step``, epoch after epoch, in windows of any length."""
 
-    def __init__(self, loop: Loop, cfg: TrainConfig) -> None:
+    def __init__(self, loop: Loop, cfg: TrainConfig, flags: tuple[str, bool, bool] | None = None) -> None:
         accelerator = build.make_accelerator(cfg)
-        super().__init__(loop, backend_flags(cfg.tf32), accelerator.device)
+        super().__init__(loop, flags or backend_flags(cfg.tf32), accelerator.device)
         self.run, self.epoch, self.batches = build.setup(cfg, accelerator), 0, self._batches()
         self.setup_seconds = time.perf_counter() - self.started
 

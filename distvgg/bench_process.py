@@ -22,8 +22,7 @@ def serve(conn: Any, loop: Any, cfg: Any, threads: int, flags: Any = None) -> No
 
     torch.set_num_threads(threads)
     try:
-        timed = DistvggLoop(loop, cfg)
-        timed.flags = flags or timed.flags
+        timed = DistvggLoop(loop, cfg, flags)
         for command, *arguments in iter(conn.recv, ("close",)):
             conn.send(("ok", getattr(timed, command)(*arguments)))
         timed.run.accelerator.end_training()
