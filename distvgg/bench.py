@@ -300,8 +300,8 @@ def throughput(args: argparse.Namespace, out_dir: Path, cache_dir: str | None, d
             print(f"round {r + 1}/{args.repeats} {t.loop.name:<13} {speed:10,.1f} images/s", flush=True)
         result: dict[str, Any] = {t.loop.name: t.summary() for t in loops}
     finally:
-        for wait, t in itertools.product((False, True), remote):  # both end at once
-            t.close(wait)
+        for t in remote:
+            t.close()
     for t in remote:  # the median of the per-round ratios
         key = f"ratio_{t.loop.name.removeprefix('distvgg_')}_vs_seed"
         result[key] = round(statistics.median(x / y for x, y in zip(t.windows, guide.windows)), 3)

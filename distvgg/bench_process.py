@@ -67,12 +67,10 @@ class RemoteLoop:
     def summary(self) -> dict[str, Any]:
         return self._call("summary")
 
-    def close(self, wait: bool = True) -> None:
-        """Ends the process (again: a no-op); ``wait=False`` only asks it to end (``close()`` later waits)."""
-        with contextlib.suppress(OSError):  # it has ended already, or was asked to
+    def close(self) -> None:
+        """Ends the process (again: a no-op)."""
+        with contextlib.suppress(OSError):  # it has ended already
             self.conn.send(("close",))
-        if not wait:
-            return
         self.process.join(timeout=60)
         if self.process.is_alive():
             self.process.kill()
