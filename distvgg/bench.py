@@ -32,7 +32,7 @@ import distvgg
 from distvgg import build, machine, timing, train
 from distvgg.bench_process import BenchError, RemoteLoop
 from distvgg.config import ConfigError, TrainConfig, count_problem, parse_config
-from distvgg.data import DEFAULT_DATASET, DataError, limited, load_image_data
+from distvgg.data import DEFAULT_DATASET, DataError, ImageData, limited, load_image_data
 from distvgg.models import build_model
 from distvgg.tracking import read_metrics
 
@@ -197,9 +197,9 @@ class GuideLoop(Timed):
 class DistvggLoop(Timed):
     """``build.setup``'s Run stepped with ``train.train_step``, epoch after epoch, in windows of any length."""
 
-    def __init__(self, loop: Loop, cfg: TrainConfig) -> None:
+    def __init__(self, loop: Loop, cfg: TrainConfig, flags: tuple[str, bool, bool] | None = None) -> None:
         accelerator = build.make_accelerator(cfg)
-        super().__init__(loop, backend_flags(cfg.tf32), accelerator.device)
+        super().__init__(loop, flags or backend_flags(cfg.tf32), accelerator.device)
         self.run, self.epoch, self.batches = build.setup(cfg, accelerator), 0, self._batches()
         self.setup_seconds = time.perf_counter() - self.started
 
@@ -248,8 +248,8 @@ def set_backend_flags(flags: tuple[str, bool, bool]) -> None:
     torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags[1:]
 
 
-def load_timed(dataset: str, cache_dir: str | None) -> dict[str, Any]:
-    """Load the data twice: the first load decodes unless the cache has it, the second reads the cache."""
+def load_timed(dataset: str, cache_dir: str | None) -> tuple[ImageData, dict[str, Any]]:
+    """The data and its load times: the first load decodes unless the cache has it, the second reads the cache."""
     lines: list[str] = []
     started = time.perf_counter()
     data = load_image_data(dataset, cache_dir=cache_dir, log=lines.append)
@@ -259,7 +259,7 @@ def load_timed(dataset: str, cache_dir: str | None) -> dict[str, Any]:
     decoded = any(" decoded " in line for line in lines)
     result = {"data_first_load_seconds": round(first, 3), "data_first_load": "decoded" if decoded else "cache"}
     result["data_cached_load_seconds"] = round(time.perf_counter() - started, 3)
-    return {**result, "train_images": len(data.train), "test_images": len(data.test)}
+    return data, {**result, "train_images": len(data.train), "test_images": len(data.test)}
 
 
 def search_best(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) -> tuple[Loop, list[dict[str, Any]]]:
@@ -279,7 +279,7 @@ def search_best(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) 
     return Loop(**{k: v for k, v in fastest.items() if k != "images_per_second"}), results
 
 
-def throughput(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) -> dict[str, Any]:
+def throughput(args: argparse.Namespace, out_dir: Path, cache_dir: str | None, data: ImageData) -> dict[str, Any]:
     """seed_loop (here), distvgg_same and distvgg_best (each in its own process), in alternating timed windows."""
     same = Loop("distvgg_same", GUIDE_BATCH, "fp32", channels_last=TrainConfig.channels_last)  # train's default
     defaults = backend_flags()  # torch's: this process runs no setup
@@ -288,7 +288,6 @@ def throughput(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) -
     remote = [RemoteLoop(same, loop_config(args, same, out_dir, cache_dir), flags=(*defaults[:2], True))]
     remote.append(RemoteLoop(best, loop_config(args, best, out_dir, cache_dir)))
     # The guide's loop trains on the very images distvgg trains on: the same data, limit and seed.
-    data = load_image_data(args.dataset, cache_dir=cache_dir, log=lambda _: None)
     train_split, _ = limited(data.train, data.test, args.train_limit, None, args.seed)
     guide = GuideLoop(train_split.images, train_split.labels, data.num_classes, args, defaults)
     loops = [guide, *remote]
@@ -301,8 +300,8 @@ def throughput(args: argparse.Namespace, out_dir: Path, cache_dir: str | None) -
             print(f"round {r + 1}/{args.repeats} {t.loop.name:<13} {speed:10,.1f} images/s", flush=True)
         result: dict[str, Any] = {t.loop.name: t.summary() for t in loops}
     finally:
-        for wait, t in itertools.product((False, True), remote):  # both end at once
-            t.close(wait)
+        for t in remote:
+            t.close()
     for t in remote:  # the median of the per-round ratios
         key = f"ratio_{t.loop.name.removeprefix('distvgg_')}_vs_seed"
         result[key] = round(statistics.median(x / y for x, y in zip(t.windows, guide.windows)), 3)
@@ -370,9 +369,9 @@ def run_benchmark(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, An
     result.update(repeats=args.repeats, load_average_start=machine.load_average())
     with tempfile.TemporaryDirectory(prefix="distvgg-bench-") as tmp:
         cache_dir = str(Path(tmp) / "cache") if args.fresh_cache else args.cache_dir
-        result["one_time_costs"] = load_timed(args.dataset, cache_dir)
+        data, result["one_time_costs"] = load_timed(args.dataset, cache_dir)
         if not args.no_throughput:
-            result.update(throughput(args, Path(tmp), cache_dir))
+            result.update(throughput(args, Path(tmp), cache_dir, data))
         if args.time_to_accuracy is not None:
             result["time_to_accuracy"] = time_to_accuracy(args, Path(tmp), cache_dir)
     result["load_average_end"] = machine.load_average()

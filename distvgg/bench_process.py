@@ -22,8 +22,7 @@ def serve(conn: Any, loop: Any, cfg: Any, threads: int, flags: Any = None) -> No
 
     torch.set_num_threads(threads)
     try:
-        timed = DistvggLoop(loop, cfg)
-        timed.flags = flags or timed.flags
+        timed = DistvggLoop(loop, cfg, flags)
         for command, *arguments in iter(conn.recv, ("close",)):
             conn.send(("ok", getattr(timed, command)(*arguments)))
         timed.run.accelerator.end_training()
@@ -68,12 +67,10 @@ class RemoteLoop:
     def summary(self) -> dict[str, Any]:
         return self._call("summary")
 
-    def close(self, wait: bool = True) -> None:
-        """Ends the process (again: a no-op); ``wait=False`` only asks it to end (``close()`` later waits)."""
-        with contextlib.suppress(OSError):  # it has ended already, or was asked to
+    def close(self) -> None:
+        """Ends the process (again: a no-op)."""
+        with contextlib.suppress(OSError):  # it has ended already
             self.conn.send(("close",))
-        if not wait:
-            return
         self.process.join(timeout=60)
         if self.process.is_alive():
             self.process.kill()

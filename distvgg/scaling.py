@@ -163,7 +163,7 @@ def _two_process_rounds(rank: int, work: Workload, steps: int, folder: str) -> d
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
     accelerator = Accelerator(cpu=True)  # gloo, as distvgg.train does for CPU processes
     alone, (model, optimizer, batch) = work.local_step(accelerator.device), work.setup(accelerator.device)
-    buffer = torch.ones(sum(p.numel() for p in model.parameters()))
+    buffer = torch.ones(count_parameters(model))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     criterion = torch.nn.CrossEntropyLoss()
@@ -187,7 +187,7 @@ def _two_process_rounds(rank: int, work: Workload, steps: int, folder: str) -> d
     return {**{k: statistics.median(v) for k, v in samples.items()}, "numel": buffer.numel(), "samples": samples}
 
 
-def check_two_processes(work: Workload, steps: int = 3, overlap: float = 0.0) -> dict[str, Any]:
+def check_two_processes(work: Workload, steps: int, overlap: float) -> dict[str, Any]:
     """The model's prediction for 2 local CPU processes against a real 2-process DDP step, from inputs measured
     apart: one process's compute alone (with the threads each of the 2 gets) and the gloo all-reduce bandwidth."""
     threads, load_before = max(1, (os.cpu_count() or 2) // 2), machine.load_average()
