@@ -254,7 +254,6 @@ class Run:
     train_model: nn.Module | None = None
     plain: nn.Module | None = None
     best_weights: nn.Module | None = None  # a device copy of the best evaluated weights, written to best/ at saves
-    best_step: int = -1
     best_unsaved: bool = False
     clock: timing.Clock = field(default_factory=timing.Clock)
 
