@@ -79,18 +79,6 @@ def launch_problems(cfg: TrainConfig, accelerator: Any) -> list[str]:
     return problems
 
 
-def cpu_threads(requested: int | None) -> int:
-    """``--cpu-threads``, else the machine's physical cores shared by its processes. A plain
-    ``accelerate launch`` (no config) sets OMP_NUM_THREADS=1, which halves a 2-core machine's
-    speed and leaves a laptop's other cores idle; Accelerate's own CPU configs use this rule."""
-    if requested:
-        return requested
-    import psutil
-
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, (psutil.cpu_count(logical=False) or os.cpu_count() or 1) // local)
-
-
 def set_tf32(enabled: bool) -> None:
     """TF32 (or strict IEEE fp32) for CUDA matmuls and convolutions, through the legacy switches: torch >= 2.9
     raises when a legacy switch is read after a new ``fp32_precision`` one was set, and Inductor and
@@ -103,7 +91,14 @@ def configure_backends(device: torch.device, *, threads: int | None, tf32: bool,
     """Process-wide kernel switches: CPU threads on the CPU; on CUDA, TF32 (``--tf32``) and cuDNN's
     autotuner (the input shape never changes), or deterministic kernels (``--deterministic``)."""
     if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(threads))
+        import psutil
+
+        # --cpu-threads, else the machine's physical cores shared by its processes. A plain `accelerate launch` (no
+        # config) sets OMP_NUM_THREADS=1, which halves a 2-core machine's speed and leaves a laptop's other cores
+        # idle; Accelerate's own CPU configs use this rule.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        torch.set_num_threads(threads or max(1, cores // local))
     if deterministic:
         # cuBLAS needs a fixed workspace for deterministic results; set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
