@@ -176,8 +176,8 @@ def load_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, Any]:
         data = load_image_data(cfg.dataset, **{k: getattr(cfg, k) for k in names}, log=accelerator.print)
     train, test = limited(data.train, data.test, cfg.train_limit, cfg.eval_limit, cfg.seed)
     device = accelerator.device
-    on_device = cfg.data_on_device == "yes" or (cfg.data_on_device == "auto" and device.type == "cuda")
-    if on_device and cfg.data_on_device == "auto" and device.type == "cuda":
+    on_device = cfg.data_on_device == "yes"
+    if cfg.data_on_device == "auto" and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         need = sum(s.images.numel() + s.labels.numel() * 8 for s in (train, test))
         on_device = need < free // 4  # leave the rest of the card to the model and its activations
