@@ -60,12 +60,11 @@ def train_step(
     # With fused kernels the kernel skips an overflowing fp16 step itself (Accelerate's optimizer_step_was_skipped
     # stays False): the scaler lowered its scale exactly then, compared on the device, without a host sync.
     fused = accelerator.scaler is not None and optimizer.defaults.get("fused")
-    scale = loss_scale(accelerator.scaler) if fused else None
-    before = scale.clone() if scale is not None else None
+    before = loss_scale(accelerator.scaler).clone() if fused else None
     optimizer.step()
     scheduler.step()
-    if before is not None:
-        skipped = scale < before
+    if fused:
+        skipped = loss_scale(accelerator.scaler) < before
     elif accelerator.scaler is not None:  # non-fused kernels: the scaler has read found-inf on the host already
         skipped = torch.tensor(accelerator.optimizer_step_was_skipped, device=total.device)
     else:
