@@ -256,15 +256,6 @@ class Run:
         return math.ceil(self.total_steps / self.steps_per_epoch)
 
 
-@torch.no_grad()
-def copy_weights(model: nn.Module, into: nn.Module | None = None) -> nn.Module:
-    """A copy of ``model`` on its device: made once, then copied into in place."""
-    if into is None:
-        return copy.deepcopy(model)
-    into.load_state_dict(model.state_dict())
-    return into
-
-
 def make_loaders(cfg: TrainConfig, accelerator: Any, train: Any, test: Any, global_batch: int) -> tuple[Any, Any, Any]:
     """The training loader and its epoch sampler, and the evaluation loader; pinned when host data goes to a GPU."""
     from distvgg.data import DataError

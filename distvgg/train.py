@@ -4,6 +4,7 @@ each followed by ``validate``; the decisions to log, checkpoint and stop are inl
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -185,7 +186,10 @@ def validate(run: build.Run, epoch: int) -> dict[str, Any]:
     if result["accuracy"] > run.best_accuracy:
         run.best_accuracy, run.best_epoch, run.best_unsaved = result["accuracy"], epoch + 1, True
         with clock.part("best"):  # a device copy; best/ is written from it at the next checkpoint and at the end
-            run.best_weights = build.copy_weights(model, into=run.best_weights)
+            if run.best_weights is None:
+                run.best_weights = copy.deepcopy(model)
+            else:
+                run.best_weights.load_state_dict(model.state_dict())
     per_class = {f"eval/accuracy/{name}": a for name, a in zip(run.class_names, result["per_class_accuracy"])}
     values = {
         "eval/loss": result["loss"],
