@@ -19,7 +19,6 @@ import torch.nn as nn
 
 from distvgg import batches, build, runfolder, timing, tracking
 from distvgg import checkpoint as ckpt
-from distvgg.build import make_accelerator
 from distvgg.config import ConfigError, TrainConfig, parse_config, save_config
 from distvgg.evaluation import evaluate
 from distvgg.files import FINAL_DIR, DiskFull
@@ -336,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, set up, fit, save. Returns the process exit code."""
     try:
         cfg = parse_config(argv)
-        accelerator = make_accelerator(cfg)
+        accelerator = build.make_accelerator(cfg)
     except (ConfigError, build.LaunchError) as e:
         print(f"distvgg.train: error: {e}", file=sys.stderr)
         return 2
