@@ -79,18 +79,6 @@ def launch_problems(cfg: TrainConfig, accelerator: Any) -> list[str]:
     return problems
 
 
-def cpu_threads(requested: int | None) -> int:
-    """``--cpu-threads``, else the machine's physical cores shared by its processes. A plain
-    ``accelerate launch`` (no config) sets OMP_NUM_THREADS=1, which halves a 2-core machine's
-    speed and leaves a laptop's other cores idle; Accelerate's own CPU configs use this rule."""
-    if requested:
-        return requested
-    import psutil
-
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, (psutil.cpu_count(logical=False) or os.cpu_count() or 1) // local)
-
-
 def set_tf32(enabled: bool) -> None:
     """TF32 (or strict IEEE fp32) for CUDA matmuls and convolutions, through the legacy switches: torch >= 2.9
     raises when a legacy switch is read after a new ``fp32_precision`` one was set, and Inductor and
@@ -103,7 +91,14 @@ def configure_backends(device: torch.device, *, threads: int | None, tf32: bool,
     """Process-wide kernel switches: CPU threads on the CPU; on CUDA, TF32 (``--tf32``) and cuDNN's
     autotuner (the input shape never changes), or deterministic kernels (``--deterministic``)."""
     if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(threads))
+        import psutil
+
+        # --cpu-threads, else the machine's physical cores shared by its processes. A plain `accelerate launch` (no
+        # config) sets OMP_NUM_THREADS=1, which halves a 2-core machine's speed and leaves a laptop's other cores
+        # idle; Accelerate's own CPU configs use this rule.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        torch.set_num_threads(threads or max(1, cores // local))
     if deterministic:
         # cuBLAS needs a fixed workspace for deterministic results; set before its first use.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -125,14 +120,13 @@ def warn_slow_bf16(mixed_precision: str | None, device: torch.device) -> None:
         )
 
 
-def optimizer_kernels(impl: str) -> dict[str, bool]:
-    """torch.optim kernel choice for ``--optimizer-impl``. ``auto`` is fused: on 2 CPU cores one fused SGD
-    step over VGG3Layer's 34M parameters took 15 ms against 85 ms (foreach) and 120-270 ms (loop)."""
-    return {"fused": True} if impl in ("auto", "fused") else {"foreach": impl == "foreach"}
-
-
 def make_optimizer(cfg: Any, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    kernels = optimizer_kernels(cfg.optimizer_impl)
+    """``--optimizer-impl auto`` is fused: on 2 CPU cores one fused SGD step over VGG3Layer's 34M parameters took
+    15 ms against 85 ms (foreach) and 120-270 ms (loop)."""
+    if cfg.optimizer_impl in ("auto", "fused"):
+        kernels = {"fused": True}
+    else:
+        kernels = {"foreach": cfg.optimizer_impl == "foreach"}
     options = {"lr": lr, "weight_decay": cfg.weight_decay, **kernels}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), **options)
@@ -182,8 +176,8 @@ def load_data(cfg: Any, accelerator: Any) -> tuple[Any, Any, Any]:
         data = load_image_data(cfg.dataset, **{k: getattr(cfg, k) for k in names}, log=accelerator.print)
     train, test = limited(data.train, data.test, cfg.train_limit, cfg.eval_limit, cfg.seed)
     device = accelerator.device
-    on_device = cfg.data_on_device == "yes" or (cfg.data_on_device == "auto" and device.type == "cuda")
-    if on_device and cfg.data_on_device == "auto" and device.type == "cuda":
+    on_device = cfg.data_on_device == "yes"
+    if cfg.data_on_device == "auto" and device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         need = sum(s.images.numel() + s.labels.numel() * 8 for s in (train, test))
         on_device = need < free // 4  # leave the rest of the card to the model and its activations
@@ -254,22 +248,12 @@ class Run:
     train_model: nn.Module | None = None
     plain: nn.Module | None = None
     best_weights: nn.Module | None = None  # a device copy of the best evaluated weights, written to best/ at saves
-    best_step: int = -1
     best_unsaved: bool = False
     clock: timing.Clock = field(default_factory=timing.Clock)
 
     @property
     def total_epochs(self) -> int:
         return math.ceil(self.total_steps / self.steps_per_epoch)
-
-
-@torch.no_grad()
-def copy_weights(model: nn.Module, into: nn.Module | None = None) -> nn.Module:
-    """A copy of ``model`` on its device: made once, then copied into in place."""
-    if into is None:
-        return copy.deepcopy(model)
-    into.load_state_dict(model.state_dict())
-    return into
 
 
 def make_loaders(cfg: TrainConfig, accelerator: Any, train: Any, test: Any, global_batch: int) -> tuple[Any, Any, Any]:

@@ -333,12 +333,14 @@ def _parse_yaml(parser: argparse.ArgumentParser, data: dict[str, Any], source: s
     """A YAML mapping spelled as a command line (``--name=value``, a list as ``--name A B``) and parsed as one."""
     lists = {name for name, hint in get_type_hints(TrainConfig).items() if _kind(hint)[2]}
     args: list[str] = []
+    unset = {}  # list options left unset
     for name, value in data.items():
-        if name in lists and isinstance(value, list):
+        if name in lists and value is None:
+            unset[name] = None
+        elif name in lists and isinstance(value, list):
             args += [f"--{_flag(name)}", *map(str, value)]
-        elif not (name in lists and value is None):
+        else:
             args.append(f"--{_flag(name)}={'null' if value is None else value}")
-    unset = {name: None for name in lists if name in data and data[name] is None}  # a list option left unset
     return {**_parse(parser, args, source, problems), **unset}
 
 

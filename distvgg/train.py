@@ -4,6 +4,7 @@ each followed by ``validate``; the decisions to log, checkpoint and stop are inl
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -18,7 +19,6 @@ import torch.nn as nn
 
 from distvgg import batches, build, runfolder, timing, tracking
 from distvgg import checkpoint as ckpt
-from distvgg.build import make_accelerator
 from distvgg.config import ConfigError, TrainConfig, parse_config, save_config
 from distvgg.evaluation import evaluate
 from distvgg.files import FINAL_DIR, DiskFull
@@ -60,12 +60,11 @@ def train_step(
     # With fused kernels the kernel skips an overflowing fp16 step itself (Accelerate's optimizer_step_was_skipped
     # stays False): the scaler lowered its scale exactly then, compared on the device, without a host sync.
     fused = accelerator.scaler is not None and optimizer.defaults.get("fused")
-    scale = loss_scale(accelerator.scaler) if fused else None
-    before = scale.clone() if scale is not None else None
+    before = loss_scale(accelerator.scaler).clone() if fused else None
     optimizer.step()
     scheduler.step()
-    if before is not None:
-        skipped = scale < before
+    if fused:
+        skipped = loss_scale(accelerator.scaler) < before
     elif accelerator.scaler is not None:  # non-fused kernels: the scaler has read found-inf on the host already
         skipped = torch.tensor(accelerator.optimizer_step_was_skipped, device=total.device)
     else:
@@ -186,7 +185,10 @@ def validate(run: build.Run, epoch: int) -> dict[str, Any]:
     if result["accuracy"] > run.best_accuracy:
         run.best_accuracy, run.best_epoch, run.best_unsaved = result["accuracy"], epoch + 1, True
         with clock.part("best"):  # a device copy; best/ is written from it at the next checkpoint and at the end
-            run.best_weights = build.copy_weights(model, into=run.best_weights)
+            if run.best_weights is None:
+                run.best_weights = copy.deepcopy(model)
+            else:
+                run.best_weights.load_state_dict(model.state_dict())
     per_class = {f"eval/accuracy/{name}": a for name, a in zip(run.class_names, result["per_class_accuracy"])}
     values = {
         "eval/loss": result["loss"],
@@ -333,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse, set up, fit, save. Returns the process exit code."""
     try:
         cfg = parse_config(argv)
-        accelerator = make_accelerator(cfg)
+        accelerator = build.make_accelerator(cfg)
     except (ConfigError, build.LaunchError) as e:
         print(f"distvgg.train: error: {e}", file=sys.stderr)
         return 2
