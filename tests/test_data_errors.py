@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 
@@ -94,21 +93,10 @@ def test_mixed_sizes_within_a_split_or_across_splits(tmp_path):
 
 
 def test_empty_split_in_parquet_or_save_to_disk(tmp_path):
-    import datasets
-
-    images, labels = datagen.make_arrays(4, 3, 8)
-    root = tmp_path / "pq"
-    datagen.write_parquet_split(root / "train-0.parquet", datagen.encode_images(images), labels, ["a", "b", "c"])
-    datagen.write_parquet_split(root / "test-0.parquet", [], [], ["a", "b", "c"])
-    with pytest.raises(DataError, match="split 'test' .* is empty"):
-        datagen.load(root, tmp_path / "cache")
-    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
-    one = {"img": [{"bytes": datagen.encode_image(np.zeros((4, 4, 3), np.uint8)), "path": None}], "label": [0]}
-    splits = {"train": one, "test": {"img": [], "label": []}}
-    splits = {name: datasets.Dataset.from_dict(split, features=features) for name, split in splits.items()}
-    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "ds"))
-    with pytest.raises(DataError, match="split 'test' .* is empty"):
-        datagen.load(tmp_path / "ds", tmp_path / "cache")
+    for maker in (datagen.make_parquet_dataset, datagen.make_save_to_disk_dataset):
+        root = maker(tmp_path / maker.__name__, n_train=4, n_test=0, size=8)
+        with pytest.raises(DataError, match="split 'test' .* is empty"):
+            datagen.load(root, tmp_path / "cache")
 
 
 # name -> (training rows replaced by bad bytes or None, labels replaced, --skip-bad-images, the error)
