@@ -103,7 +103,11 @@ def test_a_worker_that_dies_mid_decode_is_an_error_and_leaves_nothing(tmp_path, 
 
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=1200, n_test=4, size=4)
     decode_example = datasets.Image.decode_example
-    slow = lambda *a, **k: (time.sleep(0.005), decode_example(*a, **k))[1]  # noqa: E731
+
+    def slow(*args, **kwargs):
+        time.sleep(0.005)
+        return decode_example(*args, **kwargs)
+
     monkeypatch.setattr(datasets.Image, "decode_example", slow)
 
     before = {p.pid for p in psutil.Process().children()}  # not the decode's: leave them alone
