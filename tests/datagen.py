@@ -52,9 +52,7 @@ def encode_image(pixels: np.ndarray, fmt: str = "PNG", mode: str = "RGB") -> byt
     """Encode one (H, W, 3) uint8 array, converted to PIL ``mode`` first (L, RGBA, P, ...)."""
     from PIL import Image
 
-    im = Image.fromarray(pixels, "RGB")
-    if mode != "RGB":
-        im = im.convert(mode)
+    im = Image.fromarray(pixels).convert(mode)
     buf = io.BytesIO()
     im.save(buf, format=fmt)
     return buf.getvalue()
@@ -229,9 +227,6 @@ def grow_cache(path: str | Path, n_train: int) -> int:
     )
     writer.commit()
     return out.nbytes
-
-
-# ------------------------------------------------------------------------------------------ reading back
 
 
 class Log(list):
