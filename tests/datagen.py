@@ -179,20 +179,18 @@ def make_imagefolder_dataset(root: str | Path, **arrays) -> Path:
     return root
 
 
-def make_save_to_disk_dataset(root, image_column="img", label_column="label", **arrays) -> Path:
-    """A ``datasets.DatasetDict`` (train/test, ``Image()`` + ``ClassLabel``) saved with ``save_to_disk``."""
+def make_save_to_disk_dataset(root, **arrays) -> Path:
+    """A ``datasets.DatasetDict`` (train/test, ``img``: ``Image()``, ``label``: ``ClassLabel``), ``save_to_disk``'s."""
     import datasets
 
     names = class_names(arrays.get("num_classes", 4))
-    features = datasets.Features({image_column: datasets.Image(), label_column: datasets.ClassLabel(names=names)})
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     splits = {}
     for split, (images, labels) in dataset_arrays(**arrays).items():
-        blobs = [{"bytes": encode_image(im, "PNG"), "path": None} for im in images]
-        columns = {image_column: blobs, label_column: labels.tolist()}
-        splits[split] = datasets.Dataset.from_dict(columns, features=features)
-    root = Path(root)
+        blobs = [{"bytes": encode_image(im), "path": None} for im in images]
+        splits[split] = datasets.Dataset.from_dict({"img": blobs, "label": labels.tolist()}, features=features)
     datasets.DatasetDict(splits).save_to_disk(str(root))
-    return root
+    return Path(root)
 
 
 def make_imagenet_folder(root, n_train=24, n_val=12, num_classes=3) -> Path:
