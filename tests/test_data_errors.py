@@ -121,10 +121,7 @@ def test_bad_rows_are_named_by_their_row(tmp_path, case):
 
 
 def test_missing_test_split_names_found_splits(tmp_path):
-    images, labels = datagen.make_arrays(4, 3, 8)
-    blobs = datagen.encode_images(images)
-    for split in ("train", "extra"):
-        datagen.write_parquet_split(tmp_path / "ds" / f"{split}-0.parquet", blobs, labels, ["a", "b", "c"])
+    datagen.make_parquet_dataset(tmp_path / "ds", n_train=4, n_test=4, size=8, test_split="extra")
     # datasets names the splits after the files; "extra" is no split name, so only 'train' is found.
     with pytest.raises(DataError, match=r"needs a 'train' and a test/validation/\w+/\w+ split; splits found: 'train'$"):
         datagen.load(tmp_path / "ds", tmp_path / "cache")
