@@ -259,8 +259,7 @@ def forbid_decoding(monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("decoded although the cache should have been used")
 
-    for name in ("_decode_dataset_dict", "_read_cifar"):
-        monkeypatch.setattr(f"distvgg.data.{name}", boom)
+    monkeypatch.setattr("distvgg.data._decode", boom)  # every source's decode goes through it
 
 
 def assert_exact(loaded: ImageData, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
