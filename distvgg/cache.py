@@ -46,8 +46,8 @@ def header(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -
     is bitwise the file ``save_file`` would write for the same tensors."""
     entries: dict = {"__metadata__": dict(metadata)}
     ranges, at = {}, 0
-    for name in sorted(shapes, key=lambda n: (-np.dtype(_DTYPES[_dtype(n)][1]).itemsize, n)):
-        nbytes = math.prod(shapes[name]) * np.dtype(_DTYPES[_dtype(name)][1]).itemsize
+    for name in sorted(shapes, key=lambda n: (_dtype(n) == "U8", n)):  # the 8-byte I64 tensors first
+        nbytes = math.prod(shapes[name]) * _DTYPES[_dtype(name)][0].itemsize
         entries[name] = {"dtype": _dtype(name), "shape": list(shapes[name]), "data_offsets": [at, at + nbytes]}
         ranges[name], at = range(at, at + nbytes), at + nbytes
     text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections import namedtuple
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from distvgg import cache, decode
-from distvgg.decode import DataError, quiet_datasets
+from distvgg.decode import Create, DataError, Log, quiet_datasets
 from distvgg.files import DiskFull, writing
 
 DEFAULT_DATASET = "uoft-cs/cifar10"
@@ -41,7 +41,6 @@ _CIFAR = {  # torchvision's CIFAR downloads, by folder
     "cifar-100-python": _Cifar("CIFAR-100", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
 }
 _Source = namedtuple("_Source", "kind root description files cifar dsd", defaults=(None, None))  # files: the key's
-Log = Callable[[str], None]
 __all__ = ["DataError", "ImageData", "ImageSplit", "balanced_subset", "limited", "load_image_data", "quiet_datasets"]
 
 
@@ -260,18 +259,17 @@ def _decode(source: _Source, cache_root: Path, key: str, options: dict, log: Log
             writer.discard()  # an unfinished file; or a scratch file, already mapped
 
 
-def _store_cifar(source: _Source, size: tuple[int, int] | None, create: Any) -> None:
+def _store_cifar(source: _Source, size: tuple[int, int] | None, create: Create) -> None:
     """CIFAR's pickles into the file ``create`` makes; they are read whole (they are small)."""
-    train, test, names = _read_cifar(source, size)
-    splits = {"train": train, "test": test}
-    writer = create(cache.shapes_for({r: len(s) for r, s in splits.items()}, train.images.shape[-2:]), names)
+    splits, names = _read_cifar(source, size)
+    writer = create(cache.shapes_for({r: len(s) for r, s in splits.items()}, splits["train"].images.shape[-2:]), names)
     for role, split in splits.items():
         writer.array(f"{role}_images")[:] = split.images.numpy()
     kept = {r: np.ones(len(s), bool) for r, s in splits.items()}  # every image of a CIFAR pickle is good
     writer.finish({r: s.labels.numpy() for r, s in splits.items()}, kept)
 
 
-def _decode_dataset_dict(dsd: Any, where: str, options: dict[str, Any], create: Any, log: Log) -> None:
+def _decode_dataset_dict(dsd: Any, where: str, options: dict[str, Any], create: Create, log: Log) -> None:
     """Every ``datasets`` source decodes here (one place for tests to record decodes)."""
     decode.decode_dataset_dict(dsd, where, options, create, log)
 
@@ -297,8 +295,8 @@ def _open_writer(final: Path, shapes: dict[str, tuple[int, ...]], meta: str, log
             raise DataError(f"no room to decode the dataset: {final} ({e}) and {scratch.parent} ({e2})") from e2
 
 
-def _read_cifar(source: _Source, size: tuple[int, int] | None) -> tuple[ImageSplit, ImageSplit, list[str]]:
-    """Train/test splits and class names from torchvision's CIFAR batches (rows of 3072 bytes, CHW order)."""
+def _read_cifar(source: _Source, size: tuple[int, int] | None) -> tuple[dict[str, ImageSplit], list[str]]:
+    """Train/test splits by role, and class names, from torchvision's CIFAR batches (rows of 3072 bytes, CHW order)."""
 
     class NumpyOnlyUnpickler(pickle.Unpickler):  # refuses globals but numpy's array rebuilders: pickles can run code
         ALLOWED = {"numpy": {"ndarray", "dtype"}, "numpy._core.multiarray": {"_reconstruct", "scalar"}}
@@ -319,7 +317,7 @@ def _read_cifar(source: _Source, size: tuple[int, int] | None) -> tuple[ImageSpl
             raise DataError(f"cannot read CIFAR batch {path} ({type(e).__name__}: {e}); download it again") from e
         return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
 
-    c, splits = source.cifar, []
+    c, splits = source.cifar, {}
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in load(source.root / c.meta).get(c.names, [])]
     for split, files in (("train", c.train), ("test", c.test)):
         parts = []
@@ -331,8 +329,8 @@ def _read_cifar(source: _Source, size: tuple[int, int] | None) -> tuple[ImageSpl
             parts.append((x.reshape(-1, 3, 32, 32), y))
         x, y = (np.concatenate(p) for p in zip(*parts))
         decode.check_labels(y, len(names), split, source.description)
-        splits.append(ImageSplit(decode.resize(torch.from_numpy(x), size), torch.from_numpy(y)))
-    return splits[0], splits[1], names
+        splits[split] = ImageSplit(decode.resize(torch.from_numpy(x), size), torch.from_numpy(y))
+    return splits, names
 
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:

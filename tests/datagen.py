@@ -26,13 +26,11 @@ def _base_colour(c: int) -> np.ndarray:
     return (_PALETTE[c % len(_PALETTE)] + 37 * (c // len(_PALETTE))) % 256
 
 
-def make_arrays(n: int, num_classes=4, size: int | tuple[int, int] = 32, seed=0, class_ordered=False) -> tuple:
-    """(images uint8 NHWC, labels int64): labels cycle 0..K-1, or by class (``class_ordered``, as real CIFAR-10)."""
+def make_arrays(n: int, num_classes=4, size: int | tuple[int, int] = 32, seed=0) -> tuple:
+    """(images uint8 NHWC, labels int64): labels cycle 0..K-1."""
     h, w = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % num_classes
-    if class_ordered:
-        labels = np.sort(labels)
     base = np.stack([_base_colour(int(c)) for c in labels]) if n else np.zeros((0, 3), np.int16)
     images = base[:, None, None, :] + rng.integers(-40, 41, size=(n, h, w, 3))
     qh, qw = max(1, h // 4), max(1, w // 4)
@@ -42,11 +40,11 @@ def make_arrays(n: int, num_classes=4, size: int | tuple[int, int] = 32, seed=0,
     return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
-def dataset_arrays(n_train=40, n_test=20, num_classes=4, size=32, seed=0, class_ordered=False) -> dict:
+def dataset_arrays(n_train=40, n_test=20, num_classes=4, size=32, seed=0) -> dict:
     """``{"train": (images, labels), "test": ...}``, as the ``make_*`` functions write them (test: ``seed + 1``)."""
     return {
-        "train": make_arrays(n_train, num_classes, size, seed, class_ordered),
-        "test": make_arrays(n_test, num_classes, size, seed + 1, class_ordered),
+        "train": make_arrays(n_train, num_classes, size, seed),
+        "test": make_arrays(n_test, num_classes, size, seed + 1),
     }
 
 
@@ -54,9 +52,7 @@ def encode_image(pixels: np.ndarray, fmt: str = "PNG", mode: str = "RGB") -> byt
     """Encode one (H, W, 3) uint8 array, converted to PIL ``mode`` first (L, RGBA, P, ...)."""
     from PIL import Image
 
-    im = Image.fromarray(pixels, "RGB")
-    if mode != "RGB":
-        im = im.convert(mode)
+    im = Image.fromarray(pixels).convert(mode)
     buf = io.BytesIO()
     im.save(buf, format=fmt)
     return buf.getvalue()
@@ -67,7 +63,7 @@ def encode_images(images: np.ndarray) -> list[bytes]:
     return [encode_image(im) for im in images]
 
 
-def write_parquet_split(path, blobs, labels, names, image_column="img", label_column="label") -> Path:
+def write_parquet_split(path, blobs, labels, names, image_column="img", label_column="label") -> None:
     """A Hub-layout parquet file (int64 labels without ``names``) that may hold bad bytes, None and bad labels."""
     import datasets
     import pyarrow as pa
@@ -81,7 +77,6 @@ def write_parquet_split(path, blobs, labels, names, image_column="img", label_co
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
-    return path
 
 
 # Where the Hub keeps a split's parquet files: at the top, under data/, under the split's name (the Hub's
@@ -122,17 +117,17 @@ def _write_file(path: Path, data: bytes) -> None:
 MIXED_SIZES = ((32, 32), (48, 40))  # (H, W)
 
 
-def make_mixed_size_dataset(root, layout="parquet", n_train=12, n_test=6, num_classes=3, sizes=MIXED_SIZES, seed=0):
-    """Parquet or image-folder splits whose row i is ``make_arrays``'s row i at ``sizes[i % len(sizes)]``."""
+def make_mixed_size_dataset(root, layout="parquet", n_train=12, n_test=6):
+    """Parquet or image-folder splits (3 classes) whose row i is ``make_arrays``'s row i at ``MIXED_SIZES[i % 2]``."""
     root = Path(root)
-    for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
-        images, labels = mixed_size_arrays(n, num_classes, sizes, split_seed)
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = mixed_size_arrays(n, seed=seed)
         if layout == "parquet":
             blobs = [encode_image(im) for im in images]
-            write_parquet_split(root / f"{split}-00000-of-00001.parquet", blobs, labels, class_names(num_classes))
+            write_parquet_split(root / f"{split}-00000-of-00001.parquet", blobs, labels, class_names(3))
         elif layout == "imagefolder":
             for i, (im, lab) in enumerate(zip(images, labels)):
-                _write_file(root / split / class_names(num_classes)[lab] / f"{i:05d}.png", encode_image(im))
+                _write_file(root / split / class_names(3)[lab] / f"{i:05d}.png", encode_image(im))
         else:
             raise ValueError(f"layout must be parquet or imagefolder, got {layout!r}")
     return root
@@ -144,10 +139,10 @@ def mixed_size_arrays(n: int, num_classes=3, sizes=MIXED_SIZES, seed=0) -> tuple
     return [per_size[i % len(sizes)][0][i] for i in range(n)], per_size[0][1]
 
 
-def make_cifar_pickle_dataset(root, n_train=50, n_test=10, num_classes=10, seed=0, variant="cifar-10", protocol=2):
+def make_cifar_pickle_dataset(root, n_train=50, n_test=10, num_classes=10, variant="cifar-10", protocol=2):
     """torchvision's CIFAR-10 or CIFAR-100 download layout, tiny (32x32): pickled bytes-keyed dicts of CHW rows."""
     root = Path(root)
-    arrays = dataset_arrays(n_train, n_test, num_classes, 32, seed)
+    arrays = dataset_arrays(n_train, n_test, num_classes)
     rows = {s: (im.transpose(0, 3, 1, 2).reshape(len(im), 3072).copy(), lab) for s, (im, lab) in arrays.items()}
     names = [n.encode() for n in class_names(num_classes)]
     if variant == "cifar-10":
@@ -174,37 +169,34 @@ def make_cifar_pickle_dataset(root, n_train=50, n_test=10, num_classes=10, seed=
     return root
 
 
-def make_imagefolder_dataset(root: str | Path, fmt: str = "PNG", **arrays) -> Path:
+def make_imagefolder_dataset(root: str | Path, **arrays) -> Path:
     """``root/{train,test}/class_XX/NNNNN.png`` (loaded rows follow the file listing: compare per class)."""
     root = Path(root)
-    ext = {"PNG": "png", "JPEG": "jpg"}.get(fmt.upper(), fmt.lower())
     names = class_names(arrays.get("num_classes", 4))
     for split, (images, labels) in dataset_arrays(**arrays).items():
         for i, (im, lab) in enumerate(zip(images, labels)):
-            _write_file(root / split / names[lab] / f"{i:05d}.{ext}", encode_image(im, fmt))
+            _write_file(root / split / names[lab] / f"{i:05d}.png", encode_image(im))
     return root
 
 
-def make_save_to_disk_dataset(root, image_column="img", label_column="label", **arrays) -> Path:
-    """A ``datasets.DatasetDict`` (train/test, ``Image()`` + ``ClassLabel``) saved with ``save_to_disk``."""
+def make_save_to_disk_dataset(root, **arrays) -> Path:
+    """A ``datasets.DatasetDict`` (train/test, ``img``: ``Image()``, ``label``: ``ClassLabel``), ``save_to_disk``'s."""
     import datasets
 
     names = class_names(arrays.get("num_classes", 4))
-    features = datasets.Features({image_column: datasets.Image(), label_column: datasets.ClassLabel(names=names)})
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     splits = {}
     for split, (images, labels) in dataset_arrays(**arrays).items():
-        blobs = [{"bytes": encode_image(im, "PNG"), "path": None} for im in images]
-        columns = {image_column: blobs, label_column: labels.tolist()}
-        splits[split] = datasets.Dataset.from_dict(columns, features=features)
-    root = Path(root)
+        blobs = [{"bytes": encode_image(im), "path": None} for im in images]
+        splits[split] = datasets.Dataset.from_dict({"img": blobs, "label": labels.tolist()}, features=features)
     datasets.DatasetDict(splits).save_to_disk(str(root))
-    return root
+    return Path(root)
 
 
-def make_imagenet_folder(root, n_train=24, n_val=12, num_classes=3, seed=0) -> Path:
+def make_imagenet_folder(root, n_train=24, n_val=12, num_classes=3) -> Path:
     """ImageNet's layout: ``root/{train,val}/<wnid>/<wnid>_<i>.JPEG``, ``mixed_size_arrays`` at ``IMAGENET_SIZES``."""
-    for split, n, split_seed in (("train", n_train, seed), ("val", n_val, seed + 1)):
-        for i, (pixels, label) in enumerate(zip(*mixed_size_arrays(n, num_classes, IMAGENET_SIZES, split_seed))):
+    for split, n, seed in (("train", n_train, 0), ("val", n_val, 1)):
+        for i, (pixels, label) in enumerate(zip(*mixed_size_arrays(n, num_classes, IMAGENET_SIZES, seed))):
             _write_file(Path(root) / split / f"n{label:08d}" / f"n{label:08d}_{i}.JPEG", encode_image(pixels, "JPEG"))
     return Path(root)
 
@@ -233,9 +225,6 @@ def grow_cache(path: str | Path, n_train: int) -> int:
     )
     writer.commit()
     return out.nbytes
-
-
-# ------------------------------------------------------------------------------------------ reading back
 
 
 class Log(list):
@@ -270,8 +259,7 @@ def forbid_decoding(monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("decoded although the cache should have been used")
 
-    for name in ("_decode_dataset_dict", "_read_cifar"):
-        monkeypatch.setattr(f"distvgg.data.{name}", boom)
+    monkeypatch.setattr("distvgg.data._decode", boom)  # every source's decode goes through it
 
 
 def assert_exact(loaded: ImageData, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distvgg import cache, data
+from distvgg import cache
 from distvgg.data import default_cache_dir, limited, load_image_data
 from distvgg.files import DiskFull
 from tests import datagen
@@ -237,7 +237,7 @@ def test_hub_dataset_cached_by_its_arrow_files(tmp_path, monkeypatch):
     first, log = datagen.load("someone/tiny", tmp_path / "cache")
     assert calls == ["someone/tiny"] and first.source == "hub dataset someone/tiny" and "decoded" in log.text()
     datagen.assert_exact(first, datagen.dataset_arrays(n_train=6, n_test=3, num_classes=2, size=8))
-    monkeypatch.setattr(data, "_decode_dataset_dict", lambda *a, **k: pytest.fail("decoded again"))
+    datagen.forbid_decoding(monkeypatch)
     second, log = datagen.load("someone/tiny", tmp_path / "cache")
     assert second.fingerprint == first.fingerprint and "from cache" in log.text()
 

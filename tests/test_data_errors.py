@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 
@@ -94,21 +93,10 @@ def test_mixed_sizes_within_a_split_or_across_splits(tmp_path):
 
 
 def test_empty_split_in_parquet_or_save_to_disk(tmp_path):
-    import datasets
-
-    images, labels = datagen.make_arrays(4, 3, 8)
-    root = tmp_path / "pq"
-    datagen.write_parquet_split(root / "train-0.parquet", datagen.encode_images(images), labels, ["a", "b", "c"])
-    datagen.write_parquet_split(root / "test-0.parquet", [], [], ["a", "b", "c"])
-    with pytest.raises(DataError, match="split 'test' .* is empty"):
-        datagen.load(root, tmp_path / "cache")
-    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
-    one = {"img": [{"bytes": datagen.encode_image(np.zeros((4, 4, 3), np.uint8)), "path": None}], "label": [0]}
-    splits = {"train": one, "test": {"img": [], "label": []}}
-    splits = {name: datasets.Dataset.from_dict(split, features=features) for name, split in splits.items()}
-    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "ds"))
-    with pytest.raises(DataError, match="split 'test' .* is empty"):
-        datagen.load(tmp_path / "ds", tmp_path / "cache")
+    for maker in (datagen.make_parquet_dataset, datagen.make_save_to_disk_dataset):
+        root = maker(tmp_path / maker.__name__, n_train=4, n_test=0, size=8)
+        with pytest.raises(DataError, match="split 'test' .* is empty"):
+            datagen.load(root, tmp_path / "cache")
 
 
 # name -> (training rows replaced by bad bytes or None, labels replaced, --skip-bad-images, the error)
@@ -133,10 +121,7 @@ def test_bad_rows_are_named_by_their_row(tmp_path, case):
 
 
 def test_missing_test_split_names_found_splits(tmp_path):
-    images, labels = datagen.make_arrays(4, 3, 8)
-    blobs = datagen.encode_images(images)
-    for split in ("train", "extra"):
-        datagen.write_parquet_split(tmp_path / "ds" / f"{split}-0.parquet", blobs, labels, ["a", "b", "c"])
+    datagen.make_parquet_dataset(tmp_path / "ds", n_train=4, n_test=4, size=8, test_split="extra")
     # datasets names the splits after the files; "extra" is no split name, so only 'train' is found.
     with pytest.raises(DataError, match=r"needs a 'train' and a test/validation/\w+/\w+ split; splits found: 'train'$"):
         datagen.load(tmp_path / "ds", tmp_path / "cache")
@@ -144,9 +129,8 @@ def test_missing_test_split_names_found_splits(tmp_path):
 
 @pytest.mark.parametrize("size", [(0, 8), (8, -1)])
 def test_image_size_must_be_positive(tmp_path, size):
-    root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=8, n_test=4, size=8)
-    with pytest.raises(DataError, match="image size must be positive"):
-        datagen.load(root, tmp_path / "cache", image_size=size)
+    with pytest.raises(DataError, match="image size must be positive"):  # before the dataset is even looked at
+        datagen.load(tmp_path, tmp_path / "cache", image_size=size)
 
 
 @pytest.mark.parametrize("name", ["./nope", "/definitely/not/here", "~/not-here-either-xyz", "a/b/c"])

@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -22,21 +21,12 @@ from tests import datagen
 from tests.helpers import TINY, ok, run_train, start, wait_for
 
 
-def _bad_rows_dataset(root: Path, n: int = 1100) -> tuple[Path, np.ndarray, np.ndarray]:
-    """A parquet dataset of ``n`` 8x8 training images (rows 5 and n - 300 unreadable) and 300 test images."""
-    images, labels = datagen.make_arrays(n, 4, 8)
-    blobs = [datagen.encode_image(im) for im in images]
-    blobs[5], blobs[n - 300] = b"not an image", blobs[n - 300][:20]
-    datagen.write_parquet_split(root / "train-0.parquet", blobs, labels, datagen.class_names(4))
-    test_images, test_labels = datagen.make_arrays(300, 4, 8, seed=1)
-    blobs = [datagen.encode_image(im) for im in test_images]
-    datagen.write_parquet_split(root / "test-0.parquet", blobs, test_labels, datagen.class_names(4))
-    return root, images, labels
-
-
 @pytest.mark.slow
 def test_two_workers_write_the_file_one_worker_writes(tmp_path):
-    root, images, labels = _bad_rows_dataset(tmp_path / "ds")
+    images, labels = datagen.make_arrays(1100, 4, 8)  # 8x8; rows 5 and 800 unreadable; 300 test images
+    blobs = datagen.encode_images(images)
+    blobs[5], blobs[800] = b"not an image", blobs[800][:20]
+    root = datagen.write_pair(tmp_path / "ds", blobs, labels, datagen.class_names(4), test_n=300)
     files = []
     for workers in (1, 2):
         with pytest.raises(DataError, match=r"split 'train' row 5 .*--skip-bad-images"):  # the first, as with one
@@ -103,7 +93,11 @@ def test_a_worker_that_dies_mid_decode_is_an_error_and_leaves_nothing(tmp_path, 
 
     root = datagen.make_parquet_dataset(tmp_path / "ds", n_train=1200, n_test=4, size=4)
     decode_example = datasets.Image.decode_example
-    slow = lambda *a, **k: (time.sleep(0.005), decode_example(*a, **k))[1]  # noqa: E731
+
+    def slow(*args, **kwargs):
+        time.sleep(0.005)
+        return decode_example(*args, **kwargs)
+
     monkeypatch.setattr(datasets.Image, "decode_example", slow)
 
     before = {p.pid for p in psutil.Process().children()}  # not the decode's: leave them alone
