@@ -77,7 +77,7 @@ class OutputLock:
 
 @dataclass
 class StartPlan:
-    """What ``plan_start`` decided, as plain data (it is broadcast to every process)."""
+    """What ``plan_start`` decided (it is broadcast to every process)."""
 
     mode: str  # "fresh", "resume" or "complete"
     folder: Optional[str] = None  # the checkpoint to resume from
@@ -90,17 +90,17 @@ def agree_on_start(accelerator: Any, output_dir: str, resume: str, options: dict
     given to every process, so that no process waits in a collective for one that has stopped."""
     from accelerate.utils import broadcast_object_list
 
-    outcome: tuple[str, Any] = ("error", "no plan")
+    outcome: StartPlan | str = "no plan"  # the plan, or the error's message
     if accelerator.is_main_process:
         try:
             lock.acquire()
-            outcome = ("ok", dataclasses.asdict(plan_start(output_dir, resume, options, accelerator.print)))
+            outcome = plan_start(output_dir, resume, options, accelerator.print)
         except ckpt.CheckpointError as e:
-            outcome = ("error", str(e))
+            outcome = str(e)
     outcome = broadcast_object_list([outcome], from_process=0)[0]
-    if outcome[0] == "error":
-        raise ckpt.CheckpointError(outcome[1], reported_by_main=True)
-    return StartPlan(**outcome[1])
+    if isinstance(outcome, str):
+        raise ckpt.CheckpointError(outcome, reported_by_main=True)
+    return outcome
 
 
 def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.Say) -> StartPlan:
