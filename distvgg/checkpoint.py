@@ -89,9 +89,11 @@ class TrainingState:
         return json.dumps({**dataclasses.asdict(self), "sample_position": self.sample_position}, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> TrainingState:
+    def read(cls, folder: str | os.PathLike) -> TrainingState:
+        """``folder``'s training_state.json."""
+        where = Path(folder) / files.STATE_FILE
         try:
-            data = json.loads(text)
+            data = json.loads(where.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{where} is not valid JSON ({e})") from e
         if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:

@@ -81,7 +81,7 @@ class StartPlan:
 
     mode: str  # "fresh", "resume" or "complete"
     folder: Optional[str] = None  # the checkpoint to resume from
-    state: Optional[str] = None  # its training_state.json (or final/'s, when complete)
+    state: Optional[ckpt.TrainingState] = None  # its training state (or final/'s, when complete)
     note: str = ""
 
 
@@ -115,17 +115,16 @@ def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.
             )
         if problem := verify(folder):
             raise ckpt.CheckpointError(f"--resume {resume} is not a usable checkpoint: {problem}")
-        return StartPlan("resume", str(folder), (folder / STATE_FILE).read_text())
+        return StartPlan("resume", str(folder), ckpt.TrainingState.read(folder))
     if resume == "auto":
-        final_state = out / FINAL_DIR / STATE_FILE
-        if final_state.is_file():
-            state = ckpt.TrainingState.from_json(final_state.read_text(), str(final_state))
+        if (out / FINAL_DIR / STATE_FILE).is_file():
+            state = ckpt.TrainingState.read(out / FINAL_DIR)
             ckpt.check_compatible(out / FINAL_DIR, state, {k: options[k] for k in ckpt.EXACT_OPTIONS if k in options})
             if state.finished:
-                return StartPlan("complete", None, final_state.read_text())
+                return StartPlan("complete", None, state)
         folder = ckpt.latest_good(output_dir, say)
         if folder is not None:
-            return StartPlan("resume", str(folder), (folder / STATE_FILE).read_text())
+            return StartPlan("resume", str(folder), ckpt.TrainingState.read(folder))
     how = "--resume none" if resume == "none" else f"no checkpoint in {out / CHECKPOINTS_DIR}"
     note = f"starting a fresh run ({how})"
     # An earlier run's outputs move into OUTPUT_DIR/previous-<UTC time>/, so that starting over loses nothing.
@@ -139,7 +138,7 @@ def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.
 
 
 def complete_message(output_dir: str, plan: StartPlan) -> str:
-    state = ckpt.TrainingState.from_json(plan.state or "", "final state")
+    state = plan.state
     return (
         f"the run in {output_dir} is complete ({state.global_step} of {state.total_steps} steps, best test "
         f"accuracy {100 * state.best_accuracy:.2f}% at epoch {state.best_epoch}); its model is in "
@@ -230,7 +229,7 @@ def fit_layout(cfg: TrainConfig, plan: StartPlan, num_processes: int, say: ckpt.
     """The options that continue the checkpoint of ``plan`` on ``num_processes`` processes: its global batch kept
     by choosing the accumulation steps when they were left at 1 (said in one line); a refusal naming the options
     that would continue it when none do, unless --allow-batch-change (then returned as a fact to record)."""
-    state = ckpt.TrainingState.from_json(plan.state or "", str(Path(plan.folder or "") / STATE_FILE))
+    state = plan.state
     old, per_step, steps = state.global_batch, cfg.batch_size * num_processes, cfg.gradient_accumulation_steps
     if per_step * steps == old:
         return cfg, {}
@@ -268,8 +267,7 @@ def fit_layout(cfg: TrainConfig, plan: StartPlan, num_processes: int, say: ckpt.
 def resume(run: build.Run, plan: StartPlan) -> tracking.Rewind | None:
     """Check the checkpoint fits this run, load it, restore the counters (and the W&B run id); cut metrics.jsonl
     back to the checkpoint (main process: the returned ``Rewind``)."""
-    folder, acc = Path(plan.folder or ""), run.accelerator
-    state = ckpt.TrainingState.from_json(plan.state or "", str(folder / STATE_FILE))
+    folder, acc, state = Path(plan.folder or ""), run.accelerator, plan.state
     ckpt.check_compatible(folder, state, exact_settings(run), batch_change=run.cfg.allow_batch_change)
     fresh_schedule = run.scheduler.state_dict()
     ckpt.load_checkpoint(acc, folder, state.num_processes)
