@@ -180,7 +180,7 @@ def check_loadable(folder: str | os.PathLike, process_index: int | None = None) 
         try:
             load(path, map_location="cpu")
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
             raise CheckpointError(
                 f"refusing to load {path}: it holds Python objects other than tensors, numbers and "
                 f"containers (torch.load(weights_only=True) refused it: {first}). A checkpoint file that would "
@@ -218,11 +218,10 @@ def restore_rng(folder: str | os.PathLike, process_index: int) -> bool:
 
 def tensor_bytes(*state_dicts: dict[str, Any]) -> int:
     """The bytes of every tensor in (nested) state dicts: about what a checkpoint of them takes."""
-
     found = 0
     for x in state_dicts:
         if torch.is_tensor(x):
-            found += x.numel() * x.element_size()
+            found += x.nbytes
         elif isinstance(x, (dict, list, tuple)):
             found += tensor_bytes(*(x.values() if isinstance(x, dict) else x))
     return found
