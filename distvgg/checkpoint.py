@@ -156,7 +156,7 @@ def rotate(output_dir: str | os.PathLike, keep_last: int, newest_good: Path | No
     # would cost seconds for large models; the one that must survive is verified (or just written).
     marked = [folder for _, folder in files.step_folders(output_dir) if (folder / files.MARKER_FILE).is_file()]
     if newest_good is None:
-        newest_good = next((f for f in reversed(marked) if files.verify(f) is None), None)
+        newest_good = files.newest_good(output_dir)[0]
     doomed = [f for f in marked[: -max(1, keep_last)] if newest_good is None or f.resolve() != newest_good.resolve()]
     for folder in doomed:
         shutil.rmtree(folder, ignore_errors=True)
