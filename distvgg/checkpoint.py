@@ -318,7 +318,7 @@ def _together(accelerator: Any, work: Callable[[], None], on_this_process: bool 
         raise error
 
 
-def load_checkpoint(accelerator: Any, folder: str | os.PathLike, saved_processes: int | None = None) -> None:
+def load_checkpoint(accelerator: Any, folder: str | os.PathLike, saved_processes: int) -> None:
     """Restore model, optimizer, scheduler, GradScaler and this process's RNG states (every process). A process
     beyond the ``saved_processes`` that wrote the checkpoint has no RNG states to restore: training draws nothing
     from them (its randomness is keyed by seed, step and sample), so it goes on without."""
@@ -327,8 +327,7 @@ def load_checkpoint(accelerator: Any, folder: str | os.PathLike, saved_processes
         accelerator.load_state(str(folder))
     except Exception as e:  # noqa: BLE001 - whatever Accelerate/torch raise, say which checkpoint
         raise CheckpointError(f"cannot load checkpoint {folder}: {type(e).__name__}: {e}") from e
-    beyond = saved_processes is not None and accelerator.process_index >= saved_processes
-    if not restore_rng(folder, accelerator.process_index) and not beyond:
+    if not restore_rng(folder, accelerator.process_index) and accelerator.process_index < saved_processes:
         raise CheckpointError(
             f"{folder} has no random_states_{accelerator.process_index}.pkl for process {accelerator.process_index}: "
             "with several machines, OUTPUT_DIR must be on a filesystem they all share"
