@@ -80,7 +80,7 @@ class StartPlan:
     """What ``plan_start`` decided (it is broadcast to every process)."""
 
     mode: str  # "fresh", "resume" or "complete"
-    folder: Optional[str] = None  # the checkpoint to resume from
+    folder: Optional[Path] = None  # the checkpoint to resume from
     state: Optional[ckpt.TrainingState] = None  # its training state (or final/'s, when complete)
     note: str = ""
 
@@ -115,7 +115,7 @@ def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.
             )
         if problem := verify(folder):
             raise ckpt.CheckpointError(f"--resume {resume} is not a usable checkpoint: {problem}")
-        return StartPlan("resume", str(folder), ckpt.TrainingState.read(folder))
+        return StartPlan("resume", folder, ckpt.TrainingState.read(folder))
     if resume == "auto":
         if (out / FINAL_DIR / STATE_FILE).is_file():
             state = ckpt.TrainingState.read(out / FINAL_DIR)
@@ -124,7 +124,7 @@ def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.
                 return StartPlan("complete", None, state)
         folder = ckpt.latest_good(output_dir, say)
         if folder is not None:
-            return StartPlan("resume", str(folder), ckpt.TrainingState.read(folder))
+            return StartPlan("resume", folder, ckpt.TrainingState.read(folder))
     how = "--resume none" if resume == "none" else f"no checkpoint in {out / CHECKPOINTS_DIR}"
     note = f"starting a fresh run ({how})"
     # An earlier run's outputs move into OUTPUT_DIR/previous-<UTC time>/, so that starting over loses nothing.
@@ -267,7 +267,7 @@ def fit_layout(cfg: TrainConfig, plan: StartPlan, num_processes: int, say: ckpt.
 def resume(run: build.Run, plan: StartPlan) -> tracking.Rewind | None:
     """Check the checkpoint fits this run, load it, restore the counters (and the W&B run id); cut metrics.jsonl
     back to the checkpoint (main process: the returned ``Rewind``)."""
-    folder, acc, state = Path(plan.folder or ""), run.accelerator, plan.state
+    folder, acc, state = plan.folder, run.accelerator, plan.state
     ckpt.check_compatible(folder, state, exact_settings(run), batch_change=run.cfg.allow_batch_change)
     fresh_schedule = run.scheduler.state_dict()
     ckpt.load_checkpoint(acc, folder, state.num_processes)
