@@ -116,7 +116,7 @@ def check_compatible(folder: str | os.PathLike, state: TrainingState, now: dict,
         old = state.exact.get(key, "<absent>")
         if key in skip or (old == "<absent>" and value in (None, False)):
             continue  # the layout, or an option newer than the checkpoint, left off: the checkpoint ran without it too
-        if json.loads(json.dumps(old)) != json.loads(json.dumps(value)):  # tuples and lists compare as saved
+        if old != json.loads(json.dumps(value)):  # as saved in the checkpoint's JSON (a tuple as a list)
             diff.append(f"{key}: {old!r} in the checkpoint, {value!r} now")
     if any(d.startswith("image_size:") for d in diff):
         (h, w), (h2, w2) = state.exact.get("image_size"), now.get("image_size")
