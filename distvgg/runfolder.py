@@ -119,7 +119,7 @@ def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.
     if resume == "auto":
         if (out / FINAL_DIR / STATE_FILE).is_file():
             state = ckpt.TrainingState.read(out / FINAL_DIR)
-            ckpt.check_compatible(out / FINAL_DIR, state, {k: options[k] for k in ckpt.EXACT_OPTIONS if k in options})
+            ckpt.check_compatible(out / FINAL_DIR, state, {k: options[k] for k in ckpt.EXACT_OPTIONS})
             if state.finished:
                 return StartPlan("complete", None, state)
         folder = ckpt.latest_good(output_dir, say)
@@ -150,7 +150,7 @@ def complete_message(output_dir: str, plan: StartPlan) -> str:
 def exact_settings(run: build.Run) -> dict[str, Any]:
     """The options and facts a checkpoint can only be continued with (see ckpt.EXACT_OPTIONS), and its layout."""
     options, acc = run.cfg.to_dict(), run.accelerator
-    facts = {k: options[k] for k in ckpt.EXACT_OPTIONS if k in options}
+    facts = {k: options[k] for k in ckpt.EXACT_OPTIONS}
     facts.update(dataset_fingerprint=run.dataset_fingerprint, image_size=list(run.image_size))
     facts.update(class_names=list(run.class_names), train_images=run.sampler.num_samples, global_batch=run.global_batch)
     facts.update(batch_size=run.cfg.batch_size, gradient_accumulation_steps=run.cfg.gradient_accumulation_steps)
