@@ -89,9 +89,11 @@ class TrainingState:
         return json.dumps({**dataclasses.asdict(self), "sample_position": self.sample_position}, indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> TrainingState:
+    def read(cls, folder: str | os.PathLike) -> TrainingState:
+        """``folder``'s training_state.json."""
+        where = Path(folder) / files.STATE_FILE
         try:
-            data = json.loads(text)
+            data = json.loads(where.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{where} is not valid JSON ({e})") from e
         if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
@@ -114,7 +116,7 @@ def check_compatible(folder: str | os.PathLike, state: TrainingState, now: dict,
         old = state.exact.get(key, "<absent>")
         if key in skip or (old == "<absent>" and value in (None, False)):
             continue  # the layout, or an option newer than the checkpoint, left off: the checkpoint ran without it too
-        if json.loads(json.dumps(old)) != json.loads(json.dumps(value)):  # tuples and lists compare as saved
+        if old != json.loads(json.dumps(value)):  # as saved in the checkpoint's JSON (a tuple as a list)
             diff.append(f"{key}: {old!r} in the checkpoint, {value!r} now")
     if any(d.startswith("image_size:") for d in diff):
         (h, w), (h2, w2) = state.exact.get("image_size"), now.get("image_size")
@@ -154,7 +156,7 @@ def rotate(output_dir: str | os.PathLike, keep_last: int, newest_good: Path | No
     # would cost seconds for large models; the one that must survive is verified (or just written).
     marked = [folder for _, folder in files.step_folders(output_dir) if (folder / files.MARKER_FILE).is_file()]
     if newest_good is None:
-        newest_good = next((f for f in reversed(marked) if files.verify(f) is None), None)
+        newest_good = files.newest_good(output_dir)[0]
     doomed = [f for f in marked[: -max(1, keep_last)] if newest_good is None or f.resolve() != newest_good.resolve()]
     for folder in doomed:
         shutil.rmtree(folder, ignore_errors=True)
@@ -178,7 +180,7 @@ def check_loadable(folder: str | os.PathLike, process_index: int | None = None) 
         try:
             load(path, map_location="cpu")
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
             raise CheckpointError(
                 f"refusing to load {path}: it holds Python objects other than tensors, numbers and "
                 f"containers (torch.load(weights_only=True) refused it: {first}). A checkpoint file that would "
@@ -216,11 +218,10 @@ def restore_rng(folder: str | os.PathLike, process_index: int) -> bool:
 
 def tensor_bytes(*state_dicts: dict[str, Any]) -> int:
     """The bytes of every tensor in (nested) state dicts: about what a checkpoint of them takes."""
-
     found = 0
     for x in state_dicts:
         if torch.is_tensor(x):
-            found += x.numel() * x.element_size()
+            found += x.nbytes
         elif isinstance(x, (dict, list, tuple)):
             found += tensor_bytes(*(x.values() if isinstance(x, dict) else x))
     return found
@@ -317,7 +318,7 @@ def _together(accelerator: Any, work: Callable[[], None], on_this_process: bool 
         raise error
 
 
-def load_checkpoint(accelerator: Any, folder: str | os.PathLike, saved_processes: int | None = None) -> None:
+def load_checkpoint(accelerator: Any, folder: str | os.PathLike, saved_processes: int) -> None:
     """Restore model, optimizer, scheduler, GradScaler and this process's RNG states (every process). A process
     beyond the ``saved_processes`` that wrote the checkpoint has no RNG states to restore: training draws nothing
     from them (its randomness is keyed by seed, step and sample), so it goes on without."""
@@ -326,8 +327,7 @@ def load_checkpoint(accelerator: Any, folder: str | os.PathLike, saved_processes
         accelerator.load_state(str(folder))
     except Exception as e:  # noqa: BLE001 - whatever Accelerate/torch raise, say which checkpoint
         raise CheckpointError(f"cannot load checkpoint {folder}: {type(e).__name__}: {e}") from e
-    beyond = saved_processes is not None and accelerator.process_index >= saved_processes
-    if not restore_rng(folder, accelerator.process_index) and not beyond:
+    if not restore_rng(folder, accelerator.process_index) and accelerator.process_index < saved_processes:
         raise CheckpointError(
             f"{folder} has no random_states_{accelerator.process_index}.pkl for process {accelerator.process_index}: "
             "with several machines, OUTPUT_DIR must be on a filesystem they all share"

@@ -16,7 +16,8 @@ INTERRUPTED_EXIT_CODE = 130  # Ctrl-C, as a shell reports SIGINT
 # steps (and at every epoch end, which is a sync point anyway). On GPUs that all-reduce is not waited for: its
 # result is read at the next check, when it has long finished, so the host never waits for the device's queue.
 SIGNAL_CHECK_EVERY = 10
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+# Windows has no SIGUSR1.
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
 
 
 class Preempted(Exception):
@@ -38,7 +39,7 @@ class StopSignals:
         self._pending: tuple[torch.Tensor, Any] | None = None  # the queued all-reduce: its result and done-event
 
     def install(self) -> StopSignals:
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in _stop_signals()}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         return self
 
     def uninstall(self) -> None:
@@ -51,7 +52,7 @@ class StopSignals:
         """Ignore the stop signals for the rest of the process: after a preemption checkpoint, the launcher may
         SIGTERM a worker still shutting down, and Python resets its handlers to the default while it finalises
         but leaves an ignored signal ignored. (A hung process is still ended by the launcher's SIGKILL.)"""
-        for sig in _stop_signals():
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         self._previous.clear()
 
@@ -90,7 +91,3 @@ class StopSignals:
         if previous[1] is not None:
             previous[1].synchronize()  # finished SIGNAL_CHECK_EVERY steps ago: returns at once
         return previous[0].item() > 0
-
-
-def _stop_signals() -> list[signal.Signals]:
-    return [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]  # no SIGUSR1 on Windows

@@ -77,11 +77,11 @@ class OutputLock:
 
 @dataclass
 class StartPlan:
-    """What ``plan_start`` decided, as plain data (it is broadcast to every process)."""
+    """What ``plan_start`` decided (it is broadcast to every process)."""
 
     mode: str  # "fresh", "resume" or "complete"
-    folder: Optional[str] = None  # the checkpoint to resume from
-    state: Optional[str] = None  # its training_state.json (or final/'s, when complete)
+    folder: Optional[Path] = None  # the checkpoint to resume from
+    state: Optional[ckpt.TrainingState] = None  # its training state (or final/'s, when complete)
     note: str = ""
 
 
@@ -90,17 +90,17 @@ def agree_on_start(accelerator: Any, output_dir: str, resume: str, options: dict
     given to every process, so that no process waits in a collective for one that has stopped."""
     from accelerate.utils import broadcast_object_list
 
-    outcome: tuple[str, Any] = ("error", "no plan")
+    outcome: StartPlan | str = "no plan"  # the plan, or the error's message
     if accelerator.is_main_process:
         try:
             lock.acquire()
-            outcome = ("ok", dataclasses.asdict(plan_start(output_dir, resume, options, accelerator.print)))
+            outcome = plan_start(output_dir, resume, options, accelerator.print)
         except ckpt.CheckpointError as e:
-            outcome = ("error", str(e))
+            outcome = str(e)
     outcome = broadcast_object_list([outcome], from_process=0)[0]
-    if outcome[0] == "error":
-        raise ckpt.CheckpointError(outcome[1], reported_by_main=True)
-    return StartPlan(**outcome[1])
+    if isinstance(outcome, str):
+        raise ckpt.CheckpointError(outcome, reported_by_main=True)
+    return outcome
 
 
 def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.Say) -> StartPlan:
@@ -115,17 +115,16 @@ def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.
             )
         if problem := verify(folder):
             raise ckpt.CheckpointError(f"--resume {resume} is not a usable checkpoint: {problem}")
-        return StartPlan("resume", str(folder), (folder / STATE_FILE).read_text())
+        return StartPlan("resume", folder, ckpt.TrainingState.read(folder))
     if resume == "auto":
-        final_state = out / FINAL_DIR / STATE_FILE
-        if final_state.is_file():
-            state = ckpt.TrainingState.from_json(final_state.read_text(), str(final_state))
-            ckpt.check_compatible(out / FINAL_DIR, state, {k: options[k] for k in ckpt.EXACT_OPTIONS if k in options})
+        if (out / FINAL_DIR / STATE_FILE).is_file():
+            state = ckpt.TrainingState.read(out / FINAL_DIR)
+            ckpt.check_compatible(out / FINAL_DIR, state, {k: options[k] for k in ckpt.EXACT_OPTIONS})
             if state.finished:
-                return StartPlan("complete", None, final_state.read_text())
+                return StartPlan("complete", None, state)
         folder = ckpt.latest_good(output_dir, say)
         if folder is not None:
-            return StartPlan("resume", str(folder), (folder / STATE_FILE).read_text())
+            return StartPlan("resume", folder, ckpt.TrainingState.read(folder))
     how = "--resume none" if resume == "none" else f"no checkpoint in {out / CHECKPOINTS_DIR}"
     note = f"starting a fresh run ({how})"
     # An earlier run's outputs move into OUTPUT_DIR/previous-<UTC time>/, so that starting over loses nothing.
@@ -139,7 +138,7 @@ def plan_start(output_dir: str, resume: str, options: dict[str, Any], say: ckpt.
 
 
 def complete_message(output_dir: str, plan: StartPlan) -> str:
-    state = ckpt.TrainingState.from_json(plan.state or "", "final state")
+    state = plan.state
     return (
         f"the run in {output_dir} is complete ({state.global_step} of {state.total_steps} steps, best test "
         f"accuracy {100 * state.best_accuracy:.2f}% at epoch {state.best_epoch}); its model is in "
@@ -151,7 +150,7 @@ def complete_message(output_dir: str, plan: StartPlan) -> str:
 def exact_settings(run: build.Run) -> dict[str, Any]:
     """The options and facts a checkpoint can only be continued with (see ckpt.EXACT_OPTIONS), and its layout."""
     options, acc = run.cfg.to_dict(), run.accelerator
-    facts = {k: options[k] for k in ckpt.EXACT_OPTIONS if k in options}
+    facts = {k: options[k] for k in ckpt.EXACT_OPTIONS}
     facts.update(dataset_fingerprint=run.dataset_fingerprint, image_size=list(run.image_size))
     facts.update(class_names=list(run.class_names), train_images=run.sampler.num_samples, global_batch=run.global_batch)
     facts.update(batch_size=run.cfg.batch_size, gradient_accumulation_steps=run.cfg.gradient_accumulation_steps)
@@ -230,7 +229,7 @@ def fit_layout(cfg: TrainConfig, plan: StartPlan, num_processes: int, say: ckpt.
     """The options that continue the checkpoint of ``plan`` on ``num_processes`` processes: its global batch kept
     by choosing the accumulation steps when they were left at 1 (said in one line); a refusal naming the options
     that would continue it when none do, unless --allow-batch-change (then returned as a fact to record)."""
-    state = ckpt.TrainingState.from_json(plan.state or "", str(Path(plan.folder or "") / STATE_FILE))
+    state = plan.state
     old, per_step, steps = state.global_batch, cfg.batch_size * num_processes, cfg.gradient_accumulation_steps
     if per_step * steps == old:
         return cfg, {}
@@ -268,8 +267,7 @@ def fit_layout(cfg: TrainConfig, plan: StartPlan, num_processes: int, say: ckpt.
 def resume(run: build.Run, plan: StartPlan) -> tracking.Rewind | None:
     """Check the checkpoint fits this run, load it, restore the counters (and the W&B run id); cut metrics.jsonl
     back to the checkpoint (main process: the returned ``Rewind``)."""
-    folder, acc = Path(plan.folder or ""), run.accelerator
-    state = ckpt.TrainingState.from_json(plan.state or "", str(folder / STATE_FILE))
+    folder, acc, state = plan.folder, run.accelerator, plan.state
     ckpt.check_compatible(folder, state, exact_settings(run), batch_change=run.cfg.allow_batch_change)
     fresh_schedule = run.scheduler.state_dict()
     ckpt.load_checkpoint(acc, folder, state.num_processes)
