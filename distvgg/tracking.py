@@ -88,8 +88,8 @@ def wandb_init_kwargs(cfg: Any, run_id: str, mode: str | None) -> dict[str, Any]
     kwargs: dict[str, Any] = {"dir": os.environ.get("WANDB_DIR", cfg.output_dir), "id": run_id, "resume": "allow"}
     if mode and not os.environ.get("WANDB_MODE"):
         kwargs["mode"] = mode
-    kwargs |= {k: v for k in ("entity", "name") if (v := getattr(cfg, f"wandb_{k}"))}
-    return kwargs | ({"tags": list(cfg.wandb_tags)} if cfg.wandb_tags else {})
+    fields = {"entity": cfg.wandb_entity, "name": cfg.wandb_name, "tags": cfg.wandb_tags}
+    return {**kwargs, **{k: v for k, v in fields.items() if v}}
 
 
 def git_commit(path: str | os.PathLike) -> str | None:
@@ -183,7 +183,7 @@ def start_trackers(
             _restart_wandb_offline(accelerator, tracking, e)
     # TensorBoard's ``add_hparams`` takes only int, float, str and bool: lists and None become text.
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
-    for tracker in accelerator.trackers if accelerator.is_main_process else []:
+    for tracker in accelerator.trackers:  # Accelerate starts trackers on the main process only
         tracker.store_init_configuration(hparams if tracker.name == "tensorboard" else config)
     run = tracking.wandb_run()
     if run is not None:
@@ -251,8 +251,6 @@ def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exceptio
 
 
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        v = v.item() if v.numel() == 1 else v.tolist()
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
@@ -282,9 +280,6 @@ class RunLogger:
             f.write(line)
         self.rows += 1
         self.accelerator.log(scalars(values), step=step)
-
-    def has_tracker(self, name: str) -> bool:
-        return self.accelerator.is_main_process and any(t.name == name for t in self.accelerator.trackers)
 
 
 def confusion_chart(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Any:
@@ -338,14 +333,15 @@ def media_due(every: int | None, epoch: int, total_epochs: int) -> bool:
 
 
 def log_eval_media(logger: RunLogger, result: dict, class_names: Sequence[str], samples: Callable, step: int) -> None:
-    """The confusion matrix and the ``samples()`` grid to W&B, and the grid to TensorBoard, where they run."""
-    wants_wandb, wants_tb = logger.has_tracker("wandb"), logger.has_tracker("tensorboard")
-    if not (wants_wandb or wants_tb):
+    """The confusion matrix and the ``samples()`` grid to W&B, and the grid to TensorBoard, where they run (on the
+    main process: the only one with trackers)."""
+    trackers = {tracker.name for tracker in logger.accelerator.trackers}
+    if not trackers:
         return
     images, labels, preds = samples()
     grid = prediction_grid(images, labels, preds, class_names)
     pairs = ", ".join(f"{class_names[t]} > {class_names[p]}" for t, p in zip(labels.tolist(), preds.tolist()))
-    if wants_wandb:
+    if "wandb" in trackers:
         import wandb
 
         media = logger.accelerator.get_tracker("wandb", unwrap=True).dir  # wandb.Image copies its file there
@@ -354,7 +350,7 @@ def log_eval_media(logger: RunLogger, result: dict, class_names: Sequence[str], 
             chart = confusion_chart(result["confusion"], class_names)
             logged = {"eval/confusion_matrix": chart, "eval/predictions": image}
             logger.accelerator.get_tracker("wandb").log(logged, step=step)
-    if wants_tb:
+    if "tensorboard" in trackers:
         logger.accelerator.get_tracker("tensorboard", unwrap=True).add_image("eval/predictions", grid, step)
 
 
