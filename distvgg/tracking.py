@@ -104,15 +104,18 @@ def git_commit(path: str | os.PathLike) -> str | None:
 def run_facts(accelerator: Any) -> dict[str, Any]:
     """Facts about where the run ran, recorded with its config (no environment values: they may hold secrets)."""
     device, n = accelerator.device, accelerator.num_processes
-    facts = {"num_processes": n, "num_machines": max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", n))))}
-    facts |= {
+    per_machine = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", n)))
+    return {
+        "num_processes": n,
+        "num_machines": max(1, n // per_machine),
         "distributed_type": str(accelerator.distributed_type),
         "mixed_precision": str(accelerator.mixed_precision),
+        "device": str(device),
+        "device_name": machine.device_name(device),
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        **machine.package_versions(("torch", "torchvision", "accelerate", "datasets", "wandb", "safetensors")),
+        "git_commit": git_commit(Path(__file__).resolve().parent),
     }
-    facts |= {"device": str(device), "device_name": machine.device_name(device)}
-    facts["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None
-    versions = machine.package_versions(("torch", "torchvision", "accelerate", "datasets", "wandb", "safetensors"))
-    return {**facts, **versions, "git_commit": git_commit(Path(__file__).resolve().parent)}
 
 
 @dataclass
