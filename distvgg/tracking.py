@@ -164,21 +164,21 @@ def start_trackers(
     tracker's record continues from the checkpoint's step (``rewind_trackers``)."""
     names = trackers_for(cfg.report_to)
     tracking = Tracking(accelerator, names)
-    if not names:
+    if not names or not accelerator.is_main_process:  # Accelerate starts trackers on the main process only
         return tracking
     # TensorBoard writes to logging_dir/<project>: keep its files in one folder of OUTPUT_DIR.
     accelerator.project_configuration.logging_dir = str(Path(cfg.output_dir) / TENSORBOARD_DIR)
     init_kwargs: dict[str, Any] = {}
-    if "wandb" in names and accelerator.is_main_process:
+    if "wandb" in names:
         tracking.wandb_mode = choose_wandb_mode()
         tracking.wandb_run_id = resolve_run_id(cfg.output_dir, restored_run_id, fresh)
         init_kwargs["wandb"] = wandb_init_kwargs(cfg, tracking.wandb_run_id, tracking.wandb_mode)
         if tracking.wandb_mode == "offline" and not os.environ.get("WANDB_MODE"):
             tracking.messages.append("W&B: no credentials found (WANDB_API_KEY, `wandb login`): logged offline")
-    replay = rewind_trackers(tracking, cfg, rewind, init_kwargs, config) if accelerator.is_main_process else []
+    replay = rewind_trackers(tracking, cfg, rewind, init_kwargs, config)
     wandb_dir = init_kwargs.get("wandb", {}).get("dir", cfg.output_dir)
-    if accelerator.is_main_process:  # W&B starts on a full disk, logs its own errors and fails at the first image
-        files.ensure_room(wandb_dir, "the W&B run folder and TensorBoard's events")
+    # W&B starts on a full disk, logs its own errors and fails at the first image.
+    files.ensure_room(wandb_dir, "the W&B run folder and TensorBoard's events")
     with files.writing(wandb_dir, what="the W&B run folder and TensorBoard's events"):
         try:
             accelerator.init_trackers(cfg.wandb_project, config=None, init_kwargs=init_kwargs)
@@ -186,7 +186,7 @@ def start_trackers(
             _restart_wandb_offline(accelerator, tracking, e)
     # TensorBoard's ``add_hparams`` takes only int, float, str and bool: lists and None become text.
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
-    for tracker in accelerator.trackers:  # Accelerate starts trackers on the main process only
+    for tracker in accelerator.trackers:
         tracker.store_init_configuration(hparams if tracker.name == "tensorboard" else config)
     run = tracking.wandb_run()
     if run is not None:
