@@ -124,14 +124,14 @@ class Tracking:
 
     accelerator: Any
     names: list[str]
-    wandb_mode: str | None = None
+    wandb_mode: str | None = None  # None: no W&B run on this process
     wandb_run_id: str | None = None
     wandb_root: Path | None = None  # the folder holding wandb/<run dirs>
     messages: list[str] = field(default_factory=list)
 
     def wandb_run(self) -> Any | None:
         """The live ``wandb.Run`` on the main process, else None."""
-        if "wandb" not in self.names or not self.accelerator.is_main_process or self.wandb_mode == "disabled":
+        if self.wandb_mode in (None, "disabled"):
             return None
         return self.accelerator.get_tracker("wandb", unwrap=True)
 
@@ -142,9 +142,7 @@ class Tracking:
         return sorted(glob.glob(str(self.wandb_root / f"offline-run-*-{self.wandb_run_id}")))
 
     def report(self) -> None:
-        """After the trackers closed: where the offline run is and the command that uploads it."""
-        if not self.accelerator.is_main_process or "wandb" not in self.names:
-            return
+        """After the trackers closed: the W&B notes, where the offline run is and the command that uploads it."""
         for message in self.messages:
             print(message, flush=True)
         if self.wandb_mode == "offline" and (dirs := " ".join(self.offline_dirs())):
