@@ -191,7 +191,7 @@ def start_trackers(
         tracking.wandb_root = Path(run.settings.sync_dir).parent
         tracking.wandb_mode = "offline" if run.offline else "online"
     for tracker, step, values in replay:  # what the rewound trackers dropped, or a new W&B run never had
-        if tracker in names and (tracker != "wandb" or run is not None):
+        if tracker in names:
             accelerator.get_tracker(tracker).log(values, step=step)
     return tracking
 
