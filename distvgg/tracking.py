@@ -239,8 +239,8 @@ def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exceptio
     wandb.teardown()  # the failed attempt keeps the run id "in use" inside W&B's service until it stops
     tracker.init_kwargs["mode"] = "offline"
     if "resume_from" in tracker.init_kwargs:  # --wandb-rewind: an offline run cannot be rewound, so it continues
-        run_id = tracker.init_kwargs.pop("resume_from").split("?")[0]
-        tracker.init_kwargs.update(id=run_id, resume="allow")
+        del tracker.init_kwargs["resume_from"]
+        tracker.init_kwargs.update(id=tracking.wandb_run_id, resume="allow")
         tracking.messages.append(
             "W&B: offline, the run could not be rewound: the steps run again keep their first values"
         )
