@@ -3,7 +3,6 @@ Only the main process writes; metrics.jsonl holds every value a tracker gets, at
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -139,7 +138,7 @@ class Tracking:
         """Every offline run folder of this run id: one per attempt, which ``wandb sync`` uploads in order into one."""
         if self.wandb_root is None or self.wandb_run_id is None:
             return []
-        return sorted(glob.glob(str(self.wandb_root / f"offline-run-*-{self.wandb_run_id}")))
+        return sorted(str(p) for p in self.wandb_root.glob(f"offline-run-*-{self.wandb_run_id}"))
 
     def report(self) -> None:
         """After the trackers closed: the W&B notes, where the offline run is and the command that uploads it."""
