@@ -153,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args: argparse.Namespace, loaded: LoadedModel, accelerator: Any, warn: Any) -> int:
-    names = ("batch_size", "eval_limit", "cache_dir", "image_size", "image_column", "label_column")
-    options = {k: getattr(args, k) for k in names}
+    option_names = ("batch_size", "eval_limit", "cache_dir", "image_size", "image_column", "label_column")
+    options = {k: getattr(args, k) for k in option_names}
     result, _, dataset = evaluate_model(loaded, accelerator, args.dataset, tta=args.tta, warn=warn, **options)
     if not accelerator.is_main_process:
         return 0

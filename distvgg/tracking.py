@@ -3,7 +3,6 @@ Only the main process writes; metrics.jsonl holds every value a tracker gets, at
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -88,8 +87,8 @@ def wandb_init_kwargs(cfg: Any, run_id: str, mode: str | None) -> dict[str, Any]
     kwargs: dict[str, Any] = {"dir": os.environ.get("WANDB_DIR", cfg.output_dir), "id": run_id, "resume": "allow"}
     if mode and not os.environ.get("WANDB_MODE"):
         kwargs["mode"] = mode
-    kwargs |= {k: v for k in ("entity", "name") if (v := getattr(cfg, f"wandb_{k}"))}
-    return kwargs | ({"tags": list(cfg.wandb_tags)} if cfg.wandb_tags else {})
+    fields = {"entity": cfg.wandb_entity, "name": cfg.wandb_name, "tags": cfg.wandb_tags}
+    return {**kwargs, **{k: v for k, v in fields.items() if v}}
 
 
 def git_commit(path: str | os.PathLike) -> str | None:
@@ -104,15 +103,18 @@ def git_commit(path: str | os.PathLike) -> str | None:
 def run_facts(accelerator: Any) -> dict[str, Any]:
     """Facts about where the run ran, recorded with its config (no environment values: they may hold secrets)."""
     device, n = accelerator.device, accelerator.num_processes
-    facts = {"num_processes": n, "num_machines": max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", n))))}
-    facts |= {
+    per_machine = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", n)))
+    return {
+        "num_processes": n,
+        "num_machines": max(1, n // per_machine),
         "distributed_type": str(accelerator.distributed_type),
         "mixed_precision": str(accelerator.mixed_precision),
+        "device": str(device),
+        "device_name": machine.device_name(device),
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        **machine.package_versions(("torch", "torchvision", "accelerate", "datasets", "wandb", "safetensors")),
+        "git_commit": git_commit(Path(__file__).resolve().parent),
     }
-    facts |= {"device": str(device), "device_name": machine.device_name(device)}
-    facts["cpu_threads"] = torch.get_num_threads() if device.type == "cpu" else None
-    versions = machine.package_versions(("torch", "torchvision", "accelerate", "datasets", "wandb", "safetensors"))
-    return {**facts, **versions, "git_commit": git_commit(Path(__file__).resolve().parent)}
 
 
 @dataclass
@@ -121,14 +123,14 @@ class Tracking:
 
     accelerator: Any
     names: list[str]
-    wandb_mode: str | None = None
+    wandb_mode: str | None = None  # None: no W&B run on this process
     wandb_run_id: str | None = None
     wandb_root: Path | None = None  # the folder holding wandb/<run dirs>
     messages: list[str] = field(default_factory=list)
 
     def wandb_run(self) -> Any | None:
         """The live ``wandb.Run`` on the main process, else None."""
-        if "wandb" not in self.names or not self.accelerator.is_main_process or self.wandb_mode == "disabled":
+        if self.wandb_mode in (None, "disabled"):
             return None
         return self.accelerator.get_tracker("wandb", unwrap=True)
 
@@ -136,12 +138,10 @@ class Tracking:
         """Every offline run folder of this run id: one per attempt, which ``wandb sync`` uploads in order into one."""
         if self.wandb_root is None or self.wandb_run_id is None:
             return []
-        return sorted(glob.glob(str(self.wandb_root / f"offline-run-*-{self.wandb_run_id}")))
+        return sorted(str(p) for p in self.wandb_root.glob(f"offline-run-*-{self.wandb_run_id}"))
 
     def report(self) -> None:
-        """After the trackers closed: where the offline run is and the command that uploads it."""
-        if not self.accelerator.is_main_process or "wandb" not in self.names:
-            return
+        """After the trackers closed: the W&B notes, where the offline run is and the command that uploads it."""
         for message in self.messages:
             print(message, flush=True)
         if self.wandb_mode == "offline" and (dirs := " ".join(self.offline_dirs())):
@@ -161,21 +161,21 @@ def start_trackers(
     tracker's record continues from the checkpoint's step (``rewind_trackers``)."""
     names = trackers_for(cfg.report_to)
     tracking = Tracking(accelerator, names)
-    if not names:
+    if not names or not accelerator.is_main_process:  # Accelerate starts trackers on the main process only
         return tracking
     # TensorBoard writes to logging_dir/<project>: keep its files in one folder of OUTPUT_DIR.
     accelerator.project_configuration.logging_dir = str(Path(cfg.output_dir) / TENSORBOARD_DIR)
     init_kwargs: dict[str, Any] = {}
-    if "wandb" in names and accelerator.is_main_process:
+    if "wandb" in names:
         tracking.wandb_mode = choose_wandb_mode()
         tracking.wandb_run_id = resolve_run_id(cfg.output_dir, restored_run_id, fresh)
         init_kwargs["wandb"] = wandb_init_kwargs(cfg, tracking.wandb_run_id, tracking.wandb_mode)
         if tracking.wandb_mode == "offline" and not os.environ.get("WANDB_MODE"):
             tracking.messages.append("W&B: no credentials found (WANDB_API_KEY, `wandb login`): logged offline")
-    replay = rewind_trackers(tracking, cfg, rewind, init_kwargs, config) if accelerator.is_main_process else []
+    replay = rewind_trackers(tracking, cfg, rewind, init_kwargs, config)
     wandb_dir = init_kwargs.get("wandb", {}).get("dir", cfg.output_dir)
-    if accelerator.is_main_process:  # W&B starts on a full disk, logs its own errors and fails at the first image
-        files.ensure_room(wandb_dir, "the W&B run folder and TensorBoard's events")
+    # W&B starts on a full disk, logs its own errors and fails at the first image.
+    files.ensure_room(wandb_dir, "the W&B run folder and TensorBoard's events")
     with files.writing(wandb_dir, what="the W&B run folder and TensorBoard's events"):
         try:
             accelerator.init_trackers(cfg.wandb_project, config=None, init_kwargs=init_kwargs)
@@ -183,14 +183,14 @@ def start_trackers(
             _restart_wandb_offline(accelerator, tracking, e)
     # TensorBoard's ``add_hparams`` takes only int, float, str and bool: lists and None become text.
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
-    for tracker in accelerator.trackers if accelerator.is_main_process else []:
+    for tracker in accelerator.trackers:
         tracker.store_init_configuration(hparams if tracker.name == "tensorboard" else config)
     run = tracking.wandb_run()
     if run is not None:
         tracking.wandb_root = Path(run.settings.sync_dir).parent
         tracking.wandb_mode = "offline" if run.offline else "online"
     for tracker, step, values in replay:  # what the rewound trackers dropped, or a new W&B run never had
-        if tracker in names and (tracker != "wandb" or run is not None):
+        if tracker in names:
             accelerator.get_tracker(tracker).log(values, step=step)
     return tracking
 
@@ -238,8 +238,8 @@ def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exceptio
     wandb.teardown()  # the failed attempt keeps the run id "in use" inside W&B's service until it stops
     tracker.init_kwargs["mode"] = "offline"
     if "resume_from" in tracker.init_kwargs:  # --wandb-rewind: an offline run cannot be rewound, so it continues
-        run_id = tracker.init_kwargs.pop("resume_from").split("?")[0]
-        tracker.init_kwargs.update(id=run_id, resume="allow")
+        del tracker.init_kwargs["resume_from"]
+        tracker.init_kwargs.update(id=tracking.wandb_run_id, resume="allow")
         tracking.messages.append(
             "W&B: offline, the run could not be rewound: the steps run again keep their first values"
         )
@@ -251,8 +251,6 @@ def _restart_wandb_offline(accelerator: Any, tracking: Tracking, error: Exceptio
 
 
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        v = v.item() if v.numel() == 1 else v.tolist()
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
@@ -282,9 +280,6 @@ class RunLogger:
             f.write(line)
         self.rows += 1
         self.accelerator.log(scalars(values), step=step)
-
-    def has_tracker(self, name: str) -> bool:
-        return self.accelerator.is_main_process and any(t.name == name for t in self.accelerator.trackers)
 
 
 def confusion_chart(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> Any:
@@ -338,14 +333,15 @@ def media_due(every: int | None, epoch: int, total_epochs: int) -> bool:
 
 
 def log_eval_media(logger: RunLogger, result: dict, class_names: Sequence[str], samples: Callable, step: int) -> None:
-    """The confusion matrix and the ``samples()`` grid to W&B, and the grid to TensorBoard, where they run."""
-    wants_wandb, wants_tb = logger.has_tracker("wandb"), logger.has_tracker("tensorboard")
-    if not (wants_wandb or wants_tb):
+    """The confusion matrix and the ``samples()`` grid to W&B, and the grid to TensorBoard, where they run (on the
+    main process: the only one with trackers)."""
+    trackers = {tracker.name for tracker in logger.accelerator.trackers}
+    if not trackers:
         return
     images, labels, preds = samples()
     grid = prediction_grid(images, labels, preds, class_names)
     pairs = ", ".join(f"{class_names[t]} > {class_names[p]}" for t, p in zip(labels.tolist(), preds.tolist()))
-    if wants_wandb:
+    if "wandb" in trackers:
         import wandb
 
         media = logger.accelerator.get_tracker("wandb", unwrap=True).dir  # wandb.Image copies its file there
@@ -354,7 +350,7 @@ def log_eval_media(logger: RunLogger, result: dict, class_names: Sequence[str], 
             chart = confusion_chart(result["confusion"], class_names)
             logged = {"eval/confusion_matrix": chart, "eval/predictions": image}
             logger.accelerator.get_tracker("wandb").log(logged, step=step)
-    if wants_tb:
+    if "tensorboard" in trackers:
         logger.accelerator.get_tracker("tensorboard", unwrap=True).add_image("eval/predictions", grid, step)
 
 

@@ -35,6 +35,8 @@ def _chunk(data: bytes, pos: int, path: str | Path) -> tuple[int | None, bytes]:
         raise RecordLogError(f"{path}: truncated record at byte {pos}")
     if zlib.crc32(bytes([kind]) + body) != checksum:
         raise RecordLogError(f"{path}: bad checksum at byte {pos}")
+    if kind not in (FULL, FIRST, MIDDLE, LAST):
+        raise RecordLogError(f"{path}: unknown chunk type {kind} at byte {pos}")
     return kind, body
 
 
@@ -52,20 +54,13 @@ def raw_records(path: str | Path) -> Iterator[bytes]:
         kind, body = _chunk(data, pos, path)
         if kind is None:  # zeroed tail (preallocated, or the writer stopped)
             break
+        if kind in (MIDDLE, LAST) and pending is None:
+            raise RecordLogError(f"{path}: continuation chunk without a first chunk at byte {pos}")
         pos += CHUNK_HEADER + len(body)
-        if kind == FULL:
-            yield body
-        elif kind == FIRST:
-            pending = bytearray(body)
-        elif kind in (MIDDLE, LAST):
-            if pending is None:
-                raise RecordLogError(f"{path}: continuation chunk without a first chunk at byte {pos}")
-            pending += body
-            if kind == LAST:
-                yield bytes(pending)
-                pending = None
-        else:
-            raise RecordLogError(f"{path}: unknown chunk type {kind} at byte {pos}")
+        pending = body if kind in (FULL, FIRST) else pending + body
+        if kind in (FULL, LAST):
+            yield pending
+            pending = None
 
 
 def records(path: str | Path) -> Iterator[Any]:
