@@ -163,49 +163,54 @@ def rotate(output_dir: str | os.PathLike, keep_last: int, newest_good: Path | No
     return doomed
 
 
-def check_loadable(folder: str | os.PathLike, process_index: int | None = None) -> None:
-    """Open every pickled file of a checkpoint with Accelerate's own loader (``torch.load(weights_only=True)`` plus
-    its NumPy allow-list); refuse, naming the file, any that holds something else (a pickle can run code when
-    loaded). With ``process_index``, other processes' RNG files are left to them."""
+def load_pickle(path: Path) -> Any:
+    """``path`` read with Accelerate's own loader (``torch.load(weights_only=True)`` plus its NumPy allow-list); a
+    file that holds anything else (a pickle can run code when loaded), or that cannot be read, is refused in an
+    error that names it."""
     import pickle
 
     from accelerate.utils import load
 
-    for path in sorted(Path(folder).iterdir()):
+    try:
+        return load(path, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects other than tensors, numbers and "
+            f"containers (torch.load(weights_only=True) refused it: {first}). A checkpoint file that would "
+            f"run code when loaded may have been tampered with: delete {path.parent} or resume from "
+            f"another checkpoint with --resume PATH"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - any other failure is an unreadable file
+        raise CheckpointError(
+            f"cannot read {path} ({type(e).__name__}: {e}); the checkpoint is damaged: "
+            f"delete {path.parent} or resume from another one with --resume PATH"
+        ) from e
+
+
+def check_loadable(folder: str | os.PathLike, process_index: int | None = None, pattern: str = "*") -> None:
+    """``load_pickle`` every pickled file of a checkpoint whose name matches ``pattern``. With ``process_index``,
+    other processes' RNG files are left to them."""
+    for path in sorted(Path(folder).glob(pattern)):
         if path.suffix not in (".bin", ".pkl", ".pt", ".pth"):  # the pickled files (safetensors cannot run code)
             continue
         rank = re.fullmatch(r"random_states_(\d+)\.pkl", path.name)
         if rank and process_index is not None and int(rank.group(1)) != process_index:
             continue
-        try:
-            load(path, map_location="cpu")
-        except pickle.UnpicklingError as e:
-            first = (str(e).strip() or type(e).__name__).splitlines()[0]
-            raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects other than tensors, numbers and "
-                f"containers (torch.load(weights_only=True) refused it: {first}). A checkpoint file that would "
-                f"run code when loaded may have been tampered with: delete {Path(folder)} or resume from "
-                f"another checkpoint with --resume PATH"
-            ) from e
-        except Exception as e:  # noqa: BLE001 - any other failure is an unreadable file
-            raise CheckpointError(
-                f"cannot read {path} ({type(e).__name__}: {e}); the checkpoint is damaged: "
-                f"delete {Path(folder)} or resume from another one with --resume PATH"
-            ) from e
+        load_pickle(path)
 
 
 def restore_rng(folder: str | os.PathLike, process_index: int) -> bool:
     """Set this process's RNG states from the checkpoint (Accelerate's ``random_states_<rank>.pkl``; its
-    ``load_state`` swallows a failure to read them). Returns False when the file is absent."""
+    ``load_state`` restores them too, but swallows a failure to read them). Returns False when the file is absent."""
     import random
 
     import numpy as np
-    from accelerate.utils import load
 
     path = Path(folder) / f"random_states_{process_index}.pkl"
     if not path.is_file():
         return False
-    states = load(path, map_location="cpu")
+    states = load_pickle(path)
     random.setstate(states["random_state"])
     np.random.set_state(states["numpy_random_seed"])
     torch.set_rng_state(states["torch_manual_seed"])
@@ -322,10 +327,14 @@ def load_checkpoint(accelerator: Any, folder: str | os.PathLike, saved_processes
     """Restore model, optimizer, scheduler, GradScaler and this process's RNG states (every process). A process
     beyond the ``saved_processes`` that wrote the checkpoint has no RNG states to restore: training draws nothing
     from them (its randomness is keyed by seed, step and sample), so it goes on without."""
-    check_loadable(folder, accelerator.process_index)
+    # Accelerate reads the objects registered for checkpointing (the --ema-decay copy) with torch.load(weights_only=
+    # False): those files are checked first. The others it reads with weights_only=True itself, so each is read once;
+    # they are opened one by one only when load_state fails, to name the file that failed.
+    check_loadable(folder, accelerator.process_index, "custom_checkpoint_*")
     try:
         accelerator.load_state(str(folder))
     except Exception as e:  # noqa: BLE001 - whatever Accelerate/torch raise, say which checkpoint
+        check_loadable(folder, accelerator.process_index)
         raise CheckpointError(f"cannot load checkpoint {folder}: {type(e).__name__}: {e}") from e
     if not restore_rng(folder, accelerator.process_index) and accelerator.process_index < saved_processes:
         raise CheckpointError(

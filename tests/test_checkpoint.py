@@ -199,24 +199,34 @@ def test_a_failed_or_damaged_checkpoint_is_never_used(dataset, reference, tmp_pa
 
 
 @pytest.mark.slow
-def test_resume_from_a_given_checkpoint(dataset, reference, tmp_path):
+def test_resume_from_a_given_checkpoint_reads_each_pickle_once(dataset, reference, tmp_path, monkeypatch):
     out = tmp_path / "elsewhere"
     given = reference / "checkpoints" / "step-00000008"
-    output = ok(run_train(tiny_args(dataset, out, 1, "--resume", str(given))))
+    reads, load = [], torch.load
+
+    def counted(f, *args, **kwargs):
+        reads.append(Path(f).name)
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    output = ok(run_train(tiny_args(dataset, out, 1, "--resume", str(given))))  # in this process: reads counted
     assert f"resuming from {given}: step 8 of 16" in output
+    # Accelerate's load_state reads every file once; the RNG file is read again to restore it explicitly.
+    assert sorted(reads) == ["optimizer.bin", "random_states_0.pkl", "random_states_0.pkl", "scheduler.bin"]
     assert all(torch.equal(v, final_weights(reference)[k]) for k, v in final_weights(out).items())
 
 
 @pytest.mark.slow
-def test_tampered_checkpoint_does_not_run_code(dataset, reference, tmp_path):
+@pytest.mark.parametrize("name", ["optimizer.bin", "random_states_0.pkl"])  # load_state refuses one, swallows one
+def test_tampered_checkpoint_does_not_run_code(dataset, reference, tmp_path, name):
     out = copy_run(reference, tmp_path / "out")
     folder = out / "checkpoints" / "step-00000016"
     marker = tmp_path / "pwned"
-    torch.save(helpers.RunsCode(marker), folder / "optimizer.bin")
+    torch.save(helpers.RunsCode(marker), folder / name)
     files.write_marker(folder)  # the attacker rewrites the marker too: only the load path stands in the way
     proc = run_train(tiny_args(dataset, out))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert f"refusing to load {folder / 'optimizer.bin'}" in proc.stderr
+    assert f"refusing to load {folder / name}" in proc.stderr
     assert not marker.exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -10,9 +11,10 @@ import torch.nn as nn
 import yaml
 from safetensors.torch import load_file
 
-from distvgg import batches
+from distvgg import batches, files
 from distvgg.models import build_model
 from distvgg.train import update_ema
+from tests import helpers
 from tests.helpers import LEVERS, REPO, TINY, ok, run_train
 
 
@@ -70,6 +72,15 @@ def test_levers_resume_exactly(tiny_parquet, tmp_path):
     stopped = run_train([*args, "--output-dir", str(out)], env={"HOOK_SIGNAL_AT_STEP": "5"})
     assert stopped.returncode == 75, stopped.stderr[-2000:]
     assert "custom_checkpoint_0.pkl" in {p.name for p in (out / "checkpoints" / "step-00000005").iterdir()}
+    # Accelerate reads the EMA copy with torch.load(weights_only=False): a crafted one is refused before it runs.
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    folder, marker = tampered / "checkpoints" / "step-00000005", tmp_path / "pwned"
+    torch.save(helpers.RunsCode(marker), folder / "custom_checkpoint_0.pkl")
+    files.write_marker(folder)  # the marker rewritten too: only the load path stands in the way
+    refused = run_train([*args, "--output-dir", str(tampered)])
+    assert refused.returncode == 1 and f"refusing to load {folder / 'custom_checkpoint_0.pkl'}" in refused.stderr
+    assert not marker.exists()
     ok(run_train([*args, "--output-dir", str(out)]))
     a, b = load_file(str(tmp_path / "ref/final/model.safetensors")), load_file(str(out / "final/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the EMA weights, bitwise
