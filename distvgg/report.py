@@ -16,7 +16,7 @@ from distvgg import files
 from distvgg.evaluate import add_test_options, evaluate_model, plot_confusion, result_tables
 from distvgg.files import BEST_DIR, FINAL_DIR, step_folders
 from distvgg.models import MODEL_PATH_HELP, LoadedModel, ModelLoadError, load_model
-from distvgg.tracking import METRICS_FILE, parse_record
+from distvgg.tracking import METRICS_FILE, read_metrics
 
 PROG = "distvgg.report"
 
@@ -26,15 +26,10 @@ def warn(message: str) -> None:
 
 
 def load_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    """OUTPUT_DIR/metrics.jsonl's records; a line that does not parse (a killed run's torn last line) is skipped."""
-    path = output_dir / METRICS_FILE
-    if not path.is_file():
+    """OUTPUT_DIR/metrics.jsonl's records, with a warning naming any line that does not parse."""
+    if not (output_dir / METRICS_FILE).is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {output_dir}: pass the --output-dir of a distvgg.train run")
-    lines = path.read_text().splitlines()
-    records = [parse_record(line) for line in lines]
-    if bad := [str(n) for n, (line, r) in enumerate(zip(lines, records), 1) if r is None and line.strip()]:
-        warn(f"skipped unreadable line(s) {', '.join(bad)} of {path}")
-    return [r for r in records if r is not None]
+    return read_metrics(output_dir, warn)
 
 
 def series(records: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list[float], list[float]]:

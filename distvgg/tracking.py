@@ -405,7 +405,13 @@ def parse_record(line: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl."""
+def read_metrics(output_dir: str | os.PathLike, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl; a line that is not one (a killed run's torn last line) is skipped, and
+    named to ``warn``."""
     path = Path(output_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = [parse_record(line) for line in lines]
+    bad = [str(n) for n, (line, r) in enumerate(zip(lines, records), 1) if r is None and line.strip()]
+    if bad and warn is not None:
+        warn(f"skipped unreadable line(s) {', '.join(bad)} of {path}")
+    return [r for r in records if r is not None]

@@ -126,6 +126,7 @@ def test_rewind_cuts_metrics_back_and_keeps_the_cut_rows(tmp_path):
     # The checkpoint of step 4 was written after its training row and before its evaluation (3 rows counted).
     rewind = tracking.rewind_metrics(tmp_path, 4, rows=2)
     assert (rewind.kept, rewind.abandoned) == (rows[:2], 3) and read_metrics(tmp_path) == rows[:2]
+    assert metrics.read_text() == "".join(json.dumps(r) + "\n" for r in rows[:2])  # no torn line kept
     aside = (tmp_path / tracking.ABANDONED_FILE).read_text().splitlines()
     assert [json.loads(line) for line in aside[:2]] == rows[2:] and aside[2] == '{"step": 8, "train/lo'
     # A checkpoint that did not count its rows: cut by step. Nothing to cut: nothing written.
