@@ -93,6 +93,15 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a part of either: written beside it, flushed, renamed
+    over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -76,9 +76,7 @@ def resolve_run_id(output_dir: str | os.PathLike, restored: str | None = None, f
     run_id = restored or os.environ.get("WANDB_RUN_ID") or (None if fresh else read_run_id(output_dir)) or new_run_id()
     path = Path(output_dir) / WANDB_RUN_ID_FILE
     if read_run_id(output_dir) != run_id:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)  # atomic: a crash leaves the old id or the new one, never half a line
+        files.write_text_atomic(path, run_id + "\n")  # a crash leaves the old id or the new one, never half a line
     return run_id
 
 
@@ -389,10 +387,7 @@ def rewind_metrics(output_dir: str | os.PathLike, step: int, rows: int | None) -
             with aside.open("a") as f:
                 f.writelines(line if line.endswith("\n") else line + "\n" for line in cut)
             files.fsync_file(aside)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(keep))
-            files.fsync_file(tmp)
-            os.replace(tmp, path)
+            files.write_text_atomic(path, "".join(keep))
     return Rewind(step, [r for r in parsed[:rows] if r is not None], len(cut))
 
 
