@@ -46,7 +46,7 @@ def header(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str]) -
     is bitwise the file ``save_file`` would write for the same tensors."""
     entries: dict = {"__metadata__": dict(metadata)}
     ranges, at = {}, 0
-    for name in sorted(shapes, key=lambda n: (_dtype(n) == "U8", n)):  # the 8-byte I64 tensors first
+    for name in sorted(shapes, key=lambda n: (-_DTYPES[_dtype(n)][0].itemsize, n)):
         nbytes = math.prod(shapes[name]) * _DTYPES[_dtype(name)][0].itemsize
         entries[name] = {"dtype": _dtype(name), "shape": list(shapes[name]), "data_offsets": [at, at + nbytes]}
         ranges[name], at = range(at, at + nbytes), at + nbytes
