@@ -233,6 +233,16 @@ def steps(args: argparse.Namespace, data: str, runs: Path) -> list[tuple[str, in
 
 
 def orchestrate(args: argparse.Namespace) -> int:
+    # Without `datasets`, a parquet copy is read with pyarrow and PIL (parquet_to_cifar_pickles).
+    parquet = Path(args.dataset).is_dir() and any(Path(args.dataset).glob("*.parquet"))
+    read_by_hand = parquet and importlib.util.find_spec("datasets") is None
+    if read_by_hand and (missing := [m for m in ("pyarrow", "PIL") if importlib.util.find_spec(m) is None]):
+        print(
+            f"gpu_check: error: without `datasets`, reading the parquet copy {args.dataset} needs pyarrow and PIL "
+            f"({', '.join(missing)} missing here): pip install pyarrow pillow, or pass a cifar-10-batches-py folder",
+            file=sys.stderr,
+        )
+        return 2
     deadline = time.monotonic() + args.budget
     runs = Path(os.environ.get("RUNS_DIR", "/tmp/distvgg_gpu_check"))
     runs.mkdir(parents=True, exist_ok=True)
@@ -242,7 +252,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     # Every step imports this checkout's distvgg, whatever the environment has installed.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     data = args.dataset
-    if Path(data).is_dir() and list(Path(data).glob("*.parquet")) and importlib.util.find_spec("datasets") is None:
+    if read_by_hand:
         data = str(parquet_to_cifar_pickles(Path(data), runs / "data"))
         summary["data"] = f"parquet read with pyarrow into {data}"
     failed = 0

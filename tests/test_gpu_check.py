@@ -12,6 +12,7 @@ import sysconfig
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,6 +36,19 @@ def test_parquet_is_read_without_datasets_into_the_same_images(tmp_path):
     b = load_image_data(str(pickles), cache_dir=str(tmp_path / "c2"))
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
     assert list(a.class_names) == list(b.class_names)
+
+
+def test_a_machine_without_a_parquet_reader_gets_one_line(tmp_path, monkeypatch, capsys):
+    gpu_check, find_spec = _gpu_check(), importlib.util.find_spec
+    parquet = datagen.make_parquet_dataset(tmp_path / "pq", n_train=8, n_test=4)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name in ("datasets", "pyarrow") else find_spec(name)
+    )
+    args = SimpleNamespace(dataset=str(parquet), out=tmp_path / "out", budget=60.0, device="cpu")
+    assert gpu_check.orchestrate(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs pyarrow and PIL (pyarrow missing here)" in err and str(parquet) in err
+    assert not args.out.exists()  # nothing started
 
 
 def test_a_timed_out_step_ends_with_its_whole_process_group(tmp_path):
